@@ -1,0 +1,159 @@
+"""Wiring: builds the parts each role needs from the config and runs them until stopped.
+
+``chorus run`` runs every role in one process; on the embedded default (no Kafka, no Redis)
+that is the only way, since the in-process log and broker live in that process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+from chorus.broker import Broker, MemoryBroker, MemoryStreamState, RedisBroker, RedisStreamState, StreamState
+from chorus.config import Config, ConfigError
+from chorus.gateway.hub import Hub
+from chorus.gateway.node import Node
+from chorus.gateway.server import Gateway
+from chorus.ids import MAX_NODE, IdGenerator
+from chorus.ingest.admission import Admission
+from chorus.ingest.archiver import Archiver
+from chorus.ingest.coordinator import Coordinator
+from chorus.ingest.log import CommentLog, open_log
+from chorus.ingest.store import SqliteStore
+
+__all__ = ["ALL_ROLES", "App", "run_app"]
+
+log = logging.getLogger("chorus.app")
+
+ALL_ROLES = frozenset({"gateway", "coordinator", "archiver"})
+
+
+async def _node_id(config: Config) -> int:
+    """The id generator's node: from the config, else a counter in Redis, else 0 embedded."""
+    if config.gateway.node_id >= 0:
+        return config.gateway.node_id
+    if not config.redis.url:
+        return 0
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(config.redis.url)
+    try:
+        n = await client.incr(f"{config.redis.channel_prefix}node-seq")
+    finally:
+        await client.aclose()
+    return int(n) % (MAX_NODE + 1)
+
+
+@dataclass
+class App:
+    """Every part of one process, so tests and the CLI start and stop them the same way."""
+
+    config: Config
+    roles: frozenset[str]
+    log: CommentLog
+    broker: Broker
+    state: StreamState
+    store: SqliteStore | None = None
+    gateway: Gateway | None = None
+    coordinator: Coordinator | None = None
+    archiver: Archiver | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    async def build(cls, config: Config, roles: frozenset[str] = ALL_ROLES) -> App:
+        if config.embedded and roles != ALL_ROLES:
+            raise ConfigError("the embedded default runs every role in one process: use `chorus run`, "
+                              "or set kafka.bootstrap and redis.url to run roles apart")
+        if bool(config.kafka.bootstrap) != bool(config.redis.url):
+            raise ConfigError("config keys kafka.bootstrap and redis.url go together: set both or neither")
+        k = config.kafka
+        comment_log = open_log(k.bootstrap, k.topic, k.partitions, k.accept_timeout_ms, k.linger_ms)
+        broker: Broker
+        state: StreamState
+        if config.redis.url:
+            broker = RedisBroker(config.redis.url, config.redis.channel_prefix)
+            state = RedisStreamState(config.redis.url, config.redis.channel_prefix)
+        else:
+            broker, state = MemoryBroker(), MemoryStreamState()
+        app = cls(config, roles, comment_log, broker, state)
+        if roles & {"gateway", "archiver"}:
+            app.store = SqliteStore(config.history_path)
+        if "gateway" in roles:
+            g = config.gateway
+            hub = Hub(flush_interval_ms=g.flush_interval_ms, flush_max_messages=g.flush_max_messages,
+                      backlog_limit_bytes=g.backlog_limit_bytes, slow_close_after_s=g.slow_close_after_s)
+            node = Node(broker, hub, g.unsubscribe_delay_ms)
+            admission = Admission(comment_log, IdGenerator(await _node_id(config)))
+            app.gateway = Gateway(config, admission, node, state, app.store)
+        if "coordinator" in roles:
+            c = config.coordinator
+            app.coordinator = Coordinator(comment_log, broker, state, flush_interval_ms=c.flush_interval_ms,
+                                          max_batch=c.max_batch, recent_size=c.recent_size)
+        if "archiver" in roles:
+            assert app.store is not None
+            app.archiver = Archiver(comment_log, app.store)
+        return app
+
+    async def start(self) -> None:
+        await self.log.start()
+        if self.coordinator is not None:
+            self._tasks.append(asyncio.create_task(self.coordinator.run(), name="coordinator"))
+        if self.archiver is not None:
+            self._tasks.append(asyncio.create_task(self.archiver.run(), name="archiver"))
+        if self.gateway is not None:
+            await self.gateway.start()
+
+    async def stop(self) -> None:
+        if self.gateway is not None:
+            await self.gateway.stop()
+        for role in (self.coordinator, self.archiver):
+            if role is not None:
+                role.stop()
+        if self._tasks:
+            done, pending = await asyncio.wait(self._tasks, timeout=5)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.log.stop()
+        if self.gateway is None:
+            await self.broker.stop()
+        close = getattr(self.state, "close", None)
+        if close is not None:
+            await close()
+        if self.store is not None:
+            self.store.close()
+
+    def failed_role(self) -> BaseException | None:
+        for task in self._tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                return task.exception()
+        return None
+
+
+async def run_app(config: Config, roles: frozenset[str], announce: Any = print) -> None:
+    """Run until SIGINT/SIGTERM, then stop every part."""
+    app = await App.build(config, roles)
+    await app.start()
+    if app.gateway is not None:
+        g = config.gateway
+        where = "embedded: in-process bus" if config.embedded else f"kafka {config.kafka.bootstrap}, redis"
+        announce(f"Chorus {', '.join(sorted(roles))} on http://{g.host}:{app.gateway.port}/ "
+                 f"({where}; history {config.history_path})")
+    else:
+        announce(f"Chorus {', '.join(sorted(roles))} running")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), 1.0)
+        except TimeoutError:
+            failed = app.failed_role()
+            if failed is not None:
+                log.error("a role stopped: %s", failed)
+                break
+    await app.stop()

@@ -1,0 +1,81 @@
+"""Viewer tokens: minting and checking JWTs with an explicit algorithm allowlist.
+
+PyJWT checks only the claims it is told to require, so ``exp``, ``iss``, ``aud`` and ``sub``
+are required here explicitly (DESIGN.md 10). Tokens are never logged.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import jwt
+
+from chorus.config import AuthConfig
+
+__all__ = ["AuthError", "Identity", "mint_token", "verify_token"]
+
+READ = "read"
+WRITE = "write"
+
+
+class AuthError(Exception):
+    """The token is missing, malformed, expired or signed with another key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    user_id: str
+    name: str
+    scopes: frozenset[str] = field(default_factory=frozenset)
+    role: str = "viewer"
+    expires_at: float = float("inf")
+
+    @property
+    def can_write(self) -> bool:
+        return WRITE in self.scopes and time.time() < self.expires_at
+
+    def badges(self) -> list[str]:
+        return [self.role] if self.role in ("moderator", "broadcaster") else []
+
+
+def mint_token(cfg: AuthConfig, user_id: str, name: str, scopes: list[str], role: str = "viewer",
+               ttl_s: int | None = None) -> str:
+    now = int(time.time())
+    claims = {
+        "sub": user_id,
+        "name": name,
+        "scope": " ".join(scopes),
+        "role": role,
+        "iss": cfg.issuer,
+        "aud": cfg.audience,
+        "iat": now,
+        "exp": now + (ttl_s if ttl_s is not None else cfg.token_ttl_s),
+    }
+    return jwt.encode(claims, cfg.key, algorithm=cfg.algorithm)
+
+
+def verify_token(cfg: AuthConfig, token: str) -> Identity:
+    try:
+        claims = jwt.decode(
+            token,
+            cfg.key,
+            algorithms=[cfg.algorithm],
+            audience=cfg.audience,
+            issuer=cfg.issuer,
+            leeway=cfg.leeway_s,
+            options={"require": ["exp", "iss", "aud", "sub"]},
+        )
+    except jwt.PyJWTError as exc:
+        raise AuthError(str(exc)) from None
+    scope = claims.get("scope", "")
+    name = claims.get("name") or claims["sub"]
+    if not isinstance(scope, str) or not isinstance(name, str):
+        raise AuthError("scope and name claims must be strings")
+    return Identity(
+        user_id=str(claims["sub"]),
+        name=name[:64],
+        scopes=frozenset(scope.split()),
+        role=str(claims.get("role", "viewer")),
+        expires_at=float(claims["exp"]),
+    )

@@ -1,0 +1,255 @@
+"""One frozen, typed config tree, loaded from a TOML file plus ``CHORUS_*`` environment overrides.
+
+Every key has a default, so no file is needed for the embedded default. An environment
+variable ``CHORUS_<SECTION>__<KEY>`` (for example ``CHORUS_GATEWAY__PORT=8081``) overrides
+the file. Values are checked at start-up and a bad one is refused with a message naming the
+key, never silently replaced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, get_type_hints
+
+__all__ = [
+    "AuthConfig",
+    "Config",
+    "ConfigError",
+    "CoordinatorConfig",
+    "GatewayConfig",
+    "HistoryConfig",
+    "KafkaConfig",
+    "RedisConfig",
+    "load_config",
+]
+
+# Development signing key of the embedded default. A deployment that points at Kafka or Redis
+# must set its own (checked in ``Config.validate``).
+DEV_KEY = "chorus-development-key-change-me-0123456789"
+
+
+class ConfigError(ValueError):
+    """A config value is missing, of the wrong type or out of range; the message names the key."""
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """A dataclass field that carries its documentation (used by the generated reference)."""
+    if callable(default) and not isinstance(default, str | int | float | bool):
+        return field(default_factory=default, metadata={"doc": text}, **kw)
+    return field(default=default, metadata={"doc": text}, **kw)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = doc("Address the gateway listens on.", "127.0.0.1")
+    port: int = doc("TCP port of the gateway (HTTP and WebSocket).", 8080)
+    allowed_origins: tuple[str, ...] = doc(
+        "Origins allowed to open a WebSocket besides the gateway's own; '*' allows any. "
+        "Requests without an Origin header (non-browser clients) are allowed.",
+        (),
+    )
+    max_message_bytes: int = doc("Largest client frame or message; larger closes with 1009.", 65536)
+    max_connections_per_ip: int = doc("Open WebSocket connections allowed from one address.", 1000)
+    handshake_timeout_s: float = doc("Time a client has to complete the HTTP upgrade.", 5.0)
+    heartbeat_interval_s: float = doc("Server ping interval on an idle connection.", 60.0)
+    heartbeat_timeout_s: float = doc("Time to wait for a pong before closing.", 30.0)
+    flush_interval_ms: int = doc("Coalescing window: a stream's pending events are flushed this often.", 10)
+    flush_max_messages: int = doc("Flush a stream early once this many events are pending.", 100)
+    backlog_limit_bytes: int = doc("Unsent bytes a viewer may hold before comment batches are skipped.", 65536)
+    slow_close_after_s: float = doc("A viewer over the backlog limit this long is closed with 4008.", 10.0)
+    unsubscribe_delay_ms: int = doc("Keep a stream's channel this long after its last local viewer.", 2000)
+    recent_on_welcome: int = doc("Recent comments sent in the welcome message.", 50)
+    node_id: int = doc("Node part of comment ids (0-1023); -1 takes one from Redis or 0 embedded.", -1)
+    echo_endpoint: bool = doc("Serve /echo (conformance testing only; never in production).", False)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    key: str = doc("HMAC key signing viewer tokens (HS256).", DEV_KEY)
+    algorithm: str = doc("JWT algorithm; one of HS256, HS384, HS512.", "HS256")
+    issuer: str = doc("Required `iss` claim.", "chorus")
+    audience: str = doc("Required `aud` claim.", "chorus")
+    leeway_s: int = doc("Clock skew allowed when checking `exp` and `nbf`.", 5)
+    token_ttl_s: int = doc("Lifetime of tokens minted by `chorus token` and /dev/token.", 86400)
+    anonymous_read: bool = doc("Let viewers without a token read (posting always needs one).", True)
+    dev_login: bool = doc(
+        "Serve GET /dev/token?name=... minting a token for anyone (embedded default only).", True
+    )
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap: str = doc("Kafka bootstrap servers; empty uses the in-process log.", "")
+    topic: str = doc("Topic of comments, keyed by stream id.", "comments")
+    partitions: int = doc("Partitions of the in-process log (Kafka's come from the topic).", 4)
+    accept_timeout_ms: int = doc("How long a post waits for Kafka before it is refused.", 5000)
+    linger_ms: int = doc("Producer batching delay.", 2)
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = doc("Redis URL for Pub/Sub and state; empty uses the in-process broker.", "")
+    channel_prefix: str = doc("Prefix of per-stream channels and keys.", "chorus:")
+
+
+@dataclass(frozen=True)
+class HistoryConfig:
+    path: str = doc("SQLite history file; empty means <data_dir>/history.sqlite3.", "")
+    page_max: int = doc("Largest page GET /streams/{id}/comments returns.", 200)
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    flush_interval_ms: int = doc("Batch a stream's comments for this long before publishing.", 10)
+    max_batch: int = doc("Publish a stream's batch early at this many comments.", 100)
+    recent_size: int = doc("Recent comments kept per stream for welcome and recovery.", 200)
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: str = doc("Directory of the embedded default's files.", ".chorus")
+    log_level: str = doc("Logging level: DEBUG, INFO, WARNING or ERROR.", "INFO")
+    gateway: GatewayConfig = doc("", GatewayConfig)
+    auth: AuthConfig = doc("", AuthConfig)
+    kafka: KafkaConfig = doc("", KafkaConfig)
+    redis: RedisConfig = doc("", RedisConfig)
+    history: HistoryConfig = doc("", HistoryConfig)
+    coordinator: CoordinatorConfig = doc("", CoordinatorConfig)
+
+    @property
+    def embedded(self) -> bool:
+        """True when neither Kafka nor Redis is configured: one process, in-process bus."""
+        return not self.kafka.bootstrap and not self.redis.url
+
+    @property
+    def history_path(self) -> Path:
+        return Path(self.history.path) if self.history.path else Path(self.data_dir) / "history.sqlite3"
+
+    def validate(self) -> Config:
+        checks: list[tuple[str, bool, str]] = [
+            ("gateway.port", 0 <= self.gateway.port <= 65535, "must be between 0 and 65535"),
+            ("gateway.max_message_bytes", self.gateway.max_message_bytes >= 1024, "must be >= 1024"),
+            ("gateway.max_connections_per_ip", self.gateway.max_connections_per_ip >= 1, "must be >= 1"),
+            ("gateway.flush_interval_ms", 1 <= self.gateway.flush_interval_ms <= 1000, "must be 1-1000"),
+            ("gateway.flush_max_messages", self.gateway.flush_max_messages >= 1, "must be >= 1"),
+            ("gateway.backlog_limit_bytes", self.gateway.backlog_limit_bytes >= 4096, "must be >= 4096"),
+            ("gateway.node_id", -1 <= self.gateway.node_id <= 1023, "must be -1 or 0-1023"),
+            ("auth.algorithm", self.auth.algorithm in ("HS256", "HS384", "HS512"), "must be HS256, HS384 or HS512"),
+            ("auth.key", len(self.auth.key) >= 32, "must be at least 32 characters"),
+            ("kafka.partitions", self.kafka.partitions >= 1, "must be >= 1"),
+            ("kafka.accept_timeout_ms", self.kafka.accept_timeout_ms >= 100, "must be >= 100"),
+            ("history.page_max", self.history.page_max >= 1, "must be >= 1"),
+            ("coordinator.flush_interval_ms", 1 <= self.coordinator.flush_interval_ms <= 1000, "must be 1-1000"),
+            ("coordinator.max_batch", self.coordinator.max_batch >= 1, "must be >= 1"),
+            ("log_level", self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "unknown level"),
+        ]
+        for key, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"config key {key}: {why}")
+        if not self.embedded and self.auth.key == DEV_KEY:
+            raise ConfigError("config key auth.key: set a key of your own when using Kafka or Redis")
+        return self
+
+
+T = TypeVar("T")
+
+
+def _coerce(key: str, kind: Any, value: Any) -> Any:
+    """Turn a TOML or environment value into ``kind``, or raise ConfigError naming ``key``."""
+    from_env = isinstance(value, str) and kind is not str
+    try:
+        if kind is bool:
+            if from_env:
+                low = value.strip().lower()
+                if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                return low in ("1", "true", "yes", "on")
+            if not isinstance(value, bool):
+                raise ValueError(value)
+            return value
+        if kind is int:
+            if isinstance(value, bool) or isinstance(value, float):
+                raise ValueError(value)
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if kind is str:
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return value
+        if kind == tuple[str, ...]:
+            items = [s.strip() for s in value.split(",") if s.strip()] if from_env else value
+            if not isinstance(items, list | tuple) or not all(isinstance(s, str) for s in items):
+                raise ValueError(value)
+            return tuple(items)
+    except ValueError:
+        name = getattr(kind, "__name__", str(kind))
+        raise ConfigError(f"config key {key}: expected {name}, got {value!r}") from None
+    raise ConfigError(f"config key {key}: unsupported type {kind}")
+
+
+def _build(cls: type[T], prefix: str, data: Mapping[str, Any], env: Mapping[str, str]) -> T:
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for name in data:
+        if name not in known:
+            raise ConfigError(f"config key {prefix}{name}: unknown key")
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        kind = hints[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(kind):
+            section = data.get(f.name, {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"config key {key}: expected a table")
+            values[f.name] = _build(kind, f"{key}.", section, env)  # type: ignore[type-var]
+            continue
+        env_name = "CHORUS_" + key.upper().replace(".", "__")
+        if env_name in env:
+            values[f.name] = _coerce(f"{key} (from {env_name})", kind, env[env_name])
+        elif f.name in data:
+            values[f.name] = _coerce(key, kind, data[f.name])
+    return cls(**values)
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+    """Load the config file (if any), apply ``CHORUS_*`` variables, then ``overrides``.
+
+    ``overrides`` are dotted keys with underscores for dots, as the CLI passes them
+    (``gateway__port=8081``).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path}: not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+    for dotted, value in overrides.items():
+        *sections, name = dotted.split("__")
+        table = data
+        for section in sections:
+            table = table.setdefault(section, {})
+        table[name] = value
+    return _build(Config, "", data, os.environ if env is None else env).validate()
+
+
+def iter_defaults(cls: type[Any] = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, doc) for every leaf key: the source of the generated reference."""
+    rows: list[tuple[str, Any, str]] = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            rows.extend(iter_defaults(type(default), f"{prefix}{f.name}."))
+        else:
+            rows.append((f"{prefix}{f.name}", default, f.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,193 @@
+"""The Chorus envelope (DESIGN.md 3), sans-I/O: bytes in, typed messages out, and back.
+
+Nothing here touches a socket or an event loop. A client message that cannot be understood
+becomes a :class:`BadMessage` carrying the error code and reason to send back; it never
+raises into the caller's loop.
+
+Two encodings carry the same maps: ``chorus.json.v1`` (text frames, the default) and
+``chorus.msgpack.v1`` (binary frames).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgpack
+
+from chorus.codes import MAX_COMMENT_CHARS, MAX_NONCE_CHARS, ErrorCode
+
+__all__ = [
+    "JSON",
+    "MSGPACK",
+    "SUBPROTOCOLS",
+    "BadMessage",
+    "ClientMessage",
+    "PostComment",
+    "Resume",
+    "Wire",
+    "ChannelMessage",
+    "choose_subprotocol",
+    "pack_channel_message",
+    "unpack_channel_message",
+    "decode_event",
+    "encode_event",
+    "error_event",
+    "parse_client_message",
+    "validate_comment_text",
+]
+
+Wire = Literal["json", "msgpack"]
+JSON: Wire = "json"
+MSGPACK: Wire = "msgpack"
+SUBPROTOCOLS: dict[str, Wire] = {"chorus.json.v1": JSON, "chorus.msgpack.v1": MSGPACK}
+
+
+@dataclass(frozen=True, slots=True)
+class PostComment:
+    text: str
+    nonce: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    epoch: str
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class BadMessage:
+    code: ErrorCode
+    reason: str
+    nonce: str | None = None
+
+
+ClientMessage = PostComment | Resume | BadMessage
+
+
+def choose_subprotocol(offered: str | None) -> str | None:
+    """The first subprotocol of the client's offer that we speak (RFC 6455 4.2.2), or None."""
+    if not offered:
+        return None
+    for name in (p.strip() for p in offered.split(",")):
+        if name in SUBPROTOCOLS:
+            return name
+    return None
+
+
+def _loads(data: bytes, wire: Wire) -> Any:
+    if wire == JSON:
+        return json.loads(data)
+    return msgpack.unpackb(data, raw=False, strict_map_key=True)
+
+
+def validate_comment_text(text: object) -> tuple[str | None, ErrorCode | None, str]:
+    """(clean text, None, "") or (None, code, reason). Counts code points after stripping."""
+    if not isinstance(text, str):
+        return None, ErrorCode.BAD_MESSAGE, "comment text must be a string"
+    clean = text.strip()
+    if not clean:
+        return None, ErrorCode.EMPTY_COMMENT, "comment is empty"
+    if len(clean) > MAX_COMMENT_CHARS:
+        return None, ErrorCode.COMMENT_TOO_LONG, (
+            f"comment has {len(clean)} characters; the limit is {MAX_COMMENT_CHARS}"
+        )
+    return clean, None, ""
+
+
+def _parse_nonce(obj: dict[str, Any]) -> tuple[str | None, BadMessage | None]:
+    nonce = obj.get("nonce")
+    if nonce is None:
+        return None, None
+    if not isinstance(nonce, str) or len(nonce) > MAX_NONCE_CHARS:
+        reason = f"nonce must be a string of at most {MAX_NONCE_CHARS} characters"
+        return None, BadMessage(ErrorCode.BAD_NONCE, reason)
+    return nonce, None
+
+
+def _parse_comment(obj: dict[str, Any]) -> ClientMessage:
+    nonce, bad = _parse_nonce(obj)
+    if bad is not None:
+        return bad
+    text, code, reason = validate_comment_text(obj.get("text"))
+    if code is not None or text is None:
+        return BadMessage(code or ErrorCode.BAD_MESSAGE, reason, nonce)
+    return PostComment(text, nonce)
+
+
+def _parse_resume(obj: dict[str, Any]) -> ClientMessage:
+    epoch, offset = obj.get("epoch"), obj.get("offset")
+    if not isinstance(epoch, str) or not isinstance(offset, int) or isinstance(offset, bool):
+        return BadMessage(ErrorCode.BAD_MESSAGE, "resume needs a string epoch and an integer offset")
+    return Resume(epoch, offset)
+
+
+def parse_client_message(data: bytes, wire: Wire) -> ClientMessage:
+    """Decode one whole client message (already UTF-8 checked for text frames)."""
+    try:
+        obj = _loads(data, wire)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError):
+        return BadMessage(ErrorCode.BAD_MESSAGE, f"message is not valid {wire}")
+    if not isinstance(obj, dict) or not isinstance(obj.get("t"), str):
+        return BadMessage(ErrorCode.BAD_MESSAGE, 'message must be an object with a string "t"')
+    kind = obj["t"]
+    if kind == "comment":
+        return _parse_comment(obj)
+    if kind == "resume":
+        return _parse_resume(obj)
+    return BadMessage(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind[:32]!r}")
+
+
+def encode_event(event: dict[str, Any], wire: Wire) -> bytes:
+    """One server event in the connection's encoding (the frame's payload)."""
+    if wire == JSON:
+        return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+    return msgpack.packb(event, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def decode_event(data: bytes, wire: Wire = JSON) -> dict[str, Any]:
+    """Inverse of :func:`encode_event` (used by tests, the coordinator's peers and clients)."""
+    obj = _loads(data, wire)
+    if not isinstance(obj, dict):
+        raise ValueError("event is not an object")
+    return obj
+
+
+def error_event(code: ErrorCode, reason: str, nonce: str | None = None, retry_after_ms: int | None = None) -> dict[str, Any]:
+    event: dict[str, Any] = {"t": "error", "code": str(code), "reason": reason}
+    if retry_after_ms is not None:
+        event["retry_after_ms"] = retry_after_ms
+    if nonce is not None:
+        event["nonce"] = nonce
+    return event
+
+
+# Pub/Sub channel messages: one header byte; for batches then the stream offset of their last
+# comment (8 bytes) and their comment count (4 bytes), big-endian; then the event's JSON. The
+# header lets a gateway order, replay and count batches without parsing JSON on the hot path.
+_BATCH, _CONTROL = b"B", b"C"
+_BATCH_HEADER = 13
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelMessage:
+    event_json: bytes
+    offset: int | None = None  # last offset of a batch; None for control events (deletes, pins, modes)
+    count: int = 0  # comments in a batch
+
+
+def pack_channel_message(event_json: bytes, offset: int | None = None, count: int = 0) -> bytes:
+    if offset is None:
+        return _CONTROL + event_json
+    return _BATCH + offset.to_bytes(8, "big") + count.to_bytes(4, "big") + event_json
+
+
+def unpack_channel_message(data: bytes) -> ChannelMessage:
+    head = data[:1]
+    if head == _BATCH and len(data) > _BATCH_HEADER:
+        offset = int.from_bytes(data[1:9], "big")
+        return ChannelMessage(data[_BATCH_HEADER:], offset, int.from_bytes(data[9:13], "big"))
+    if head == _CONTROL:
+        return ChannelMessage(data[1:])
+    raise ValueError("not a Chorus channel message")

@@ -1,0 +1,77 @@
+"""The consume loop the coordinator and the archiver share.
+
+Fetch a batch, hand it to the role's ``handle``, and commit only after ``handle`` returned:
+a crash between the two replays the batch (at-least-once), which is why every effect is
+idempotent on the comment id. A failing ``handle`` is retried with backoff, never skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from chorus.ingest.log import LogConsumer, LogRecord
+
+__all__ = ["ConsumeLoop"]
+
+log = logging.getLogger("chorus.consume")
+
+Handler = Callable[[Sequence[LogRecord]], Awaitable[None]]
+
+
+class ConsumeLoop:
+    def __init__(self, consumer: LogConsumer, handle: Handler, *, name: str, linger_ms: int = 0,
+                 max_records: int = 1000, max_backoff_s: float = 5.0) -> None:
+        self.consumer = consumer
+        self.handle = handle
+        self.name = name
+        self.linger_ms = linger_ms
+        self.max_records = max_records
+        self.max_backoff_s = max_backoff_s
+        self.handled = 0
+        self._stopping = asyncio.Event()
+
+    async def _gather(self) -> list[LogRecord]:
+        """One batch: wait for the first records, then linger up to ``linger_ms`` for more."""
+        records = await self.consumer.fetch(timeout_ms=200, max_records=self.max_records)
+        if not records or self.linger_ms <= 0:
+            return records
+        deadline = time.monotonic() + self.linger_ms / 1000
+        while len(records) < self.max_records:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                break
+            records += await self.consumer.fetch(timeout_ms=left_ms, max_records=self.max_records - len(records))
+        return records
+
+    async def _handle_until_done(self, records: Sequence[LogRecord]) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                await self.handle(records)
+                return
+            except Exception as exc:
+                if self._stopping.is_set():
+                    raise
+                log.warning("%s: handling %d records failed (%s); retrying in %.2fs",
+                            self.name, len(records), exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+
+    async def run(self) -> None:
+        await self.consumer.start()
+        try:
+            while not self._stopping.is_set():
+                records = await self._gather()
+                if not records:
+                    continue
+                await self._handle_until_done(records)
+                await self.consumer.commit(records)
+                self.handled += len(records)
+        finally:
+            await self.consumer.stop()
+
+    def stop(self) -> None:
+        self._stopping.set()

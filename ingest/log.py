@@ -1,0 +1,232 @@
+"""The comment log: Kafka in production, an in-process log on the embedded default.
+
+Both implement :class:`CommentLog`. Producers append records keyed by stream id; consumers
+read in groups and commit offsets only after their effect is done (at-least-once), so
+every downstream write must be idempotent on the comment id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["CommentLog", "KafkaLog", "LogConsumer", "LogRecord", "LogUnavailable", "MemoryLog", "open_log"]
+
+log = logging.getLogger("chorus.log")
+
+
+class LogUnavailable(Exception):
+    """The log did not take the record; it was not stored and the caller must say so."""
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    partition: int
+    offset: int
+    key: bytes
+    value: bytes
+
+
+class LogConsumer(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def fetch(self, timeout_ms: int, max_records: int) -> list[LogRecord]: ...
+    async def commit(self, records: Sequence[LogRecord]) -> None: ...
+
+
+class CommentLog(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def append(self, key: bytes, value: bytes) -> None: ...
+    def consumer(self, group: str) -> LogConsumer: ...
+
+
+def _next_offsets(records: Sequence[LogRecord]) -> dict[int, int]:
+    """The offset to commit per partition: one past the last record handled."""
+    nxt: dict[int, int] = {}
+    for r in records:
+        nxt[r.partition] = max(nxt.get(r.partition, 0), r.offset + 1)
+    return nxt
+
+
+class MemoryLog:
+    """An in-process log with partitions and consumer groups, for one process.
+
+    Records live as long as the process; that is the embedded default's durability.
+    """
+
+    def __init__(self, partitions: int = 4) -> None:
+        self._parts: list[list[LogRecord]] = [[] for _ in range(partitions)]
+        self._committed: dict[str, list[int]] = {}
+        self._grew = asyncio.Event()
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def partition_of(self, key: bytes) -> int:
+        return zlib.crc32(key) % len(self._parts)
+
+    async def append(self, key: bytes, value: bytes) -> None:
+        part = self._parts[self.partition_of(key)]
+        part.append(LogRecord(self.partition_of(key), len(part), key, value))
+        self._grew.set()
+
+    def consumer(self, group: str) -> MemoryLogConsumer:
+        committed = self._committed.setdefault(group, [0] * len(self._parts))
+        return MemoryLogConsumer(self, committed)
+
+
+class MemoryLogConsumer:
+    def __init__(self, log_: MemoryLog, committed: list[int]) -> None:
+        self._log = log_
+        self._committed = committed
+        self._position = list(committed)
+
+    async def start(self) -> None:
+        self._position = list(self._committed)
+
+    async def stop(self) -> None:
+        pass
+
+    def _take(self, max_records: int) -> list[LogRecord]:
+        out: list[LogRecord] = []
+        for p, part in enumerate(self._log._parts):
+            chunk = part[self._position[p] : self._position[p] + max_records - len(out)]
+            self._position[p] += len(chunk)
+            out.extend(chunk)
+            if len(out) >= max_records:
+                break
+        return out
+
+    async def fetch(self, timeout_ms: int, max_records: int) -> list[LogRecord]:
+        out = self._take(max_records)
+        if out:
+            return out
+        self._log._grew.clear()
+        try:
+            await asyncio.wait_for(self._log._grew.wait(), timeout_ms / 1000)
+        except TimeoutError:
+            return []
+        return self._take(max_records)
+
+    async def commit(self, records: Sequence[LogRecord]) -> None:
+        for p, off in _next_offsets(records).items():
+            self._committed[p] = max(self._committed[p], off)
+
+
+class KafkaLog:
+    """The ``comments`` topic on a real Kafka cluster.
+
+    The producer is idempotent with acks=all (aiokafka defaults to acks=1 without
+    idempotence, so both are set). It starts lazily and again after a failure, so a gateway
+    comes up while Kafka is down and refuses posts with a clear error until it is back.
+    """
+
+    def __init__(self, bootstrap: str, topic: str, accept_timeout_ms: int = 5000, linger_ms: int = 2) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.accept_timeout_ms = accept_timeout_ms
+        self.linger_ms = linger_ms
+        self._producer: object | None = None
+        self._starting = asyncio.Lock()
+
+    async def start(self) -> None:
+        try:
+            await self._ensure_producer()
+        except LogUnavailable as exc:
+            log.warning("kafka producer not started yet: %s", exc)
+
+    async def stop(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()  # type: ignore[attr-defined]
+
+    async def _ensure_producer(self) -> object:
+        from aiokafka import AIOKafkaProducer
+
+        async with self._starting:
+            if self._producer is not None:
+                return self._producer
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap,
+                enable_idempotence=True,
+                acks="all",
+                linger_ms=self.linger_ms,
+                request_timeout_ms=self.accept_timeout_ms,
+                client_id="chorus-gateway",
+            )
+            try:
+                await asyncio.wait_for(producer.start(), self.accept_timeout_ms / 1000)
+            except Exception as exc:
+                await producer.stop()
+                raise LogUnavailable(f"kafka at {self.bootstrap} is unreachable ({type(exc).__name__})") from exc
+            self._producer = producer
+            return producer
+
+    async def append(self, key: bytes, value: bytes) -> None:
+        from aiokafka.errors import KafkaError
+
+        producer = await self._ensure_producer()
+        try:
+            # The producer's own request timeout expires an unsent batch, so a failure here
+            # means Kafka did not take the record; the outer bound is only a safety net.
+            await asyncio.wait_for(
+                producer.send_and_wait(self.topic, value, key=key),  # type: ignore[attr-defined]
+                self.accept_timeout_ms / 1000 + 2,
+            )
+        except (KafkaError, TimeoutError) as exc:
+            raise LogUnavailable(f"kafka did not accept the record ({type(exc).__name__})") from exc
+
+    def consumer(self, group: str) -> KafkaLogConsumer:
+        return KafkaLogConsumer(self.bootstrap, self.topic, group)
+
+
+class KafkaLogConsumer:
+    """A consumer group member that commits only what the caller says it has handled."""
+
+    def __init__(self, bootstrap: str, topic: str, group: str) -> None:
+        from aiokafka import AIOKafkaConsumer
+
+        self._consumer = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=bootstrap,
+            group_id=group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            client_id=f"chorus-{group}",
+        )
+        self.topic = topic
+
+    async def start(self) -> None:
+        await self._consumer.start()
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+
+    async def fetch(self, timeout_ms: int, max_records: int) -> list[LogRecord]:
+        batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        return [
+            LogRecord(tp.partition, m.offset, m.key or b"", m.value or b"")
+            for tp, msgs in batches.items()
+            for m in msgs
+        ]
+
+    async def commit(self, records: Sequence[LogRecord]) -> None:
+        from aiokafka import TopicPartition
+
+        offsets = {TopicPartition(self.topic, p): off for p, off in _next_offsets(records).items()}
+        if offsets:
+            await self._consumer.commit(offsets)
+
+
+def open_log(bootstrap: str, topic: str, partitions: int, accept_timeout_ms: int, linger_ms: int) -> CommentLog:
+    if not bootstrap:
+        return MemoryLog(partitions)
+    return KafkaLog(bootstrap, topic, accept_timeout_ms, linger_ms)

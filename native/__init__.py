@@ -1,0 +1,86 @@
+"""The RFC 6455 frame codec: chooses the Cython ``_codec`` module or its pure-Python twin.
+
+This is the one place that chooses. It loads ``chorus.native._codec`` unless ``CHORUS_PURE`` is
+set to a non-empty value other than "0", or the extension is not built (then the import error is
+kept in ``NATIVE_IMPORT_ERROR``). ``IMPLEMENTATION`` says which one is in use; tests assert it
+so a broken build cannot silently test the fallback. Everyone else imports from here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+__all__ = [
+    "CLOSE_INVALID_DATA",
+    "CLOSE_PROTOCOL_ERROR",
+    "CLOSE_TOO_BIG",
+    "IMPLEMENTATION",
+    "NATIVE_IMPORT_ERROR",
+    "OP_BINARY",
+    "OP_CLOSE",
+    "OP_CONT",
+    "OP_PING",
+    "OP_PONG",
+    "OP_TEXT",
+    "FrameParser",
+    "ProtocolError",
+    "encode_close",
+    "encode_frame",
+    "encode_frames",
+    "validate_utf8",
+]
+
+NATIVE_IMPORT_ERROR: str | None = None  # why the native module did not load, if it did not
+
+
+def _load() -> tuple[ModuleType, str]:
+    global NATIVE_IMPORT_ERROR
+    if os.environ.get("CHORUS_PURE", "") not in ("", "0"):
+        return importlib.import_module("chorus.native.codec_pure"), "pure"
+    try:
+        return importlib.import_module("chorus.native._codec"), "native"
+    except ImportError as exc:
+        NATIVE_IMPORT_ERROR = str(exc)
+        return importlib.import_module("chorus.native.codec_pure"), "pure"
+
+
+_impl, IMPLEMENTATION = _load()
+
+if TYPE_CHECKING:
+    # The pure twin is the typing reference; _codec.pyi declares the same names.
+    from chorus.native.codec_pure import (
+        CLOSE_INVALID_DATA,
+        CLOSE_PROTOCOL_ERROR,
+        CLOSE_TOO_BIG,
+        OP_BINARY,
+        OP_CLOSE,
+        OP_CONT,
+        OP_PING,
+        OP_PONG,
+        OP_TEXT,
+        FrameParser,
+        ProtocolError,
+        encode_close,
+        encode_frame,
+        encode_frames,
+        validate_utf8,
+    )
+else:
+    OP_CONT = _impl.OP_CONT
+    OP_TEXT = _impl.OP_TEXT
+    OP_BINARY = _impl.OP_BINARY
+    OP_CLOSE = _impl.OP_CLOSE
+    OP_PING = _impl.OP_PING
+    OP_PONG = _impl.OP_PONG
+    CLOSE_PROTOCOL_ERROR = _impl.CLOSE_PROTOCOL_ERROR
+    CLOSE_INVALID_DATA = _impl.CLOSE_INVALID_DATA
+    CLOSE_TOO_BIG = _impl.CLOSE_TOO_BIG
+    FrameParser = _impl.FrameParser
+    ProtocolError = _impl.ProtocolError
+    encode_close = _impl.encode_close
+    encode_frame = _impl.encode_frame
+    encode_frames = _impl.encode_frames
+    validate_utf8 = _impl.validate_utf8

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Start a single-node KRaft Apache Kafka broker (broker + controller in one JVM) on loopback.
+#
+#   services/kafka/start.sh DATA_DIR PORT CONTROLLER_PORT
+#
+# Formats DATA_DIR/data on first use (skipped when it already holds meta.properties, so a
+# restart with the same arguments keeps the topics and offsets), starts `kafka.Kafka` in the
+# background, writes its PID to DATA_DIR/kafka.pid and its log to DATA_DIR/kafka.log, then
+# waits until the broker can create a topic: `comments` with 4 partitions (or
+# $CHORUS_KAFKA_TOPIC / $CHORUS_KAFKA_PARTITIONS). Exits non-zero with the log tail if the
+# broker is not ready within $CHORUS_KAFKA_READY_TIMEOUT seconds (default 90).
+# Stop it by its PID (kill "$(cat DATA_DIR/kafka.pid)"), never by name. With
+# CHORUS_KAFKA_PARENT_PID=PID the broker is also stopped once process PID has exited.
+#
+# The jars come from $CHORUS_KAFKA_LIBS (default: .services/kafka/libs under the repository),
+# filled by scripts/install-test-deps.sh from services/kafka/pom.xml. Java 17+ is required;
+# $JAVA overrides the `java` on PATH.
+set -euo pipefail
+
+if [ $# -ne 3 ]; then
+    echo "usage: $0 DATA_DIR PORT CONTROLLER_PORT" >&2
+    exit 2
+fi
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+mkdir -p "$1"
+DATA_DIR=$(cd "$1" && pwd)
+PORT=$2
+CONTROLLER_PORT=$3
+LIBS=${CHORUS_KAFKA_LIBS:-$ROOT/.services/kafka/libs}
+JAVA=${JAVA:-java}
+TOPIC=${CHORUS_KAFKA_TOPIC:-comments}
+PARTITIONS=${CHORUS_KAFKA_PARTITIONS:-4}
+READY_TIMEOUT=${CHORUS_KAFKA_READY_TIMEOUT:-90}
+
+PID_FILE=$DATA_DIR/kafka.pid
+LOG_FILE=$DATA_DIR/kafka.log
+PROPS=$DATA_DIR/server.properties
+LOG_DIR=$DATA_DIR/data
+
+if ! ls "$LIBS"/kafka_2.13-*.jar >/dev/null 2>&1; then
+    echo "start.sh: no Kafka jars in $LIBS; run scripts/install-test-deps.sh first" >&2
+    exit 1
+fi
+CP="$LIBS/*"
+# Short-lived tool JVMs: client compiler only and a small heap start noticeably faster.
+TOOL_JVM=(-Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Xshare:auto)
+
+if [ -f "$PID_FILE" ] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null \
+        && tr '\0' ' ' <"/proc/$(cat "$PID_FILE")/cmdline" 2>/dev/null | grep -q kafka.Kafka; then
+    echo "start.sh: a broker already runs from $DATA_DIR (pid $(cat "$PID_FILE"))" >&2
+    exit 1
+fi
+rm -f "$PID_FILE"
+
+# Render the config on every start (the ports are the same on a restart).
+sed -e "s#@PORT@#$PORT#g" -e "s#@CONTROLLER_PORT@#$CONTROLLER_PORT#g" -e "s#@LOG_DIR@#$LOG_DIR#g" \
+    "$HERE/server.properties.in" >"$PROPS"
+
+# log4j2 config: INFO to stdout (redirected to kafka.log), chatty loggers at WARN.
+cat >"$DATA_DIR/log4j2.properties" <<'EOF'
+status = warn
+appender.out.type = Console
+appender.out.name = OUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.out.ref = OUT
+logger.state.name = state.change.logger
+logger.state.level = WARN
+logger.request.name = kafka.request.logger
+logger.request.level = WARN
+logger.authorizer.name = kafka.authorizer.logger
+logger.authorizer.level = WARN
+logger.cleaner.name = kafka.log.LogCleaner
+logger.cleaner.level = WARN
+EOF
+LOG4J="-Dlog4j2.configurationFile=file:$DATA_DIR/log4j2.properties"
+
+t0=$(date +%s%N)
+if [ ! -f "$LOG_DIR/meta.properties" ]; then
+    # A cluster id is 16 random bytes in URL-safe base64 without padding (22 characters),
+    # what `StorageTool random-uuid` prints; made here to save a JVM start. Like Kafka, avoid
+    # a leading '-' so it can't be read as a flag.
+    CLUSTER_ID=-
+    while [ "${CLUSTER_ID#-}" != "$CLUSTER_ID" ]; do
+        CLUSTER_ID=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | cut -c1-22)
+    done
+    # kafka.tools.StorageTool lives in the kafka_2.13 jar (checked for 4.1.1 with unzip -l).
+    "$JAVA" "${TOOL_JVM[@]}" "$LOG4J" -cp "$CP" kafka.tools.StorageTool format \
+        -t "$CLUSTER_ID" -c "$PROPS" >>"$LOG_FILE" 2>&1 || {
+        echo "start.sh: formatting $LOG_DIR failed:" >&2
+        tail -n 30 "$LOG_FILE" >&2
+        exit 1
+    }
+fi
+
+# The broker. Its stdin/stdout/stderr are detached from the caller so that a caller that
+# captures this script's output (subprocess.run) returns when the script exits.
+"$JAVA" -Xms256m -Xmx512m -XX:+UseSerialGC -Djava.awt.headless=true \
+    "$LOG4J" -cp "$CP" kafka.Kafka "$PROPS" </dev/null >>"$LOG_FILE" 2>&1 &
+BROKER_PID=$!
+echo "$BROKER_PID" >"$PID_FILE"
+
+# Optional watchdog: with CHORUS_KAFKA_PARENT_PID set (the test runner does), the broker is
+# stopped when that process is gone, e.g. if pytest itself is killed and can't clean up.
+running() { [ -r "/proc/$1/stat" ] && ! grep -q ') Z ' "/proc/$1/stat"; } # zombies are dead
+if [ -n "${CHORUS_KAFKA_PARENT_PID:-}" ]; then
+    (
+        while running "$CHORUS_KAFKA_PARENT_PID" && running "$BROKER_PID"; do sleep 1; done
+        kill "$BROKER_PID" 2>/dev/null || true
+    ) </dev/null >/dev/null 2>&1 &
+fi
+
+fail() {
+    echo "start.sh: $1; last lines of $LOG_FILE:" >&2
+    tail -n 60 "$LOG_FILE" >&2
+    kill "$BROKER_PID" 2>/dev/null || true
+    exit 1
+}
+
+deadline=$(($(date +%s) + READY_TIMEOUT))
+# 1) cheap wait until the client listener accepts connections (bash's /dev/tcp)
+until (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; do
+    kill -0 "$BROKER_PID" 2>/dev/null || fail "the broker exited during startup"
+    [ "$(date +%s)" -lt "$deadline" ] || fail "port $PORT not open after ${READY_TIMEOUT}s"
+    sleep 0.2
+done
+# 2) readiness = a topic can be created (on a restart the topic exists: --if-not-exists still
+#    needs a working metadata round trip with the broker).
+until "$JAVA" "${TOOL_JVM[@]}" "$LOG4J" -cp "$CP" org.apache.kafka.tools.TopicCommand \
+        --bootstrap-server "127.0.0.1:$PORT" --create --if-not-exists --topic "$TOPIC" \
+        --partitions "$PARTITIONS" --replication-factor 1 >>"$LOG_FILE" 2>&1; do
+    kill -0 "$BROKER_PID" 2>/dev/null || fail "the broker exited during startup"
+    [ "$(date +%s)" -lt "$deadline" ] || fail "no topic could be created after ${READY_TIMEOUT}s"
+    sleep 0.5
+done
+echo "kafka ready on 127.0.0.1:$PORT (pid $BROKER_PID, $((($(date +%s%N) - t0) / 1000000)) ms)"

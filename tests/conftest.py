@@ -1,0 +1,147 @@
+"""Session fixtures: the real Redis and Kafka (tests/services.py), started once per run.
+
+Environment:
+  CHORUS_TEST_REDIS_URL  use this Redis (e.g. redis://127.0.0.1:6379/0) instead of starting one
+  CHORUS_TEST_KAFKA      use this Kafka bootstrap (e.g. 127.0.0.1:9092) instead of starting one
+                         (it must already have the topics the tests use, e.g. `comments`)
+  CHORUS_EXPECT_IMPL     implementation chorus.native must report (default "native"), so a
+                         failed native build can't silently run the suite on the pure fallback
+
+Tests that use a service fixture get the `services` marker automatically
+(`pytest -m "not services"` runs only the tests that need neither).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from services import Service, start_kafka, start_redis  # noqa: E402
+
+SERVICE_FIXTURES = {"redis_service", "kafka_service", "redis_url", "kafka_bootstrap"}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    expected = os.environ.get("CHORUS_EXPECT_IMPL", "native")
+    hint = (
+        "reinstall with `CHORUS_REINSTALL=1 bash scripts/install-test-deps.sh` (builds with "
+        "CHORUS_BUILD_NATIVE=always), or set CHORUS_EXPECT_IMPL to test another implementation"
+    )
+    try:
+        import chorus.native
+    except ImportError as exc:
+        pytest.exit(f"cannot import chorus.native ({exc}); {hint}", returncode=4)
+    actual = getattr(chorus.native, "IMPLEMENTATION", None)
+    if actual != expected:
+        pytest.exit(
+            f"chorus.native.IMPLEMENTATION is {actual!r}, expected {expected!r} (a native "
+            f"extension that did not build or load?); {hint}",
+            returncode=4,
+        )
+    # CI cancels with SIGTERM: turn it into SystemExit so fixture teardown and atexit stop the
+    # services started below instead of leaving them running.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.services)
+
+
+# Kafka takes a few seconds to start: when a selected test needs it, start it in the
+# background as soon as collection ends, so it boots while the tests before it run.
+_kafka_boot: Future[Service] | None = None
+_services_dir: Path | None = None
+
+
+def _scratch() -> Path:
+    """The run's folder for the services' data and logs (created on first use)."""
+    global _services_dir
+    if _services_dir is None:
+        _services_dir = Path(tempfile.mkdtemp(prefix="chorus-services-"))
+    return _services_dir
+
+
+def _boot_kafka() -> Service:
+    svc = start_kafka(_scratch() / "kafka")
+    atexit.register(svc.stop)  # in case the session dies before the fixture's teardown
+    return svc
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    global _kafka_boot
+    wants = {"kafka_service", "kafka_bootstrap"}
+    if os.environ.get("CHORUS_TEST_KAFKA") or session.config.option.collectonly:
+        return
+    if any(wants.intersection(getattr(i, "fixturenames", ())) for i in session.items):
+        _scratch()  # create it here, in the main thread: no race with the fixtures
+        _kafka_boot = ThreadPoolExecutor(1, thread_name_prefix="kafka-boot").submit(_boot_kafka)
+
+
+@pytest.fixture(scope="session")
+def services_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """Scratch folder of the services; removed after a passing run, kept (logs!) otherwise."""
+    path = _scratch()
+    yield path
+    if request.session.testsfailed:
+        print(f"\nservice data and logs kept in {path}", file=sys.stderr)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _stopped_at_end(svc: Service) -> Iterator[Service]:
+    atexit.register(svc.stop)  # in case the session dies before the teardown below
+    try:
+        yield svc
+    finally:
+        svc.stop()
+        atexit.unregister(svc.stop)
+
+
+def _external(name: str, address: str) -> Service:
+    port = int(address.rsplit(":", 1)[1].split("/", 1)[0])
+    return Service(name, 0, address, Path(), port, external=True)
+
+
+@pytest.fixture(scope="session")
+def redis_service(services_dir: Path) -> Iterator[Service]:
+    """The session's Redis. Tests must not kill it: start a private one with start_redis()."""
+    url = os.environ.get("CHORUS_TEST_REDIS_URL")
+    if url:
+        yield _external("redis", url)
+    else:
+        yield from _stopped_at_end(start_redis(services_dir / "redis"))
+
+
+@pytest.fixture(scope="session")
+def kafka_service(services_dir: Path) -> Iterator[Service]:
+    """The session's Kafka broker, with topic `comments` (4 partitions). Don't kill it either."""
+    bootstrap = os.environ.get("CHORUS_TEST_KAFKA")
+    if bootstrap:
+        yield _external("kafka", bootstrap)
+        return
+    svc = _kafka_boot.result() if _kafka_boot is not None else _boot_kafka()
+    yield from _stopped_at_end(svc)
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_service: Service) -> str:
+    return redis_service.url
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(kafka_service: Service) -> str:
+    return kafka_service.bootstrap
