@@ -33,12 +33,14 @@ def cython_extensions() -> list[Extension]:
 
     exts = [
         Extension(
-            "chorus.native._codec",
+            # Cython finds a module's .pxd by its dotted name and knows nothing of package-dir,
+            # so compile under the source-tree name and rename to chorus.native._codec below.
+            "native._codec",
             ["native/_codec.pyx"],
             extra_compile_args=["-O3"],
         ),
     ]
-    return cythonize(
+    built = cythonize(
         exts,
         language_level=3,
         compiler_directives={
@@ -49,7 +51,25 @@ def cython_extensions() -> list[Extension]:
             "embedsignature": True,
         },
     )
+    for ext in built:
+        ext.name = "chorus." + ext.name
+    return built
 
 
-ext_modules = [] if MODE == "never" else cython_extensions()
+def cpp_extensions() -> list[Extension]:
+    from pybind11.setup_helpers import Pybind11Extension
+
+    return [
+        Pybind11Extension(
+            "chorus.native._hub",
+            ["native/src/hub_module.cpp", "native/src/hub.cpp", "native/src/wsframe.cpp"],
+            include_dirs=["native/src"],
+            cxx_std=17,
+            extra_compile_args=["-O2", "-fvisibility=hidden"],
+            libraries=["z"],
+        ),
+    ]
+
+
+ext_modules = [] if MODE == "never" else cython_extensions() + cpp_extensions()
 setup(ext_modules=ext_modules, cmdclass={"build_ext": OptionalBuildExt})

@@ -14,7 +14,6 @@ from typing import Any
 
 from chorus.broker import Broker, MemoryBroker, MemoryStreamState, RedisBroker, RedisStreamState, StreamState
 from chorus.config import Config, ConfigError
-from chorus.gateway.hub import Hub
 from chorus.gateway.node import Node
 from chorus.gateway.server import Gateway
 from chorus.ids import MAX_NODE, IdGenerator
@@ -83,9 +82,7 @@ class App:
             app.store = SqliteStore(config.history_path)
         if "gateway" in roles:
             g = config.gateway
-            hub = Hub(flush_interval_ms=g.flush_interval_ms, flush_max_messages=g.flush_max_messages,
-                      backlog_limit_bytes=g.backlog_limit_bytes, slow_close_after_s=g.slow_close_after_s)
-            node = Node(broker, hub, g.unsubscribe_delay_ms)
+            node = Node(broker, g.unsubscribe_delay_ms)
             admission = Admission(comment_log, IdGenerator(await _node_id(config)))
             app.gateway = Gateway(config, admission, node, state, app.store)
         if "coordinator" in roles:

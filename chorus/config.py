@@ -54,6 +54,12 @@ class GatewayConfig:
         (),
     )
     max_message_bytes: int = doc("Largest client frame or message; larger closes with 1009.", 65536)
+    max_fragments: int = doc("Most frames one client message may be split into; more closes with 1009.", 64)
+    permessage_deflate: bool = doc(
+        "Accept permessage-deflate (RFC 7692): each batch is compressed once for every viewer that "
+        "negotiated it.", True
+    )
+    deflate_level: int = doc("zlib level of compressed batches (1 fastest - 9 smallest).", 6)
     max_connections_per_ip: int = doc("Open WebSocket connections allowed from one address.", 1000)
     handshake_timeout_s: float = doc("Time a client has to complete the HTTP upgrade.", 5.0)
     heartbeat_interval_s: float = doc("Server ping interval on an idle connection.", 60.0)
@@ -134,6 +140,8 @@ class Config:
         checks: list[tuple[str, bool, str]] = [
             ("gateway.port", 0 <= self.gateway.port <= 65535, "must be between 0 and 65535"),
             ("gateway.max_message_bytes", self.gateway.max_message_bytes >= 1024, "must be >= 1024"),
+            ("gateway.max_fragments", 1 <= self.gateway.max_fragments <= 4096, "must be 1-4096"),
+            ("gateway.deflate_level", 1 <= self.gateway.deflate_level <= 9, "must be 1-9"),
             ("gateway.max_connections_per_ip", self.gateway.max_connections_per_ip >= 1, "must be >= 1"),
             ("gateway.flush_interval_ms", 1 <= self.gateway.flush_interval_ms <= 1000, "must be 1-1000"),
             ("gateway.flush_max_messages", self.gateway.flush_max_messages >= 1, "must be >= 1"),

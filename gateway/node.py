@@ -12,9 +12,10 @@ import asyncio
 import contextlib
 import logging
 
+from collections.abc import Callable
+
 from chorus.broker import Broker
-from chorus.gateway.hub import Hub
-from chorus.protocol import unpack_channel_message
+from chorus.protocol import ChannelMessage, unpack_channel_message
 
 __all__ = ["Node"]
 
@@ -22,9 +23,10 @@ log = logging.getLogger("chorus.node")
 
 
 class Node:
-    def __init__(self, broker: Broker, hub: Hub, unsubscribe_delay_ms: int = 2000) -> None:
+    def __init__(self, broker: Broker, unsubscribe_delay_ms: int = 2000) -> None:
         self.broker = broker
-        self.hub = hub
+        # Where a stream's events go: the gateway sets this to its hub feeder.
+        self.deliver: Callable[[str, ChannelMessage], None] = lambda stream, message: None
         self.unsubscribe_delay_s = unsubscribe_delay_ms / 1000
         self._refs: dict[str, int] = {}
         self._subscribed: dict[str, asyncio.Future[None]] = {}
@@ -45,7 +47,7 @@ class Node:
         except ValueError:
             self.bad_messages += 1
             return
-        self.hub.publish(stream, message)
+        self.deliver(stream, message)
 
     async def acquire(self, stream: str) -> None:
         """Count one more local viewer of ``stream``; subscribe if it is the first."""

@@ -1,35 +1,42 @@
-"""The gateway: HTTP upgrade, auth and Origin checks on picows, viewers into the hub.
+"""The gateway: HTTP and the WebSocket upgrade on picows + uvloop, then viewers in the hub.
 
 One ``Gateway`` per process. picows parses each request and calls :meth:`Gateway.route`,
-which either answers plain HTTP (page, history, health) or accepts a WebSocket with a
-:class:`ViewerConnection` after checking the stream id, the token and the Origin.
+which answers plain HTTP (page, history, health) or accepts a WebSocket after checking the
+stream id, the Origin and the token. Right after the 101 the socket goes to the hub
+(``chorus.native.Hub``, see native/HUB.md) with its identity as a small tag: from then on the
+gateway holds no Python object per viewer. The gateway reacts to the hub's inbound events
+in batches and feeds it each stream's events from the broker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections import deque
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
+import msgpack
 from picows import (
-    WSAutoPingStrategy,
+    WSCloseCode,
     WSFrame,
     WSListener,
-    WSMsgType,
     WSTransport,
     WSUpgradeRequest,
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
-    ws_create_server,
 )
 
+from chorus import native
 from chorus.auth import AuthError, Identity, mint_token, verify_token
 from chorus.broker import StreamState
 from chorus.codes import CloseCode
 from chorus.config import Config
-from chorus.gateway.hub import Hub
+from chorus.extensions import DeflateParams, negotiate_deflate
+from chorus.gateway.handoff import RecordingProtocol, detach_socket, picows_protocol_factory
 from chorus.gateway.http import (
     STREAM_ID,
     Request,
@@ -41,11 +48,12 @@ from chorus.gateway.http import (
 from chorus.gateway.node import Node
 from chorus.ingest.admission import Admission, Refused
 from chorus.ingest.store import HistoryStore
-from chorus.native import OP_BINARY, OP_TEXT, encode_close, encode_frame
 from chorus.protocol import (
     JSON,
+    MSGPACK,
     SUBPROTOCOLS,
     BadMessage,
+    ChannelMessage,
     PostComment,
     Resume,
     Wire,
@@ -55,9 +63,12 @@ from chorus.protocol import (
     parse_client_message,
 )
 
-__all__ = ["Gateway", "ViewerConnection"]
+__all__ = ["Gateway", "Upgrader"]
 
 log = logging.getLogger("chorus.gateway")
+
+ECHO_HANDLE = 0  # the conformance echo endpoint's pseudo-stream
+REPLAY_BATCHES = 32  # recent batches per stream, for viewers joining between welcome and hub
 
 
 def _origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
@@ -69,110 +80,54 @@ def _origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ..
     return host is not None and origin in (f"http://{host}", f"https://{host}")
 
 
-class ViewerConnection(WSListener):  # type: ignore[misc]
-    """One viewer's socket: reads client messages, writes what the hub sends it."""
+def _tag(ip: str, variant: int, who: Identity | None) -> bytes:
+    """What the hub keeps for a viewer and returns with its messages."""
+    if who is None:
+        return msgpack.packb([ip, variant])  # type: ignore[no-any-return]
+    return msgpack.packb([ip, variant, who.user_id, who.name, sorted(who.scopes), who.role, who.expires_at])  # type: ignore[no-any-return]
 
-    def __init__(self, gateway: Gateway, stream: str, who: Identity | None, wire: Wire) -> None:
+
+def _untag(tag: bytes) -> tuple[str, int, Identity | None]:
+    fields = msgpack.unpackb(tag)
+    if len(fields) == 2:
+        return fields[0], fields[1], None
+    ip, variant, user_id, name, scopes, role, expires_at = fields
+    return ip, variant, Identity(user_id, name, frozenset(scopes), role, expires_at)
+
+
+@dataclass(slots=True)
+class _Stream:
+    """A stream with local viewers: its hub handle and its last few batches."""
+
+    name: str
+    handle: int
+    viewers: int = 0
+    replay: deque[ChannelMessage] = field(default_factory=lambda: deque(maxlen=REPLAY_BATCHES))
+
+
+class Upgrader(WSListener):  # type: ignore[misc]
+    """Lives only through the upgrade; on connect it hands the socket over to the hub."""
+
+    def __init__(self, gateway: Gateway, stream: str, who: Identity | None, wire: Wire,
+                 deflate: DeflateParams | None) -> None:
         super().__init__()
         self.gateway = gateway
         self.stream = stream
         self.who = who
         self.wire = wire
-        self.transport: WSTransport | None = None
-        self.peer_ip = ""
-        self.skipped = 0
-        self.slow_since = 0.0
-        self.joined = False
-        self.closed = False
-        self._fragments: list[bytes] | None = None
-        self._fragment_type = WSMsgType.TEXT
+        self.deflate = deflate
 
-    # -- the hub's side (hub.Viewer) --
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.underlying_transport.write(data)
+    def variant(self) -> int:
+        v = native.hub.MSGPACK if self.wire == MSGPACK else native.hub.JSON
+        if self.deflate is not None:
+            v |= native.hub.DEFLATE | (self.deflate.server_window_bits << 4)
+        return v
 
-    def backlog(self) -> int:
-        if self.transport is None:
-            return 0
-        return int(self.transport.underlying_transport.get_write_buffer_size())
-
-    def close(self, code: int, reason: str) -> None:
-        """Send a close frame with ``code`` and drop the connection."""
-        if self.closed or self.transport is None:
-            return
-        self.write(encode_close(code, reason))
-        self.closed = True
-        self.transport.disconnect(graceful=True)
-
-    def send_event(self, event: dict[str, Any]) -> None:
-        payload = encode_event(event, self.wire)
-        self.write(encode_frame(OP_TEXT if self.wire == JSON else OP_BINARY, payload))
-
-    # -- picows callbacks --
     def on_ws_connected(self, transport: WSTransport) -> None:
-        self.transport = transport
-        peer = transport.underlying_transport.get_extra_info("peername")
-        self.peer_ip = peer[0] if peer else ""
-        if not self.gateway.admit_ip(self.peer_ip):
-            self.close(CloseCode.TRY_AGAIN_LATER, "too many connections from your address")
-            return
-        self.gateway.spawn(self.gateway.welcome(self))
-
-    def on_ws_disconnected(self, transport: WSTransport) -> None:
-        self.closed = True
-        self.gateway.forget(self)
+        self.gateway.hand_off(self, transport)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        kind = frame.msg_type
-        if kind == WSMsgType.CLOSE:
-            transport.send_close(frame.get_close_code(), frame.get_close_message())
-            transport.disconnect()
-            return
-        if kind in (WSMsgType.PING, WSMsgType.PONG):
-            return  # picows answers pings itself
-        message = self._reassemble(frame)
-        if message is not None:
-            self._on_message(*message)
-
-    def _reassemble(self, frame: WSFrame) -> tuple[WSMsgType, bytes] | None:
-        """Whole messages from frames (RFC 6455 5.4); picows hands over single frames."""
-        kind = frame.msg_type
-        if kind == WSMsgType.CONTINUATION:
-            if self._fragments is None:
-                self.close(CloseCode.PROTOCOL_ERROR, "continuation without a message")
-                return None
-            self._fragments.append(frame.get_payload_as_bytes())
-            if sum(len(f) for f in self._fragments) > self.gateway.config.gateway.max_message_bytes:
-                self.close(CloseCode.TOO_BIG, "message too big")
-                return None
-            if not frame.fin:
-                return None
-            data, self._fragments = b"".join(self._fragments), None
-            return self._fragment_type, data
-        if self._fragments is not None:
-            self.close(CloseCode.PROTOCOL_ERROR, "new message inside a fragmented one")
-            return None
-        if not frame.fin:
-            self._fragments, self._fragment_type = [frame.get_payload_as_bytes()], kind
-            return None
-        return kind, frame.get_payload_as_bytes()
-
-    def _on_message(self, kind: WSMsgType, data: bytes) -> None:
-        if kind == WSMsgType.TEXT:
-            try:
-                data.decode("utf-8")
-            except UnicodeDecodeError:
-                self.close(CloseCode.INVALID_TEXT, "text frame is not valid UTF-8")
-                return
-        wire: Wire = JSON if kind == WSMsgType.TEXT else "msgpack"
-        msg = parse_client_message(data, wire)
-        if isinstance(msg, BadMessage):
-            self.send_event(error_event(msg.code, msg.reason, msg.nonce))
-        elif isinstance(msg, PostComment):
-            self.gateway.spawn(self.gateway.post(self, msg))
-        elif isinstance(msg, Resume):
-            self.gateway.spawn(self.gateway.resume(self, msg))
+        """Frames picows parsed from bytes behind the handshake: the hub re-reads those bytes."""
 
 
 class Gateway:
@@ -181,34 +136,41 @@ class Gateway:
         self.config = config
         self.admission = admission
         self.node = node
-        self.hub = node.hub
         self.state = state
         self.store = store
+        g = config.gateway
+        self.hub = native.Hub(
+            flush_interval_ms=g.flush_interval_ms, flush_max_messages=g.flush_max_messages,
+            backlog_limit_bytes=g.backlog_limit_bytes, slow_close_after_ms=int(g.slow_close_after_s * 1000),
+            max_message_bytes=g.max_message_bytes, max_fragments=g.max_fragments,
+            heartbeat_interval_ms=int(g.heartbeat_interval_s * 1000),
+            heartbeat_timeout_ms=int(g.heartbeat_timeout_s * 1000),
+            deflate_level=g.deflate_level, deflate_window_bits=15, inflate_limit_bytes=g.max_message_bytes,
+        )
         self.server: asyncio.Server | None = None
-        self.viewers: set[ViewerConnection] = set()
+        self._recorders: dict[Any, RecordingProtocol] = {}
+        self._streams: dict[str, _Stream] = {}
+        self._by_handle: dict[int, _Stream] = {}
+        self._next_handle = ECHO_HANDLE + 1
         self._per_ip: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self.started_at = time.time()
+        node.deliver = self.deliver
 
     # -- lifecycle --
     async def start(self) -> None:
         g = self.config.gateway
+        loop = asyncio.get_running_loop()
         await self.node.start()
-        self.server = await ws_create_server(
-            self.route,
-            g.host,
-            g.port,
-            websocket_handshake_timeout=g.handshake_timeout_s,
-            enable_auto_ping=True,
-            auto_ping_idle_timeout=g.heartbeat_interval_s,
-            auto_ping_reply_timeout=g.heartbeat_timeout_s,
-            auto_ping_strategy=WSAutoPingStrategy.PING_WHEN_IDLE,
-            max_frame_size=g.max_message_bytes,
-            read_buffer_init_size=2048,
-            use_aiofastnet=False,
-            reuse_port=True,
-        )
-        log.info("gateway listening on %s", ", ".join(str(s.getsockname()) for s in self.server.sockets))
+        loop.add_reader(self.hub.fileno(), self.on_hub_ready)
+        factory = picows_protocol_factory(self.route, self._recorders, handshake_timeout_s=g.handshake_timeout_s,
+                                          max_frame_size=g.max_message_bytes,
+                                          logger=logging.getLogger("chorus.picows"))
+        self.server = await loop.create_server(factory, g.host, g.port, reuse_port=True, backlog=4096)
+        log.info("gateway listening on %s (hub: %s)", ", ".join(str(s.getsockname()) for s in self.server.sockets),
+                 native.HUB_IMPLEMENTATION)
 
     @property
     def port(self) -> int:
@@ -216,13 +178,21 @@ class Gateway:
         return int(self.server.sockets[0].getsockname()[1])
 
     async def stop(self, code: int = CloseCode.GOING_AWAY) -> None:
+        """Stop accepting, close every viewer with ``code`` and let the close frames go out."""
         if self.server is not None:
             self.server.close()
-        for viewer in list(self.viewers):
-            viewer.close(code, "gateway stopping")
+        self.hub.close_all(code, "gateway stopping")
+        self.on_hub_ready()
+        deadline = time.monotonic() + 1.0
+        while self.hub.connections() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            self.on_hub_ready()
         for task in list(self._tasks):
             task.cancel()
-        await asyncio.sleep(0)
+        asyncio.get_running_loop().remove_reader(self.hub.fileno())
+        if self._timer is not None:
+            self._timer.cancel()
+        self.hub.shutdown()
         await self.node.stop()
 
     def spawn(self, coro: Any) -> None:
@@ -234,6 +204,77 @@ class Gateway:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("gateway task failed", exc_info=task.exception())
+
+    # -- the hub's side --
+    def on_hub_ready(self) -> None:
+        """The hub's epoll fd is readable (or its deadline passed): let it work, then react."""
+        self._timer = None
+        self.hub.poll()
+        for kind, conn, handle, data, tag in self.hub.drain():
+            ip, variant, who = _untag(tag)
+            if kind == native.hub.CLOSED:
+                self._viewer_left(handle, ip)
+            elif handle == ECHO_HANDLE:
+                self.hub.send(conn, data, kind == native.hub.MESSAGE_BINARY)
+            else:
+                self._on_client_message(conn, handle, kind, data, variant, who)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        """The pure hub has no timerfd: wake it when its next deadline is due."""
+        wait_ms = self.hub.next_timeout_ms()
+        if wait_ms < 0:
+            return
+        at = time.monotonic() + wait_ms / 1000
+        if self._timer is not None and self._timer_at <= at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = asyncio.get_running_loop().call_later(wait_ms / 1000, self.on_hub_ready)
+
+    def deliver(self, stream: str, message: ChannelMessage) -> None:
+        """An event from the broker for a stream this gateway has viewers of."""
+        s = self._streams.get(stream)
+        if s is None:
+            return
+        if message.offset is not None:
+            s.replay.append(message)
+        mask = self.hub.variants(s.handle)
+        as_json = message.event_json if mask & (1 << native.hub.JSON) else None
+        as_msgpack = msgpack.packb(json.loads(message.event_json)) if mask & (1 << native.hub.MSGPACK) else None
+        self.hub.publish(s.handle, (as_json, as_msgpack), message.offset is None, message.count)
+        self._arm_timer()
+
+    def _viewer_left(self, handle: int, ip: str) -> None:
+        left = self._per_ip.get(ip, 0) - 1
+        if left > 0:
+            self._per_ip[ip] = left
+        else:
+            self._per_ip.pop(ip, None)
+        s = self._by_handle.get(handle)
+        if s is None:
+            return
+        s.viewers -= 1
+        self.node.release(s.name)
+        if s.viewers <= 0:
+            del self._streams[s.name]
+            del self._by_handle[s.handle]
+
+    def _on_client_message(self, conn: int, handle: int, kind: int, data: bytes, variant: int,
+                           who: Identity | None) -> None:
+        s = self._by_handle.get(handle)
+        reply_wire: Wire = MSGPACK if variant & 1 else JSON
+        msg = parse_client_message(data, JSON if kind == native.hub.MESSAGE_TEXT else MSGPACK)
+        if isinstance(msg, BadMessage) or s is None:
+            reason = msg.reason if isinstance(msg, BadMessage) else "stream gone"
+            nonce = msg.nonce if isinstance(msg, BadMessage) else None
+            code = msg.code if isinstance(msg, BadMessage) else "bad_message"
+            self.hub.send(conn, encode_event(error_event(code, reason, nonce), reply_wire))  # type: ignore[arg-type]
+        elif isinstance(msg, PostComment):
+            self.spawn(self.post(conn, s.name, who, msg, reply_wire))
+        elif isinstance(msg, Resume):
+            self.spawn(self.resume(conn, s.name, msg, reply_wire))
 
     # -- routing (called by picows for every request) --
     def route(self, request: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
@@ -248,7 +289,7 @@ class Gateway:
             return text_response(HTTPStatus.METHOD_NOT_ALLOWED, "only GET is served here")
         if req.path == "/ws":
             return self._upgrade(request, req)
-        if req.path == "/" or req.path == "/index.html":
+        if req.path in ("/", "/index.html"):
             return static_response("index.html")
         if req.path.startswith("/static/"):
             return static_response(req.path.removeprefix("/static/"))
@@ -258,9 +299,12 @@ class Gateway:
             return text_response(HTTPStatus.OK, "ok")
         if req.path == "/readyz":
             ready = self.server is not None
-            return text_response(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE, "ready" if ready else "starting")
+            return text_response(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,
+                                 "ready" if ready else "starting")
         if req.path == "/dev/token":
             return self._dev_token(req)
+        if req.path == "/echo" and self.config.gateway.echo_endpoint:
+            return self._accept(request, "", None, JSON)
         return text_response(HTTPStatus.NOT_FOUND, "not found")
 
     def _authenticate(self, request: WSUpgradeRequest, req: Request) -> Identity | None | WSUpgradeResponse:
@@ -285,12 +329,21 @@ class Gateway:
         who = self._authenticate(request, req)
         if isinstance(who, WSUpgradeResponse):
             return who
-        offered = request.headers.get("Sec-WebSocket-Protocol")
-        chosen = choose_subprotocol(offered)
-        wire = SUBPROTOCOLS[chosen] if chosen else JSON
-        listener = ViewerConnection(self, stream, who, wire)
-        headers = {"Sec-WebSocket-Protocol": chosen} if chosen else None
-        return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(headers), listener)
+        chosen = choose_subprotocol(request.headers.get("Sec-WebSocket-Protocol"))
+        return self._accept(request, stream, who, SUBPROTOCOLS[chosen] if chosen else JSON, chosen)
+
+    def _accept(self, request: WSUpgradeRequest, stream: str, who: Identity | None, wire: Wire,
+                subprotocol: str | None = None) -> WSUpgradeResponseWithListener:
+        headers: dict[str, str] = {}
+        if subprotocol:
+            headers["Sec-WebSocket-Protocol"] = subprotocol
+        deflate = None
+        if self.config.gateway.permessage_deflate:
+            deflate = negotiate_deflate(request.headers.get("Sec-WebSocket-Extensions"))
+            if deflate is not None:
+                headers["Sec-WebSocket-Extensions"] = deflate.response_header(15)
+        listener = Upgrader(self, stream, who, wire, deflate)
+        return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(headers or None), listener)
 
     def _history(self, stream: str, req: Request) -> WSUpgradeResponse:
         if not STREAM_ID.match(stream):
@@ -298,7 +351,7 @@ class Gateway:
         if self.store is None:
             return json_response({"error": "no history store on this gateway"}, HTTPStatus.NOT_FOUND)
         try:
-            before = int(req.arg("before")) if req.arg("before") else None
+            before = int(req.arg("before") or 0) or None
             limit = int(req.arg("limit") or 50)
         except ValueError:
             return json_response({"error": "before and limit must be integers"}, HTTPStatus.BAD_REQUEST)
@@ -318,78 +371,94 @@ class Gateway:
         token = mint_token(self.config.auth, user_id, name, ["read", "write"])
         return json_response({"token": token, "user": {"id": user_id, "name": name}})
 
-    # -- viewer lifecycle --
-    def admit_ip(self, ip: str) -> bool:
-        n = self._per_ip.get(ip, 0)
-        if n >= self.config.gateway.max_connections_per_ip:
-            return False
-        self._per_ip[ip] = n + 1
-        return True
+    # -- the hand-off --
+    def hand_off(self, up: Upgrader, transport: WSTransport) -> None:
+        """Called by picows right after the 101: stop uvloop reading and move on to the hub."""
+        raw = transport.underlying_transport
+        recorder = self._recorders.pop(raw, None)
+        raw.pause_reading()
+        peer = raw.get_extra_info("peername")
+        ip = peer[0] if peer else ""
+        if self._per_ip.get(ip, 0) >= self.config.gateway.max_connections_per_ip:
+            transport.send_close(WSCloseCode.TRY_AGAIN_LATER, b"too many connections from your address")
+            transport.disconnect()
+            return
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        leftover = recorder.leftover() if recorder is not None else b""
+        self.spawn(self._join(up, raw, ip, leftover))
 
-    def forget(self, viewer: ViewerConnection) -> None:
-        if viewer in self.viewers:
-            self.viewers.discard(viewer)
-        if viewer.joined:
-            viewer.joined = False
-            self.hub.leave(viewer, viewer.stream)
-            self.node.release(viewer.stream)
-        if viewer.peer_ip in self._per_ip:
-            left = self._per_ip[viewer.peer_ip] - 1
-            if left > 0:
-                self._per_ip[viewer.peer_ip] = left
-            else:
-                del self._per_ip[viewer.peer_ip]
-
-    async def welcome(self, viewer: ViewerConnection) -> None:
-        """Subscribe, send the welcome, then join the hub (replaying any batch in between)."""
-        stream = viewer.stream
+    async def _join(self, up: Upgrader, raw: asyncio.Transport, ip: str, leftover: bytes) -> None:
+        """Subscribe the stream, then give the socket to the hub with its welcome first."""
+        tag = _tag(ip, up.variant(), up.who)
+        if not up.stream:  # the echo endpoint
+            await self._release_when_sent(raw)
+            self.hub.adopt(detach_socket(raw), ECHO_HANDLE, up.variant(), leftover, tag)
+            return
         try:
-            await self.node.acquire(stream)
+            await self.node.acquire(up.stream)
         except Exception as exc:
-            log.warning("subscribe to %s failed: %s", stream, exc)
-            viewer.close(CloseCode.TRY_AGAIN_LATER, "stream unavailable, try again")
+            log.warning("subscribe to %s failed: %s", up.stream, exc)
+            self._per_ip[ip] -= 1
+            raw.write(native.encode_close(CloseCode.TRY_AGAIN_LATER, "stream unavailable, try again"))
+            raw.close()
             return
-        if viewer.closed:
-            self.node.release(stream)
+        s = self._streams.get(up.stream)
+        if s is None:
+            s = self._streams[up.stream] = _Stream(up.stream, self._next_handle)
+            self._by_handle[s.handle] = s
+            self._next_handle += 1
+        s.viewers += 1
+        epoch, offset = await self.state.position(up.stream)
+        recent = await self.state.recent(up.stream, self.config.gateway.recent_on_welcome)
+        if raw.is_closing() or not await self._release_when_sent(raw):
+            self._viewer_left(s.handle, ip)
             return
-        viewer.joined = True
-        self.viewers.add(viewer)
-        epoch, offset = await self.state.position(stream)
-        recent = await self.state.recent(stream, self.config.gateway.recent_on_welcome)
-        if viewer.closed:
-            return
-        viewer.send_event({
-            "t": "welcome", "stream": stream, "epoch": epoch, "offset": offset, "recent": recent,
-            "pin": None, "reactions": {}, "viewers": {"now": self.hub.viewer_count(stream) + 1},
-            "mode": {"slow_mode_seconds": 0},
-            "user": {"id": viewer.who.user_id, "name": viewer.who.name} if viewer.who else None,
-        })
-        self.hub.join(viewer, stream, after_offset=offset)
+        conn = self.hub.adopt(detach_socket(raw), s.handle, up.variant(), leftover, tag)
+        welcome = {
+            "t": "welcome", "stream": up.stream, "epoch": epoch, "offset": offset, "recent": recent,
+            "pin": None, "reactions": {}, "viewers": {"now": s.viewers}, "mode": {"slow_mode_seconds": 0},
+            "user": {"id": up.who.user_id, "name": up.who.name} if up.who else None,
+        }
+        self.hub.send(conn, encode_event(welcome, up.wire))
+        for missed in (m for m in s.replay if m.offset is not None and m.offset > offset):
+            payload = missed.event_json if up.wire == JSON else msgpack.packb(json.loads(missed.event_json))
+            self.hub.send(conn, payload)
+        self.on_hub_ready()
 
-    async def post(self, viewer: ViewerConnection, msg: PostComment) -> None:
+    async def _release_when_sent(self, raw: asyncio.Transport) -> bool:
+        """Wait (briefly) until uvloop has written the 101, so nothing is lost at the abort."""
+        deadline = time.monotonic() + 2.0
+        while raw.get_write_buffer_size() and not raw.is_closing():
+            if time.monotonic() > deadline:
+                raw.abort()
+                return False
+            await asyncio.sleep(0.001)
+        return not raw.is_closing()
+
+    # -- what viewers ask for --
+    async def post(self, conn: int, stream: str, who: Identity | None, msg: PostComment, wire: Wire) -> None:
         try:
-            comment = await self.admission.post(viewer.who, viewer.stream, msg.text)
+            comment = await self.admission.post(who, stream, msg.text)
         except Refused as exc:
-            viewer.send_event(error_event(exc.code, exc.reason, msg.nonce, exc.retry_after_ms))
+            self.hub.send(conn, encode_event(error_event(exc.code, exc.reason, msg.nonce, exc.retry_after_ms), wire))
+            self.on_hub_ready()
             return
         ack: dict[str, Any] = {"t": "ack", "id": comment.id}
         if msg.nonce is not None:
             ack["nonce"] = msg.nonce
-        viewer.send_event(ack)
+        self.hub.send(conn, encode_event(ack, wire))
+        self.on_hub_ready()
 
-    async def resume(self, viewer: ViewerConnection, msg: Resume) -> None:
+    async def resume(self, conn: int, stream: str, msg: Resume, wire: Wire) -> None:
         """Replay what the viewer missed from the recent cache, if it still covers the gap."""
-        epoch, offset = await self.state.position(viewer.stream)
-        if msg.epoch != epoch or msg.offset > offset:
-            viewer.send_event({"t": "resumed", "recovered": False})
-            return
-        missed = offset - msg.offset
-        recent = await self.state.recent(viewer.stream, missed) if missed else []
+        epoch, offset = await self.state.position(stream)
+        recovered = msg.epoch == epoch and msg.offset <= offset
+        missed = offset - msg.offset if recovered else 0
+        recent = await self.state.recent(stream, missed) if missed else []
         if missed and (len(recent) < missed or recent[0].get("offset") != msg.offset + 1):
-            viewer.send_event({"t": "resumed", "recovered": False})
-            return
+            recovered, recent = False, []
         if recent:
-            viewer.send_event({"t": "batch", "stream": viewer.stream, "epoch": epoch, "offset": offset,
-                               "comments": recent})
-        viewer.send_event({"t": "resumed", "recovered": True})
-
+            batch = {"t": "batch", "stream": stream, "epoch": epoch, "offset": offset, "comments": recent}
+            self.hub.send(conn, encode_event(batch, wire))
+        self.hub.send(conn, encode_event({"t": "resumed", "recovered": recovered}, wire))
+        self.on_hub_ready()

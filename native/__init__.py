@@ -17,6 +17,7 @@ __all__ = [
     "CLOSE_INVALID_DATA",
     "CLOSE_PROTOCOL_ERROR",
     "CLOSE_TOO_BIG",
+    "COMPRESSED",
     "IMPLEMENTATION",
     "NATIVE_IMPORT_ERROR",
     "OP_BINARY",
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
         CLOSE_INVALID_DATA,
         CLOSE_PROTOCOL_ERROR,
         CLOSE_TOO_BIG,
+        COMPRESSED,
         OP_BINARY,
         OP_CLOSE,
         OP_CONT,
@@ -75,6 +77,7 @@ else:
     OP_CLOSE = _impl.OP_CLOSE
     OP_PING = _impl.OP_PING
     OP_PONG = _impl.OP_PONG
+    COMPRESSED = _impl.COMPRESSED
     CLOSE_PROTOCOL_ERROR = _impl.CLOSE_PROTOCOL_ERROR
     CLOSE_INVALID_DATA = _impl.CLOSE_INVALID_DATA
     CLOSE_TOO_BIG = _impl.CLOSE_TOO_BIG
@@ -84,3 +87,24 @@ else:
     encode_frame = _impl.encode_frame
     encode_frames = _impl.encode_frames
     validate_utf8 = _impl.validate_utf8
+
+
+# The hub (native/HUB.md): the C++ ``_hub`` or its pure twin, chosen by the same switch. The
+# codec and the hub load independently, so IMPLEMENTATION says "native" only if both did.
+def _load_hub() -> tuple[ModuleType, str]:
+    global NATIVE_IMPORT_ERROR
+    if os.environ.get("CHORUS_PURE", "") not in ("", "0"):
+        return importlib.import_module("chorus.native.hub_pure"), "pure"
+    try:
+        return importlib.import_module("chorus.native._hub"), "native"
+    except ImportError as exc:
+        NATIVE_IMPORT_ERROR = f"{NATIVE_IMPORT_ERROR or ''} {exc}".strip()
+        return importlib.import_module("chorus.native.hub_pure"), "pure"
+
+
+hub, HUB_IMPLEMENTATION = _load_hub()
+CODEC_IMPLEMENTATION = IMPLEMENTATION
+if HUB_IMPLEMENTATION != CODEC_IMPLEMENTATION:
+    IMPLEMENTATION = f"mixed (codec {CODEC_IMPLEMENTATION}, hub {HUB_IMPLEMENTATION})"
+Hub = hub.Hub
+__all__ += ["CODEC_IMPLEMENTATION", "HUB_IMPLEMENTATION", "Hub", "hub"]

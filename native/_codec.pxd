@@ -12,6 +12,10 @@ cdef enum Opcode:  # RFC 6455 5.2
     OPCODE_PONG = 0xA
 
 
+cdef enum:
+    MSG_COMPRESSED = 0x100  # OR-ed into a message's opcode when it had RSV1 (RFC 7692 6)
+
+
 cdef enum Utf8State:  # the validator's DFA; see _build_utf8_table() for the transitions
     UTF8_ACCEPT = 0  # between code points
     UTF8_REJECT = 1  # an invalid byte was seen; absorbing
@@ -32,9 +36,10 @@ cdef void unmask_into(
 
 
 cdef class FrameParser:
-    cdef readonly Py_ssize_t max_message_size  # bytes, after reassembly
+    cdef readonly Py_ssize_t max_message_size  # bytes, after reassembly (compressed if so)
     cdef readonly Py_ssize_t max_fragments  # frames per message
     cdef readonly bint require_mask
+    cdef readonly bint allow_rsv1  # permessage-deflate was negotiated (RFC 7692)
     cdef bytearray _buf  # unread input: at most one header, or a partial control frame
     cdef object _error  # the ProtocolError that failed the parser, or None
     # The frame being read (RFC 6455 5.2).
@@ -44,8 +49,8 @@ cdef class FrameParser:
     cdef uint8_t _mask[4]
     cdef int _mask_pos  # key byte that applies to the next payload byte
     # The message being reassembled (RFC 6455 5.4).
-    cdef int _msg_opcode  # 0 between messages, else OPCODE_TEXT or OPCODE_BINARY
-    cdef list _msg_parts
+    cdef int _msg_opcode  # 0 between messages, else OPCODE_TEXT or OPCODE_BINARY [| MSG_COMPRESSED]
+    cdef bytearray _msg_buf  # earlier chunks of a message that spans several
     cdef Py_ssize_t _msg_size  # declared bytes so far
     cdef Py_ssize_t _msg_fragments
     cdef int _utf8_state
@@ -56,7 +61,7 @@ cdef class FrameParser:
     cdef Py_ssize_t _read_header(
         self, const uint8_t* buf, Py_ssize_t pos, Py_ssize_t end, list out
     ) except -2
-    cdef int _check_rsv(self, int rsv) except -1
+    cdef int _check_rsv(self, int rsv, int opcode) except -1
     cdef int _check_opcode(self, int opcode, bint fin, int length7, bint masked) except -1
     cdef int _check_message_size(self, Py_ssize_t length) except -1
     cdef int _on_control(
@@ -67,4 +72,4 @@ cdef class FrameParser:
     ) noexcept
     cdef int _read_payload(self, const uint8_t* src, Py_ssize_t n, list out) except -1
     cdef int _check_text(self, const uint8_t* data, Py_ssize_t n, bint final) except -1
-    cdef bytes _take_message(self)
+    cdef int _end_message(self) except -1

@@ -6,6 +6,7 @@ __all__ = [
     "CLOSE_INVALID_DATA",
     "CLOSE_PROTOCOL_ERROR",
     "CLOSE_TOO_BIG",
+    "COMPRESSED",
     "OP_BINARY",
     "OP_CLOSE",
     "OP_CONT",
@@ -26,6 +27,7 @@ OP_BINARY: Final[int]
 OP_CLOSE: Final[int]
 OP_PING: Final[int]
 OP_PONG: Final[int]
+COMPRESSED: Final[int]
 CLOSE_PROTOCOL_ERROR: Final[int]
 CLOSE_INVALID_DATA: Final[int]
 CLOSE_TOO_BIG: Final[int]
@@ -49,7 +51,13 @@ class FrameParser:
     def max_fragments(self) -> int: ...
     @property
     def require_mask(self) -> bool: ...
+    @property
+    def allow_rsv1(self) -> bool: ...
     def __init__(
-        self, max_message_size: int = 65536, max_fragments: int = 64, require_mask: bool = True
+        self,
+        max_message_size: int = 65536,
+        max_fragments: int = 64,
+        require_mask: bool = True,
+        allow_rsv1: bool = False,
     ) -> None: ...
     def feed(self, data: bytes | bytearray | memoryview) -> list[tuple[int, bytes]]: ...

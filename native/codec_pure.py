@@ -2,8 +2,11 @@
 
 Server side only: frames we send are unmasked (RFC 6455 5.1), frames we parse come from clients
 and are masked. ``chorus.native`` chooses between this module and ``_codec``; import it from
-there. Both modules must behave identically, down to the close code and reason of every error
-(``tests/test_codec.py`` checks it with vectors and seeded random input).
+there. permessage-deflate (RFC 7692) is framing only here: with ``allow_rsv1`` the parser accepts
+RSV1 on a message's first frame and returns the message, still compressed, with ``COMPRESSED``
+OR-ed into its opcode; the caller inflates it and validates inflated text. Both modules must
+behave identically, down to the close code and reason of every error (``tests/test_codec.py``
+checks it with vectors and seeded random input).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ __all__ = [
     "CLOSE_INVALID_DATA",
     "CLOSE_PROTOCOL_ERROR",
     "CLOSE_TOO_BIG",
+    "COMPRESSED",
     "OP_BINARY",
     "OP_CLOSE",
     "OP_CONT",
@@ -36,6 +40,9 @@ OP_BINARY = 0x2
 OP_CLOSE = 0x8
 OP_PING = 0x9
 OP_PONG = 0xA
+
+# OR-ed into the opcode of a message that arrived with RSV1 set (permessage-deflate, RFC 7692 6).
+COMPRESSED = 0x100
 
 # Close codes the parser fails with, RFC 6455 7.4.1.
 CLOSE_PROTOCOL_ERROR = 1002  # the peer broke the framing rules
@@ -169,17 +176,24 @@ class FrameParser:
       buffered. A control frame (at most 131 bytes) is consumed whole. A data frame's payload is
       streamed: each chunk is unmasked and appended as it arrives, ``_remaining`` counts down.
       Message level (RFC 6455 5.4): ``_msg_opcode`` is 0 between messages, else OP_TEXT or
-      OP_BINARY while fragments are collected; control frames may interleave and do not touch
-      it. Text is validated per chunk, so an invalid prefix fails before the message ends.
+      OP_BINARY while fragments are collected, OR-ed with COMPRESSED if the first frame had RSV1
+      (RFC 7692 6.1); control frames may interleave and do not touch it. Text is validated per
+      chunk, so an invalid prefix fails before the message ends; compressed text is not
+      validated (its bytes are deflate data), nor is its inflated size limited here.
     After a ProtocolError the parser is failed for good: every later ``feed`` raises it again.
     """
 
     def __init__(
-        self, max_message_size: int = 65536, max_fragments: int = 64, require_mask: bool = True
+        self,
+        max_message_size: int = 65536,
+        max_fragments: int = 64,
+        require_mask: bool = True,
+        allow_rsv1: bool = False,
     ) -> None:
-        self.max_message_size = max_message_size  # bytes, after reassembly
+        self.max_message_size = max_message_size  # bytes, after reassembly (compressed if so)
         self.max_fragments = max_fragments  # frames per message
         self.require_mask = require_mask
+        self.allow_rsv1 = allow_rsv1  # permessage-deflate was negotiated (RFC 7692)
         self._buf = bytearray()  # unread input: at most one header, or a partial control frame
         self._error: ProtocolError | None = None
         self._remaining = -1
@@ -187,7 +201,7 @@ class FrameParser:
         self._mask: bytes | None = None
         self._mask_pos = 0
         self._msg_opcode = 0
-        self._msg_parts: list[bytes] = []
+        self._msg_buf = bytearray()  # earlier chunks of a message that spans several
         self._msg_size = 0
         self._msg_fragments = 0
         self._utf8 = codecs.getincrementaldecoder("utf-8")()
@@ -213,7 +227,7 @@ class FrameParser:
     def _fail(self, exc: ProtocolError) -> None:
         self._error = exc
         self._buf = bytearray()
-        self._msg_parts = []
+        self._msg_buf = bytearray()
 
     def _parse(self, buf: bytearray, out: list[tuple[int, bytes]]) -> int:
         """Decode as much of ``buf`` as possible; return how many bytes were consumed."""
@@ -240,8 +254,9 @@ class FrameParser:
         if len(buf) - pos < 2:
             return -1
         b0, b1 = buf[pos], buf[pos + 1]
-        fin, opcode, masked = bool(b0 & 0x80), b0 & 0x0F, bool(b1 & 0x80)
-        self._check_rsv(b0 & 0x70)
+        fin, opcode, masked, rsv = bool(b0 & 0x80), b0 & 0x0F, bool(b1 & 0x80), b0 & 0x70
+        if rsv:
+            self._check_rsv(rsv, opcode)
         self._check_opcode(opcode, fin, b1 & 0x7F, masked)
         # Step 2: the extended length, checked before any payload is buffered.
         length, start = self._read_length(buf, pos, b1 & 0x7F)
@@ -258,14 +273,20 @@ class FrameParser:
             payload = bytes(buf[end : end + length])
             self._on_control(opcode, _unmask(payload, mask, 0) if mask else payload, out)
             return end + length
-        self._start_frame(opcode, fin, length, mask)
+        # Past _check_rsv and _check_opcode, RSV set means RSV1 on a message's first frame.
+        self._start_frame(opcode | COMPRESSED if rsv else opcode, fin, length, mask)
         return end
 
-    def _check_rsv(self, rsv: int) -> None:
+    def _check_rsv(self, rsv: int, opcode: int) -> None:
+        """Called only when some RSV bit is set: raise unless it is an allowed RSV1."""
         # RFC 6455 5.2: RSV1-3 MUST be 0 unless an extension defines them. permessage-deflate
-        # (RFC 7692 6) will allow RSV1 on a message's first frame: this is the one place to change.
-        if rsv:
+        # defines RSV1 only, and only on the first frame of a data message (RFC 7692 6.1).
+        if rsv != 0x40 or not self.allow_rsv1:
             raise ProtocolError(CLOSE_PROTOCOL_ERROR, "reserved bits set")
+        if opcode >= OP_CLOSE:
+            raise ProtocolError(CLOSE_PROTOCOL_ERROR, "RSV1 on a control frame")  # RFC 7692 6.1
+        if opcode == OP_CONT:
+            raise ProtocolError(CLOSE_PROTOCOL_ERROR, "RSV1 on a continuation frame")  # 7692 6.1
 
     def _check_opcode(self, opcode: int, fin: bool, length7: int, masked: bool) -> None:
         if opcode not in _KNOWN_OPCODES:
@@ -305,6 +326,7 @@ class FrameParser:
         out.append((opcode, payload))
 
     def _start_frame(self, opcode: int, fin: bool, length: int, mask: bytes | None) -> None:
+        """``opcode`` carries COMPRESSED when the message's first frame had RSV1."""
         if opcode != OP_CONT:
             self._msg_opcode = opcode
             self._utf8.reset()
@@ -322,12 +344,16 @@ class FrameParser:
         self._remaining -= len(chunk)
         frame_done = self._remaining == 0
         final = frame_done and self._frame_fin
-        if self._msg_opcode == OP_TEXT:
+        if self._msg_opcode == OP_TEXT:  # not OP_TEXT | COMPRESSED: the caller checks it inflated
             self._check_text(data, final)
-        if data:
-            self._msg_parts.append(data)
+        if final and not self._msg_buf:  # a message in one chunk, the usual case: no copy
+            out.append((self._msg_opcode, data))
+        else:  # one growing buffer: 1-byte chunks cost 1 byte each, not a bytes object each
+            self._msg_buf += data
+            if final:
+                out.append((self._msg_opcode, bytes(self._msg_buf)))
         if final:
-            out.append((self._msg_opcode, self._take_message()))
+            self._end_message()
         if frame_done:
             self._remaining = -1
 
@@ -345,11 +371,8 @@ class FrameParser:
             if len(pending) == 2 and pending[0] == 0xED and pending[1] >= 0xA0:
                 raise ProtocolError(CLOSE_INVALID_DATA, "text message is not UTF-8")
 
-    def _take_message(self) -> bytes:
-        parts = self._msg_parts
-        payload = parts[0] if len(parts) == 1 else b"".join(parts)
+    def _end_message(self) -> None:
         self._msg_opcode = 0
-        self._msg_parts = []
+        self._msg_buf = bytearray()
         self._msg_size = 0
         self._msg_fragments = 0
-        return payload

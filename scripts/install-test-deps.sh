@@ -14,6 +14,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
+# One install at a time (two test runs started together must not pip-install into the same
+# .venv or fill the same jar folder at once).
+mkdir -p .services
+exec 9>.services/install.lock
+flock 9
+
 log() { echo "install-test-deps: $*"; }
 
 # ---- system packages --------------------------------------------------------------------
@@ -25,8 +31,9 @@ java_major() { # prints the major version of `java` on PATH, 0 if none
     fi
     echo "${v:-0}"
 }
-python_header() {
-    python3 -c 'import sysconfig, os; print(os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null
+python_header() { # prints True if python3's C headers (Python.h) are installed
+    python3 -c 'import os, sysconfig
+print(os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null
 }
 missing=()
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
@@ -52,7 +59,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
 fi
 if [ "$(java_major)" -lt 17 ]; then
-    log "java on PATH is older than 17 (Kafka 4.x needs 17+); fix it with update-alternatives" >&2
+    log "java on PATH is missing or older than 17 (Kafka 4.x needs it); see update-alternatives" >&2
     exit 1
 fi
 

@@ -14,6 +14,7 @@ Tests that use a service fixture get the `services` marker automatically
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import signal
@@ -27,7 +28,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from services import Service, start_kafka, start_redis  # noqa: E402
+from services import Service, start_kafka, start_redis
 
 SERVICE_FIXTURES = {"redis_service", "kafka_service", "redis_url", "kafka_bootstrap"}
 
@@ -91,15 +92,23 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         _kafka_boot = ThreadPoolExecutor(1, thread_name_prefix="kafka-boot").submit(_boot_kafka)
 
 
+@pytest.hookimpl(trylast=True)  # after the session fixtures' teardown
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _kafka_boot is not None:  # booted but maybe never used (-x, -k ...): stop it too
+        # a failed boot was already reported by the tests that needed Kafka
+        with contextlib.suppress(Exception):
+            _kafka_boot.result().stop()
+    if _services_dir is not None:
+        if exitstatus == 0:
+            shutil.rmtree(_services_dir, ignore_errors=True)
+        else:
+            print(f"\nservice data and logs kept in {_services_dir}", file=sys.stderr)
+
+
 @pytest.fixture(scope="session")
-def services_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
+def services_dir() -> Path:
     """Scratch folder of the services; removed after a passing run, kept (logs!) otherwise."""
-    path = _scratch()
-    yield path
-    if request.session.testsfailed:
-        print(f"\nservice data and logs kept in {path}", file=sys.stderr)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
+    return _scratch()
 
 
 def _stopped_at_end(svc: Service) -> Iterator[Service]:
@@ -112,8 +121,9 @@ def _stopped_at_end(svc: Service) -> Iterator[Service]:
 
 
 def _external(name: str, address: str) -> Service:
-    port = int(address.rsplit(":", 1)[1].split("/", 1)[0])
-    return Service(name, 0, address, Path(), port, external=True)
+    """A service given through the environment: never signalled, stopped or restarted."""
+    tail = address.rsplit(":", 1)[-1].split("/", 1)[0]
+    return Service(name, 0, address, Path(), int(tail) if tail.isdigit() else 0, external=True)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -108,10 +109,8 @@ class Service:
             return
         if self.match and self.match not in _cmdline(self.pid):
             return  # the PID now belongs to another process: ours is gone
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def _wait(self, timeout: float) -> bool:
         if self._proc is not None:
@@ -212,22 +211,32 @@ def start_kafka(
     controller_port = controller_port or free_port()
     while controller_port == port:
         controller_port = free_port()
-    res = subprocess.run(
-        ["bash", str(KAFKA_START), str(data_dir), str(port), str(controller_port)],
-        # start.sh's watchdog stops the broker if this process dies without cleaning up
-        env={**os.environ, "CHORUS_KAFKA_PARENT_PID": str(os.getpid())},
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
     pid_file = data_dir / "kafka.pid"
+    old_pid = pid_file.read_text() if pid_file.exists() else None
+
+    def kill_half_started() -> None:
+        """Kill a broker this call launched (its PID file is new) that never got ready."""
+        pid = pid_file.read_text() if pid_file.exists() else None
+        if pid and pid != old_pid:
+            Service("kafka", int(pid), "", data_dir, port, match="kafka.Kafka").kill()
+
+    try:
+        res = subprocess.run(
+            ["bash", str(KAFKA_START), str(data_dir), str(port), str(controller_port)],
+            # start.sh's watchdog stops the broker if this process dies without cleaning up
+            env={**os.environ, "CHORUS_KAFKA_PARENT_PID": str(os.getpid())},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except BaseException:  # e.g. a test timeout while waiting: don't leave the broker behind
+        kill_half_started()
+        raise
     if res.returncode != 0:
-        # start.sh already killed a broker that never got ready; make sure of it
-        if pid_file.exists():
-            Service("kafka", int(pid_file.read_text()), "", data_dir, port,
-                    match="kafka.Kafka").kill()  # fmt: skip
-        raise RuntimeError(f"Kafka did not start (exit {res.returncode}):\n{res.stdout}{res.stderr}")
+        kill_half_started()  # start.sh already SIGTERMed it; make sure it is gone
+        out = res.stdout + res.stderr
+        raise RuntimeError(f"Kafka did not start (exit {res.returncode}):\n{out}")
     return Service(
         "kafka", int(pid_file.read_text()), f"{HOST}:{port}", data_dir, port,
         match="kafka.Kafka", ports=(controller_port,),

@@ -7,6 +7,7 @@ identical messages and identical errors.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import subprocess
@@ -15,10 +16,9 @@ from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
-import pytest
-
 import chorus.native
 import chorus.native.codec_pure as pure
+import pytest
 
 try:
     import chorus.native._codec as native
@@ -83,7 +83,7 @@ def test_both_twins_export_the_same_api() -> None:
 def test_switch_exports_the_chosen_twin() -> None:
     forced = os.environ.get("CHORUS_PURE", "") not in ("", "0")
     expected = "pure" if forced or native is None else "native"
-    assert chorus.native.IMPLEMENTATION == expected
+    assert expected == chorus.native.IMPLEMENTATION
     impl = pure if expected == "pure" else native
     for name in pure.__all__:
         assert getattr(chorus.native, name) is getattr(impl, name), name
@@ -131,8 +131,13 @@ def test_encode_frame_flags(codec: ModuleType) -> None:
 
 @pytest.mark.parametrize(
     ("opcode", "payload", "fin"),
-    [(3, b"", True), (11, b"", True), (16, b"", True), (OP_PING, bytes(126), True),
-     (OP_PING, b"", False)],
+    [
+        (3, b"", True),
+        (11, b"", True),
+        (16, b"", True),
+        (OP_PING, bytes(126), True),
+        (OP_PING, b"", False),
+    ],
 )
 def test_encode_frame_refuses(codec: ModuleType, opcode: int, payload: bytes, fin: bool) -> None:
     with pytest.raises(ValueError):
@@ -162,8 +167,19 @@ def truncated_reason(reason: str) -> bytes:
 
 
 @pytest.mark.parametrize(
-    "reason", ["", "bye", "a" * 123, "a" * 124, "a" * 200, "é" * 100, "€" * 50, "😀" * 40,
-               "a" + "😀" * 40, "ab" + "€" * 50],
+    "reason",
+    [
+        "",
+        "bye",
+        "a" * 123,
+        "a" * 124,
+        "a" * 200,
+        "é" * 100,
+        "€" * 50,
+        "😀" * 40,
+        "a" + "😀" * 40,
+        "ab" + "€" * 50,
+    ],
 )
 def test_encode_close_truncates_on_a_character_boundary(codec: ModuleType, reason: str) -> None:
     frame = codec.encode_close(1001, reason)
@@ -199,14 +215,42 @@ def test_validate_utf8_matches_python_on_all_two_byte_strings(codec: ModuleType)
             assert codec.validate_utf8(data) is valid, data
 
 
+BOUNDARY_BYTES = [0x00, 0x7F, 0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF, 0xC0, 0xC1, 0xC2, 0xDF, 0xE0,
+                  0xE1, 0xEC, 0xED, 0xEE, 0xEF, 0xF0, 0xF1, 0xF3, 0xF4, 0xF5, 0xFF]  # fmt: skip
+
+
+def test_validate_utf8_matches_python_on_boundary_sequences(codec: ModuleType) -> None:
+    # Every 3- and 4-byte string of range-boundary bytes, alone and after 9 ASCII bytes (so the
+    # native word-at-a-time path hands over mid-word).
+    for size in (3, 4):
+        for seq in itertools.product(BOUNDARY_BYTES, repeat=size):
+            for data in (bytes(seq), b"123456789" + bytes(seq)):
+                try:
+                    data.decode("utf-8")
+                    valid = True
+                except UnicodeDecodeError:
+                    valid = False
+                assert codec.validate_utf8(data) is valid, data
+
+
 @pytest.mark.parametrize(
     ("data", "valid"),
     [
-        (b"", True), (b"plain ascii, longer than eight bytes", True), ("κόσμε😀".encode(), True),
-        (b"\xed\x9f\xbf", True), (b"\xee\x80\x80", True), (b"\xf4\x8f\xbf\xbf", True),
-        (b"\xed\xa0\x80", False), (b"\xc0\xaf", False), (b"\xe0\x80\xaf", False),
-        (b"\xf0\x80\x80\xaf", False), (b"\xf4\x90\x80\x80", False), (b"\xf5", False),
-        (b"abcdefgh\xff", False), (b"abcdefgh\xe2\x82", False), (b"\x80", False),
+        (b"", True),
+        (b"plain ascii, longer than eight bytes", True),
+        ("κόσμε😀".encode(), True),
+        (b"\xed\x9f\xbf", True),
+        (b"\xee\x80\x80", True),
+        (b"\xf4\x8f\xbf\xbf", True),
+        (b"\xed\xa0\x80", False),
+        (b"\xc0\xaf", False),
+        (b"\xe0\x80\xaf", False),
+        (b"\xf0\x80\x80\xaf", False),
+        (b"\xf4\x90\x80\x80", False),
+        (b"\xf5", False),
+        (b"abcdefgh\xff", False),
+        (b"abcdefgh\xe2\x82", False),
+        (b"\x80", False),
     ],
 )
 def test_validate_utf8_vectors(codec: ModuleType, data: bytes, valid: bool) -> None:
@@ -222,8 +266,12 @@ OK: list[tuple[str, bytes, dict[str, Any], list[tuple[int, bytes]]]] = [
     ("binary-empty", client_frame(OP_BINARY), {}, [(OP_BINARY, b"")]),
     ("text-4-byte", client_frame(OP_TEXT, "😀κ".encode()), {}, [(OP_TEXT, "😀κ".encode())]),
     *[
-        (f"binary-{n}", client_frame(OP_BINARY, bytes(range(256)) * (n // 256) + bytes(n % 256)),
-         {}, [(OP_BINARY, bytes(range(256)) * (n // 256) + bytes(n % 256))])
+        (
+            f"binary-{n}",
+            client_frame(OP_BINARY, bytes(range(256)) * (n // 256) + bytes(n % 256)),
+            {},
+            [(OP_BINARY, bytes(range(256)) * (n // 256) + bytes(n % 256))],
+        )
         for n in (125, 126, 65535, 65536)
     ],
     ("ping", client_frame(OP_PING, b"are you there"), {}, [(OP_PING, b"are you there")]),
@@ -231,32 +279,66 @@ OK: list[tuple[str, bytes, dict[str, Any], list[tuple[int, bytes]]]] = [
     ("pong-empty", client_frame(OP_PONG), {}, [(OP_PONG, b"")]),
     ("close-empty", client_frame(OP_CLOSE), {}, [(OP_CLOSE, b"")]),
     *[
-        (f"close-{code}", client_frame(OP_CLOSE, close_payload(code, "bye é".encode())), {},
-         [(OP_CLOSE, close_payload(code, "bye é".encode()))])
+        (
+            f"close-{code}",
+            client_frame(OP_CLOSE, close_payload(code, "bye é".encode())),
+            {},
+            [(OP_CLOSE, close_payload(code, "bye é".encode()))],
+        )
         for code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 4000, 4999)
     ],
-    ("fragmented-with-ping",
-     client_frame(OP_TEXT, b"hel", fin=False) + client_frame(OP_PING, b"p")
-     + client_frame(OP_CONT, b"l", fin=False, mask=b"\x00\x00\x00\x00")
-     + client_frame(OP_CONT, b"o", mask=b"\xff\x01\x02\x03"),
-     {}, [(OP_PING, b"p"), (OP_TEXT, b"hello")]),
-    ("fragmented-empty",
-     client_frame(OP_BINARY, fin=False) + client_frame(OP_CONT, fin=False) + client_frame(OP_CONT),
-     {}, [(OP_BINARY, b"")]),
-    ("codepoint-split-across-fragments",
-     client_frame(OP_TEXT, b"a\xf0", fin=False) + client_frame(OP_CONT, b"\x9f\x98", fin=False)
-     + client_frame(OP_CLOSE, close_payload(1000)) + client_frame(OP_CONT, b"\x80"),
-     {}, [(OP_CLOSE, b"\x03\xe8"), (OP_TEXT, "a😀".encode())]),
-    ("two-messages", client_frame(OP_TEXT, b"a") + client_frame(OP_BINARY, b"b"), {},
-     [(OP_TEXT, b"a"), (OP_BINARY, b"b")]),
-    ("unmasked-when-allowed", client_frame(OP_TEXT, b"hi", mask=None), {"require_mask": False},
-     [(OP_TEXT, b"hi")]),
-    ("max-fragments-exactly",
-     client_frame(OP_BINARY, b"a", fin=False) + client_frame(OP_CONT, b"b", fin=False)
-     + client_frame(OP_CONT, b"c"), {"max_fragments": 3}, [(OP_BINARY, b"abc")]),
-    ("max-size-exactly",
-     client_frame(OP_BINARY, bytes(6), fin=False) + client_frame(OP_CONT, bytes(4)),
-     {"max_message_size": 10}, [(OP_BINARY, bytes(10))]),
+    (
+        "fragmented-with-ping",
+        client_frame(OP_TEXT, b"hel", fin=False)
+        + client_frame(OP_PING, b"p")
+        + client_frame(OP_CONT, b"l", fin=False, mask=b"\x00\x00\x00\x00")
+        + client_frame(OP_CONT, b"o", mask=b"\xff\x01\x02\x03"),
+        {},
+        [(OP_PING, b"p"), (OP_TEXT, b"hello")],
+    ),
+    (
+        "fragmented-empty",
+        client_frame(OP_BINARY, fin=False)
+        + client_frame(OP_CONT, fin=False)
+        + client_frame(OP_CONT),
+        {},
+        [(OP_BINARY, b"")],
+    ),
+    (
+        "codepoint-split-across-fragments",
+        client_frame(OP_TEXT, b"a\xf0", fin=False)
+        + client_frame(OP_CONT, b"\x9f\x98", fin=False)
+        + client_frame(OP_CLOSE, close_payload(1000))
+        + client_frame(OP_CONT, b"\x80"),
+        {},
+        [(OP_CLOSE, b"\x03\xe8"), (OP_TEXT, "a😀".encode())],
+    ),
+    (
+        "two-messages",
+        client_frame(OP_TEXT, b"a") + client_frame(OP_BINARY, b"b"),
+        {},
+        [(OP_TEXT, b"a"), (OP_BINARY, b"b")],
+    ),
+    (
+        "unmasked-when-allowed",
+        client_frame(OP_TEXT, b"hi", mask=None),
+        {"require_mask": False},
+        [(OP_TEXT, b"hi")],
+    ),
+    (
+        "max-fragments-exactly",
+        client_frame(OP_BINARY, b"a", fin=False)
+        + client_frame(OP_CONT, b"b", fin=False)
+        + client_frame(OP_CONT, b"c"),
+        {"max_fragments": 3},
+        [(OP_BINARY, b"abc")],
+    ),
+    (
+        "max-size-exactly",
+        client_frame(OP_BINARY, bytes(6), fin=False) + client_frame(OP_CONT, bytes(4)),
+        {"max_message_size": 10},
+        [(OP_BINARY, bytes(10))],
+    ),
 ]
 
 ERR: list[tuple[str, bytes, dict[str, Any], int]] = [
@@ -266,38 +348,69 @@ ERR: list[tuple[str, bytes, dict[str, Any], int]] = [
     ("close-not-fin", client_frame(OP_CLOSE, fin=False), {}, 1002),
     ("ping-126", client_frame(OP_PING, bytes(126)), {}, 1002),
     ("continuation-first", client_frame(OP_CONT, b"a"), {}, 1002),
-    ("text-inside-fragmented",
-     client_frame(OP_TEXT, b"a", fin=False) + client_frame(OP_TEXT, b"b"), {}, 1002),
-    ("binary-inside-fragmented",
-     client_frame(OP_BINARY, b"a", fin=False) + client_frame(OP_BINARY, b"b"), {}, 1002),
+    (
+        "text-inside-fragmented",
+        client_frame(OP_TEXT, b"a", fin=False) + client_frame(OP_TEXT, b"b"),
+        {},
+        1002,
+    ),
+    (
+        "binary-inside-fragmented",
+        client_frame(OP_BINARY, b"a", fin=False) + client_frame(OP_BINARY, b"b"),
+        {},
+        1002,
+    ),
     ("unmasked", client_frame(OP_TEXT, b"hi", mask=None), {}, 1002),
     ("unmasked-ping", client_frame(OP_PING, mask=None), {}, 1002),
     ("length-top-bit", client_frame(OP_BINARY, length=1 << 63), {}, 1002),
     # Header only, no payload: the size is refused before anything is buffered.
     ("declared-too-big", client_frame(OP_BINARY, length=65537), {}, 1009),
     ("declared-too-big-64", client_frame(OP_BINARY, length=1 << 40), {}, 1009),
-    ("declared-too-big-small-limit", client_frame(OP_TEXT, length=11), {"max_message_size": 10},
-     1009),
-    ("reassembled-too-big",
-     client_frame(OP_BINARY, bytes(6), fin=False) + client_frame(OP_CONT, bytes(5)),
-     {"max_message_size": 10}, 1009),
-    ("too-many-fragments",
-     client_frame(OP_BINARY, b"a", fin=False) + client_frame(OP_CONT, b"b", fin=False)
-     + client_frame(OP_CONT, b"c", fin=False), {"max_fragments": 2}, 1009),
+    (
+        "declared-too-big-small-limit",
+        client_frame(OP_TEXT, length=11),
+        {"max_message_size": 10},
+        1009,
+    ),
+    (
+        "reassembled-too-big",
+        client_frame(OP_BINARY, bytes(6), fin=False) + client_frame(OP_CONT, bytes(5)),
+        {"max_message_size": 10},
+        1009,
+    ),
+    (
+        "too-many-fragments",
+        client_frame(OP_BINARY, b"a", fin=False)
+        + client_frame(OP_CONT, b"b", fin=False)
+        + client_frame(OP_CONT, b"c", fin=False),
+        {"max_fragments": 2},
+        1009,
+    ),
     ("invalid-utf8", client_frame(OP_TEXT, b"ab\xff"), {}, 1007),
     ("surrogate", client_frame(OP_TEXT, b"\xed\xa0\x80"), {}, 1007),
     ("overlong", client_frame(OP_TEXT, b"\xc0\xaf"), {}, 1007),
     ("above-u10ffff", client_frame(OP_TEXT, b"\xf4\x90\x80\x80"), {}, 1007),
     ("truncated-at-end", client_frame(OP_TEXT, b"ab\xf0\x9f"), {}, 1007),
-    ("truncated-at-last-fragment",
-     client_frame(OP_TEXT, b"a\xf0", fin=False) + client_frame(OP_CONT, b"\x9f"), {}, 1007),
+    (
+        "truncated-at-last-fragment",
+        client_frame(OP_TEXT, b"a\xf0", fin=False) + client_frame(OP_CONT, b"\x9f"),
+        {},
+        1007,
+    ),
     # Autobahn 6.4.1/6.4.2: the message is never finished, the invalid prefix must fail anyway.
-    ("fail-fast-first-fragment",
-     client_frame(OP_TEXT, "κόσμε".encode() + b"\xf4\x90\x80\x80", fin=False), {}, 1007),
+    (
+        "fail-fast-first-fragment",
+        client_frame(OP_TEXT, "κόσμε".encode() + b"\xf4\x90\x80\x80", fin=False),
+        {},
+        1007,
+    ),
     ("fail-fast-surrogate-prefix", client_frame(OP_TEXT, b"a\xed\xa0", fin=False), {}, 1007),
-    ("fail-fast-second-fragment",
-     client_frame(OP_TEXT, b"ok", fin=False) + client_frame(OP_CONT, b"\xf4\x90", fin=False),
-     {}, 1007),
+    (
+        "fail-fast-second-fragment",
+        client_frame(OP_TEXT, b"ok", fin=False) + client_frame(OP_CONT, b"\xf4\x90", fin=False),
+        {},
+        1007,
+    ),
     ("close-1-byte", client_frame(OP_CLOSE, b"\x03"), {}, 1002),
     *[
         (f"close-code-{code}", client_frame(OP_CLOSE, close_payload(code)), {}, 1002)
@@ -321,7 +434,9 @@ def feed_chunks(parser: Any, chunks: list[bytes]) -> list[tuple[int, bytes]]:
     return out
 
 
-@pytest.mark.parametrize(("data", "kwargs", "expected"), [v[1:] for v in OK], ids=[v[0] for v in OK])
+@pytest.mark.parametrize(
+    ("data", "kwargs", "expected"), [v[1:] for v in OK], ids=[v[0] for v in OK]
+)
 def test_parser_accepts(
     codec: ModuleType, data: bytes, kwargs: dict[str, Any], expected: list[tuple[int, bytes]]
 ) -> None:
@@ -362,12 +477,21 @@ def test_utf8_fails_inside_an_unfinished_frame(codec: ModuleType) -> None:
 
 
 def test_utf8_split_at_every_position(codec: ModuleType) -> None:
-    samples = ["κόσμε😀€".encode(), b"a\xed\x9f\xbfb", b"\xf4\x8f\xbf\xbf", b"ab\xed\xa0\x80",
-               b"\xe0\x9f\x80", b"\xf0\x8f\xbf\xbf", b"x\xc3", b"\xf4\x90"]
+    samples = [
+        "κόσμε😀€".encode(),
+        b"a\xed\x9f\xbfb",
+        b"\xf4\x8f\xbf\xbf",
+        b"ab\xed\xa0\x80",
+        b"\xe0\x9f\x80",
+        b"\xf0\x8f\xbf\xbf",
+        b"x\xc3",
+        b"\xf4\x90",
+    ]
     for data in samples:
         valid = pure.validate_utf8(data)
         for cut in range(len(data) + 1):
-            stream = client_frame(OP_TEXT, data[:cut], fin=False) + client_frame(OP_CONT, data[cut:])
+            head, tail = data[:cut], data[cut:]
+            stream = client_frame(OP_TEXT, head, fin=False) + client_frame(OP_CONT, tail)
             parser = codec.FrameParser()
             if valid:
                 assert parser.feed(stream) == [(OP_TEXT, data)]
@@ -378,8 +502,11 @@ def test_utf8_split_at_every_position(codec: ModuleType) -> None:
 
 def test_error_str(codec: ModuleType) -> None:
     err = codec.ProtocolError(1002, "reserved bits set")
-    assert (err.close_code, err.reason, str(err)) == (1002, "reserved bits set",
-                                                      "1002 reserved bits set")
+    assert (err.close_code, err.reason, str(err)) == (
+        1002,
+        "reserved bits set",
+        "1002 reserved bits set",
+    )
 
 
 # --- seeded random parity ---
@@ -405,7 +532,11 @@ def random_control(rng: random.Random) -> tuple[bytes, tuple[int, bytes]]:
 def random_message(rng: random.Random) -> tuple[list[bytes], list[tuple[int, bytes]]]:
     """One message cut at random byte offsets (splitting code points), controls in between."""
     opcode = rng.choice([OP_TEXT, OP_BINARY])
-    size = rng.choice([0, 1, 10, 60, 125, 126, 300, 70000]) if rng.random() < 0.2 else rng.randint(0, 40)
+    size = (
+        rng.choice([0, 1, 10, 60, 125, 126, 300, 70000])
+        if rng.random() < 0.2
+        else rng.randint(0, 40)
+    )
     payload = random_text(rng, size) if opcode == OP_TEXT else rng.randbytes(size)
     cuts = sorted(rng.randint(0, len(payload)) for _ in range(rng.randint(0, 4)))
     pieces = [payload[a:b] for a, b in zip([0, *cuts], [*cuts, len(payload)], strict=True)]

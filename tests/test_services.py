@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
 from services import Service, free_port, start_kafka, start_redis
 
 pytestmark = pytest.mark.services

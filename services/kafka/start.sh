@@ -43,10 +43,11 @@ if ! ls "$LIBS"/kafka_2.13-*.jar >/dev/null 2>&1; then
     exit 1
 fi
 CP="$LIBS/*"
+running() { [ -r "/proc/$1/stat" ] && ! grep -q ') Z ' "/proc/$1/stat"; } # zombies are dead
 # Short-lived tool JVMs: client compiler only and a small heap start noticeably faster.
 TOOL_JVM=(-Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Xshare:auto)
 
-if [ -f "$PID_FILE" ] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null \
+if [ -f "$PID_FILE" ] && running "$(cat "$PID_FILE")" \
         && tr '\0' ' ' <"/proc/$(cat "$PID_FILE")/cmdline" 2>/dev/null | grep -q kafka.Kafka; then
     echo "start.sh: a broker already runs from $DATA_DIR (pid $(cat "$PID_FILE"))" >&2
     exit 1
@@ -104,7 +105,6 @@ echo "$BROKER_PID" >"$PID_FILE"
 
 # Optional watchdog: with CHORUS_KAFKA_PARENT_PID set (the test runner does), the broker is
 # stopped when that process is gone, e.g. if pytest itself is killed and can't clean up.
-running() { [ -r "/proc/$1/stat" ] && ! grep -q ') Z ' "/proc/$1/stat"; } # zombies are dead
 if [ -n "${CHORUS_KAFKA_PARENT_PID:-}" ]; then
     (
         while running "$CHORUS_KAFKA_PARENT_PID" && running "$BROKER_PID"; do sleep 1; done
@@ -122,16 +122,19 @@ fail() {
 deadline=$(($(date +%s) + READY_TIMEOUT))
 # 1) cheap wait until the client listener accepts connections (bash's /dev/tcp)
 until (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; do
-    kill -0 "$BROKER_PID" 2>/dev/null || fail "the broker exited during startup"
+    running "$BROKER_PID" || fail "the broker exited during startup"
     [ "$(date +%s)" -lt "$deadline" ] || fail "port $PORT not open after ${READY_TIMEOUT}s"
     sleep 0.2
 done
 # 2) readiness = a topic can be created (on a restart the topic exists: --if-not-exists still
-#    needs a working metadata round trip with the broker).
+#    needs a working metadata round trip with the broker). Short client timeouts, so that one
+#    attempt cannot outlast the deadline by the admin client's default 60 s.
+printf 'request.timeout.ms=5000\ndefault.api.timeout.ms=10000\n' >"$DATA_DIR/admin.properties"
 until "$JAVA" "${TOOL_JVM[@]}" "$LOG4J" -cp "$CP" org.apache.kafka.tools.TopicCommand \
-        --bootstrap-server "127.0.0.1:$PORT" --create --if-not-exists --topic "$TOPIC" \
-        --partitions "$PARTITIONS" --replication-factor 1 >>"$LOG_FILE" 2>&1; do
-    kill -0 "$BROKER_PID" 2>/dev/null || fail "the broker exited during startup"
+        --bootstrap-server "127.0.0.1:$PORT" --command-config "$DATA_DIR/admin.properties" \
+        --create --if-not-exists --topic "$TOPIC" --partitions "$PARTITIONS" \
+        --replication-factor 1 >>"$LOG_FILE" 2>&1; do
+    running "$BROKER_PID" || fail "the broker exited during startup"
     [ "$(date +%s)" -lt "$deadline" ] || fail "no topic could be created after ${READY_TIMEOUT}s"
     sleep 0.5
 done
