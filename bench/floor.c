@@ -8,7 +8,9 @@
  *   --mode single    one send() per message per viewer, as generated;
  *   --mode coalesce  each tick, everything waiting for a viewer goes out in ONE send().
  * On EAGAIN the rest waits in a bounded per-viewer pending buffer; what does not fit is dropped
- * (whole messages) and counted. "burst N" on stdin publishes N messages at once.
+ * (whole messages) and counted. Commands on stdin: "start" begins the schedule of a server
+ * started with --paused, "burst N" publishes N messages at once. When stdin is
+ * a pipe and it closes, the server exits (so a harness that died leaves nothing behind).
  * Build: cc -O2 floor.c (SHA-1 is below, so no libcrypto is needed).
  */
 #define _GNU_SOURCE
@@ -25,6 +27,7 @@
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
@@ -203,12 +206,13 @@ static void publish_batch(void) {
 }
 
 static uint64_t t0;
+static int paused;
 
 static void on_tick(void) {
     uint64_t expirations;
     (void)!read(tfd, &expirations, sizeof expirations);
     uint64_t now = mono_ns();
-    if (rate <= 0) return;
+    if (rate <= 0 || paused) return;
     /* Messages due by now; bt is when each was due, not when the loop got round to it. */
     unsigned long long due = (unsigned long long)((double)(now - t0) * rate / 1e9);
     static unsigned long long scheduled;
@@ -222,13 +226,16 @@ static void on_tick(void) {
 static void on_stdin(void) {
     char line[128];
     ssize_t n = read(0, line, sizeof line - 1);
-    if (n <= 0) {  /* no controller any more: stop watching */
-        epoll_ctl(ep, EPOLL_CTL_DEL, 0, NULL);
+    if (n <= 0) {  /* the harness is gone (or done): stop rather than linger */
+        stop_flag = 1;
         return;
     }
     line[n] = 0;
     int k;
-    if (sscanf(line, "burst %d", &k) == 1) {
+    if (strncmp(line, "start", 5) == 0 && paused) {
+        paused = 0;
+        t0 = mono_ns();
+    } else if (sscanf(line, "burst %d", &k) == 1) {
         uint64_t bt = mono_ns();
         for (int i = 0; i < k; i++) add_message(bt);
         publish_batch();
@@ -297,16 +304,19 @@ static void on_signal(int sig) { (void)sig; stop_flag = 1; }
 
 int main(int argc, char **argv) {
     int port = 0, tick_us = 1000;
-    for (int i = 1; i + 1 < argc; i += 2) {
-        if (!strcmp(argv[i], "--port")) port = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--rate")) rate = atof(argv[i + 1]);
-        else if (!strcmp(argv[i], "--mode")) mode_coalesce = !strcmp(argv[i + 1], "coalesce");
-        else if (!strcmp(argv[i], "--tick-us")) tick_us = atoi(argv[i + 1]);
-        else if (!strcmp(argv[i], "--pending-max")) pending_max = (size_t)atol(argv[i + 1]);
-        else { fprintf(stderr, "unknown option %s\n", argv[i]); return 2; }
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+#define OPT(name) (strcmp(a, name) == 0 && v && ++i)
+        if (!strcmp(a, "--paused")) paused = 1;
+        else if (OPT("--port")) port = atoi(v);
+        else if (OPT("--rate")) rate = atof(v);
+        else if (OPT("--mode")) mode_coalesce = !strcmp(v, "coalesce");
+        else if (OPT("--tick-us")) tick_us = atoi(v);
+        else if (OPT("--pending-max")) pending_max = (size_t)atol(v);
+        else { port = 0; break; }
     }
     if (!port) {
-        fprintf(stderr, "usage: floor --port P [--rate R] [--mode single|coalesce] [--tick-us 1000]\n");
+        fprintf(stderr, "usage: floor --port P [--rate R] [--mode single|coalesce] [--tick-us 1000] [--paused]\n");
         return 2;
     }
     struct rlimit rl;
@@ -337,8 +347,11 @@ int main(int argc, char **argv) {
     epoll_ctl(ep, EPOLL_CTL_ADD, lfd, &ev);
     ev.data.fd = tfd;
     epoll_ctl(ep, EPOLL_CTL_ADD, tfd, &ev);
-    ev.data.fd = 0;
-    epoll_ctl(ep, EPOLL_CTL_ADD, 0, &ev);  /* fails harmlessly when stdin is a file */
+    struct stat st;
+    if (fstat(0, &st) == 0 && S_ISFIFO(st.st_mode)) {  /* a controller: watch it */
+        ev.data.fd = 0;
+        epoll_ctl(ep, EPOLL_CTL_ADD, 0, &ev);
+    }
     t0 = mono_ns();
 
     struct epoll_event evs[256];

@@ -3,7 +3,8 @@
  * Opens N client connections from one epoll loop, spreading source addresses over
  * 127.0.0.<base> ... 127.0.0.<base+count-1> so one box can go past the ~28k ephemeral ports a
  * single (source, destination) pair allows. Two modes:
- *   --hold  connect, stay idle until --seconds pass or stdin closes, report how many are open;
+ *   --hold  connect, stay idle until --seconds pass or a stdin pipe closes, report how many
+ *           are still open;
  *   --recv  connect, wait --start-after ms, then for --seconds count deliveries: each
  *           `"bt":<ns>` marker in a text message is one, with latency now - bt (both
  *           CLOCK_MONOTONIC, which is system-wide on Linux) kept in a log-linear histogram.
@@ -24,6 +25,7 @@
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -403,7 +405,9 @@ int main(int argc, char **argv) {
     if (inflateInit2(&zs, -15) != Z_OK) return 2;
     conns = calloc((size_t)nconns, sizeof *conns);
     ep = epoll_create1(0);
-    if (hold) {  /* the harness closes our stdin when it has measured: that ends the hold */
+    struct stat st;
+    if (hold && fstat(0, &st) == 0 && S_ISFIFO(st.st_mode)) {
+        /* the harness closes our stdin when it has measured: that ends the hold */
         struct epoll_event ev = {.events = EPOLLIN, .data.u32 = UINT32_MAX};
         epoll_ctl(ep, EPOLL_CTL_ADD, 0, &ev);
     }

@@ -110,7 +110,7 @@ class App:
             if role is not None:
                 role.stop()
         if self._tasks:
-            done, pending = await asyncio.wait(self._tasks, timeout=5)
+            _done, pending = await asyncio.wait(self._tasks, timeout=5)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)

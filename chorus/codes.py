@@ -5,7 +5,7 @@ Close codes 4000-4499 tell a client to reconnect; 4500-4999 tell it not to (DESI
 
 from enum import IntEnum, StrEnum
 
-__all__ = ["CloseCode", "ErrorCode", "MAX_COMMENT_CHARS", "MAX_NONCE_CHARS", "should_reconnect"]
+__all__ = ["MAX_COMMENT_CHARS", "MAX_NONCE_CHARS", "CloseCode", "ErrorCode", "should_reconnect"]
 
 # A comment's text, counted in Unicode code points after stripping surrounding whitespace.
 MAX_COMMENT_CHARS = 500

@@ -140,7 +140,7 @@ class Config:
         checks: list[tuple[str, bool, str]] = [
             ("gateway.port", 0 <= self.gateway.port <= 65535, "must be between 0 and 65535"),
             ("gateway.max_message_bytes", self.gateway.max_message_bytes >= 1024, "must be >= 1024"),
-            ("gateway.max_fragments", 1 <= self.gateway.max_fragments <= 4096, "must be 1-4096"),
+            ("gateway.max_fragments", 1 <= self.gateway.max_fragments <= 1_000_000, "must be 1-1000000"),
             ("gateway.deflate_level", 1 <= self.gateway.deflate_level <= 9, "must be 1-9"),
             ("gateway.max_connections_per_ip", self.gateway.max_connections_per_ip >= 1, "must be >= 1"),
             ("gateway.flush_interval_ms", 1 <= self.gateway.flush_interval_ms <= 1000, "must be 1-1000"),
@@ -181,7 +181,7 @@ def _coerce(key: str, kind: Any, value: Any) -> Any:
                 raise ValueError(value)
             return value
         if kind is int:
-            if isinstance(value, bool) or isinstance(value, float):
+            if isinstance(value, bool | float):
                 raise ValueError(value)
             return int(value)
         if kind is float:
@@ -217,7 +217,7 @@ def _build(cls: type[T], prefix: str, data: Mapping[str, Any], env: Mapping[str,
             section = data.get(f.name, {})
             if not isinstance(section, dict):
                 raise ConfigError(f"config key {key}: expected a table")
-            values[f.name] = _build(kind, f"{key}.", section, env)  # type: ignore[type-var]
+            values[f.name] = _build(kind, f"{key}.", section, env)  # type: ignore[arg-type]
             continue
         env_name = "CHORUS_" + key.upper().replace(".", "__")
         if env_name in env:
@@ -255,7 +255,7 @@ def iter_defaults(cls: type[Any] = Config, prefix: str = "") -> list[tuple[str, 
     """(dotted key, default, doc) for every leaf key: the source of the generated reference."""
     rows: list[tuple[str, Any, str]] = []
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
         if dataclasses.is_dataclass(default):
             rows.extend(iter_defaults(type(default), f"{prefix}{f.name}."))
         else:

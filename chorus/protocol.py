@@ -23,18 +23,18 @@ __all__ = [
     "MSGPACK",
     "SUBPROTOCOLS",
     "BadMessage",
+    "ChannelMessage",
     "ClientMessage",
     "PostComment",
     "Resume",
     "Wire",
-    "ChannelMessage",
     "choose_subprotocol",
-    "pack_channel_message",
-    "unpack_channel_message",
     "decode_event",
     "encode_event",
     "error_event",
+    "pack_channel_message",
     "parse_client_message",
+    "unpack_channel_message",
     "validate_comment_text",
 ]
 
@@ -143,7 +143,7 @@ def encode_event(event: dict[str, Any], wire: Wire) -> bytes:
     """One server event in the connection's encoding (the frame's payload)."""
     if wire == JSON:
         return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
-    return msgpack.packb(event, use_bin_type=True)  # type: ignore[no-any-return]
+    return msgpack.packb(event, use_bin_type=True)
 
 
 def decode_event(data: bytes, wire: Wire = JSON) -> dict[str, Any]:
@@ -154,7 +154,8 @@ def decode_event(data: bytes, wire: Wire = JSON) -> dict[str, Any]:
     return obj
 
 
-def error_event(code: ErrorCode, reason: str, nonce: str | None = None, retry_after_ms: int | None = None) -> dict[str, Any]:
+def error_event(code: ErrorCode, reason: str, nonce: str | None = None,
+                retry_after_ms: int | None = None) -> dict[str, Any]:
     event: dict[str, Any] = {"t": "error", "code": str(code), "reason": reason}
     if retry_after_ms is not None:
         event["retry_after_ms"] = retry_after_ms

@@ -20,6 +20,18 @@ from http import HTTPStatus
 from typing import Any
 
 import msgpack
+from chorus.gateway.handoff import RecordingProtocol, detach_socket, picows_protocol_factory
+from chorus.gateway.http import (
+    STREAM_ID,
+    Request,
+    json_response,
+    parse_request,
+    static_response,
+    text_response,
+)
+from chorus.gateway.node import Node
+from chorus.ingest.admission import Admission, Refused
+from chorus.ingest.store import HistoryStore
 from picows import (
     WSCloseCode,
     WSFrame,
@@ -36,18 +48,6 @@ from chorus.broker import StreamState
 from chorus.codes import CloseCode
 from chorus.config import Config
 from chorus.extensions import DeflateParams, negotiate_deflate
-from chorus.gateway.handoff import RecordingProtocol, detach_socket, picows_protocol_factory
-from chorus.gateway.http import (
-    STREAM_ID,
-    Request,
-    json_response,
-    parse_request,
-    static_response,
-    text_response,
-)
-from chorus.gateway.node import Node
-from chorus.ingest.admission import Admission, Refused
-from chorus.ingest.store import HistoryStore
 from chorus.protocol import (
     JSON,
     MSGPACK,
@@ -83,8 +83,8 @@ def _origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ..
 def _tag(ip: str, variant: int, who: Identity | None) -> bytes:
     """What the hub keeps for a viewer and returns with its messages."""
     if who is None:
-        return msgpack.packb([ip, variant])  # type: ignore[no-any-return]
-    return msgpack.packb([ip, variant, who.user_id, who.name, sorted(who.scopes), who.role, who.expires_at])  # type: ignore[no-any-return]
+        return msgpack.packb([ip, variant])
+    return msgpack.packb([ip, variant, who.user_id, who.name, sorted(who.scopes), who.role, who.expires_at])
 
 
 def _untag(tag: bytes) -> tuple[str, int, Identity | None]:
@@ -105,7 +105,7 @@ class _Stream:
     replay: deque[ChannelMessage] = field(default_factory=lambda: deque(maxlen=REPLAY_BATCHES))
 
 
-class Upgrader(WSListener):  # type: ignore[misc]
+class Upgrader(WSListener):
     """Lives only through the upgrade; on connect it hands the socket over to the hub."""
 
     def __init__(self, gateway: Gateway, stream: str, who: Identity | None, wire: Wire,
@@ -307,7 +307,7 @@ class Gateway:
             return self._accept(request, "", None, JSON)
         return text_response(HTTPStatus.NOT_FOUND, "not found")
 
-    def _authenticate(self, request: WSUpgradeRequest, req: Request) -> Identity | None | WSUpgradeResponse:
+    def _authenticate(self, request: WSUpgradeRequest, req: Request) -> Identity | WSUpgradeResponse | None:
         header = request.headers.get("Authorization", "")
         token = header[7:].strip() if header.lower().startswith("bearer ") else req.arg("access_token")
         if not token:

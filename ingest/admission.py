@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import time
 
+from chorus.ingest.log import CommentLog, LogUnavailable
+from chorus.ingest.records import Comment, encode_record
+
 from chorus.auth import Identity
 from chorus.codes import ErrorCode
 from chorus.ids import IdGenerator
-from chorus.ingest.log import CommentLog, LogUnavailable
-from chorus.ingest.records import Comment, encode_record
 from chorus.protocol import validate_comment_text
 
 __all__ = ["Admission", "Refused"]

@@ -11,10 +11,11 @@ import logging
 from collections import defaultdict
 from collections.abc import Sequence
 
-from chorus.broker import Broker, StreamState
 from chorus.ingest.consume import ConsumeLoop
 from chorus.ingest.log import CommentLog, LogRecord
 from chorus.ingest.records import Comment, RecordError, decode_record
+
+from chorus.broker import Broker, StreamState
 from chorus.protocol import JSON, encode_event, pack_channel_message
 
 __all__ = ["Coordinator", "group_by_stream"]
@@ -59,10 +60,10 @@ class Coordinator:
     async def publish_stream(self, stream: str, comments: list[Comment]) -> None:
         epoch, first = await self.state.allocate_offsets(stream, len(comments))
         events = [c.to_event(first + i) for i, c in enumerate(comments)]
-        batch = {"t": "batch", "stream": stream, "epoch": epoch, "offset": first + len(events) - 1,
-                 "comments": events}
+        last = first + len(events) - 1
+        batch = {"t": "batch", "stream": stream, "epoch": epoch, "offset": last, "comments": events}
         await self.state.push_recent(stream, events, self.recent_size)
-        await self.broker.publish(stream, pack_channel_message(encode_event(batch, JSON), batch["offset"], len(events)))
+        await self.broker.publish(stream, pack_channel_message(encode_event(batch, JSON), last, len(events)))
         self.published_batches += 1
 
     async def run(self) -> None:

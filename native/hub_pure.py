@@ -12,6 +12,7 @@ Python has no timerfd before 3.13, so this twin reports its next deadline throug
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import socket
@@ -21,7 +22,6 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import msgpack
-
 from chorus.native import codec_pure as codec  # the twin of the C++ hub's own parser
 
 __all__ = ["CLOSED", "DEFLATE", "JSON", "MESSAGE_BINARY", "MESSAGE_TEXT", "MSGPACK", "Hub"]
@@ -202,25 +202,28 @@ class Hub:
         if not conn.closing_since:
             self._leave_stream(conn)
             self._events.append((CLOSED, conn.id, conn.stream, conn.close_code.to_bytes(2, "big"), conn.tag))
-        try:
+        with contextlib.suppress(OSError, ValueError):
             self._ep.unregister(conn.fd)
-        except (OSError, ValueError):
-            pass
         conn.sock.close()
 
     # -- writing --
-    def _frame(self, conn: _Conn, payload: bytes) -> bytes:
-        opcode = codec.OP_TEXT if conn.variant & 1 == JSON else codec.OP_BINARY
+    def _frame(self, conn: _Conn, payload: bytes, binary: bool | None = None) -> bytes:
+        if binary is None:
+            binary = conn.variant & 1 == MSGPACK
+        opcode = codec.OP_BINARY if binary else codec.OP_TEXT
         if conn.variant & DEFLATE:
-            compressed = deflate_message(payload, self.deflate_level, window_bits(conn.variant, self.deflate_window_bits))
-            return codec.encode_frame(opcode, compressed, rsv1=True)
+            return codec.encode_frame(opcode, self._deflate(payload, conn.variant), rsv1=True)
         return codec.encode_frame(opcode, payload)
 
-    def send(self, conn_id: int, payload: bytes) -> bool:
+    def _deflate(self, payload: bytes, variant: int) -> bytes:
+        return deflate_message(payload, self.deflate_level, window_bits(variant, self.deflate_window_bits))
+
+    def send(self, conn_id: int, payload: bytes, binary: bool | None = None) -> bool:
+        """One event to one viewer, in its variant's opcode unless ``binary`` says otherwise."""
         conn = self._find(conn_id)
         if conn is None or conn.closing_since:
             return False
-        self._write(conn, self._frame(conn, payload), control=True)
+        self._write(conn, self._frame(conn, payload, binary), control=True)
         return True
 
     def _write(self, conn: _Conn, data: bytes, control: bool = False) -> None:
@@ -299,8 +302,7 @@ class Hub:
             if payload is None:
                 raise ValueError(f"publish lacks the payload of variant {variant & 1} that a viewer uses")
             if variant & DEFLATE:
-                compressed = deflate_message(payload, self.deflate_level, window_bits(variant, self.deflate_window_bits))
-                frames.append(codec.encode_frame(opcode, compressed, rsv1=True))
+                frames.append(codec.encode_frame(opcode, self._deflate(payload, variant), rsv1=True))
             else:
                 frames.append(codec.encode_frame(opcode, payload))
         self._stats["frames_built"] += 1
@@ -308,8 +310,9 @@ class Hub:
 
     def _skipped_frame(self, conn: _Conn) -> bytes:
         event = {"t": "skipped", "count": conn.skipped}
-        payload = json.dumps(event, separators=(",", ":")).encode() if conn.variant & 1 == JSON else msgpack.packb(event)
-        return self._frame(conn, payload)
+        if conn.variant & 1 == JSON:
+            return self._frame(conn, json.dumps(event, separators=(",", ":")).encode())
+        return self._frame(conn, msgpack.packb(event))
 
     def _flush_stream(self, stream: int, s: _Stream) -> None:
         pending, s.pending = s.pending, []

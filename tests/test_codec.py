@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 import sys
+import zlib
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
@@ -31,6 +32,9 @@ needs_native = pytest.mark.skipif(native is None, reason="native codec not built
 IMPLS = [pytest.param(pure, id="pure"), pytest.param(native, id="native", marks=needs_native)]
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
+COMPRESSED = 0x100  # OR-ed into the opcode of a permessage-deflate message (RFC 7692)
+RSV1 = 4  # client_frame's rsv argument: RSV1, RSV2, RSV3 are 4, 2, 1
+DEFLATE = {"allow_rsv1": True}
 MASK = b"\x37\xfa\x21\x3d"
 TRAILER = b"\x89\x84" + MASK + bytes(b ^ MASK[i % 4] for i, b in enumerate(b"next"))  # a ping
 
@@ -68,7 +72,30 @@ def close_payload(code: int, reason: bytes = b"") -> bytes:
     return code.to_bytes(2, "big") + reason
 
 
+def deflate(data: bytes) -> bytes:
+    """A permessage-deflate message body (RFC 7692 7.2.1), independent of the code under test."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+    body = compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+    assert body.endswith(b"\x00\x00\xff\xff")
+    return body[:-4]
+
+
+def inflate(body: bytes) -> bytes:
+    """RFC 7692 7.2.2: append the stripped sync-flush tail; the stream has no final block."""
+    return zlib.decompressobj(-15).decompress(body + b"\x00\x00\xff\xff")
+
+
+DEFLATED_TEXT = deflate("hello, hello, hello! κόσμε 😀".encode())
+DEFLATED_BINARY = deflate(bytes(range(256)) * 4)
+DEFLATED_LONG = deflate(b"chat " * 2000)  # 10000 bytes that compress to a few dozen
+
+
 # --- the switch module ---
+
+
+def test_compressed_flag_value(codec: ModuleType) -> None:
+    assert codec.COMPRESSED == COMPRESSED
+    assert COMPRESSED & 0xFF == 0  # clear of every opcode, so `opcode & 0x0F` recovers it
 
 
 def test_both_twins_export_the_same_api() -> None:
@@ -339,6 +366,78 @@ OK: list[tuple[str, bytes, dict[str, Any], list[tuple[int, bytes]]]] = [
         {"max_message_size": 10},
         [(OP_BINARY, bytes(10))],
     ),
+    # permessage-deflate (RFC 7692): the parser returns the compressed body, flagged.
+    (
+        "deflate-text",
+        client_frame(OP_TEXT, DEFLATED_TEXT, rsv=RSV1),
+        DEFLATE,
+        [(OP_TEXT | COMPRESSED, DEFLATED_TEXT)],
+    ),
+    (
+        "deflate-binary",
+        client_frame(OP_BINARY, DEFLATED_BINARY, rsv=RSV1),
+        DEFLATE,
+        [(OP_BINARY | COMPRESSED, DEFLATED_BINARY)],
+    ),
+    (
+        "deflate-empty",  # RFC 7692 7.2.3.6: an empty message compresses to one 0x00 byte
+        client_frame(OP_TEXT, deflate(b""), rsv=RSV1),
+        DEFLATE,
+        [(OP_TEXT | COMPRESSED, b"\x00")],
+    ),
+    (
+        "deflate-fragmented-with-ping",  # RFC 7692 6.1: RSV1 on the first frame only
+        client_frame(OP_TEXT, DEFLATED_TEXT[:5], fin=False, rsv=RSV1)
+        + client_frame(OP_PING, b"p")
+        + client_frame(OP_CONT, DEFLATED_TEXT[5:9], fin=False, mask=b"\xff\x01\x02\x03")
+        + client_frame(OP_CONT, DEFLATED_TEXT[9:]),
+        DEFLATE,
+        [(OP_PING, b"p"), (OP_TEXT | COMPRESSED, DEFLATED_TEXT)],
+    ),
+    (
+        "deflate-fragmented-binary-empty-first",
+        client_frame(OP_BINARY, fin=False, rsv=RSV1) + client_frame(OP_CONT, DEFLATED_BINARY),
+        DEFLATE,
+        [(OP_BINARY | COMPRESSED, DEFLATED_BINARY)],
+    ),
+    (
+        "deflate-then-plain",  # the flag belongs to one message, not to the connection
+        client_frame(OP_TEXT, DEFLATED_TEXT, rsv=RSV1)
+        + client_frame(OP_TEXT, b"plain")
+        + client_frame(OP_BINARY, DEFLATED_BINARY, rsv=RSV1)
+        + client_frame(OP_BINARY, b"\xff"),
+        DEFLATE,
+        [
+            (OP_TEXT | COMPRESSED, DEFLATED_TEXT),
+            (OP_TEXT, b"plain"),
+            (OP_BINARY | COMPRESSED, DEFLATED_BINARY),
+            (OP_BINARY, b"\xff"),
+        ],
+    ),
+    (
+        "deflate-text-not-utf8",  # compressed bytes are not text; the caller checks the inflated
+        client_frame(OP_TEXT, b"\xff\xfe\xed\xa0\x80\xc0", rsv=RSV1),
+        DEFLATE,
+        [(OP_TEXT | COMPRESSED, b"\xff\xfe\xed\xa0\x80\xc0")],
+    ),
+    (
+        "deflate-not-utf8-split-across-fragments",
+        client_frame(OP_TEXT, b"a\xf0", fin=False, rsv=RSV1) + client_frame(OP_CONT, b"\xff"),
+        DEFLATE,
+        [(OP_TEXT | COMPRESSED, b"a\xf0\xff")],
+    ),
+    (
+        "deflate-max-size-counts-compressed-bytes",
+        client_frame(OP_TEXT, DEFLATED_LONG, rsv=RSV1),
+        {"allow_rsv1": True, "max_message_size": len(DEFLATED_LONG)},
+        [(OP_TEXT | COMPRESSED, DEFLATED_LONG)],
+    ),
+    (
+        "allow-rsv1-plain-message",
+        client_frame(OP_TEXT, b"hel", fin=False) + client_frame(OP_CONT, b"lo"),
+        DEFLATE,
+        [(OP_TEXT, b"hello")],
+    ),
 ]
 
 ERR: list[tuple[str, bytes, dict[str, Any], int]] = [
@@ -418,6 +517,62 @@ ERR: list[tuple[str, bytes, dict[str, Any], int]] = [
     ],
     ("close-reason-invalid", client_frame(OP_CLOSE, close_payload(1000, b"\xff")), {}, 1007),
     ("close-reason-truncated", client_frame(OP_CLOSE, close_payload(1000, b"\xc3")), {}, 1007),
+    # permessage-deflate (RFC 7692 6.1): RSV1 only on the first frame of a data message.
+    ("rsv1-without-deflate", client_frame(OP_TEXT, DEFLATED_TEXT, rsv=RSV1), {}, 1002),
+    (
+        "rsv1-deflate-off",
+        client_frame(OP_BINARY, DEFLATED_BINARY, rsv=RSV1),
+        {"allow_rsv1": False},
+        1002,
+    ),
+    *[
+        (f"deflate-rsv-{rsv}", client_frame(OP_TEXT, DEFLATED_TEXT, rsv=rsv), DEFLATE, 1002)
+        for rsv in (1, 2, 3, 5, 6, 7)
+    ],
+    (
+        "deflate-rsv1-on-continuation",
+        client_frame(OP_TEXT, DEFLATED_TEXT[:5], fin=False, rsv=RSV1)
+        + client_frame(OP_CONT, DEFLATED_TEXT[5:], rsv=RSV1),
+        DEFLATE,
+        1002,
+    ),
+    (
+        "deflate-rsv1-on-continuation-of-plain",
+        client_frame(OP_BINARY, b"a", fin=False) + client_frame(OP_CONT, b"b", rsv=RSV1),
+        DEFLATE,
+        1002,
+    ),
+    ("deflate-rsv1-on-lone-continuation", client_frame(OP_CONT, b"a", rsv=RSV1), DEFLATE, 1002),
+    *[
+        (f"deflate-rsv1-on-{name}", client_frame(op, payload, rsv=RSV1), DEFLATE, 1002)
+        for name, op, payload in [
+            ("ping", OP_PING, b"p"),
+            ("pong", OP_PONG, b""),
+            ("close", OP_CLOSE, close_payload(1000)),
+        ]
+    ],
+    (
+        "deflate-rsv1-on-ping-inside-message",
+        client_frame(OP_TEXT, DEFLATED_TEXT[:5], fin=False, rsv=RSV1)
+        + client_frame(OP_PING, b"p", rsv=RSV1),
+        DEFLATE,
+        1002,
+    ),
+    ("deflate-rsv1-unknown-opcode", client_frame(3, b"a", rsv=RSV1), DEFLATE, 1002),
+    (
+        "deflate-declared-too-big",  # the limit counts compressed bytes, as before
+        client_frame(OP_TEXT, length=11, rsv=RSV1),
+        {"allow_rsv1": True, "max_message_size": 10},
+        1009,
+    ),
+    (
+        "deflate-reassembled-too-big",
+        client_frame(OP_BINARY, DEFLATED_LONG, fin=False, rsv=RSV1)
+        + client_frame(OP_CONT, b"\x00"),
+        {"allow_rsv1": True, "max_message_size": len(DEFLATED_LONG)},
+        1009,
+    ),
+    ("deflate-plain-text-still-checked", client_frame(OP_TEXT, b"ab\xff"), DEFLATE, 1007),
 ]
 
 
@@ -509,6 +664,49 @@ def test_error_str(codec: ModuleType) -> None:
     )
 
 
+def test_deflate_vectors_are_what_they_claim() -> None:
+    assert inflate(DEFLATED_TEXT) == "hello, hello, hello! κόσμε 😀".encode()
+    assert inflate(DEFLATED_BINARY) == bytes(range(256)) * 4
+    assert len(DEFLATED_LONG) < 100 and inflate(DEFLATED_LONG) == b"chat " * 2000
+    assert not pure.validate_utf8(DEFLATED_TEXT)  # so the parser must not check it
+
+
+def test_allow_rsv1_attribute(codec: ModuleType) -> None:
+    assert codec.FrameParser().allow_rsv1 is False
+    assert codec.FrameParser(allow_rsv1=True).allow_rsv1 is True
+
+
+@pytest.mark.parametrize(
+    ("stream", "kwargs", "reason"),
+    [
+        (client_frame(OP_TEXT, b"a", rsv=RSV1), {}, "reserved bits set"),
+        (client_frame(OP_TEXT, b"a", rsv=2), DEFLATE, "reserved bits set"),
+        (client_frame(OP_PING, b"a", rsv=RSV1), DEFLATE, "RSV1 on a control frame"),
+        (
+            client_frame(OP_TEXT, b"a", fin=False, rsv=RSV1) + client_frame(OP_CONT, rsv=RSV1),
+            DEFLATE,
+            "RSV1 on a continuation frame",
+        ),
+    ],
+)
+def test_rsv_error_reasons(
+    codec: ModuleType, stream: bytes, kwargs: dict[str, Any], reason: str
+) -> None:
+    with pytest.raises(codec.ProtocolError) as caught:
+        codec.FrameParser(**kwargs).feed(stream)
+    assert (caught.value.close_code, caught.value.reason) == (1002, reason)
+
+
+def test_deflate_round_trip(codec: ModuleType) -> None:
+    # What a permessage-deflate server does with the parser's output: strip the flag, inflate.
+    text = "κόσμε 😀 ".encode() * 50
+    body = deflate(text)
+    stream = client_frame(OP_TEXT, body[:3], fin=False, rsv=RSV1) + client_frame(OP_CONT, body[3:])
+    [(opcode, payload)] = codec.FrameParser(allow_rsv1=True).feed(stream)
+    assert (opcode & 0x0F, bool(opcode & codec.COMPRESSED)) == (OP_TEXT, True)
+    assert inflate(payload) == text
+
+
 # --- seeded random parity ---
 
 TEXT_POOLS = ["abcdefgh ", "éüßñ", "€中文✓", "😀𝄞🎉"]
@@ -529,8 +727,15 @@ def random_control(rng: random.Random) -> tuple[bytes, tuple[int, bytes]]:
     return client_frame(opcode, payload, mask=rng.randbytes(4)), (opcode, payload)
 
 
-def random_message(rng: random.Random) -> tuple[list[bytes], list[tuple[int, bytes]]]:
-    """One message cut at random byte offsets (splitting code points), controls in between."""
+def random_message(
+    rng: random.Random, deflated: bool = False
+) -> tuple[list[bytes], list[tuple[int, bytes]]]:
+    """One message cut at random byte offsets (splitting code points), controls in between.
+
+    With ``deflated`` half the messages are compressed (RFC 7692): RSV1 on the first frame, the
+    compressed body cut into fragments; the others are plain. Without it no extra draws are
+    made, so the plain streams stay what they were.
+    """
     opcode = rng.choice([OP_TEXT, OP_BINARY])
     size = (
         rng.choice([0, 1, 10, 60, 125, 126, 300, 70000])
@@ -538,21 +743,27 @@ def random_message(rng: random.Random) -> tuple[list[bytes], list[tuple[int, byt
         else rng.randint(0, 40)
     )
     payload = random_text(rng, size) if opcode == OP_TEXT else rng.randbytes(size)
+    compressed = deflated and rng.random() < 0.5
+    if compressed:
+        payload = deflate(payload)
     cuts = sorted(rng.randint(0, len(payload)) for _ in range(rng.randint(0, 4)))
     pieces = [payload[a:b] for a, b in zip([0, *cuts], [*cuts, len(payload)], strict=True)]
     frames, events = [], []
     for i, piece in enumerate(pieces):
         last = i == len(pieces) - 1
         op = opcode if i == 0 else OP_CONT
-        frames.append(client_frame(op, piece, fin=last, mask=rng.randbytes(4)))
+        rsv = RSV1 if compressed and i == 0 else 0
+        frames.append(client_frame(op, piece, fin=last, rsv=rsv, mask=rng.randbytes(4)))
         if not last and rng.random() < 0.3:
             control, event = random_control(rng)
             frames.append(control)
             events.append(event)
-    return frames, [*events, (opcode, payload)]
+    return frames, [*events, (opcode | COMPRESSED if compressed else opcode, payload)]
 
 
-def random_stream(rng: random.Random) -> tuple[bytes, list[tuple[int, bytes]]]:
+def random_stream(
+    rng: random.Random, deflated: bool = False
+) -> tuple[bytes, list[tuple[int, bytes]]]:
     frames: list[bytes] = []
     expected: list[tuple[int, bytes]] = []
     for _ in range(rng.randint(1, 5)):
@@ -561,7 +772,7 @@ def random_stream(rng: random.Random) -> tuple[bytes, list[tuple[int, bytes]]]:
             frames.append(control)
             expected.append(event)
         else:
-            more, events = random_message(rng)
+            more, events = random_message(rng, deflated)
             frames += more
             expected += events
     return b"".join(frames), expected
@@ -592,11 +803,14 @@ def run_parser(codec: ModuleType, chunks: list[bytes], kwargs: dict[str, Any]) -
 
 
 @needs_native
-def test_random_valid_streams_parity() -> None:
-    rng = random.Random(6455)
-    kwargs = {"max_message_size": 1 << 20}
+@pytest.mark.parametrize(
+    ("seed", "deflated"), [(6455, False), (7692, True)], ids=["plain", "deflate"]
+)
+def test_random_valid_streams_parity(seed: int, deflated: bool) -> None:
+    rng = random.Random(seed)
+    kwargs = {"max_message_size": 1 << 20, "allow_rsv1": deflated}
     for case in range(2000):
-        data, expected = random_stream(rng)
+        data, expected = random_stream(rng, deflated)
         chunks = random_chunks(rng, data)
         got_pure = run_parser(pure, chunks, kwargs)
         got_native = run_parser(native, chunks, kwargs)
@@ -605,12 +819,12 @@ def test_random_valid_streams_parity() -> None:
         assert [event for feed in got_pure[0] for event in feed] == expected, case
 
 
-def garbage(rng: random.Random) -> bytes:
+def garbage(rng: random.Random, deflated: bool = False) -> bytes:
     """Random bytes, or a valid stream with a few bytes changed, cut short or spliced."""
     kind = rng.randrange(3)
     if kind == 0:
         return rng.randbytes(rng.randint(0, 300))
-    data = bytearray(random_stream(rng)[0])
+    data = bytearray(random_stream(rng, deflated)[0])
     if kind == 1 and data:
         for _ in range(rng.randint(1, 3)):
             data[rng.randrange(len(data))] = rng.randrange(256)
@@ -619,15 +833,19 @@ def garbage(rng: random.Random) -> bytes:
 
 
 @needs_native
-def test_random_garbage_parity() -> None:
-    rng = random.Random(1002)
+@pytest.mark.parametrize(
+    ("seed", "deflated"), [(1002, False), (7692, True)], ids=["plain", "deflate"]
+)
+def test_random_garbage_parity(seed: int, deflated: bool) -> None:
+    rng = random.Random(seed)
     codes = set()
     for case in range(2000):
-        data = garbage(rng)
+        data = garbage(rng, deflated)
         kwargs = {
             "max_message_size": rng.choice([16, 1000, 65536]),
             "max_fragments": rng.choice([2, 64]),
             "require_mask": rng.random() < 0.7,
+            "allow_rsv1": deflated,
         }
         chunks = random_chunks(rng, data)
         got_pure = run_parser(pure, chunks, kwargs)

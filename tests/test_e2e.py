@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clients import PicowsClient, ViewerClient, WebsocketsClient, aget_json
 
 from chorus.app import App
 from chorus.auth import mint_token
 from chorus.config import Config, load_config
-from clients import PicowsClient, ViewerClient, WebsocketsClient, aget_json
 
 TEST_KEY = "test-signing-key-0123456789abcdef0123456789"
 
@@ -164,3 +164,24 @@ async def test_msgpack_viewers_get_the_same_maps(env: Env) -> None:
     batch = await mp.wait_for(lambda e: e["t"] == "batch")
     assert batch["comments"][0]["text"] == "binary hello"
     await mp.close()
+
+
+async def test_deflate_viewers_get_compressed_batches(env: Env) -> None:
+    stream = f"z-{uuid.uuid4().hex[:6]}"
+    plain = await env.viewer(stream, env.token("pat"))
+    packed = await WebsocketsClient.connect(env.ws_url(stream), compression="deflate")
+    extensions = packed.conn.response.headers["Sec-WebSocket-Extensions"]
+    assert "permessage-deflate" in extensions and "server_no_context_takeover" in extensions
+    await packed.wait_for(lambda e: e["t"] == "welcome")
+    text = "compress me " * 40
+    await plain.send_json({"t": "comment", "text": text, "nonce": "z"})
+    for client in (plain, packed):
+        batch = await client.wait_for(lambda e: e["t"] == "batch")
+        assert batch["comments"][0]["text"] == text.strip()
+    # The compressed viewer can post too: its message arrives deflated and is inflated.
+    poster = await WebsocketsClient.connect(env.ws_url(stream), env.token("quinn"), compression="deflate")
+    await poster.wait_for(lambda e: e["t"] == "welcome")
+    await poster.send_json({"t": "comment", "text": "deflated hello " * 20, "nonce": "d"})
+    assert (await poster.wait_for(lambda e: e["t"] == "ack"))["nonce"] == "d"
+    for client in (plain, packed, poster):
+        await client.close()

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 from clients import PicowsClient, WebsocketsClient, aget_json, http_get
-from services import free_port
 
 from chorus.auth import mint_token
 from chorus.config import load_config
+from services import free_port
 
 KEY = "process-test-key-0123456789abcdef012345"
 
@@ -171,7 +171,7 @@ async def test_two_gateway_processes_share_redis_and_kafka(tmp_path: Path, procs
 
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        status, page = await aget_json(f"http://127.0.0.1:{ports[1]}/streams/{stream}/comments")
+        _status, page = await aget_json(f"http://127.0.0.1:{ports[1]}/streams/{stream}/comments")
         if len(page["comments"]) == 2:
             break
         await asyncio.sleep(0.1)

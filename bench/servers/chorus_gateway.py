@@ -49,7 +49,7 @@ async def run() -> None:
         node.on_message(STREAM, pack_channel_message(event_json(offset, bt), offset, 1))
 
     try:
-        await serve_until_stopped(Publisher(args.rate, publish))
+        await serve_until_stopped(Publisher(args.rate, publish, args.paused))
     finally:
         await app.stop()
 

@@ -5,8 +5,10 @@ due time (``bt``, CLOCK_MONOTONIC ns), not with the time the loop got round to i
 that cannot keep up then shows its backlog as latency instead of silently publishing less
 (coordinated omission). Messages found due at one tick are published back to back.
 
-stdin carries commands from the harness: ``burst N`` publishes N messages at once, all
-stamped now.
+stdin carries commands from the harness: ``start`` begins the schedule when the server was
+started ``--paused`` (so viewers connect to an idle server: a busy one would starve its own
+handshakes), ``burst N`` publishes N messages at once, all stamped now. When stdin is a pipe and it closes, the server stops: a harness that died
+without cleaning up does not leave servers behind.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import asyncio
 import os
 import signal
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +32,7 @@ def parse_args(description: str) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--rate", type=float, default=0.0, help="messages per second (0: only bursts)")
+    p.add_argument("--paused", action="store_true", help="publish nothing until 'start' on stdin")
     p.add_argument("--deflate", action="store_true", help="accept permessage-deflate if supported")
     p.add_argument("--data-dir", default="", help="scratch directory (chorus only)")
     return p.parse_args()
@@ -43,13 +47,18 @@ def bench_message(k: int, bt: int) -> bytes:
 class Publisher:
     """Calls ``publish(k, bt)`` for each message at ``rate`` per second, on schedule."""
 
-    def __init__(self, rate: float, publish: Callable[[int, int], None], tick_s: float = 0.001) -> None:
+    def __init__(self, rate: float, publish: Callable[[int, int], None], paused: bool = False,
+                 tick_s: float = 0.001) -> None:
         self.rate = rate
         self.publish = publish
         self.tick_s = tick_s
         self.sent = 0
+        self.started = asyncio.Event()
+        if not paused:
+            self.started.set()
 
     async def run(self) -> None:
+        await self.started.wait()
         if self.rate <= 0:
             return
         t0 = time.monotonic_ns()
@@ -69,34 +78,36 @@ class Publisher:
             self.sent += 1
             self.publish(self.sent, bt)
 
-    def watch_stdin(self) -> None:
-        """Obey ``burst N`` lines on stdin (non-blocking, from the event loop)."""
+    def watch_stdin(self, stop: asyncio.Event) -> None:
+        """Obey ``burst N`` lines on stdin; set ``stop`` when a stdin pipe closes."""
         loop = asyncio.get_running_loop()
         fd = sys.stdin.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return  # a terminal or a file: no controller
 
         def readable() -> None:
             data = os.read(fd, 4096)
             if not data:
                 loop.remove_reader(fd)
+                stop.set()
                 return
             for line in data.decode().splitlines():
                 parts = line.split()
-                if len(parts) == 2 and parts[0] == "burst":
+                if parts == ["start"]:
+                    self.started.set()
+                elif len(parts) == 2 and parts[0] == "burst":
                     self.burst(int(parts[1]))
 
-        try:
-            loop.add_reader(fd, readable)
-        except (OSError, ValueError, PermissionError):
-            pass  # stdin is a file or closed: no control channel
+        loop.add_reader(fd, readable)
 
 
 async def serve_until_stopped(publisher: Publisher) -> None:
-    """Run the publisher until SIGTERM or SIGINT."""
+    """Run the publisher until SIGTERM, SIGINT or the end of a stdin pipe."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    publisher.watch_stdin()
+    publisher.watch_stdin(stop)
     task = asyncio.ensure_future(publisher.run())
     await stop.wait()
     task.cancel()

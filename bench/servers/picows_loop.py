@@ -8,7 +8,7 @@ as a newcomer would.
 from __future__ import annotations
 
 import uvloop
-from picows import WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, ws_create_server
+from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_create_server
 
 from bench.servers.common import Publisher, bench_message, parse_args, serve_until_stopped
 
@@ -40,7 +40,7 @@ async def serve() -> None:
     args = parse_args(__doc__ or "")
     server = await ws_create_server(lambda request: Viewer(), args.host, args.port)
     try:
-        await serve_until_stopped(Publisher(args.rate, publish))
+        await serve_until_stopped(Publisher(args.rate, publish, args.paused))
     finally:
         server.close()
 

@@ -35,7 +35,7 @@ async def run() -> None:
     compression = "deflate" if args.deflate else None
     async with serve(handler, args.host, args.port, compression=compression,
                      backlog=1024):
-        await serve_until_stopped(Publisher(args.rate, publish))
+        await serve_until_stopped(Publisher(args.rate, publish, args.paused))
 
 
 def main() -> None:

@@ -250,13 +250,13 @@ long Run::read_header(uint8_t* buf, size_t pos, size_t end) {
 
 bool Run::check_rsv(uint8_t rsv, uint8_t opcode, bool& compressed) {
     if (rsv == 0) return true;
-    // RFC 7692 6.1: with permessage-deflate, RSV1 on a message's first frame marks it as
-    // compressed; never on a continuation or control frame. RFC 6455 5.2: otherwise MUST be 0.
-    if (rsv == 0x40 && lim_.allow_rsv1 && (opcode == OP_TEXT || opcode == OP_BINARY)) {
-        compressed = true;
-        return true;
-    }
-    return fail(CLOSE_PROTOCOL_ERROR, "reserved bits set");
+    // RFC 6455 5.2: RSV1-3 MUST be 0 unless an extension defines them. permessage-deflate
+    // defines RSV1 only, and only on the first frame of a data message (RFC 7692 6.1).
+    if (rsv != 0x40 || !lim_.allow_rsv1) return fail(CLOSE_PROTOCOL_ERROR, "reserved bits set");
+    if (opcode >= OP_CLOSE) return fail(CLOSE_PROTOCOL_ERROR, "RSV1 on a control frame");  // RFC 7692 6.1
+    if (opcode == OP_CONT) return fail(CLOSE_PROTOCOL_ERROR, "RSV1 on a continuation frame");  // 7692 6.1
+    compressed = true;
+    return true;
 }
 
 bool Run::check_opcode(uint8_t opcode, bool fin, unsigned length7, bool masked) {
