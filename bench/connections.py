@@ -67,7 +67,8 @@ def step(kind: str, n: int, args: argparse.Namespace, log_dir: Path) -> dict[str
         "rss_before": rss_before, "rss_after": reading["rss_after"], "user_bytes_per_conn": user_per_conn,
         "user_bytes_per_conn_each": user, "slab_bytes_per_pair": slab_pair,
         "tcp_mem_bytes_per_pair": tcp_mem_pair, "kernel_bytes_per_conn_server": kernel_server,
-        "tcp_inuse_delta": k1["tcp_inuse"] - k0["tcp_inuse"], "slab_source": k1["slab_source"],
+        "tcp_inuse_delta": k1["tcp_inuse"] - k0["tcp_inuse"], "tcp_tw_before": k0["tcp_tw"],
+        "tcp_tw_after": k1["tcp_tw"], "slab_source": k1["slab_source"],
         "slab_growth": slab_growth(k0, k1),
         "projected_1m_bytes": MILLION * (user_per_conn + kernel_server),
     }

@@ -65,18 +65,23 @@ def burst_step(kind: str, viewers: int, args: argparse.Namespace, log_dir: Path)
     with Fleet(log_dir / f"{kind}-{viewers}-burst") as fleet:
         server, port, path = start_server(fleet, kind, 0, args.deflate)
 
+        samples = []
+
         def trigger() -> None:
             time.sleep(0.5)  # Chorus joins a viewer to the hub after its welcome: let that finish
+            samples.append(cpu_sample(server.pid))
             server.send(f"burst {args.burst}\n")
 
         res = run_loadgens(fleet, [(port, path, viewers)], seconds=args.burst_timeout, start_after_ms=0,
                            expect_per_conn=args.burst, deflate=args.deflate, subprotocol=args.subprotocol,
                            on_connected=trigger)
+        after = cpu_sample(server.pid)
     expected = viewers * args.burst
     burst_s = res["max_ms"] / 1000
     return {"server": kind, "viewers": viewers, "burst": args.burst, "expected": expected,
             "complete": res["deliveries"] >= expected, "burst_ms": res["max_ms"],
-            "burst_deliveries_per_s": res["deliveries"] / burst_s if burst_s > 0 else 0.0, **res}
+            "burst_deliveries_per_s": res["deliveries"] / burst_s if burst_s > 0 else 0.0,
+            "server_wait_ms": 1000 * (after[4] - samples[0][4]), **res}
 
 
 def _failed(kind: str, viewers: int, rate: int | None, exc: Exception) -> dict[str, Any]:
@@ -105,8 +110,8 @@ def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
                     print(f"[{done}/{total}] {kind:<15} viewers={n:<6} rate={rate:<5} "
                           f"{row['deliveries_per_s']:>11,.0f}/s of {n * rate:>9,}/s  "
                           f"p50 {row['p50_ms']:.1f} p99 {row['p99_ms']:.1f} ms  "
-                          f"connected {row['connected']}  server CPU {row['server_cpu_pct']:.0f}% "
-                          f"(others on its core {row['cpu0_other_pct']:.0f}%)  "
+                          f"connected {row['connected']}  server CPU {row['server_cpu_pct']:.0f}%, "
+                          f"waited {row['server_wait_pct']:.0f}%  "
                           f"({time.monotonic() - t0:.1f} s)", flush=True)
                 except Exception as exc:
                     done += 1
@@ -158,21 +163,26 @@ def report(data: dict[str, Any]) -> str:
             continue
         rows.append([r["viewers"], r["rate"], r["server"], r["offered_per_s"], round(r["deliveries_per_s"]),
                      _ratio(r["vs_picows"]), _ratio(r["vs_floor"]), r["p50_ms"], r["p95_ms"], r["p99_ms"],
-                     r["max_ms"], f"{r['connected']}/{r['conns']}", f"{r['server_cpu_pct']:.0f}%",
-                     f"{r['cpu_pct']:.0f}%"])
+                     r["max_ms"], f"{r['connected']}/{r['conns']}",
+                     f"{r['server_cpu_pct']:.0f}% / {r['server_wait_pct']:.0f}%",
+                     f"{r['cpu_pct']:.0f}% / {r['wait_pct']:.0f}%"])
     out = ["### Sustained fan-out (deliveries/s; latency publish→receive in ms)", "",
            md_table(["viewers", "msgs/s", "server", "offered/s", "delivered/s", "vs picows", "vs floor-coalesce",
-                     "p50", "p95", "p99", "max", "connected", "server CPU", "client CPU"], rows)]
+                     "p50", "p95", "p99", "max", "connected", "server CPU / waited", "client CPU / waited"],
+                    rows),
+           "", "CPU: share of its core (server: warm-up and window; 100% = saturated). waited: time it was "
+           "runnable while another process had the core; on a shared machine that is noise, and a row "
+           "with more than a few % is suspect."]
     if data["bursts"]:
         rows = []
         for r in data["bursts"]:
             if "error" in r:
-                rows.append([r["viewers"], r["server"], "failed", "", "", "", "", r["error"][:60]])
+                rows.append([r["viewers"], r["server"], "failed", "", "", "", "", "", r["error"][:60]])
                 continue
             rows.append([r["viewers"], r["server"], f"{r['deliveries']:,}/{r['expected']:,}", r["burst_ms"],
                          round(r["burst_deliveries_per_s"]), _ratio(r["vs_picows"]), _ratio(r["vs_floor"]),
-                         "" if r["complete"] else "incomplete"])
+                         r["server_wait_ms"], "" if r["complete"] else "incomplete"])
         out += ["", f"### Burst: {data['burst']} messages published at once", "",
                 md_table(["viewers", "server", "delivered", "time ms", "burst deliveries/s", "vs picows",
-                          "vs floor-coalesce", "note"], rows)]
+                          "vs floor-coalesce", "server waited ms", "note"], rows)]
     return "\n".join(out)

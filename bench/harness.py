@@ -243,11 +243,11 @@ def _read_json_line(proc: Proc) -> dict[str, Any]:
 
 
 SUMMED = ("conns", "connected", "failed", "open", "closed_by_server", "deflate_conns", "errors",
-          "inflate_errors", "messages", "rx_bytes", "deliveries", "deliveries_per_s", "cpu_pct")
+          "inflate_errors", "messages", "rx_bytes", "deliveries", "deliveries_per_s", "cpu_pct", "wait_pct")
 
 
 def merge_results(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Counts add up (all loadgens share CPU 1, so cpu_pct adds too); percentiles are taken
+    """Counts add up (all loadgens share CPU 1, so cpu_pct and wait_pct add too); percentiles are taken
     from the merged histogram."""
     merged: dict[str, Any] = {k: sum(r.get(k, 0) for r in results) for k in SUMMED}
     merged["processes"] = len(results)
@@ -275,27 +275,36 @@ def _percentile(hist: dict[int, int], q: float) -> float:
 
 
 # ---- CPU and memory readings ----
-def cpu_sample(pid: int) -> tuple[float, float, float, float]:
-    """(wall s, process CPU s, CPU 0 busy s, CPU 0 total s): two samples tell how much of the
-    server's core the server had, and whether anything else ran there."""
+def cpu_sample(pid: int) -> tuple[float, ...]:
+    """(wall s, process CPU s, CPU 0 busy s, CPU 0 total s, process run-queue wait s).
+
+    Two samples tell how much of its core the server used, how much other processes used, and
+    how long the server was runnable but waiting for the CPU (schedstat run_delay, summed over
+    its threads): on a shared machine, that wait is the noise in the result.
+    """
     tick = os.sysconf("SC_CLK_TCK")
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2:].split()
     proc = (int(fields[11]) + int(fields[12])) / tick  # utime + stime (fields 14, 15)
+    wait = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            wait += int((task / "schedstat").read_text().split()[1]) / 1e9
+    busy = total = 0.0
     for line in Path("/proc/stat").read_text().splitlines():
         if line.startswith(f"cpu{SERVER_CPU} "):
             t = [int(x) for x in line.split()[1:]]
             total = sum(t[:8]) / tick
-            return time.monotonic(), proc, total - (t[3] + t[4]) / tick, total  # minus idle, iowait
-    return time.monotonic(), proc, 0.0, 0.0
+            busy = total - (t[3] + t[4]) / tick  # minus idle and iowait
+    return time.monotonic(), proc, busy, total, wait
 
 
-def cpu_usage(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> dict[str, float]:
+def cpu_usage(a: tuple[float, ...], b: tuple[float, ...]) -> dict[str, float]:
     wall, core = b[0] - a[0], b[3] - a[3]
     server = 100 * (b[1] - a[1]) / wall if wall > 0 else 0.0
     busy = 100 * (b[2] - a[2]) / core if core > 0 else 0.0
-    return {"server_cpu_pct": server, "cpu0_busy_pct": busy, "cpu0_other_pct": max(0.0, busy - server)}
-
+    return {"server_cpu_pct": server, "cpu0_busy_pct": busy, "cpu0_other_pct": max(0.0, busy - server),
+            "server_wait_pct": 100 * (b[4] - a[4]) / wall if wall > 0 else 0.0}
 
 
 def rss_bytes(pid: int) -> int:

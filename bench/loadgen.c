@@ -355,6 +355,14 @@ static void poll_once(int timeout_ms) {
     }
 }
 
+/* Time this process was runnable but not running (ns): another process had CPU 1. */
+static uint64_t run_delay_ns(void) {
+    unsigned long long run = 0, wait = 0;
+    FILE *f = fopen("/proc/self/schedstat", "r");
+    if (f) { if (fscanf(f, "%llu %llu", &run, &wait) != 2) wait = 0; fclose(f); }
+    return (uint64_t)wait;
+}
+
 static void usage(void) {
     fprintf(stderr, "usage: loadgen --port P (--hold|--recv) [--host H] [--path /ws] [--conns N]\n"
                     "  [--seconds S] [--start-after MS] [--expect D] [--src-base B] [--src-count K]\n"
@@ -435,15 +443,17 @@ int main(int argc, char **argv) {
     win_end = win_start + (uint64_t)(seconds * 1e9);
     if (hold) win_start = win_end = t1;  /* nothing is counted while holding */
     struct rusage ru0 = {0}, ru1;
+    uint64_t wait0 = 0;
     int window_open = 0;
     uint64_t stop_at = hold ? t1 + (uint64_t)(seconds * 1e9) : win_end;
     while (!stop_flag) {
         uint64_t t = mono_ns();
-        if (!window_open && t >= win_start) { window_open = 1; getrusage(RUSAGE_SELF, &ru0); }
+        if (!window_open && t >= win_start) { window_open = 1; getrusage(RUSAGE_SELF, &ru0); wait0 = run_delay_ns(); }
         if (t >= stop_at || (expect && deliveries >= expect)) break;
         poll_once(5);
     }
     getrusage(RUSAGE_SELF, &ru1);
+    double wait_s = window_open ? (double)(run_delay_ns() - wait0) / 1e9 : 0;
     uint64_t t_end = mono_ns();
     double win_s = 0;
     if (!hold && t_end > win_start) win_s = (double)((t_end < win_end ? t_end : win_end) - win_start) / 1e9;
@@ -454,11 +464,12 @@ int main(int argc, char **argv) {
            "\"closed_by_server\":%d,\"deflate_conns\":%d,\"errors\":%lld,\"inflate_errors\":%lld,"
            "\"connect_ms\":%.1f,\"window_s\":%.3f,\"messages\":%lld,\"rx_bytes\":%lld,"
            "\"deliveries\":%lld,\"deliveries_per_s\":%.1f,\"p50_ms\":%.3f,\"p95_ms\":%.3f,"
-           "\"p99_ms\":%.3f,\"max_ms\":%.3f,\"cpu_pct\":%.1f,\"hist\":[",
+           "\"p99_ms\":%.3f,\"max_ms\":%.3f,\"cpu_pct\":%.1f,\"wait_pct\":%.1f,\"hist\":[",
            hold ? "hold" : "recv", nconns, connected, failed, open_now, closed_by_server, deflate_conns,
            errors, inflate_errors, connect_ms, win_s, messages, rx_bytes, deliveries,
            win_s > 0 ? (double)deliveries / win_s : 0.0, percentile_ms(0.50), percentile_ms(0.95),
-           percentile_ms(0.99), (double)lat_max_us / 1000.0, win_s > 0 ? 100.0 * cpu_s / win_s : 0.0);
+           percentile_ms(0.99), (double)lat_max_us / 1000.0, win_s > 0 ? 100.0 * cpu_s / win_s : 0.0,
+           win_s > 0 ? 100.0 * wait_s / win_s : 0.0);
     /* Non-empty buckets as [low_us, count], so the harness can merge several processes. */
     int first = 1;
     for (int b = 0; b < NBUCKETS; b++)
@@ -466,5 +477,13 @@ int main(int argc, char **argv) {
                               (unsigned long long)hist[b]); first = 0; }
     printf("]}\n");
     fflush(stdout);
+    /* Close with RST (SO_LINGER 0): a bench run leaves no TIME_WAIT sockets behind, which
+     * would fill the kernel's table and skew the next step's slab readings. */
+    struct linger lin = {.l_onoff = 1, .l_linger = 0};
+    for (int i = 0; i < started; i++)
+        if (conns[i].state != CLOSED) {
+            setsockopt(conns[i].fd, SOL_SOCKET, SO_LINGER, &lin, sizeof lin);
+            close(conns[i].fd);
+        }
     return 0;
 }

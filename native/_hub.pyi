@@ -36,9 +36,7 @@ class Hub:
         inflate_limit_bytes: int = 65536,
     ) -> None: ...
     def fileno(self) -> int: ...
-    def adopt(
-        self, fd: int, stream: int, variant: int, leftover: bytes = b"", tag: bytes = b""
-    ) -> int:
+    def adopt(self, fd: int, stream: int, variant: int, leftover: bytes = b"", tag: bytes = b"") -> int:
         """Own ``fd``; return its connection id. ValueError leaves the fd untouched; OSError
         (fcntl/epoll failed) means the hub already closed it."""
     def publish(self, stream: int, payloads: _Payloads, control: bool, count: int) -> None: ...

@@ -10,10 +10,18 @@ trap 'echo "scripts/test.sh: elapsed ${SECONDS}s"' EXIT
 
 bash scripts/install-test-deps.sh
 
-[ $# -gt 0 ] || set -- -q -ra
+full=0
+[ $# -gt 0 ] || { full=1; set -- -q -ra; }
 rc=0
 .venv/bin/pytest "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "scripts/test.sh: pytest collected no tests; treated as a failure" >&2
+fi
+if [ "$rc" -eq 0 ] && [ "$full" -eq 1 ]; then
+    # The pure-Python twins are the reference: run the hub, codec and gateway paths on them too.
+    echo "scripts/test.sh: again on the pure-Python twins (CHORUS_PURE=1)"
+    CHORUS_PURE=1 CHORUS_EXPECT_IMPL=pure .venv/bin/pytest -q -ra -m "not services" \
+        tests/test_codec.py tests/test_hub.py tests/test_e2e.py tests/test_bad_input.py \
+        tests/test_handoff.py tests/test_autobahn.py || rc=$?
 fi
 exit "$rc"

@@ -7,8 +7,8 @@ that cannot keep up then shows its backlog as latency instead of silently publis
 
 stdin carries commands from the harness: ``start`` begins the schedule when the server was
 started ``--paused`` (so viewers connect to an idle server: a busy one would starve its own
-handshakes), ``burst N`` publishes N messages at once, all stamped now. When stdin is a pipe and it closes, the server stops: a harness that died
-without cleaning up does not leave servers behind.
+handshakes), ``burst N`` publishes N messages at once, all stamped now. When stdin is a pipe
+and it closes, the server stops: a harness that died without cleaning up leaves no server.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ __all__ = ["main"]
 viewers: set[WSTransport] = set()
 
 
-class Viewer(WSListener):  # type: ignore[misc]
+class Viewer(WSListener):
     def on_ws_connected(self, transport: WSTransport) -> None:
         viewers.add(transport)
 

@@ -302,7 +302,10 @@ uint64_t Hub::adopt(int fd, uint32_t stream, uint8_t variant, std::string leftov
     c.flags = 0;
     c.skipped = 0;
     c.last_in = clock_;
-    if (!tag.empty()) c.tag = std::make_unique<std::string>(std::move(tag));
+    if (!tag.empty()) {  // stored only if non-empty: anonymous viewers hold no heap
+        c.tag = std::make_unique<std::string>(std::move(tag));
+        ++held_tags_;
+    }
     join_stream(fd);
     ++open_;
     const uint64_t id = conn_id(fd);
@@ -359,8 +362,14 @@ void Hub::begin_close(int fd, int send_code, const char* reason, size_t reason_l
     ++closing_;
     c.timer = clock_;
     c.flags &= uint8_t(~(F_PING | F_SLOW));
-    c.read.reset();
-    c.tag.reset();
+    if (c.read) {
+        c.read.reset();
+        --held_reads_;
+    }
+    if (c.tag) {
+        c.tag.reset();
+        --held_tags_;
+    }
     if (send_code != 0) {
         Buffer frame = std::make_shared<const std::string>(ws::close_frame(send_code, std::string(reason, reason_len)));
         if (!enqueue(fd, &frame, 1)) return;  // the peer is gone: already released
@@ -394,6 +403,9 @@ void Hub::release(int fd) {
     if (c.state == OPEN) --open_;
     if (c.state == CLOSING) --closing_;
     if (c.out) backlog_total_ -= c.out->bytes;
+    held_reads_ -= c.read ? 1 : 0;
+    held_backlogs_ -= c.out ? 1 : 0;
+    held_tags_ -= c.tag ? 1 : 0;
     const uint32_t generation = c.generation;
     c = Conn();
     c.generation = generation;
@@ -458,9 +470,13 @@ void Hub::on_bytes(int fd, uint8_t* data, size_t n) {
     } else if (sink.peer_close != 0) {
         begin_close(fd, sink.peer_close, "", 0, sink.peer_close);
     } else if (c.read) {
-        if (c.read->idle()) c.read.reset();
+        if (c.read->idle()) {
+            c.read.reset();
+            --held_reads_;
+        }
     } else if (!local.idle()) {
         c.read = std::make_unique<ws::ParseState>(std::move(local));
+        ++held_reads_;
     }
 }
 
@@ -503,6 +519,7 @@ bool Hub::enqueue(int fd, const Buffer* bufs, int nbufs) {
     // Keep the unsent tail as references to the shared buffers, never as a copy.
     ++stats_.partial_writes;
     c.out = std::make_unique<Backlog>();
+    ++held_backlogs_;
     size_t skip = size_t(sent);
     for (int i = 0; i < nbufs; ++i) {
         const size_t size = bufs[i]->size();
@@ -565,6 +582,7 @@ void Hub::consume(int fd, uint64_t n) {
     }
     if (b.head == b.q.size()) {  // drained: an idle connection holds no buffer
         c.out.reset();
+        --held_backlogs_;
         set_out(fd, false);
         c.flags &= uint8_t(~F_SLOW);
         if (c.state == CLOSING) shutdown_wr(fd);
@@ -607,6 +625,7 @@ void Hub::drop_unstarted(int fd) {
     backlog_total_ -= dropped;
     if (keep == 0) {
         c.out.reset();
+        --held_backlogs_;
         set_out(fd, false);
     }
 }
@@ -884,6 +903,9 @@ std::vector<std::pair<const char*, uint64_t>> Hub::stats() const {
         {"closing", closing_},
         {"streams", streams_.size()},
         {"backlog_bytes", backlog_total_},
+        {"held_read_buffers", held_reads_},  // connections with a partial frame or message
+        {"held_backlogs", held_backlogs_},  // connections with unsent bytes
+        {"held_tags", held_tags_},
         {"events_pending", events_.size()},
         {"conn_slot_bytes", sizeof(Conn)},
         {"conn_table_bytes", conns_.capacity() * sizeof(Conn)},

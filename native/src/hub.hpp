@@ -222,6 +222,10 @@ private:
     size_t open_ = 0;
     size_t closing_ = 0;
     uint64_t backlog_total_ = 0;
+    // Heap held by connections (HUB.md: none while idle), counted for stats().
+    size_t held_reads_ = 0;
+    size_t held_backlogs_ = 0;
+    size_t held_tags_ = 0;
     HubStats stats_;
 };
 
