@@ -9,6 +9,7 @@ servers' and loadgens' stderr to ``bench/out/logs/<scenario>-<timestamp>/``.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
@@ -27,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         module.add_arguments(sub.add_parser(name, help=(module.__doc__ or "").splitlines()[0]))
     sub.add_parser("build", help="only compile loadgen and floor into bench/out/")
     args = parser.parse_args(argv)
+    # SIGTERM and SIGINT (even if inherited as ignored) unwind through the scenarios' `with
+    # Fleet` blocks, so every server and loadgen is stopped by its PID on the way out.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     print(f"loadgen: {loadgen_exe()}\nfloor:   {floor_exe()}", flush=True)
     if args.scenario == "build":
@@ -36,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     module = SCENARIOS[args.scenario]
     started = time.monotonic()
     machine_before = machine_info()  # load average before: other work on the box skews results
-    data = module.run(args, log_dir)
+    try:
+        data = module.run(args, log_dir)
+    except KeyboardInterrupt:
+        print("\ninterrupted: every process started was stopped", file=sys.stderr)
+        return 130
     runtime = time.monotonic() - started
     data = {"scenario": args.scenario, "started": stamp, "argv": sys.argv[1:], "runtime_s": round(runtime, 1),
             "machine": machine_before, "loadavg_after": machine_info()["loadavg"], **data}

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.harness import Fleet, kernel_memory, md_table, rss_bytes, run_loadgens, slab_growth, start_server
+from bench.harness import Fleet, kernel_memory, md_table, one_line, rss_bytes, run_loadgens, slab_growth, start_server
 
 __all__ = ["add_arguments", "run"]
 
@@ -106,7 +106,7 @@ def report(data: dict[str, Any]) -> str:
     for r in data["rows"]:
         if "error" in r:
             rows.append([r["server"], f"{r['servers']} x {r['conns_per_server']:,}", "failed", "", "", "", "", "",
-                         r["error"][:60]])
+                         one_line(r["error"])])
             continue
         rss_mib = sum(r["rss_before"]) / len(r["rss_before"]) / 2**20
         rows.append([r["server"], f"{r['servers']} x {r['conns_per_server']:,}", f"{r['open']:,}",
@@ -126,4 +126,11 @@ def report(data: dict[str, Any]) -> str:
                    f"= {r['projected_1m_bytes'] / 2**30:.2f} GiB "
                    f"(user {MILLION * r['user_bytes_per_conn'] / 2**30:.2f} GiB + kernel "
                    f"{MILLION * r['kernel_bytes_per_conn_server'] / 2**30:.2f} GiB)")
+    out += ["", "Slab growth per connection pair, largest N (where the kernel's share goes):"]
+    for kind, r in best.items():
+        pairs = r["conns_per_server"] * r["servers"]
+        caches = ", ".join(f"{name} {grew / pairs:,.0f}" for name, grew in r["slab_growth"].items())
+        out.append(f"- {kind}: {caches}")
+    out.append("(proc_inode_cache is not socket memory: it grew here although the bench reads no /proc/PID/fd, "
+               "so something else on the machine likely inspects fds. It is still in the totals above.)")
     return "\n".join(out)

@@ -6,7 +6,8 @@ loadgen on CPU 1 connects the viewers, waits ``--warmup-ms`` and counts deliveri
 one-message frames count alike. Then a ``burst`` step per viewer count: with the publisher
 idle, ``burst N`` goes to the server's stdin and the loadgen waits for viewers × N
 deliveries; the burst time is the latest delivery's latency (every message of a burst
-carries the same bt).
+carries the same bt). A burst over in under a second is repeated (``--burst-repeat``) and the
+median kept.
 
 Ratios are against the plain picows loop and the coalescing C floor measured in the same run,
 as DESIGN.md section 8 states its targets.
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.harness import SERVERS, Fleet, cpu_sample, cpu_usage, md_table, run_loadgens, start_server
+from bench.harness import SERVERS, Fleet, cpu_sample, cpu_usage, md_table, one_line, run_loadgens, start_server
 
 __all__ = ["add_arguments", "run"]
 
@@ -39,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=5.0, help="measured seconds per step")
     p.add_argument("--warmup-ms", type=float, default=1000.0, help="after connecting, before measuring")
     p.add_argument("--burst", type=int, default=100, help="messages per burst (0: no burst step)")
+    p.add_argument("--burst-repeat", type=int, default=3, help="runs of a sub-second burst (median kept)")
     p.add_argument("--burst-timeout", type=float, default=20.0, help="give up waiting for a burst (s)")
     p.add_argument("--deflate", action="store_true", help="loadgen offers permessage-deflate")
     p.add_argument("--subprotocol", action="store_true", help="loadgen offers chorus.json.v1")
@@ -84,6 +86,18 @@ def burst_step(kind: str, viewers: int, args: argparse.Namespace, log_dir: Path)
             "server_wait_ms": 1000 * (after[4] - samples[0][4]), **res}
 
 
+def repeated_burst(kind: str, viewers: int, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    """A burst over in under a second is at the mercy of one scheduling hiccup: run it
+    ``--burst-repeat`` times (fresh server each) and keep the median; a longer one runs once."""
+    runs = [burst_step(kind, viewers, args, log_dir)]
+    if runs[0]["burst_ms"] < 1000:
+        runs += [burst_step(kind, viewers, args, log_dir) for _ in range(args.burst_repeat - 1)]
+    runs.sort(key=lambda r: r["burst_deliveries_per_s"])
+    median = dict(runs[len(runs) // 2])
+    median["runs_ms"] = [r["burst_ms"] for r in runs]
+    return median
+
+
 def _failed(kind: str, viewers: int, rate: int | None, exc: Exception) -> dict[str, Any]:
     print(f"    {kind} failed: {exc}", flush=True)
     return {"server": kind, "viewers": viewers, "rate": rate, "error": str(exc)}
@@ -121,11 +135,12 @@ def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         for kind in servers:
             t0 = time.monotonic()
             try:
-                row = burst_step(kind, n, args, log_dir)
+                row = repeated_burst(kind, n, args, log_dir)
                 bursts.append(row)
                 done += 1
                 print(f"[{done}/{total}] {kind:<15} viewers={n:<6} burst {args.burst}: "
-                      f"{row['deliveries']:,}/{row['expected']:,} in {row['burst_ms']:.0f} ms = "
+                      f"{row['deliveries']:,}/{row['expected']:,} in {row['burst_ms']:.0f} ms "
+                      f"(runs {', '.join(f'{ms:.0f}' for ms in row['runs_ms'])}) = "
                       f"{row['burst_deliveries_per_s']:,.0f}/s  ({time.monotonic() - t0:.1f} s)", flush=True)
             except Exception as exc:
                 done += 1
@@ -159,7 +174,7 @@ def report(data: dict[str, Any]) -> str:
     for r in data["steps"]:
         if "error" in r:
             rows.append([r["viewers"], r["rate"], r["server"], r["viewers"] * r["rate"], "failed", "", "", "",
-                         "", "", "", "", "", r["error"][:60]])
+                         "", "", "", "", "", one_line(r["error"])])
             continue
         rows.append([r["viewers"], r["rate"], r["server"], r["offered_per_s"], round(r["deliveries_per_s"]),
                      _ratio(r["vs_picows"]), _ratio(r["vs_floor"]), r["p50_ms"], r["p95_ms"], r["p99_ms"],
@@ -177,7 +192,7 @@ def report(data: dict[str, Any]) -> str:
         rows = []
         for r in data["bursts"]:
             if "error" in r:
-                rows.append([r["viewers"], r["server"], "failed", "", "", "", "", "", r["error"][:60]])
+                rows.append([r["viewers"], r["server"], "failed", "", "", "", "", "", one_line(r["error"])])
                 continue
             rows.append([r["viewers"], r["server"], f"{r['deliveries']:,}/{r['expected']:,}", r["burst_ms"],
                          round(r["burst_deliveries_per_s"]), _ratio(r["vs_picows"]), _ratio(r["vs_floor"]),

@@ -33,6 +33,7 @@ __all__ = [
     "kernel_memory",
     "machine_info",
     "md_table",
+    "one_line",
     "rss_bytes",
     "run_loadgens",
     "start_server",
@@ -359,6 +360,11 @@ def write_json(scenario: str, data: dict[str, Any]) -> Path:
     path = OUT / f"{scenario}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(data, indent=1, default=str))
     return path
+
+
+def one_line(text: str, width: int = 80) -> str:
+    """Text for one table cell: whitespace (newlines too) collapsed, cut to ``width``."""
+    return " ".join(text.split())[:width]
 
 
 def md_table(headers: list[str], rows: list[list[Any]]) -> str:

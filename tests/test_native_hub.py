@@ -10,6 +10,7 @@ and the same close code.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
@@ -427,6 +428,9 @@ def test_ping_gets_a_pong_with_the_same_payload(harness: Callable[..., Harness])
     v.send(client_frame(OP_PING, bytes(range(125))))
     h.pump(lambda: v.read())
     assert v.read() == [(OP_PONG, bytes(range(125)))]
+    v.send(b"".join(client_frame(OP_PING, b"%d" % i) for i in range(10)))  # one read
+    h.pump(lambda: len(v.read()) == 11)
+    assert v.read()[1:] == [(OP_PONG, b"%d" % i) for i in range(10)]  # one pong each, in order
 
 
 @pytest.mark.parametrize(
@@ -652,6 +656,9 @@ def test_send_reaches_one_viewer_and_stale_ids_do_nothing(harness: Callable[...,
     h.pump(lambda: c.read())
     assert c.events() == [{"t": "hello"}]
     assert not h.hub.send(12345 << 32 | 99999, b"{}")
+    assert h.hub.send(c.conn, b"\x01\x02", binary=True)  # the echo endpoint answers in kind
+    h.pump(lambda: len(c.read()) == 2)
+    assert c.read()[1] == (OP_BINARY, b"\x01\x02")
 
 
 def test_close_and_close_all(harness: Callable[..., Harness]) -> None:
@@ -907,3 +914,26 @@ def test_random_streams_match_the_reference_parser(harness: Callable[..., Harnes
     codes = [run_case(h, rng, case) for case in range(300)]
     assert codes.count(None) >= 40 and len(set(codes)) >= 8  # open, closes, each error code
     assert {1002, 1007, 1009} <= set(codes)
+
+
+def test_mutated_streams_only_close_with_documented_codes(harness: Callable[..., Harness]) -> None:
+    """Bit-flipped frame streams, on plain and deflate connections: the hub closes with a
+    protocol code, echoes a client close, or stays open; it never crashes or hangs."""
+    rng = random.Random(7692)
+    h = harness(max_message_bytes=MAX_SIZE, max_fragments=MAX_FRAGMENTS, inflate_limit_bytes=4096)
+    for case in range(int(os.environ.get("CHORUS_FUZZ_CASES", "150"))):
+        stream = bytearray(random_stream(rng))
+        if rng.random() < 0.5:  # a compressed message to inflate, maybe corrupted below
+            stream[:0] = client_frame(rng.choice([OP_TEXT, OP_BINARY]), deflate(rng.randbytes(50)), rsv=4)
+        for _ in range(rng.randint(1, 4)):
+            stream[rng.randrange(len(stream))] ^= 1 << rng.randrange(8)
+        v = h.connect(stream=case, variant=rng.choice([JSON, MSGPACK | DEFLATE]))
+        with contextlib.suppress(OSError):
+            v.sock.sendall(stream)
+        v.sock.shutdown(socket.SHUT_WR)  # then EOF: every case ends with a CLOSED event
+        h.pump(lambda v=v: h.closed(v) is not None)  # type: ignore[misc]
+        code = h.closed(v)
+        assert code is not None and 1000 <= code <= 4999 and code not in (1004, 1005), f"case {case}"
+        v.sock.close()
+    h.pump(lambda: h.stat("closing") == 0)
+    assert h.hub.connections() == 0

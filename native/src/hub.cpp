@@ -174,10 +174,10 @@ public:
 
     bool on_control(uint8_t opcode, const uint8_t* data, size_t n) override {
         if (opcode == ws::OP_PING) {
-            // RFC 6455 5.5.2: a pong with the same payload. 5.5.3: when several pings arrive
-            // before we answer, answering the latest is enough, which bounds what we queue.
-            pong.clear();
-            ws::append_frame(pong, ws::OP_PONG, data, n);
+            // RFC 6455 5.5.2: a pong with the same payload. 5.5.3 would let us answer only
+            // the latest of several pings, but clients (and Autobahn 2.10) expect one pong
+            // each; the pongs of one read are no bigger than the pings, and go out in one write.
+            ws::append_frame(pongs, ws::OP_PONG, data, n);
         } else if (opcode == ws::OP_CLOSE) {
             // RFC 6455 5.5.1: reply with a close frame echoing the code; stop reading. A
             // code-less close is answered (and reported) as 1000, like the pure twin does.
@@ -187,7 +187,7 @@ public:
         return true;  // a pong: its bytes already reset the heartbeat
     }
 
-    std::string pong;  // the frame answering the latest ping, if any
+    std::string pongs;  // the frames answering this read's pings
     int peer_close = 0;  // the client's close code, once it sent a close frame
     uint16_t fail_code = 0;  // a violation found after framing (inflate, inflated UTF-8)
     const char* fail_reason = "";
@@ -458,8 +458,8 @@ void Hub::on_bytes(int fd, uint8_t* data, size_t n) {
     limits.allow_rsv1 = (c.variant & DEFLATE) != 0;
     Sink sink(*this, fd);
     const ws::ParseResult r = ws::parse_frames(st, limits, data, n, sink);
-    if (!sink.pong.empty()) {
-        Buffer pong = std::make_shared<const std::string>(std::move(sink.pong));
+    if (!sink.pongs.empty()) {
+        Buffer pong = std::make_shared<const std::string>(std::move(sink.pongs));
         if (!enqueue(fd, &pong, 1) || c.state != OPEN) return;
     }
     const uint16_t code = r.close_code ? r.close_code : sink.fail_code;
@@ -630,8 +630,10 @@ void Hub::drop_unstarted(int fd) {
     }
 }
 
-Hub::Buffer Hub::frame_for(uint8_t variant, const std::string& payload) {
-    const uint8_t opcode = (variant & 1) ? ws::OP_BINARY : ws::OP_TEXT;
+// One data frame for one viewer; `binary` overrides the variant's opcode (-1: keep it).
+Hub::Buffer Hub::frame_for(uint8_t variant, const std::string& payload, int binary) {
+    const bool as_binary = binary < 0 ? (variant & 1) != 0 : binary != 0;
+    const uint8_t opcode = as_binary ? ws::OP_BINARY : ws::OP_TEXT;
     std::string out;
     if (variant & DEFLATE) {
         const std::string z = deflate(variant, payload);
@@ -665,11 +667,11 @@ std::string Hub::deflate(uint8_t variant, const std::string& payload) {
     return deflater(variant).compress(payload.data(), payload.size());
 }
 
-bool Hub::send(uint64_t conn, const std::string& payload) {
+bool Hub::send(uint64_t conn, const std::string& payload, int binary) {
     Conn* c = find(conn);
     if (c == nullptr) return false;
     tick();
-    const Buffer frame = frame_for(c->variant, payload);
+    const Buffer frame = frame_for(c->variant, payload, binary);
     enqueue(int(conn & 0xFFFFFFFFu), &frame, 1);
     return true;
 }

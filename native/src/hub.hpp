@@ -108,7 +108,8 @@ public:
     bool payloads_cover(uint32_t stream, uint8_t present) const;
     void publish(uint32_t stream, OutboundEvent&& event);
     uint32_t variants(uint32_t stream) const;
-    bool send(uint64_t conn, const std::string& payload);
+    // `binary`: -1 frames in the viewer's variant, 0 forces a text frame, 1 a binary one.
+    bool send(uint64_t conn, const std::string& payload, int binary = -1);
     void close(uint64_t conn, int code, const std::string& reason);
     void close_all(int code, const std::string& reason);
     void poll();
@@ -190,7 +191,7 @@ private:
     void consume(int fd, uint64_t n);
     void check_backlog(int fd);
     void drop_unstarted(int fd);
-    Buffer frame_for(uint8_t variant, const std::string& payload);
+    Buffer frame_for(uint8_t variant, const std::string& payload, int binary = -1);
     Buffer skipped_marker(uint8_t variant, uint32_t count);
     // flushing and timers
     void flush_stream(uint32_t sid);

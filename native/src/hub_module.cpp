@@ -164,12 +164,14 @@ PYBIND11_MODULE(_hub, m) {
         .def("variants", &Hub::variants, py::arg("stream"))
         .def(
             "send",
-            [](Hub& h, uint64_t conn, py::handle payload) {
+            [](Hub& h, uint64_t conn, py::handle payload, py::handle binary) {
                 std::string data = copy_bytes(payload);
+                const int opcode = binary.is_none() ? -1 : PyObject_IsTrue(binary.ptr());
+                if (opcode < 0 && !binary.is_none()) throw py::error_already_set();
                 py::gil_scoped_release nogil;
-                return h.send(conn, data);
+                return h.send(conn, data, opcode);
             },
-            py::arg("conn"), py::arg("payload"))
+            py::arg("conn"), py::arg("payload"), py::arg("binary") = py::none())
         .def(
             "close",
             [](Hub& h, uint64_t conn, int code, const std::string& reason) {
