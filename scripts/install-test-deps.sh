@@ -2,7 +2,7 @@
 # Install everything the test suite needs, idempotently (a second run does almost nothing).
 # Written for a fresh Debian 12 machine as root (uses sudo when not root and something is
 # missing):
-#   - system packages, only when missing: redis-server, a JDK 17 and Maven (to fetch the Kafka
+#   - system packages, only when missing: redis-server, chromium (browser tests), a JDK 17
 #     jars), a C/C++ compiler and the Python headers (the native extensions are built with
 #     CHORUS_BUILD_NATIVE=always), python3-venv;
 #   - .venv with the project installed in editable mode with its `test` extra;
@@ -38,6 +38,7 @@ print(os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))
 missing=()
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # browser interop tests
 [ "$(java_major)" -ge 17 ] || missing+=(openjdk-17-jdk-headless)
 command -v mvn >/dev/null 2>&1 || missing+=(maven)
 { command -v cc && command -v c++; } >/dev/null 2>&1 || missing+=(build-essential)
