@@ -3,8 +3,8 @@
 # Written for a fresh Debian 12 machine as root (uses sudo when not root and something is
 # missing):
 #   - system packages, only when missing: redis-server, chromium (browser tests), a JDK 17
-#     jars), a C/C++ compiler and the Python headers (the native extensions are built with
-#     CHORUS_BUILD_NATIVE=always), python3-venv;
+#     and Maven (to fetch the Kafka jars), a C/C++ compiler and the Python headers (the native
+#     extensions are built with CHORUS_BUILD_NATIVE=always), python3-venv;
 #   - .venv with the project installed in editable mode with its `test` extra;
 #   - the Apache Kafka broker jars in .services/kafka/libs, resolved from services/kafka/pom.xml.
 # CHORUS_REINSTALL=1 forces the pip step even when nothing it depends on changed.
