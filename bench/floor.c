@@ -91,7 +91,7 @@ static struct conn *conns;
 static int *viewers, nviewers, maxfd;
 static int ep, lfd, tfd;
 static int mode_coalesce;
-static size_t pending_max = 256 * 1024;
+static size_t pending_max = 64 * 1024;  /* as Chorus's backlog_limit_bytes default */
 static double rate;
 static unsigned long long generated, sends, drops, eagains;
 static volatile sig_atomic_t stop_flag;

@@ -165,9 +165,11 @@ class Gateway:
         loop = asyncio.get_running_loop()
         await self.node.start()
         loop.add_reader(self.hub.fileno(), self.on_hub_ready)
+        picows_log = logging.getLogger("chorus.picows")
+        if not picows_log.isEnabledFor(logging.DEBUG):
+            picows_log.setLevel(logging.WARNING)  # it logs every accepted connection at INFO
         factory = picows_protocol_factory(self.route, self._recorders, handshake_timeout_s=g.handshake_timeout_s,
-                                          max_frame_size=g.max_message_bytes,
-                                          logger=logging.getLogger("chorus.picows"))
+                                          max_frame_size=g.max_message_bytes, logger=picows_log)
         self.server = await loop.create_server(factory, g.host, g.port, reuse_port=True, backlog=4096)
         log.info("gateway listening on %s (hub: %s)", ", ".join(str(s.getsockname()) for s in self.server.sockets),
                  native.HUB_IMPLEMENTATION)
