@@ -1,25 +1,28 @@
-"""The pure-Python hub: the reference implementation of native/HUB.md.
+"""The pure-Python hub: the twin of the C++ hub (``chorus.native._hub``), per native/HUB.md.
 
 It owns viewer sockets after the upgrade, in the event-loop thread: an epoll set of its own,
 client frames parsed with the pure codec, one buffer per flush per encoding variant written
-to every viewer of a stream, bounded backlogs, heartbeats and closes. The C++ hub
-(``chorus.native._hub``) behaves the same way at production scale; the parity tests run the
-same cases against both.
+to every viewer of a stream, bounded backlogs, heartbeats and closes. It follows hub.cpp step
+by step (the function names match), so tests/test_hub.py runs every case against both.
 
 Python has no timerfd before 3.13, so this twin reports its next deadline through
-``next_timeout_ms()`` and the gateway wakes it with a loop timer.
+``next_timeout_ms()`` and the caller polls again when it is due.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import math
+import os
 import select
 import socket
 import time
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import msgpack
 from chorus.native import codec_pure as codec  # the twin of the C++ hub's own parser
@@ -29,10 +32,21 @@ __all__ = ["CLOSED", "DEFLATE", "JSON", "MESSAGE_BINARY", "MESSAGE_TEXT", "MSGPA
 JSON, MSGPACK, DEFLATE = 0, 1, 2
 MESSAGE_TEXT, MESSAGE_BINARY, CLOSED = 1, 2, 3
 
-READ_CHUNK = 65536
+READ_CHUNK = 65536  # one recv per ready socket per poll
+MAX_EVENTS = 1024  # sockets handled per poll; the rest stay ready (level-triggered)
+MAX_IOV = 64  # backlog slices per sendmsg
 CLOSE_LINGER_S = 2.0
-HEARTBEAT_SWEEP_S = 1.0
+SWEEP_S = 1.0  # heartbeats, stuck slow viewers and lingering closes are checked this often
+HARD_BACKLOG_FACTOR = 8  # a backlog over 8 x the limit + 1 MiB closes with 4008 at once
+HARD_BACKLOG_EXTRA = 1 << 20
+CLOSE_NORMAL, CLOSE_ABNORMAL = 1000, 1006
 _EMPTY_TAIL = b"\x00\x00\xff\xff"  # RFC 7692 7.2.1: stripped after compressing, re-added to inflate
+_PING = codec.encode_frame(codec.OP_PING, b"")  # HUB.md: heartbeat pings are empty
+_HEARTBEAT_CLOSE = codec.encode_close(1001, "heartbeat timeout")
+_SLOW_CLOSE = codec.encode_close(4008, "too slow: reconnect and resume")
+
+Event = tuple[int, int, int, bytes, bytes]  # (kind, conn, stream, data, tag), see drain()
+Payloads = tuple[bytes | None, bytes | None]
 
 
 def deflate_message(data: bytes, level: int, window_bits: int) -> bytes:
@@ -43,46 +57,156 @@ def deflate_message(data: bytes, level: int, window_bits: int) -> bytes:
 
 
 def inflate_message(data: bytes, limit: int) -> bytes:
-    """Inflate one client message; over ``limit`` bytes raises ProtocolError(1009)."""
+    """Inflate one client message; over ``limit`` bytes raises ProtocolError(1009).
+
+    Window 15 accepts any client_max_window_bits (RFC 7692 7.1.2.2). Output stops one byte past
+    the limit, so a bomb costs at most that whatever its ratio.
+    """
     d = zlib.decompressobj(-15)
     try:
         out = d.decompress(data + _EMPTY_TAIL, limit + 1)
-    except zlib.error as exc:
-        raise codec.ProtocolError(codec.CLOSE_INVALID_DATA, f"bad deflate data: {exc}") from None
+    except zlib.error:
+        raise codec.ProtocolError(codec.CLOSE_INVALID_DATA, "bad deflate data") from None
     if len(out) > limit:
         raise codec.ProtocolError(codec.CLOSE_TOO_BIG, "inflated message too big")
     return out
 
 
-def window_bits(variant: int, default: int = 15) -> int:
-    """The LZ77 window a deflate viewer allows the server (HUB.md: bits 4-7; 0: the default)."""
-    return min((variant >> 4) & 0xF or default, default)
+def normalised_variant(variant: int, deflate_window_bits: int) -> int:
+    """The variant as the hub keeps it, or ValueError (HUB.md "Identifiers").
+
+    A deflate variant always carries its window, min(the viewer's, the hub's), so viewers with
+    equal encodings share one buffer per flush; zlib has no raw 8-bit window, so 1-8 is refused.
+    """
+    bits = variant >> 4
+    if not 0 <= variant <= 0xFF or variant & 0x0C or 0 < bits < 9:
+        raise ValueError("bad variant")
+    if not variant & DEFLATE:
+        return variant & 1
+    return variant & 3 | min(bits or 15, deflate_window_bits) << 4
 
 
-@dataclass(slots=True)
+class _Parser(codec.FrameParser):
+    """codec_pure's parser, plus the two things the hub needs that its public API lacks."""
+
+    def feed_until_error(self, data: bytes) -> tuple[list[tuple[int, bytes]], codec.ProtocolError | None]:
+        """Like feed(), but keep what was completed before a protocol error.
+
+        The C++ parser hands each message to the hub as it completes, so those messages are
+        delivered even when a later frame of the same read is bad; feed() drops them with its
+        exception. _parse appends to ``out`` as it goes, so catching the error here keeps
+        exactly the messages before it, with no re-parsing.
+        """
+        if self._error is not None:
+            return [], self._error
+        self._buf += data
+        out: list[tuple[int, bytes]] = []
+        try:
+            consumed = self._parse(self._buf, out)
+        except codec.ProtocolError as exc:
+            self._fail(exc)
+            return out, exc
+        del self._buf[:consumed]
+        return out, None
+
+    def idle(self) -> bool:
+        """No partial frame or fragmented message is held (stats: held_read_buffers)."""
+        return self._remaining < 0 and not self._msg_opcode and not self._buf
+
+
+class _Ending(NamedTuple):
+    """Why a read ends the connection: a protocol violation or the client's close."""
+
+    code: int
+    reason: str
+    protocol_error: bool
+
+
+class _Outbound(NamedTuple):
+    payloads: Payloads  # (JSON text, msgpack)
+    control: bool  # never skipped for slow viewers
+    count: int  # comments carried by a batch
+
+
+@dataclass(slots=True, eq=False)
 class _Conn:
     id: int  # (generation << 32) | fd
     fd: int
     sock: socket.socket
     stream: int
-    variant: int
+    variant: int  # normalised_variant()
     tag: bytes
-    parser: codec.FrameParser
+    parser: _Parser
     last_rx: float
-    backlog: deque[memoryview] = field(default_factory=deque)
+    backlog: deque[memoryview] = field(default_factory=deque)  # unsent slices of shared buffers
     backlog_bytes: int = 0
-    skipped: int = 0
-    slow_since: float = 0.0
-    ping_sent_at: float = 0.0
-    closing_since: float = 0.0  # close frame sent; waiting for the peer or the linger deadline
-    close_code: int = 1006
+    head_started: bool = False  # the first backlog slice is a frame already partly sent
+    want_out: bool = False  # EPOLLOUT armed: only while there is a backlog
+    skipped: int = 0  # comments skipped while slow, reported by the next marker
+    slow_since: float | None = None  # the backlog is over the limit since then
+    ping_sent_at: float | None = None
+    closing_since: float | None = None  # None: open; else the close began then (HUB.md "Close")
+    shut_wr: bool = False
 
 
 @dataclass(slots=True)
 class _Stream:
-    viewers: set[int] = field(default_factory=set)
-    pending: list[tuple[tuple[bytes | None, bytes | None], bool, int]] = field(default_factory=list)
-    deadline: float = 0.0
+    viewers: set[int] = field(default_factory=set)  # fds of its open connections
+    pending: list[_Outbound] = field(default_factory=list)
+    deadline: float = 0.0  # when the pending events must go out
+
+
+class _FlushFrames:
+    """The buffers of one flush, built on first use per (variant, control-only) and shared by
+    every viewer that needs them; a deflated variant compresses each event once."""
+
+    def __init__(self, hub: Hub, events: list[_Outbound]) -> None:
+        self._hub = hub
+        self._events = events
+        self._built: dict[tuple[int, bool], bytes | None] = {}
+        self._deflated: dict[tuple[int, int], bytes] = {}  # (variant, event index) -> compressed
+
+    def get(self, variant: int, control_only: bool) -> bytes | None:
+        """None when no event of the flush has a frame for this viewer."""
+        key = (variant, control_only)
+        if key not in self._built:
+            self._built[key] = self._build(variant, control_only)
+        return self._built[key]
+
+    def _build(self, variant: int, control_only: bool) -> bytes | None:
+        opcode = codec.OP_BINARY if variant & 1 else codec.OP_TEXT
+        frames = [
+            codec.encode_frame(opcode, self._payload(i, variant), rsv1=bool(variant & DEFLATE))
+            for i, e in enumerate(self._events)
+            # an encoding published as None: no viewer used it then, one that joined since skips it
+            if e.payloads[variant & 1] is not None and (e.control or not control_only)
+        ]
+        if not frames:
+            return None
+        self._hub._stats["frames_built"] += 1
+        return b"".join(frames)
+
+    def _payload(self, i: int, variant: int) -> bytes:
+        raw = self._events[i].payloads[variant & 1]
+        assert raw is not None
+        if not variant & DEFLATE:
+            return raw
+        if (variant, i) not in self._deflated:
+            self._deflated[variant, i] = self._hub._deflate(variant, raw)
+        return self._deflated[variant, i]
+
+
+def _check_config(values: dict[str, int]) -> None:
+    """The C++ hub's limits, with its messages: ValueError before any fd exists."""
+    rules = {
+        "flush_interval_ms": (0, None), "flush_max_messages": (1, None), "backlog_limit_bytes": (0, None),
+        "slow_close_after_ms": (0, None), "max_message_bytes": (0, None), "max_fragments": (1, None),
+        "heartbeat_interval_ms": (0, None), "heartbeat_timeout_ms": (0, None), "deflate_level": (-1, 9),
+        "deflate_window_bits": (9, 15), "inflate_limit_bytes": (1, 1 << 30),
+    }
+    for name, (low, high) in rules.items():
+        if values[name] < low or (high is not None and values[name] > high):
+            raise ValueError(f"{name} must be {low}..{high}" if high is not None else f"{name} must be >= {low}")
 
 
 class Hub:
@@ -92,33 +216,43 @@ class Hub:
                  heartbeat_interval_ms: int = 60000, heartbeat_timeout_ms: int = 30000,
                  deflate_level: int = 6, deflate_window_bits: int = 15,
                  inflate_limit_bytes: int = 65536) -> None:
+        _check_config(locals())  # first thing: locals() holds just self and the arguments
         self.flush_interval_s = flush_interval_ms / 1000
         self.flush_max_messages = flush_max_messages
         self.backlog_limit_bytes = backlog_limit_bytes
         self.slow_close_after_s = slow_close_after_ms / 1000
         self.max_message_bytes = max_message_bytes
         self.max_fragments = max_fragments
-        self.heartbeat_interval_s = heartbeat_interval_ms / 1000
+        self.heartbeat_interval_s = heartbeat_interval_ms / 1000  # 0: no heartbeat
         self.heartbeat_timeout_s = heartbeat_timeout_ms / 1000
         self.deflate_level = deflate_level
         self.deflate_window_bits = deflate_window_bits
         self.inflate_limit_bytes = inflate_limit_bytes
-        self._ep = select.epoll()
-        self._conns: dict[int, _Conn] = {}
+        self._conns: dict[int, _Conn] = {}  # by fd: open and closing ones
         self._streams: dict[int, _Stream] = {}
-        self._events: list[tuple[int, int, int, bytes, bytes]] = []
+        self._events: list[Event] = []
         self._generation: dict[int, int] = {}
-        self._next_sweep = time.monotonic() + HEARTBEAT_SWEEP_S
+        self._next_sweep = time.monotonic() + SWEEP_S
         self._stats = dict.fromkeys(
-            ("flushes", "writes", "bytes_out", "frames_built", "skipped", "slow_closed", "pings_sent",
-             "timeouts", "protocol_errors", "partial_writes"), 0)
+            ("flushes", "writes", "drain_writes", "bytes_out", "frames_built", "deflate_calls", "skipped",
+             "slow_closed", "pings_sent", "timeouts", "protocol_errors", "partial_writes", "bytes_in",
+             "messages_in", "inflate_calls"), 0)
+        self._ep = select.epoll()
 
-    # -- bookkeeping --
+    def __del__(self) -> None:
+        # Like the C++ destructor: close what still lingers, without events (nobody drains them).
+        for conn in getattr(self, "_conns", {}).values():
+            conn.sock.close()
+        if hasattr(self, "_ep"):
+            self._ep.close()
+
+    # -- queries --
     def fileno(self) -> int:
-        return self._ep.fileno()
+        return -1 if self._ep.closed else self._ep.fileno()
 
     def connections(self) -> int:
-        return len(self._conns)
+        """Open connections; closing ones waiting out the linger are stats()["closing"]."""
+        return sum(1 for c in self._conns.values() if c.closing_since is None)
 
     def viewer_count(self, stream: int) -> int:
         s = self._streams.get(stream)
@@ -132,38 +266,81 @@ class Hub:
         return mask
 
     def stats(self) -> dict[str, int]:
-        return {**self._stats, "connections": len(self._conns), "streams": len(self._streams),
-                "conn_slot_bytes": 0}
+        conns = self._conns.values()
+        open_conns = [c for c in conns if c.closing_since is None]
+        return {
+            **self._stats,
+            "connections": len(open_conns),
+            "closing": len(conns) - len(open_conns),
+            "streams": len(self._streams),
+            "backlog_bytes": sum(c.backlog_bytes for c in conns),
+            # As the C++ hub counts its heap: a closing connection has dropped its parser and tag.
+            "held_read_buffers": sum(1 for c in open_conns if not c.parser.idle()),
+            "held_backlogs": sum(1 for c in conns if c.backlog),
+            "held_tags": sum(1 for c in open_conns if c.tag),
+            "events_pending": len(self._events),
+        }
 
     def next_timeout_ms(self) -> int:
-        """Milliseconds until the earliest flush deadline or heartbeat sweep."""
+        """Ms until poll() is due: the earliest flush deadline, or the next sweep while any
+        connection exists; -1 if nothing is due. Rounded up, so a poll then finds it due."""
         deadlines = [s.deadline for s in self._streams.values() if s.pending]
         if self._conns:
             deadlines.append(self._next_sweep)
-        if not deadlines:
+        if not deadlines or self._ep.closed:
             return -1
-        return max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
+        return max(0, math.ceil((min(deadlines) - time.monotonic()) * 1000))
+
+    def drain(self) -> list[Event]:
+        events, self._events = self._events, []
+        return events
 
     # -- connections --
-    def _find(self, conn_id: int) -> _Conn | None:
-        conn = self._conns.get(conn_id & 0xFFFFFFFF)
-        return conn if conn is not None and conn.id == conn_id else None
-
     def adopt(self, fd: int, stream: int, variant: int, leftover: bytes = b"", tag: bytes = b"") -> int:
-        """Own ``fd`` from now on; returns the connection id."""
-        gen = self._generation.get(fd, 0) + 1
+        """Own ``fd``; return its connection id. ValueError leaves the fd with the caller;
+        OSError means the hub already closed it."""
+        if self._ep.closed:
+            raise ValueError("the hub is shut down")
+        if fd < 0 or fd == self._ep.fileno():
+            raise ValueError("not a viewer socket fd")
+        variant = normalised_variant(variant, self.deflate_window_bits)
+        if fd in self._conns:
+            raise ValueError("fd is already adopted")
+        sock = self._own(fd)
+        gen = (self._generation.get(fd, 0) + 1) & 0xFFFFFFFF
         self._generation[fd] = gen
-        sock = socket.socket(fileno=fd)
-        sock.setblocking(False)
-        parser = codec.FrameParser(max_message_size=self.max_message_bytes, max_fragments=self.max_fragments,
-                                   allow_rsv1=bool(variant & DEFLATE))
-        conn = _Conn((gen << 32) | fd, fd, sock, stream, variant, tag, parser, time.monotonic())
+        parser = _Parser(max_message_size=self.max_message_bytes, max_fragments=self.max_fragments,
+                         allow_rsv1=bool(variant & DEFLATE))
+        conn = _Conn((gen << 32) | fd, fd, sock, stream, variant, bytes(tag or b""), parser, time.monotonic())
         self._conns[fd] = conn
         self._streams.setdefault(stream, _Stream()).viewers.add(fd)
-        self._ep.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
         if leftover:
-            self._on_bytes(conn, leftover)
+            self._on_bytes(conn, bytes(leftover))
         return conn.id
+
+    def _own(self, fd: int) -> socket.socket:
+        """A non-blocking socket object for ``fd``, registered for EPOLLIN; on OSError the fd
+        is closed (adopt took ownership)."""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.close(fd)  # the socket object never took it (ENOTSOCK, ...)
+            raise
+        try:
+            sock.setblocking(False)
+            self._ep.register(fd, select.EPOLLIN)
+        except OSError:
+            sock.close()
+            raise
+        with contextlib.suppress(OSError):  # small frames must not wait for Nagle; not on AF_UNIX
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def _find(self, conn_id: int) -> _Conn | None:
+        """The open connection with this id; a stale generation (the fd was reused) is None."""
+        conn = self._conns.get(conn_id & 0xFFFFFFFF)
+        return conn if conn is not None and conn.id == conn_id and conn.closing_since is None else None
 
     def _leave_stream(self, conn: _Conn) -> None:
         s = self._streams.get(conn.stream)
@@ -173,269 +350,377 @@ class Hub:
         if not s.viewers:
             del self._streams[conn.stream]
 
+    def _report_closed(self, conn: _Conn, code: int) -> None:
+        self._events.append((CLOSED, conn.id, conn.stream, code.to_bytes(2, "big"), conn.tag))
+
     def close(self, conn_id: int, code: int, reason: str = "") -> None:
+        frame = codec.encode_close(code, reason)  # ValueError for a code that may not be sent
         conn = self._find(conn_id)
-        if conn is not None and not conn.closing_since:
-            self._start_close(conn, code, reason)
+        if conn is not None:
+            self._begin_close(conn, frame, code)
 
-    def close_all(self, code: int, reason: str) -> None:
+    def close_all(self, code: int, reason: str = "") -> None:
+        """Shutdown drain: what is pending goes out first, then every viewer gets the close."""
+        frame = codec.encode_close(code, reason)
+        self.flush()
         for conn in list(self._conns.values()):
-            if not conn.closing_since:
-                self._start_close(conn, code, reason)
+            self._begin_close(conn, frame, code)
 
-    def _start_close(self, conn: _Conn, code: int, reason: str, reported: int | None = None) -> None:
-        """Send the close frame, leave the stream, report CLOSED; the fd lingers until EOF."""
-        self._write(conn, codec.encode_close(code, reason), control=True)
-        conn.closing_since = time.monotonic()
-        conn.close_code = code if reported is None else reported
-        self._leave_stream(conn)
-        self._events.append((CLOSED, conn.id, conn.stream, conn.close_code.to_bytes(2, "big"), conn.tag))
-        if not conn.backlog:  # else shut down once the backlog drains
-            try:
-                conn.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                self._destroy(conn)
-
-    def _destroy(self, conn: _Conn) -> None:
-        if self._conns.pop(conn.fd, None) is None:
+    def _begin_close(self, conn: _Conn, frame: bytes, reported: int) -> None:
+        """Leave the stream and report CLOSED now; queue the close frame and shut down writing
+        once it is out. The fd lingers until the peer's EOF or CLOSE_LINGER_S."""
+        if conn.closing_since is not None:
             return
-        if not conn.closing_since:
+        self._leave_stream(conn)
+        self._report_closed(conn, reported)
+        conn.closing_since = time.monotonic()
+        conn.ping_sent_at = conn.slow_since = None
+        if self._enqueue(conn, [frame]) and not conn.backlog:
+            self._shutdown_wr(conn)
+
+    def _slow_close(self, conn: _Conn) -> None:
+        self._stats["slow_closed"] += 1
+        # The viewer cannot keep up: drop what it has not started to receive so the close
+        # frame comes right after the frame in flight instead of behind a full backlog.
+        self._drop_unstarted(conn)
+        self._begin_close(conn, _SLOW_CLOSE, 4008)
+
+    def _drop(self, conn: _Conn) -> None:
+        """The peer went away (EOF, reset, write error): report 1006 if it was open; close now."""
+        if conn.closing_since is None:
             self._leave_stream(conn)
-            self._events.append((CLOSED, conn.id, conn.stream, conn.close_code.to_bytes(2, "big"), conn.tag))
+            self._report_closed(conn, CLOSE_ABNORMAL)
+        self._release(conn)
+
+    def _release(self, conn: _Conn) -> None:
+        del self._conns[conn.fd]
         with contextlib.suppress(OSError, ValueError):
             self._ep.unregister(conn.fd)
         conn.sock.close()
 
+    def _want_out(self, conn: _Conn, on: bool) -> None:
+        """EPOLLOUT only while a backlog exists: the epoll set is level-triggered."""
+        if conn.want_out != on:
+            self._ep.modify(conn.fd, select.EPOLLIN | (select.EPOLLOUT if on else 0))
+            conn.want_out = on
+
+    def _shutdown_wr(self, conn: _Conn) -> None:
+        if not conn.shut_wr:
+            with contextlib.suppress(OSError):  # the peer's EOF or the linger releases it anyway
+                conn.sock.shutdown(socket.SHUT_WR)  # RFC 6455 7.1.1: the server closes TCP first
+            conn.shut_wr = True
+
+    def shutdown(self) -> None:
+        """Close every socket at once (CLOSED 1006 for open ones) and the epoll fd."""
+        for conn in list(self._conns.values()):
+            self._drop(conn)
+        self._streams.clear()
+        self._ep.close()
+
     # -- writing --
-    def _frame(self, conn: _Conn, payload: bytes, binary: bool | None = None) -> bytes:
-        if binary is None:
-            binary = conn.variant & 1 == MSGPACK
-        opcode = codec.OP_BINARY if binary else codec.OP_TEXT
-        if conn.variant & DEFLATE:
-            return codec.encode_frame(opcode, self._deflate(payload, conn.variant), rsv1=True)
+    def _enqueue(self, conn: _Conn, bufs: list[bytes]) -> bool:
+        """Write now if nothing is queued (one sendmsg for all ``bufs``), else queue behind the
+        backlog. False if the connection was released (the peer is gone)."""
+        if conn.backlog:
+            self._queue(conn, bufs, 0)
+            self._check_backlog(conn)
+            return self._conns.get(conn.fd) is conn
+        self._stats["writes"] += 1
+        try:
+            sent = conn.sock.sendmsg(bufs, (), socket.MSG_NOSIGNAL)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._drop(conn)
+            return False
+        self._stats["bytes_out"] += sent
+        if sent == sum(len(b) for b in bufs):
+            return True
+        self._stats["partial_writes"] += 1
+        self._queue(conn, bufs, sent)
+        self._want_out(conn, True)
+        self._check_backlog(conn)
+        return self._conns.get(conn.fd) is conn
+
+    def _queue(self, conn: _Conn, bufs: list[bytes], skip: int) -> None:
+        """Append what is left of ``bufs`` after ``skip`` sent bytes: slices, never copies."""
+        for buf in bufs:
+            if skip >= len(buf):
+                skip -= len(buf)
+                continue
+            if not conn.backlog:
+                conn.head_started = skip > 0
+            conn.backlog.append(memoryview(buf)[skip:])
+            conn.backlog_bytes += len(buf) - skip
+            skip = 0
+
+    def _on_writable(self, conn: _Conn) -> None:
+        if not conn.backlog:
+            self._want_out(conn, False)
+            return
+        self._stats["drain_writes"] += 1
+        try:
+            sent = conn.sock.sendmsg(list(itertools.islice(conn.backlog, MAX_IOV)), (), socket.MSG_NOSIGNAL)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        self._stats["bytes_out"] += sent
+        self._consume(conn, sent)
+
+    def _consume(self, conn: _Conn, n: int) -> None:
+        """``n`` bytes of the backlog went out."""
+        conn.backlog_bytes -= n
+        while n:
+            head = conn.backlog[0]
+            if n < len(head):
+                conn.backlog[0] = head[n:]
+                conn.head_started = True
+                break
+            n -= len(head)
+            conn.backlog.popleft()
+            conn.head_started = False
+        if conn.backlog:
+            self._check_backlog(conn)
+            return
+        self._want_out(conn, False)  # drained: an idle connection holds no buffer
+        conn.slow_since = None
+        if conn.closing_since is not None:
+            self._shutdown_wr(conn)
+
+    def _check_backlog(self, conn: _Conn) -> None:
+        """Start the slow-viewer clock when the backlog goes over the limit (the sweep closes
+        the viewer when it stays there); far over it (control events and send() keep coming
+        to a viewer that reads nothing) close at once."""
+        if conn.closing_since is not None:
+            return
+        if conn.backlog_bytes <= self.backlog_limit_bytes:
+            conn.slow_since = None
+            return
+        if conn.slow_since is None:
+            conn.slow_since = time.monotonic()
+        if conn.backlog_bytes > HARD_BACKLOG_FACTOR * self.backlog_limit_bytes + HARD_BACKLOG_EXTRA:
+            self._slow_close(conn)
+
+    def _drop_unstarted(self, conn: _Conn) -> None:
+        """Keep only a slice already partly sent (a frame must not be cut); drop the rest."""
+        keep = [conn.backlog[0]] if conn.backlog and conn.head_started else []
+        conn.backlog = deque(keep)
+        conn.backlog_bytes = sum(len(v) for v in keep)
+        if not keep:
+            self._want_out(conn, False)
+
+    def _frame_for(self, variant: int, payload: bytes, binary: bool | None = None) -> bytes:
+        """One data frame for one viewer; ``binary`` overrides the variant's opcode."""
+        as_binary = bool(variant & 1) if binary is None else bool(binary)
+        opcode = codec.OP_BINARY if as_binary else codec.OP_TEXT
+        if variant & DEFLATE:
+            return codec.encode_frame(opcode, self._deflate(variant, payload), rsv1=True)  # RFC 7692 6
         return codec.encode_frame(opcode, payload)
 
-    def _deflate(self, payload: bytes, variant: int) -> bytes:
-        return deflate_message(payload, self.deflate_level, window_bits(variant, self.deflate_window_bits))
+    def _skipped_marker(self, variant: int, count: int) -> bytes:
+        event = {"t": "skipped", "count": count}
+        if variant & 1:
+            return self._frame_for(variant, msgpack.packb(event))
+        return self._frame_for(variant, json.dumps(event, separators=(",", ":")).encode())
+
+    def _deflate(self, variant: int, payload: bytes) -> bytes:
+        self._stats["deflate_calls"] += 1
+        return deflate_message(payload, self.deflate_level, variant >> 4)
 
     def send(self, conn_id: int, payload: bytes, binary: bool | None = None) -> bool:
         """One event to one viewer, in its variant's opcode unless ``binary`` says otherwise."""
         conn = self._find(conn_id)
-        if conn is None or conn.closing_since:
+        if conn is None:
             return False
-        self._write(conn, self._frame(conn, payload, binary), control=True)
+        self._enqueue(conn, [self._frame_for(conn.variant, bytes(payload), binary)])
         return True
 
-    def _write(self, conn: _Conn, data: bytes, control: bool = False) -> None:
-        """Send now if nothing is queued; keep what the kernel did not take."""
-        view = memoryview(data)
-        if not conn.backlog:
-            try:
-                sent = conn.sock.send(view, socket.MSG_NOSIGNAL)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self._destroy(conn)
-                return
-            self._stats["writes"] += 1
-            self._stats["bytes_out"] += sent
-            if sent == len(view):
-                return
-            self._stats["partial_writes"] += 1
-            view = view[sent:]
-            self._ep.modify(conn.fd, select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP)
-        conn.backlog.append(view)
-        conn.backlog_bytes += len(view)
+    # -- publishing and flushing --
+    def _check_payloads(self, stream: int, payloads: Payloads) -> None:
+        if not isinstance(payloads, tuple) or len(payloads) != 2:
+            raise TypeError("payloads must be a (json_text, msgpack_binary) tuple")
+        used = self.variants(stream)
+        for encoding in (JSON, MSGPACK):
+            if used & (1 << encoding | 1 << (encoding | DEFLATE)) and payloads[encoding] is None:
+                raise ValueError("publish lacks the payload of an encoding a viewer of this stream uses "
+                                 "(ask variants(stream) first)")
 
-    def _drain_backlog(self, conn: _Conn) -> None:
-        while conn.backlog:
-            head = conn.backlog[0]
-            try:
-                sent = conn.sock.send(head, socket.MSG_NOSIGNAL)
-            except BlockingIOError:
-                return
-            except OSError:
-                self._destroy(conn)
-                return
-            self._stats["bytes_out"] += sent
-            conn.backlog_bytes -= sent
-            if sent < len(head):
-                conn.backlog[0] = head[sent:]
-                return
-            conn.backlog.popleft()
-        self._ep.modify(conn.fd, select.EPOLLIN | select.EPOLLRDHUP)
-        if conn.closing_since:
-            try:
-                conn.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                self._destroy(conn)
+    def publish(self, stream: int, payloads: Payloads, control: bool, count: int) -> None:
+        self._check_payloads(stream, payloads)
+        self._publish(stream, _Outbound(payloads, bool(control), min(max(count, 0), 0xFFFFFFFF)))
 
-    # -- publishing --
-    def publish(self, stream: int, payloads: tuple[bytes | None, bytes | None], control: bool, count: int) -> None:
+    def publish_many(self, items: list[tuple[int, Payloads, bool, int]]) -> None:
+        """All items are checked before any is queued."""
+        items = list(items)
+        for stream, payloads, _control, _count in items:
+            self._check_payloads(stream, payloads)
+        for stream, payloads, control, count in items:
+            self._publish(stream, _Outbound(payloads, bool(control), min(max(count, 0), 0xFFFFFFFF)))
+
+    def _publish(self, stream: int, event: _Outbound) -> None:
         s = self._streams.get(stream)
         if s is None:
-            return
-        if not s.pending:
-            s.deadline = time.monotonic() + self.flush_interval_s
-        s.pending.append((payloads, control, count))
+            return  # no local viewer
+        s.pending.append(event)
         if len(s.pending) >= self.flush_max_messages:
             self._flush_stream(stream, s)
-
-    def publish_many(self, items: list[tuple[int, tuple[bytes | None, bytes | None], bool, int]]) -> None:
-        for stream, payloads, control, count in items:
-            self.publish(stream, payloads, control, count)
+        elif len(s.pending) == 1:
+            s.deadline = time.monotonic() + self.flush_interval_s
 
     def flush(self) -> None:
         for stream, s in list(self._streams.items()):
             if s.pending:
                 self._flush_stream(stream, s)
 
-    def _build(self, pending: list[tuple[tuple[bytes | None, bytes | None], bool, int]],
-               variant: int, control_only: bool) -> bytes:
-        """One buffer of frames for one variant: built once per flush, shared by every viewer."""
-        opcode = codec.OP_TEXT if variant & 1 == JSON else codec.OP_BINARY
-        frames = []
-        for payloads, control, _count in pending:
-            if control_only and not control:
-                continue
-            payload = payloads[variant & 1]
-            if payload is None:
-                raise ValueError(f"publish lacks the payload of variant {variant & 1} that a viewer uses")
-            if variant & DEFLATE:
-                frames.append(codec.encode_frame(opcode, self._deflate(payload, variant), rsv1=True))
-            else:
-                frames.append(codec.encode_frame(opcode, payload))
-        self._stats["frames_built"] += 1
-        return b"".join(frames)
-
-    def _skipped_frame(self, conn: _Conn) -> bytes:
-        event = {"t": "skipped", "count": conn.skipped}
-        if conn.variant & 1 == JSON:
-            return self._frame(conn, json.dumps(event, separators=(",", ":")).encode())
-        return self._frame(conn, msgpack.packb(event))
-
     def _flush_stream(self, stream: int, s: _Stream) -> None:
-        pending, s.pending = s.pending, []
+        events, s.pending = s.pending, []
         self._stats["flushes"] += 1
-        built: dict[tuple[int, bool], bytes] = {}
-        comments = sum(count for _p, control, count in pending if not control)
-        has_control = any(control for _p, control, _c in pending)
-        now = time.monotonic()
+        comments = min(sum(e.count for e in events if not e.control), 0xFFFFFFFF)
+        frames = _FlushFrames(self, events)
         for fd in list(s.viewers):
-            conn = self._conns[fd]
-            slow = conn.backlog_bytes > self.backlog_limit_bytes
-            if slow:
-                if not conn.slow_since:
-                    conn.slow_since = now
-                elif now - conn.slow_since > self.slow_close_after_s:
-                    self._stats["slow_closed"] += 1
-                    self._start_close(conn, 4008, "too slow: reconnect and resume")
-                    continue
-                conn.skipped += comments
-                self._stats["skipped"] += comments
-                if not has_control:
-                    continue
-            key = (conn.variant, slow)
-            data = built.get(key)
-            if data is None:
-                data = built[key] = self._build(pending, conn.variant, slow)
-            if not slow and conn.skipped:
-                data = self._skipped_frame(conn) + data
-                conn.skipped = 0
-            if not slow:
-                conn.slow_since = 0.0
-            self._write(conn, data)
+            if fd in s.viewers:  # a viewer closed by its own delivery leaves; the others stay
+                self._deliver(self._conns[fd], frames, comments)
+
+    def _deliver(self, conn: _Conn, frames: _FlushFrames, comments: int) -> None:
+        """One viewer's share of a flush: one write, or control events only while it is slow."""
+        if conn.backlog_bytes > self.backlog_limit_bytes:
+            self._deliver_slow(conn, frames, comments)
+            return
+        data = frames.get(conn.variant, False)
+        if data is None:
+            return  # nothing in this viewer's encoding
+        if conn.skipped:
+            marker = self._skipped_marker(conn.variant, conn.skipped)
+            conn.skipped = 0
+            self._enqueue(conn, [marker, data])
+        else:
+            self._enqueue(conn, [data])
+
+    def _deliver_slow(self, conn: _Conn, frames: _FlushFrames, comments: int) -> None:
+        now = time.monotonic()
+        if conn.slow_since is None:
+            conn.slow_since = now
+        elif now - conn.slow_since > self.slow_close_after_s:
+            self._slow_close(conn)
+            return
+        conn.skipped = min(conn.skipped + comments, 0xFFFFFFFF)
+        self._stats["skipped"] += comments
+        control = frames.get(conn.variant, True)
+        if control is not None:
+            self._enqueue(conn, [control])
 
     # -- reading --
-    def _on_bytes(self, conn: _Conn, data: bytes) -> None:
-        conn.last_rx = time.monotonic()
-        conn.ping_sent_at = 0.0
-        if conn.closing_since:
-            return  # RFC 6455 5.5.1: after sending close we only wait for the peer's close/EOF
-        try:
-            messages = conn.parser.feed(data)
-        except codec.ProtocolError as exc:
-            self._stats["protocol_errors"] += 1
-            self._start_close(conn, exc.close_code, exc.reason)
-            return
-        for opcode, payload in messages:
-            if conn.closing_since:
-                return
-            self._on_message(conn, opcode & 0x0F, payload, bool(opcode & codec.COMPRESSED))
-
-    def _on_message(self, conn: _Conn, opcode: int, payload: bytes, compressed: bool) -> None:
-        if opcode == codec.OP_PING:
-            self._write(conn, codec.encode_frame(codec.OP_PONG, payload), control=True)
-        elif opcode == codec.OP_PONG:
-            pass
-        elif opcode == codec.OP_CLOSE:
-            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1000
-            self._start_close(conn, code if len(payload) >= 2 else 1000, "")
-        else:
-            if compressed:
-                try:
-                    payload = inflate_message(payload, self.inflate_limit_bytes)
-                    if opcode == codec.OP_TEXT and not codec.validate_utf8(payload):
-                        raise codec.ProtocolError(codec.CLOSE_INVALID_DATA, "text is not UTF-8")
-                except codec.ProtocolError as exc:
-                    self._stats["protocol_errors"] += 1
-                    self._start_close(conn, exc.close_code, exc.reason)
-                    return
-            kind = MESSAGE_TEXT if opcode == codec.OP_TEXT else MESSAGE_BINARY
-            self._events.append((kind, conn.id, conn.stream, payload, conn.tag))
-
     def _on_readable(self, conn: _Conn) -> None:
         try:
             data = conn.sock.recv(READ_CHUNK)
-        except BlockingIOError:
+        except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self._destroy(conn)
+            data = b""
+        if not data:  # EOF or error; a closing socket is just released
+            self._drop(conn)
             return
-        if not data:
-            self._destroy(conn)
+        self._stats["bytes_in"] += len(data)
+        if conn.closing_since is None:  # RFC 6455 5.5.1: after our close only the peer's EOF matters
+            self._on_bytes(conn, data)
+
+    def _on_bytes(self, conn: _Conn, data: bytes) -> None:
+        conn.last_rx = time.monotonic()
+        conn.ping_sent_at = None  # any inbound byte answers the heartbeat
+        frames, error = conn.parser.feed_until_error(data)
+        pongs: list[bytes] = []
+        ending = self._take_frames(conn, frames, pongs)
+        if ending is None and error is not None:
+            ending = _Ending(error.close_code, error.reason, True)
+        # The pongs of one read go out in one write, before any close frame.
+        if pongs and (not self._enqueue(conn, [b"".join(pongs)]) or conn.closing_since is not None):
             return
-        self._on_bytes(conn, data)
+        if ending is not None:
+            if ending.protocol_error:
+                self._stats["protocol_errors"] += 1
+            frame = codec.encode_close(ending.code, ending.reason)
+            self._begin_close(conn, frame, ending.code)
+
+    def _take_frames(self, conn: _Conn, frames: list[tuple[int, bytes]], pongs: list[bytes]) -> _Ending | None:
+        """Act on the parsed frames in order; stop at a client close or a bad compressed message
+        (the C++ parser stops there too, so later frames of the read are never looked at)."""
+        for opcode, payload in frames:
+            kind = opcode & 0x0F
+            if kind == codec.OP_PING:
+                # RFC 6455 5.5.2: a pong with the same payload. 5.5.3 would allow answering only
+                # the latest ping, but clients (and Autobahn 2.10) expect one pong each.
+                pongs.append(codec.encode_frame(codec.OP_PONG, payload))
+            elif kind == codec.OP_CLOSE:
+                # RFC 6455 5.5.1: echo the code; a code-less close is answered and reported as 1000.
+                return _Ending(int.from_bytes(payload[:2], "big") if payload else CLOSE_NORMAL, "", False)
+            elif kind != codec.OP_PONG:  # a pong's bytes already reset the heartbeat
+                failure = self._on_message(conn, kind, payload, bool(opcode & codec.COMPRESSED))
+                if failure is not None:
+                    return failure
+        return None
+
+    def _on_message(self, conn: _Conn, opcode: int, payload: bytes, compressed: bool) -> _Ending | None:
+        if compressed:
+            self._stats["inflate_calls"] += 1
+            try:
+                payload = inflate_message(payload, self.inflate_limit_bytes)
+            except codec.ProtocolError as exc:
+                return _Ending(exc.close_code, exc.reason, True)
+            if opcode == codec.OP_TEXT and not codec.validate_utf8(payload):  # RFC 6455 8.1
+                return _Ending(codec.CLOSE_INVALID_DATA, "text message is not UTF-8", True)
+        kind = MESSAGE_TEXT if opcode == codec.OP_TEXT else MESSAGE_BINARY
+        self._events.append((kind, conn.id, conn.stream, payload, conn.tag))
+        self._stats["messages_in"] += 1
+        return None
 
     # -- the loop's entry points --
     def poll(self) -> None:
-        for fd, mask in self._ep.poll(0):
+        """Non-blocking: one read per ready socket, drain backlogs, then the due timers."""
+        if self._ep.closed:
+            return
+        for fd, mask in self._ep.poll(0, MAX_EVENTS):
             conn = self._conns.get(fd)
             if conn is None:
-                continue
+                continue  # closed earlier in this batch
             if mask & select.EPOLLOUT:
-                self._drain_backlog(conn)
-            if fd in self._conns and mask & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
+                self._on_writable(conn)
+            if self._conns.get(fd) is conn and mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
                 self._on_readable(conn)
+        self._run_timers()
+
+    def _run_timers(self) -> None:
         now = time.monotonic()
         for stream, s in list(self._streams.items()):
             if s.pending and s.deadline <= now:
                 self._flush_stream(stream, s)
         if now >= self._next_sweep:
             self._sweep(now)
+            self._next_sweep = now + SWEEP_S
 
     def _sweep(self, now: float) -> None:
-        """Heartbeats, and closes that lingered past their deadline."""
-        self._next_sweep = now + HEARTBEAT_SWEEP_S
+        """Every SWEEP_S: lingering closes, stuck slow viewers, heartbeats."""
         for conn in list(self._conns.values()):
-            if conn.closing_since:
-                if now - conn.closing_since > CLOSE_LINGER_S:
-                    self._destroy(conn)
-            elif conn.ping_sent_at and now - conn.ping_sent_at > self.heartbeat_timeout_s:
+            if self._conns.get(conn.fd) is conn:
+                self._sweep_conn(conn, now)
+
+    def _sweep_conn(self, conn: _Conn, now: float) -> None:
+        if conn.closing_since is not None:
+            if now - conn.closing_since >= CLOSE_LINGER_S:
+                self._release(conn)
+            return
+        # A stuck viewer on a quiet stream gets no flush to notice it: the sweep does.
+        if conn.slow_since is not None and now - conn.slow_since > self.slow_close_after_s:
+            self._slow_close(conn)
+            return
+        if self.heartbeat_interval_s <= 0:
+            return
+        if conn.ping_sent_at is not None:
+            if now - conn.ping_sent_at > self.heartbeat_timeout_s:
                 self._stats["timeouts"] += 1
-                self._start_close(conn, 1001, "heartbeat timeout", reported=1006)
-            elif not conn.ping_sent_at and now - conn.last_rx > self.heartbeat_interval_s:
-                conn.ping_sent_at = now
-                self._stats["pings_sent"] += 1
-                self._write(conn, codec.encode_frame(codec.OP_PING, b""), control=True)
-
-    def drain(self) -> list[tuple[int, int, int, bytes, bytes]]:
-        events, self._events = self._events, []
-        return events
-
-    def shutdown(self) -> None:
-        """Close every socket at once and the epoll fd (process exit, tests)."""
-        for conn in list(self._conns.values()):
-            self._destroy(conn)
-        self._ep.close()
-
+                self._begin_close(conn, _HEARTBEAT_CLOSE, CLOSE_ABNORMAL)  # sent 1001, reported 1006
+        elif now - conn.last_rx > self.heartbeat_interval_s:
+            conn.ping_sent_at = now
+            self._stats["pings_sent"] += 1
+            self._enqueue(conn, [_PING])
