@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import msgpack
-from chorus.native import codec_pure as codec  # the twin of the C++ hub's own parser
+
+from . import codec_pure as codec  # the twin of the C++ hub's own parser (relative: mypy follows it)
 
 __all__ = ["CLOSED", "DEFLATE", "JSON", "MESSAGE_BINARY", "MESSAGE_TEXT", "MSGPACK", "Hub"]
 
@@ -94,8 +95,10 @@ class _Parser(codec.FrameParser):
 
         The C++ parser hands each message to the hub as it completes, so those messages are
         delivered even when a later frame of the same read is bad; feed() drops them with its
-        exception. _parse appends to ``out`` as it goes, so catching the error here keeps
-        exactly the messages before it, with no re-parsing.
+        exception, and codec_pure is shared with the codec twin, so it stays as it is. _parse
+        appends to ``out`` as it goes: catching the error here keeps exactly the messages before
+        it, with no re-parsing. This leans on FrameParser's internals (_parse, _buf, _fail,
+        _error); the reference-parser cases of tests/test_hub.py catch a change there.
         """
         if self._error is not None:
             return [], self._error
@@ -125,7 +128,7 @@ class _Ending(NamedTuple):
 class _Outbound(NamedTuple):
     payloads: Payloads  # (JSON text, msgpack)
     control: bool  # never skipped for slow viewers
-    count: int  # comments carried by a batch
+    comments: int  # carried by a batch
 
 
 @dataclass(slots=True, eq=False)
@@ -154,6 +157,7 @@ class _Stream:
     viewers: set[int] = field(default_factory=set)  # fds of its open connections
     pending: list[_Outbound] = field(default_factory=list)
     deadline: float = 0.0  # when the pending events must go out
+    last_flush: float = -math.inf  # one flush per interval
 
 
 class _FlushFrames:
@@ -567,7 +571,9 @@ class Hub:
         if len(s.pending) >= self.flush_max_messages:
             self._flush_stream(stream, s)
         elif len(s.pending) == 1:
-            s.deadline = time.monotonic() + self.flush_interval_s
+            # Leading edge: the first event after a quiet spell goes out at the next poll, and
+            # a burst behind it waits for the rest of the interval since the last flush.
+            s.deadline = max(time.monotonic(), s.last_flush + self.flush_interval_s)
 
     def flush(self) -> None:
         for stream, s in list(self._streams.items()):
@@ -576,8 +582,9 @@ class Hub:
 
     def _flush_stream(self, stream: int, s: _Stream) -> None:
         events, s.pending = s.pending, []
+        s.last_flush = time.monotonic()
         self._stats["flushes"] += 1
-        comments = min(sum(e.count for e in events if not e.control), 0xFFFFFFFF)
+        comments = min(sum(e.comments for e in events if not e.control), 0xFFFFFFFF)
         frames = _FlushFrames(self, events)
         for fd in list(s.viewers):
             if fd in s.viewers:  # a viewer closed by its own delivery leaves; the others stay

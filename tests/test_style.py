@@ -37,6 +37,5 @@ def test_ruff_is_clean() -> None:
 
 
 def test_mypy_is_clean() -> None:
-    out = _run("mypy", "chorus", "gateway", "ingest", "native/__init__.py", "native/codec_pure.py",
-               "native/hub_pure.py")
+    out = _run("mypy", "chorus")  # gateway/, ingest/ and native/ are linked in as chorus.*
     assert out.returncode == 0, out.stdout + out.stderr

@@ -256,7 +256,7 @@ void Hub::shutdown() {
     for (size_t fd = 0; fd < conns_.size(); ++fd)
         if (conns_[fd].state != FREE) drop(int(fd));
     streams_.clear();
-    due_.clear();
+    due_ = {};
     if (timerfd_ >= 0) ::close(timerfd_);
     if (epfd_ >= 0) ::close(epfd_);
     timerfd_ = epfd_ = -1;
@@ -709,9 +709,11 @@ void Hub::publish(uint32_t stream, OutboundEvent&& event) {
     if (s.pending.size() >= cfg_.flush_max_messages) {
         flush_stream(stream);
     } else if (s.pending.size() == 1) {
-        // The interval is the same for every stream, so deadlines are queued in order.
-        s.deadline_ms = now_ms_ + cfg_.flush_interval_ms;
-        due_.emplace_back(s.deadline_ms, stream);
+        // Leading edge: a stream flushes at most once per interval, so the first event after a
+        // quiet spell goes out at once and a burst behind it waits for the rest of the window.
+        // Under load a flush outlasts the interval and the next one follows it directly.
+        s.deadline_ms = std::max(now_ms_, s.last_flush_ms + cfg_.flush_interval_ms);
+        due_.emplace(s.deadline_ms, stream);
         arm_timer(s.deadline_ms);
     }
 }
@@ -730,6 +732,7 @@ void Hub::flush_stream(uint32_t sid) {
     Stream& s = it->second;
     std::vector<OutboundEvent> events;
     events.swap(s.pending);
+    s.last_flush_ms = now_ms_;
     ++stats_.flushes;
     uint64_t comments = 0;
     for (const OutboundEvent& e : events)
@@ -797,9 +800,9 @@ void Hub::poll() {
 
 void Hub::run_timers() {
     tick();
-    while (!due_.empty() && due_.front().first <= now_ms_) {
-        const auto [deadline, sid] = due_.front();
-        due_.pop_front();
+    while (!due_.empty() && due_.top().first <= now_ms_) {
+        const auto [deadline, sid] = due_.top();
+        due_.pop();
         auto it = streams_.find(sid);  // stale entries: flushed early at max messages, or gone
         if (it != streams_.end() && !it->second.pending.empty() && it->second.deadline_ms == deadline) flush_stream(sid);
     }
@@ -808,7 +811,7 @@ void Hub::run_timers() {
         next_sweep_ms_ = now_ms_ + SWEEP_MS;
     }
     int64_t next = INT64_MAX;
-    if (!due_.empty()) next = due_.front().first;
+    if (!due_.empty()) next = due_.top().first;
     if (open_ + closing_ > 0) next = std::min(next, next_sweep_ms_);
     if (next != armed_ms_) program_timer(next);
 }

@@ -30,6 +30,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <queue>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -161,6 +162,7 @@ private:
         std::array<uint32_t, 4> variant_count{};  // viewers per (variant & 3)
         std::vector<OutboundEvent> pending;
         int64_t deadline_ms = 0;  // when the pending events must go out
+        int64_t last_flush_ms = INT64_MIN / 2;  // start of the last flush: one flush per interval
         bool flushing = false;  // viewers are being iterated: do not erase it
     };
     class Sink;
@@ -214,7 +216,9 @@ private:
     int64_t next_sweep_ms_ = 0;
     std::vector<Conn> conns_;
     std::unordered_map<uint32_t, Stream> streams_;
-    std::deque<std::pair<int64_t, uint32_t>> due_;  // (deadline, stream) in deadline order
+    // (deadline, stream), earliest first; stale entries are skipped when they come up.
+    std::priority_queue<std::pair<int64_t, uint32_t>, std::vector<std::pair<int64_t, uint32_t>>,
+                        std::greater<>> due_;
     std::vector<InboundEvent> events_;
     std::vector<uint8_t> scratch_;  // READ_CHUNK bytes shared by every connection
     std::array<std::unique_ptr<ws::Deflater>, 16> deflaters_;  // by window bits, made on first use

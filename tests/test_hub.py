@@ -1,11 +1,16 @@
-"""The C++ hub (chorus.native._hub) through real sockets.
+"""Both hubs of native/HUB.md through real sockets: the C++ ``chorus.native._hub`` and its pure
+twin ``chorus.native.hub_pure``. Every test runs against each (the ``hub_module`` fixture).
 
 Each test holds the client end of a socketpair, hands the server end to the hub with
 ``adopt(sock.detach(), ...)``, drives ``hub.poll()`` and reads what arrives with the codec's
 FrameParser (server frames are unmasked). Client frames are built by hand here, masked, so the
-hub's parser is checked against bytes it did not produce. The last test feeds seeded random
-frame streams through the hub and through codec_pure.FrameParser and wants the same messages
+hub's parser is checked against bytes it did not produce. The last tests feed seeded random
+frame streams through the hub and through codec_pure.FrameParser and want the same messages
 and the same close code.
+
+The native param fails if ``_hub`` does not import, unless CHORUS_EXPECT_IMPL=pure (then it is
+skipped: only the pure twin is under test). A few tests check what only the C++ hub has; they
+are marked ``native_only`` with the reason.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import importlib
 import json
 import os
 import random
@@ -21,17 +27,18 @@ import socket
 import time
 import zlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import msgpack
 import pytest
-from chorus.native import COMPRESSED, FrameParser
+from chorus.native import COMPRESSED, FrameParser, hub_pure
 from chorus.native import codec_pure as pure
 
-_hub = pytest.importorskip("chorus.native._hub")
-Hub = _hub.Hub
-JSON, MSGPACK, DEFLATE = _hub.JSON, _hub.MSGPACK, _hub.DEFLATE
-MESSAGE_TEXT, MESSAGE_BINARY, CLOSED = _hub.MESSAGE_TEXT, _hub.MESSAGE_BINARY, _hub.CLOSED
+# The same in both modules (test_constants_match checks it).
+JSON, MSGPACK, DEFLATE = hub_pure.JSON, hub_pure.MSGPACK, hub_pure.DEFLATE
+MESSAGE_TEXT, MESSAGE_BINARY, CLOSED = hub_pure.MESSAGE_TEXT, hub_pure.MESSAGE_BINARY, hub_pure.CLOSED
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
 MASK = b"\x37\xfa\x21\x3d"
@@ -137,8 +144,9 @@ class Client:
 class Harness:
     """A hub, its clients, and the inbound events drained so far."""
 
-    def __init__(self, **config: Any) -> None:
-        self.hub = Hub(**config)
+    def __init__(self, hub_module: ModuleType, **config: Any) -> None:
+        self.native = hub_module is not hub_pure
+        self.hub = hub_module.Hub(**config)
         self.events: list[tuple[int, int, int, bytes, bytes]] = []
         self.clients: list[Client] = []
         self.inodes: set[int] = set()  # of every socket made, to check none is left open
@@ -162,16 +170,19 @@ class Harness:
         return client
 
     def pump(self, until: Callable[[], object], timeout: float = 5.0) -> None:
-        """poll() + drain() until ``until()`` is true, waiting on the hub's epoll fd."""
+        """poll() + drain() until ``until()`` is true, waiting as the gateway does: on the hub's
+        epoll fd, and until next_timeout_ms() when it is >= 0 (the pure twin has no timerfd)."""
         deadline = time.monotonic() + timeout
         while True:
             self.hub.poll()
             self.events.extend(self.hub.drain())
             if until():
                 return
-            if time.monotonic() > deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise AssertionError(f"timed out; stats={self.hub.stats()} events={self.events}")
-            select.select([self.hub.fileno()], [], [], 0.005)
+            due_ms = self.hub.next_timeout_ms()
+            select.select([self.hub.fileno()], [], [], min(left, due_ms / 1000) if due_ms >= 0 else left)
 
     def closed(self, client: Client) -> int | None:
         for kind, conn, _stream, data, _tag in self.events:
@@ -222,13 +233,30 @@ def open_inodes() -> set[int]:
     return out
 
 
+@pytest.fixture(params=["native", "pure"])
+def hub_module(request: pytest.FixtureRequest) -> ModuleType:
+    """The hub implementation under test."""
+    if request.param == "pure":
+        return hub_pure
+    if os.environ.get("CHORUS_EXPECT_IMPL") == "pure":
+        pytest.skip("CHORUS_EXPECT_IMPL=pure: only the pure twin is under test")
+    try:
+        return importlib.import_module("chorus.native._hub")
+    except ImportError as exc:  # a failed build must not pass as skipped tests
+        pytest.fail(f"chorus.native._hub does not import ({exc}); set CHORUS_EXPECT_IMPL=pure to test only the twin")
+
+
+# For tests of what only the C++ hub has; each says why next to it.
+native_only = pytest.mark.parametrize("hub_module", ["native"], indirect=True)
+
+
 @pytest.fixture
-def harness() -> Iterator[Callable[..., Harness]]:
+def harness(hub_module: ModuleType) -> Iterator[Callable[..., Harness]]:
     """Hubs made by the test; afterwards none of their sockets, epoll or timer fds is open."""
     made: list[Harness] = []
 
     def make(**config: Any) -> Harness:
-        h = Harness(**config)
+        h = Harness(hub_module, **config)
         made.append(h)
         return h
 
@@ -257,6 +285,7 @@ def control(kind: str = "delete") -> tuple[bytes, bytes]:
 # --- memory ---
 
 
+@native_only  # sizeof(Conn): a pure connection is Python objects, not a fixed slot
 def test_conn_slot_is_small(harness: Callable[..., Harness]) -> None:
     h = harness()
     slot = h.stat("conn_slot_bytes")
@@ -297,21 +326,27 @@ def test_idle_connections_hold_no_heap_buffers(harness: Callable[..., Harness]) 
 
 
 def test_publishes_in_one_window_are_one_write_per_viewer(harness: Callable[..., Harness]) -> None:
-    h = harness(flush_interval_ms=40)
+    h = harness(flush_interval_ms=200)
     viewers = [h.connect(stream=1) for _ in range(3)]
     other = h.connect(stream=2)
     for i in range(1, 6):
         h.hub.publish(1, batch(i), False, 1)
-    h.hub.poll()
-    assert all(v.read() == [] for v in viewers)  # nothing before the window closes
-    h.pump(lambda: all(len(v.read()) == 5 for v in viewers))
+    assert all(v.read() == [] for v in viewers)  # nothing inside publish
+    h.hub.poll()  # a quiet stream: the first events go out at the next poll (leading edge)
+    assert all(len(v.read()) == 5 for v in viewers)
     stats = h.hub.stats()
     assert stats["flushes"] == 1
     assert stats["writes"] == 3  # one send per viewer for five events
     assert stats["frames_built"] == 1  # one buffer shared by the three
+    for i in range(6, 11):  # a burst right behind: waits for the rest of the interval
+        h.hub.publish(1, batch(i), False, 1)
+    h.hub.poll()
+    assert all(len(v.read()) == 5 for v in viewers) and h.stat("flushes") == 1
+    h.pump(lambda: all(len(v.read()) == 10 for v in viewers))
+    assert h.stat("flushes") == 2 and h.stat("writes") == 6 and h.stat("frames_built") == 2
     for v in viewers:
-        assert [e["offset"] for e in v.events()] == [1, 2, 3, 4, 5]
-        assert v.opcodes() == [OP_TEXT] * 5  # each event its own frame
+        assert [e["offset"] for e in v.events()] == list(range(1, 11))
+        assert v.opcodes() == [OP_TEXT] * 10  # each event its own frame
     assert other.read() == []
 
 
@@ -530,6 +565,19 @@ def test_corrupt_deflate_data_closes_1007(harness: Callable[..., Harness]) -> No
     v = h.connect(variant=JSON | DEFLATE)
     v.send(client_frame(OP_TEXT, b"\xff\xff\xff\xff", rsv=4))
     assert_closed_with(h, v, 1007)
+    assert v.read()[-1] == (OP_CLOSE, b"\x03\xefbad deflate data")
+
+
+def test_messages_before_a_protocol_error_in_the_same_read_are_delivered(
+    harness: Callable[..., Harness],
+) -> None:
+    h = harness()
+    v = h.connect()
+    good = client_frame(OP_TEXT, b"one") + client_frame(OP_PING, b"p") + client_frame(OP_BINARY, b"two")
+    v.send(good + client_frame(OP_TEXT, b"bad", mask=None))  # one write, one read
+    assert_closed_with(h, v, 1002)
+    assert h.messages(v) == [(MESSAGE_TEXT, b"one"), (MESSAGE_BINARY, b"two")]
+    assert v.opcodes() == [OP_PONG, OP_CLOSE]  # the pong goes out before the close
 
 
 # --- slow viewers ---
@@ -563,6 +611,7 @@ def test_slow_viewer_skips_batches_keeps_control_then_gets_a_marker(
     assert h.stat("writes") == writes  # queued behind the backlog, no syscall
     # The viewer reads again: the backlog drains through EPOLLOUT.
     h.pump(lambda: len(slow.read()) == last + 1 and h.stat("backlog_bytes") == 0)
+    assert h.stat("drain_writes") >= 1 and h.stat("writes") == writes  # drains are counted apart
     h.hub.publish(1, batch(last + 3), False, 1)
     h.pump(lambda: len(slow.read()) == last + 3)
     assert held(h) == (0, 0, 0)  # drained: the backlog is gone
@@ -598,11 +647,30 @@ def test_viewer_stuck_past_the_deadline_is_closed_4008(harness: Callable[..., Ha
 
 def test_stuck_viewer_is_closed_by_the_sweep_without_new_flushes(harness: Callable[..., Harness]) -> None:
     limit = 8192
-    h = harness(flush_max_messages=1, backlog_limit_bytes=limit, slow_close_after_ms=100)
+    h = harness(flush_max_messages=1, backlog_limit_bytes=limit, slow_close_after_ms=100, heartbeat_interval_ms=0)
     stuck = h.connect(small_buffers=True)
+    quiet = h.connect(stream=2)
     fill_backlog(h, 1, limit)
     h.pump(lambda: h.closed(stuck), timeout=3.0)  # the 1 s sweep sees it
     assert h.closed(stuck) == 4008
+    # The same sweep passed the quiet viewer: heartbeat_interval_ms=0 means no pings.
+    assert h.stat("pings_sent") == 0 and quiet.read() == [] and h.closed(quiet) is None
+
+
+def test_backlog_far_over_the_limit_closes_4008_at_once(harness: Callable[..., Harness]) -> None:
+    limit = 1024
+    h = harness(backlog_limit_bytes=limit, slow_close_after_ms=60_000)
+    stuck = h.connect(small_buffers=True)
+    payload = b'"' + b"x" * 65534 + b'"'
+    sends = 0
+    while h.hub.send(stuck.conn, payload):  # send() is never skipped: only the hard cap stops it
+        sends += 1
+        assert sends < 100, "the hard cap never closed the viewer"
+    assert sends * len(payload) > 8 * limit + (1 << 20)  # over 8 x the limit + 1 MiB
+    assert h.hub.viewer_count(1) == 0 and h.stat("slow_closed") == 1  # long before the deadline
+    assert h.stat("backlog_bytes") <= len(payload) + 64  # only the frame in flight and the close
+    h.pump(lambda: h.closed(stuck) and stuck.close_code() is not None)
+    assert h.closed(stuck) == 4008 and stuck.close_code() == 4008
 
 
 # --- heartbeat ---
@@ -673,6 +741,7 @@ def test_close_and_close_all(harness: Callable[..., Harness]) -> None:
     h.hub.publish(1, batch(1), False, 1)
     h.hub.publish(2, batch(2), False, 1)
     h.hub.close_all(1001, "restart")  # pending events go out first
+    assert h.hub.connections() == 0 and h.stat("closing") == 3  # lingering until the peers close
     h.pump(lambda: all(c.close_code() == 1001 for c in (v1, v2)))
     assert v1.events() == [json.loads(batch(1)[0])] and v2.events() == [msgpack.unpackb(batch(2)[1])]
     assert [h.closed(c) for c in (banned, v1, v2)] == [4503, 1001, 1001]
@@ -728,6 +797,50 @@ def test_viewer_count_and_variants_bookkeeping(harness: Callable[..., Harness]) 
             h.hub.adopt(h.hub.fileno(), 1, JSON)
 
 
+def test_adopt_oserror_means_the_hub_closed_the_fd(harness: Callable[..., Harness], tmp_path: Path) -> None:
+    h = harness()
+    fd = os.open(tmp_path / "not-a-socket", os.O_CREAT | os.O_RDWR)
+    with pytest.raises(OSError):
+        h.hub.adopt(fd, 1, JSON)  # a regular file: epoll (or the socket layer) refuses it
+    with pytest.raises(OSError):
+        os.fstat(fd)  # the hub owned it from the call on, and closed it
+    assert h.hub.connections() == 0 and h.hub.viewer_count(1) == 0
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{"deflate_window_bits": 8}, {"deflate_level": 10}, {"flush_max_messages": 0}, {"max_fragments": 0},
+     {"heartbeat_interval_ms": -1}, {"backlog_limit_bytes": -1}, {"inflate_limit_bytes": 0}],
+)
+def test_bad_config_is_a_value_error(hub_module: ModuleType, config: dict[str, int]) -> None:
+    before = hub_kind_fds()
+    with pytest.raises(ValueError):
+        hub_module.Hub(**config)
+    assert hub_kind_fds() == before  # checked before any fd exists
+
+
+@native_only  # the other tests use hub_pure's constants for both modules
+def test_constants_match(hub_module: ModuleType) -> None:
+    for name in ("JSON", "MSGPACK", "DEFLATE", "MESSAGE_TEXT", "MESSAGE_BINARY", "CLOSED"):
+        assert getattr(hub_module, name) == getattr(hub_pure, name), name
+
+
+def test_next_timeout_ms_says_when_to_poll(harness: Callable[..., Harness]) -> None:
+    """The pure twin names its next deadline; the C++ hub says -1 (its timerfd wakes the loop)."""
+    h = harness(flush_interval_ms=300)
+    assert h.hub.next_timeout_ms() == -1  # no connection, nothing pending: nothing to wait for
+    v = h.connect()
+    assert h.hub.next_timeout_ms() == -1 if h.native else 0 <= h.hub.next_timeout_ms() <= 1000  # the sweep
+    h.hub.publish(1, batch(1), False, 1)
+    assert h.hub.next_timeout_ms() == -1 if h.native else h.hub.next_timeout_ms() == 0  # leading edge
+    h.hub.poll()
+    h.hub.publish(1, batch(2), False, 1)
+    assert h.hub.next_timeout_ms() == -1 if h.native else 0 < h.hub.next_timeout_ms() <= 300  # the rest
+    h.pump(lambda: len(v.read()) == 2)
+    h.hub.shutdown()
+    assert h.hub.next_timeout_ms() == -1 and h.hub.fileno() == -1
+
+
 def all_received(viewers: list[Client], frames: int) -> bool:
     return all(len(v.read()) == frames for v in viewers)
 
@@ -751,9 +864,9 @@ def test_two_hundred_viewers_get_every_batch_in_order(harness: Callable[..., Har
 # --- file descriptors ---
 
 
-def test_no_fd_leak_through_a_whole_life() -> None:
+def test_no_fd_leak_through_a_whole_life(hub_module: ModuleType) -> None:
     before = hub_kind_fds()
-    hub = Hub(flush_interval_ms=1)
+    hub = hub_module.Hub(flush_interval_ms=1)
     socks = []
     for i in range(20):
         ours, theirs = socket.socketpair()
