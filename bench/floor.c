@@ -2,7 +2,7 @@
  *
  * What a server cannot beat on this machine: no parsing beyond the upgrade, frames built once,
  * one non-blocking send() per viewer. A timerfd publisher generates --rate messages/s of
- * ~120-byte JSON {"t":"batch","comments":[{"id":..,"text":..,"bt":<ns>}]} where bt is the
+ * ~200-byte JSON shaped like a Chorus one-comment batch, {"t":"batch",...,"bt":<ns>}, where bt is the
  * CLOCK_MONOTONIC time the message was due (so a publisher that falls behind shows up as
  * latency instead of hiding it).
  *   --mode single    one send() per message per viewer, as generated;
@@ -179,13 +179,21 @@ static size_t frame_off[65536];
 static void add_message(uint64_t bt) {
     char json[256];
     int n = snprintf(json, sizeof json,
-                     "{\"t\":\"batch\",\"comments\":[{\"id\":\"%012llu\",\"text\":\"the quick brown fox "
-                     "jumps over the lazy dog 0123\",\"bt\":%llu}]}",
-                     (unsigned long long)generated, (unsigned long long)bt);
-    if (batch_len + (size_t)n + 2 > sizeof batch || batch_msgs == 65535) return;
+                     "{\"t\":\"batch\",\"stream\":\"bench\",\"epoch\":\"e\",\"offset\":%llu,\"comments\":"
+                     "[{\"id\":\"%llu\",\"stream\":\"bench\",\"user\":{\"id\":\"1\",\"name\":\"bench\","
+                     "\"badges\":[]},\"text\":\"nice play!\",\"ts\":%llu,\"bt\":%llu}]}",
+                     (unsigned long long)generated, (unsigned long long)generated,
+                     (unsigned long long)(bt / 1000000), (unsigned long long)bt);
+    if (batch_len + (size_t)n + 4 > sizeof batch || batch_msgs == 65535) return;
     frame_off[batch_msgs++] = batch_len;
     batch[batch_len++] = 0x81;          /* FIN + text; a server frame is unmasked (RFC 6455 5.1) */
-    batch[batch_len++] = (uint8_t)n;    /* < 126: the 7-bit length form */
+    if (n < 126) {
+        batch[batch_len++] = (uint8_t)n;    /* the 7-bit length form */
+    } else {                                /* 126: a 16-bit length follows (RFC 6455 5.2) */
+        batch[batch_len++] = 126;
+        batch[batch_len++] = (uint8_t)(n >> 8);
+        batch[batch_len++] = (uint8_t)(n & 0xff);
+    }
     memcpy(batch + batch_len, json, (size_t)n);
     batch_len += (size_t)n;
     frame_off[batch_msgs] = batch_len;

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 __all__ = ["Publisher", "bench_message", "parse_args", "serve_until_stopped"]
 
-TEXT = "the quick brown fox jumps over the lazy dog 0123"
+TEXT = "nice play!"
 
 
 def parse_args(description: str) -> argparse.Namespace:
@@ -39,9 +39,11 @@ def parse_args(description: str) -> argparse.Namespace:
 
 
 def bench_message(k: int, bt: int) -> bytes:
-    """The baselines' message: the same bytes as floor.c sends (~120 B)."""
-    return (b'{"t":"batch","comments":[{"id":"%012d","text":"%s","bt":%d}]}'
-            % (k, TEXT.encode(), bt))
+    """The baselines' message: the shape and size of a Chorus one-comment batch (~200 B), as
+    floor.c and servers/chorus_gateway.py send it, so every server moves the same bytes."""
+    return (b'{"t":"batch","stream":"bench","epoch":"e","offset":%d,"comments":[{"id":"%d","stream":"bench",'
+            b'"user":{"id":"1","name":"bench","badges":[]},"text":"%s","ts":%d,"bt":%d}]}'
+            % (k, k, TEXT.encode(), bt // 1_000_000, bt))
 
 
 class Publisher:
