@@ -55,6 +55,7 @@ class GatewayConfig:
     )
     max_message_bytes: int = doc("Largest client frame or message; larger closes with 1009.", 65536)
     max_fragments: int = doc("Most frames one client message may be split into; more closes with 1009.", 64)
+    max_pings_per_s: int = doc("Pings a client may send per second; more closes with 1008 (0: no limit).", 20)
     permessage_deflate: bool = doc(
         "Accept permessage-deflate (RFC 7692): each batch is compressed once for every viewer that "
         "negotiated it.", True
@@ -140,6 +141,7 @@ class Config:
         checks: list[tuple[str, bool, str]] = [
             ("gateway.port", 0 <= self.gateway.port <= 65535, "must be between 0 and 65535"),
             ("gateway.max_message_bytes", self.gateway.max_message_bytes >= 1024, "must be >= 1024"),
+            ("gateway.max_pings_per_s", 0 <= self.gateway.max_pings_per_s <= 250, "must be 0-250"),
             ("gateway.max_fragments", 1 <= self.gateway.max_fragments <= 1_000_000, "must be 1-1000000"),
             ("gateway.deflate_level", 1 <= self.gateway.deflate_level <= 9, "must be 1-9"),
             ("gateway.max_connections_per_ip", self.gateway.max_connections_per_ip >= 1, "must be >= 1"),

@@ -146,6 +146,7 @@ class Gateway:
             heartbeat_interval_ms=int(g.heartbeat_interval_s * 1000),
             heartbeat_timeout_ms=int(g.heartbeat_timeout_s * 1000),
             deflate_level=g.deflate_level, deflate_window_bits=15, inflate_limit_bytes=g.max_message_bytes,
+            max_pings_per_s=g.max_pings_per_s,
         )
         self.server: asyncio.Server | None = None
         self._recorders: dict[Any, RecordingProtocol] = {}

@@ -34,6 +34,7 @@ class Hub:
         deflate_level: int = 6,
         deflate_window_bits: int = 15,
         inflate_limit_bytes: int = 65536,
+        max_pings_per_s: int = 20,
     ) -> None: ...
     def fileno(self) -> int: ...
     def adopt(self, fd: int, stream: int, variant: int, leftover: bytes = b"", tag: bytes = b"") -> int:

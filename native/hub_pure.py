@@ -40,7 +40,7 @@ CLOSE_LINGER_S = 2.0
 SWEEP_S = 1.0  # heartbeats, stuck slow viewers and lingering closes are checked this often
 HARD_BACKLOG_FACTOR = 8  # a backlog over 8 x the limit + 1 MiB closes with 4008 at once
 HARD_BACKLOG_EXTRA = 1 << 20
-CLOSE_NORMAL, CLOSE_ABNORMAL = 1000, 1006
+CLOSE_NORMAL, CLOSE_ABNORMAL, CLOSE_POLICY = 1000, 1006, 1008
 _EMPTY_TAIL = b"\x00\x00\xff\xff"  # RFC 7692 7.2.1: stripped after compressing, re-added to inflate
 _PING = codec.encode_frame(codec.OP_PING, b"")  # HUB.md: heartbeat pings are empty
 _HEARTBEAT_CLOSE = codec.encode_close(1001, "heartbeat timeout")
@@ -150,6 +150,7 @@ class _Conn:
     ping_sent_at: float | None = None
     closing_since: float | None = None  # None: open; else the close began then (HUB.md "Close")
     shut_wr: bool = False
+    pings: int = 0  # pings answered since the last sweep
 
 
 @dataclass(slots=True)
@@ -206,7 +207,7 @@ def _check_config(values: dict[str, int]) -> None:
         "flush_interval_ms": (0, None), "flush_max_messages": (1, None), "backlog_limit_bytes": (0, None),
         "slow_close_after_ms": (0, None), "max_message_bytes": (0, None), "max_fragments": (1, None),
         "heartbeat_interval_ms": (0, None), "heartbeat_timeout_ms": (0, None), "deflate_level": (-1, 9),
-        "deflate_window_bits": (9, 15), "inflate_limit_bytes": (1, 1 << 30),
+        "deflate_window_bits": (9, 15), "inflate_limit_bytes": (1, 1 << 30), "max_pings_per_s": (0, 250),
     }
     for name, (low, high) in rules.items():
         if values[name] < low or (high is not None and values[name] > high):
@@ -219,7 +220,7 @@ class Hub:
                  max_message_bytes: int = 65536, max_fragments: int = 64,
                  heartbeat_interval_ms: int = 60000, heartbeat_timeout_ms: int = 30000,
                  deflate_level: int = 6, deflate_window_bits: int = 15,
-                 inflate_limit_bytes: int = 65536) -> None:
+                 inflate_limit_bytes: int = 65536, max_pings_per_s: int = 20) -> None:
         _check_config(locals())  # first thing: locals() holds just self and the arguments
         self.flush_interval_s = flush_interval_ms / 1000
         self.flush_max_messages = flush_max_messages
@@ -232,6 +233,7 @@ class Hub:
         self.deflate_level = deflate_level
         self.deflate_window_bits = deflate_window_bits
         self.inflate_limit_bytes = inflate_limit_bytes
+        self.max_pings_per_s = max_pings_per_s  # 0: no limit
         self._conns: dict[int, _Conn] = {}  # by fd: open and closing ones
         self._streams: dict[int, _Stream] = {}
         self._events: list[Event] = []
@@ -656,6 +658,10 @@ class Hub:
         for opcode, payload in frames:
             kind = opcode & 0x0F
             if kind == codec.OP_PING:
+                # DESIGN.md 10: pings are rate-limited; a flood is a policy violation (1008).
+                conn.pings += 1
+                if self.max_pings_per_s and conn.pings > self.max_pings_per_s:
+                    return _Ending(CLOSE_POLICY, "ping flood", True)
                 # RFC 6455 5.5.2: a pong with the same payload. 5.5.3 would allow answering only
                 # the latest ping, but clients (and Autobahn 2.10) expect one pong each.
                 pongs.append(codec.encode_frame(codec.OP_PONG, payload))
@@ -713,6 +719,7 @@ class Hub:
                 self._sweep_conn(conn, now)
 
     def _sweep_conn(self, conn: _Conn, now: float) -> None:
+        conn.pings = 0  # a new second of ping budget
         if conn.closing_since is not None:
             if now - conn.closing_since >= CLOSE_LINGER_S:
                 self._release(conn)

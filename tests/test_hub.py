@@ -1050,3 +1050,15 @@ def test_mutated_streams_only_close_with_documented_codes(harness: Callable[...,
         v.sock.close()
     h.pump(lambda: h.stat("closing") == 0)
     assert h.hub.connections() == 0
+
+
+def test_ping_flood_closes_1008(harness: Callable[..., Harness]) -> None:
+    h = harness(max_pings_per_s=10)
+    calm, flood = h.connect(stream=1), h.connect(stream=1)
+    calm.send(b"".join(client_frame(OP_PING, b"%d" % i) for i in range(10)))  # at the limit: fine
+    flood.send(b"".join(client_frame(OP_PING, b"%d" % i) for i in range(11)))
+    assert_closed_with(h, flood, 1008)
+    pongs: list[tuple[int, bytes]] = []
+    h.pump(lambda: bool(pongs.extend(calm.read()) or len(pongs) >= 10))
+    assert [op for op, _p in pongs] == [OP_PONG] * 10
+    assert h.closed(calm) is None

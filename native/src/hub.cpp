@@ -38,6 +38,7 @@ const HubConfig& checked(const HubConfig& c) {
     require(c.flush_max_messages >= 1, "flush_max_messages must be >= 1");
     require(c.slow_close_after_ms >= 0, "slow_close_after_ms must be >= 0");
     require(c.max_fragments >= 1, "max_fragments must be >= 1");
+    require(c.max_pings_per_s <= 250, "max_pings_per_s must be 0..250");
     require(c.heartbeat_interval_ms >= 0, "heartbeat_interval_ms must be >= 0 (0: no heartbeat)");
     require(c.heartbeat_timeout_ms >= 0, "heartbeat_timeout_ms must be >= 0");
     require(c.deflate_level >= -1 && c.deflate_level <= 9, "deflate_level must be -1..9");
@@ -174,6 +175,13 @@ public:
 
     bool on_control(uint8_t opcode, const uint8_t* data, size_t n) override {
         if (opcode == ws::OP_PING) {
+            // DESIGN.md 10: pings are rate-limited; a flood is a policy violation (1008).
+            Hub::Conn& c = hub_.conns_[size_t(fd_)];
+            if (hub_.cfg_.max_pings_per_s && ++c.pings > hub_.cfg_.max_pings_per_s) {
+                fail_code = ws::CLOSE_POLICY;
+                fail_reason = "ping flood";
+                return false;
+            }
             // RFC 6455 5.5.2: a pong with the same payload. 5.5.3 would let us answer only
             // the latest of several pings, but clients (and Autobahn 2.10) expect one pong
             // each; the pongs of one read are no bigger than the pings, and go out in one write.
@@ -841,6 +849,7 @@ void Hub::sweep() {
 
 void Hub::sweep_conn(int fd) {
     Conn& c = conns_[fd];
+    c.pings = 0;  // a new second of ping budget
     if (c.state == CLOSING) {
         if (since(c.timer) >= CLOSE_LINGER_MS) release(fd);
         return;

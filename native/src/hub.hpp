@@ -48,6 +48,7 @@ struct HubConfig {
     int64_t slow_close_after_ms = 10000;
     uint64_t max_message_bytes = 65536;
     uint32_t max_fragments = 64;
+    uint32_t max_pings_per_s = 20;  // more in one sweep second closes with 1008; 0: no limit
     int64_t heartbeat_interval_ms = 60000;  // 0 disables heartbeats
     int64_t heartbeat_timeout_ms = 30000;
     int deflate_level = 6;
@@ -156,6 +157,7 @@ private:
         uint8_t state = FREE;
         uint8_t variant = 0;
         uint8_t flags = 0;
+        uint8_t pings = 0;  // pings answered since the last sweep (a byte of padding anyway)
     };
     struct Stream {
         std::vector<int32_t> viewers;  // fds

@@ -65,7 +65,7 @@ uint64_t non_negative(int64_t v, const char* name) {
 std::unique_ptr<Hub> make_hub(int64_t flush_interval_ms, int64_t flush_max_messages, int64_t backlog_limit_bytes,
                               int64_t slow_close_after_ms, int64_t max_message_bytes, int64_t max_fragments,
                               int64_t heartbeat_interval_ms, int64_t heartbeat_timeout_ms, int deflate_level,
-                              int deflate_window_bits, int64_t inflate_limit_bytes) {
+                              int deflate_window_bits, int64_t inflate_limit_bytes, int64_t max_pings_per_s) {
     HubConfig c;
     c.flush_interval_ms = flush_interval_ms;
     c.flush_max_messages = uint32_t(std::min<uint64_t>(non_negative(flush_max_messages, "flush_max_messages"), UINT32_MAX));
@@ -78,6 +78,7 @@ std::unique_ptr<Hub> make_hub(int64_t flush_interval_ms, int64_t flush_max_messa
     c.deflate_level = deflate_level;
     c.deflate_window_bits = deflate_window_bits;
     c.inflate_limit_bytes = non_negative(inflate_limit_bytes, "inflate_limit_bytes");
+    c.max_pings_per_s = uint32_t(std::min<uint64_t>(non_negative(max_pings_per_s, "max_pings_per_s"), UINT32_MAX));
     return std::make_unique<Hub>(c);
 }
 
@@ -124,7 +125,8 @@ PYBIND11_MODULE(_hub, m) {
              py::arg("backlog_limit_bytes") = 65536, py::arg("slow_close_after_ms") = 10000,
              py::arg("max_message_bytes") = 65536, py::arg("max_fragments") = 64,
              py::arg("heartbeat_interval_ms") = 60000, py::arg("heartbeat_timeout_ms") = 30000,
-             py::arg("deflate_level") = 6, py::arg("deflate_window_bits") = 15, py::arg("inflate_limit_bytes") = 65536)
+             py::arg("deflate_level") = 6, py::arg("deflate_window_bits") = 15, py::arg("inflate_limit_bytes") = 65536,
+             py::arg("max_pings_per_s") = 20)
         .def("fileno", &Hub::fileno)
         .def(
             "adopt",

@@ -45,6 +45,7 @@ enum CloseCode : uint16_t {
     CLOSE_NO_STATUS = 1005,  // reported (never sent) for a close frame without a code, 7.1.5
     CLOSE_ABNORMAL = 1006,  // reported (never sent) when the TCP connection just went away
     CLOSE_INVALID_DATA = 1007,  // a text message or close reason that is not UTF-8
+    CLOSE_POLICY = 1008,  // a ping flood
     CLOSE_TOO_BIG = 1009,  // a message over the size limit, too many fragments, a deflate bomb
     CLOSE_SLOW_CONSUMER = 4008,  // chorus.codes.CloseCode.SLOW_CONSUMER
 };
