@@ -3,7 +3,7 @@
 The suite's own case files run through kosoku (pinned in pyproject's test extra). The echo
 endpoint (``gateway.echo_endpoint``, a test switch) goes through the same upgrade, hand-off,
 hub, parser, permessage-deflate and limits as viewers do; only its limits are raised to what
-the suite sends (16 MiB messages, 4 MiB in 64-byte fragments).
+the suite sends (16 MiB messages, 4 MiB in 64-byte fragments, and so 16 MiB echoes queued).
 
 The summary of each run (case: behavior, close behavior) is compared with the one committed
 in ``tests/autobahn/``; ``--update`` rewrites it after a reviewed change.
@@ -37,6 +37,8 @@ def conformance_config(data_dir: str) -> Any:
     return load_config(
         env={}, data_dir=data_dir, gateway__port=0, gateway__echo_endpoint=True,
         gateway__max_message_bytes=32 * 1024 * 1024, gateway__max_fragments=100_000,
+        # An echo of a 16 MiB message is one send to a reader that may be slow: let it queue.
+        gateway__backlog_limit_bytes=32 * 1024 * 1024,
     )
 
 

@@ -1,4 +1,4 @@
-"""Microbenchmarks of the native hub's fan-out (pytest-benchmark): publish + flush to 1k viewers.
+"""Microbenchmarks of the hub's fan-out (pytest-benchmark), native and pure: publish + flush to 1k viewers.
 
 Not collected by the default run (testpaths is tests/). Run with
 `pytest bench/micro/test_hub_bench.py -q --benchmark-only`. Each round publishes a batch of
@@ -17,7 +17,9 @@ from typing import Any
 import msgpack
 import pytest
 
-_hub = pytest.importorskip("chorus.native._hub")
+from chorus.native import _hub, hub_pure
+
+HUBS = {"native": _hub, "pure": hub_pure}
 
 VIEWERS = 1000
 COMMENT = {"id": "01J0000000000000000000000", "user": "viewer42", "text": "great stream! é 😀"}
@@ -29,8 +31,8 @@ def event(offset: int, comments: int) -> tuple[bytes, bytes]:
 
 
 class Fanout:
-    def __init__(self, variant: int) -> None:
-        self.hub = _hub.Hub(flush_interval_ms=60_000, flush_max_messages=10_000)
+    def __init__(self, module: Any, variant: int) -> None:
+        self.hub = module.Hub(flush_interval_ms=60_000, flush_max_messages=10_000)
         self.clients: list[socket.socket] = []
         for _ in range(VIEWERS):
             ours, theirs = socket.socketpair()
@@ -52,9 +54,11 @@ class Fanout:
             sock.close()
 
 
-@pytest.fixture(params=[_hub.JSON, _hub.JSON | _hub.DEFLATE], ids=["json", "json+deflate"])
+@pytest.fixture(params=[(impl, v) for impl in HUBS for v in ("json", "json+deflate")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def fanout(request: pytest.FixtureRequest) -> Iterator[Fanout]:
-    f = Fanout(request.param)
+    impl, variant = request.param
+    f = Fanout(HUBS[impl], _hub.JSON | (_hub.DEFLATE if variant == "json+deflate" else 0))
     yield f
     f.close()
 
