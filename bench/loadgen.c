@@ -8,8 +8,18 @@
  *   --recv  connect, wait --start-after ms, then for --seconds count deliveries: each
  *           `"bt":<ns>` marker in a text message is one, with latency now - bt (both
  *           CLOCK_MONOTONIC, which is system-wide on Linux) kept in a log-linear histogram.
+ *           A `bt=<ns> k=<seq>` marker inside a comment's text counts too, once per
+ *           connection and seq (repeats are `duplicates`);
+ *   --post RATE  post comments at RATE/s over the N connections (round robin, on a 1 ms
+ *           tick) with --token T (or --token-file F: one per line, connection i uses line
+ *           i mod lines, so each connection can be a different user): comment k is due at t0 + k/RATE and sent as
+ *           {"t":"comment","text":"bench bt=<due ns> k=<k>","nonce":"<k>"}, except during the
+ *           first --start-after ms (warm-up: "bench warm-up k=<k>", no marker). Posts for
+ *           --start-after ms + --seconds, then waits up to --grace s for the last answers;
+ *           the histogram holds ack latency (ack receipt - due) of the marked comments.
  * Prints {"phase":"connected",...} when the connect phase ends and one {"phase":"done",...}
- * JSON line at the end. Build: cc -O2 loadgen.c -lz.
+ * JSON line at the end. In every mode, when stdin is a pipe, its closing ends the run early.
+ * Build: cc -O2 loadgen.c -lz.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -43,6 +53,11 @@ struct conn {
     uint32_t len, cap;
     uint8_t *frag;             /* a message split over several frames (RFC 6455 5.4) */
     uint32_t flen, fcap;
+    uint8_t *out;              /* --post: frames the socket did not take yet */
+    uint32_t olen, ocap;
+    uint8_t *seen;             /* bitmap of the comment seqs (k=) received on this connection */
+    uint32_t seen_cap;
+    long long got;             /* first receipts of markers on this connection */
 };
 
 /* ---- options ---- */
@@ -51,11 +66,23 @@ static int port, nconns = 1, src_base = 2, src_count = 1, hold, want_proto, want
 static double seconds = 5, start_after_ms = 1000, connect_rate = 20000, connect_timeout = 60;
 static int max_inflight = 100;
 static long long expect;       /* --recv: stop once this many deliveries were counted */
+static double post_rate, grace_s = 5;
+static const char *token;
+static char **tokens;           /* --token-file */
+static int ntokens;
 
 /* ---- counters ---- */
 static struct conn *conns;
 static int started, connected, failed, inflight, open_now, closed_by_server, deflate_conns;
 static long long errors, deliveries, messages, rx_bytes, inflate_errors;
+static long long duplicates, throttle_events, skipped_events;
+/* --post: comment k's answer (0 none yet, 1 ack, 2 refused); totals over all and marked ones */
+static uint8_t *answer;
+static long long post_total, post_first_marked, posted, unsent, acked, refused, rate_limited;
+static long long m_posted, m_acked, m_refused, m_rate_limited;
+static uint64_t post_t0, max_lag_ns;
+static double period_ns;
+static char first_refusal[64];
 static volatile sig_atomic_t stop_flag;
 static uint64_t now_ns, win_start, win_end;
 
@@ -129,9 +156,9 @@ static void close_conn(struct conn *c, int was_error) {
     if (was_error) errors++;
     close(c->fd);
     c->state = CLOSED;
-    free(c->buf); free(c->frag);
-    c->buf = c->frag = NULL;
-    c->len = c->cap = c->flen = c->fcap = 0;
+    free(c->buf); free(c->frag); free(c->out); free(c->seen);
+    c->buf = c->frag = c->out = c->seen = NULL;
+    c->len = c->cap = c->flen = c->fcap = c->olen = c->ocap = c->seen_cap = 0;
 }
 
 /* A client frame: always masked (RFC 6455 5.3); only small control frames are sent here. */
@@ -173,22 +200,91 @@ static const uint8_t *inflate_msg(const uint8_t *p, size_t n, size_t *out_n) {
     return zout;
 }
 
+static void record_latency(uint64_t since_ns) {
+    uint64_t us = now_ns > since_ns ? (now_ns - since_ns) / 1000 : 0;
+    hist[bucket_of(us)]++;
+    if (us > lat_max_us) lat_max_us = us;
+}
+
+static uint64_t parse_u64(const uint8_t **pp, const uint8_t *end) {
+    const uint8_t *p = *pp;
+    uint64_t v = 0;
+    while (p < end && *p >= '0' && *p <= '9') v = v * 10 + (uint64_t)(*p++ - '0');
+    *pp = p;
+    return v;
+}
+
+/* A server event's type: the payload starts {"t":"<type>" (the gateway puts t first). */
+static int is_event(const uint8_t *p, size_t n, const char *type) {
+    size_t tn = strlen(type);
+    return n > 7 + tn && memcmp(p, "{\"t\":\"", 6) == 0 && memcmp(p + 6, type, tn) == 0 && p[6 + tn] == '"';
+}
+
+/* First receipt of comment seq k on this connection? (k < 0: no seq, always first.) */
+static int first_receipt(struct conn *c, long long k) {
+    if (k < 0) return 1;
+    uint32_t byte = (uint32_t)(k >> 3);
+    if (byte >= c->seen_cap) {
+        uint32_t old = c->seen_cap;
+        c->seen = grow(c->seen, &c->seen_cap, byte + 1);
+        memset(c->seen + old, 0, c->seen_cap - old);
+    }
+    uint8_t bit = (uint8_t)(1u << (k & 7));
+    if (c->seen[byte] & bit) return 0;
+    c->seen[byte] |= bit;
+    return 1;
+}
+
+/* --post: an ack or error event answering comment k (its nonce). */
+static void on_answer(const uint8_t *p, size_t n) {
+    int ack = is_event(p, n, "ack");
+    if (!ack && !is_event(p, n, "error")) return;             /* welcome, batches, ... */
+    const uint8_t *end = p + n, *q = memmem(p, n, "\"nonce\":\"", 9);
+    if (!q) { errors++; return; }                             /* an error about no comment of ours */
+    q += 9;
+    long long k = (long long)parse_u64(&q, end);
+    if (k >= posted || answer[k]) return;
+    int marked = k >= post_first_marked;
+    answer[k] = ack ? 1 : 2;
+    if (ack) {
+        acked++;
+        if (marked) { m_acked++; record_latency(post_t0 + (uint64_t)((double)k * period_ns)); }
+        return;
+    }
+    refused++; m_refused += marked;
+    const uint8_t *code = memmem(p, n, "\"code\":\"", 8);
+    if (code && (size_t)(end - code) > 8 + 12 && memcmp(code + 8, "rate_limited", 12) == 0) {
+        rate_limited++; m_rate_limited += marked;
+    } else if (!first_refusal[0]) {
+        snprintf(first_refusal, sizeof first_refusal, "%.*s", (int)(n < 63 ? n : 63), (const char *)p);
+    }
+}
+
 static void on_message(struct conn *c, int rsv1, const uint8_t *p, size_t n) {
     messages++;
     rx_bytes += (long long)n;
     if (rsv1) {
         if (!c->deflate || !(p = inflate_msg(p, n, &n))) { errors++; return; }
     }
+    if (post_rate > 0) { on_answer(p, n); return; }
     if (now_ns < win_start || now_ns >= win_end) return;
-    const uint8_t *end = p + n;
-    while ((p = memmem(p, (size_t)(end - p), "\"bt\":", 5)) != NULL) {
-        p += 5;
-        uint64_t bt = 0;
-        while (p < end && *p >= '0' && *p <= '9') bt = bt * 10 + (uint64_t)(*p++ - '0');
-        uint64_t us = now_ns > bt ? (now_ns - bt) / 1000 : 0;
-        hist[bucket_of(us)]++;
-        if (us > lat_max_us) lat_max_us = us;
+    throttle_events += is_event(p, n, "throttle");
+    skipped_events += is_event(p, n, "skipped");
+    /* markers: "bt":<ns> (a JSON field) or bt=<ns>[ k=<seq>] (inside a comment's text) */
+    const uint8_t *start = p, *end = p + n;
+    while ((p = memmem(p, (size_t)(end - p), "bt", 2)) != NULL) {
+        const uint8_t *m = p;
+        p += 2;
+        if (m > start && m[-1] == '"' && end - p >= 2 && p[0] == '"' && p[1] == ':') p += 2;
+        else if (p < end && *p == '=' && p + 1 < end && p[1] >= '0' && p[1] <= '9') p += 1;
+        else continue;
+        uint64_t bt = parse_u64(&p, end);
+        long long k = -1;
+        if (end - p > 3 && memcmp(p, " k=", 3) == 0) { p += 3; k = (long long)parse_u64(&p, end); }
+        if (!first_receipt(c, k)) { duplicates++; continue; }
+        record_latency(bt);
         deliveries++;
+        c->got++;
     }
 }
 
@@ -324,19 +420,78 @@ static void send_upgrade(int i) {
     if (err) { close_conn(c, 1); return; }
     uint8_t key[16];
     for (int k = 0; k < 16; k++) key[k] = (uint8_t)rand();
-    char key64[32], req[1024];
+    char key64[32], req[4096], auth[2048] = "";
+    const char *tok = ntokens ? tokens[i % ntokens] : token;
+    if (tok) snprintf(auth, sizeof auth, "Authorization: Bearer %s\r\n", tok);
     base64(key, 16, key64);
     int n = snprintf(req, sizeof req,
                      "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s%s\r\n",
-                     path, host, port, key64,
+                     "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n%s%s%s\r\n",
+                     path, host, port, key64, auth,
                      want_proto ? "Sec-WebSocket-Protocol: chorus.json.v1\r\n" : "",
                      want_deflate ? "Sec-WebSocket-Extensions: permessage-deflate; "
                                     "client_no_context_takeover; server_no_context_takeover\r\n" : "");
-    if (send(c->fd, req, (size_t)n, MSG_NOSIGNAL) != n) { close_conn(c, 1); return; }
+    if (n >= (int)sizeof req || send(c->fd, req, (size_t)n, MSG_NOSIGNAL) != n) { close_conn(c, 1); return; }
     c->state = HANDSHAKE;
     struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
     epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev);
+}
+
+/* ---- posting ---- */
+static void want_writable(struct conn *c, int on) {
+    struct epoll_event ev = {.events = EPOLLIN | (on ? EPOLLOUT : 0), .data.u32 = (uint32_t)(c - conns)};
+    epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev);
+}
+
+static void flush_out(struct conn *c) {
+    ssize_t r = send(c->fd, c->out, c->olen, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (r < 0) {
+        if (errno != EAGAIN && errno != EINTR) close_conn(c, 1);
+        return;
+    }
+    memmove(c->out, c->out + r, c->olen - (size_t)r);
+    c->olen -= (uint32_t)r;
+    if (!c->olen) want_writable(c, 0);
+}
+
+/* Queue bytes behind what the socket has not taken yet, or send them now. */
+static void send_bytes(struct conn *c, const uint8_t *p, size_t n) {
+    size_t done = 0;
+    if (!c->olen) {
+        ssize_t r = send(c->fd, p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (r < 0 && errno != EAGAIN && errno != EINTR) { close_conn(c, 1); return; }
+        done = r > 0 ? (size_t)r : 0;
+        if (done == n) return;
+        want_writable(c, 1);
+    }
+    c->out = grow(c->out, &c->ocap, c->olen + (uint32_t)(n - done));
+    memcpy(c->out + c->olen, p + done, n - done);
+    c->olen += (uint32_t)(n - done);
+}
+
+/* Comment k as a masked text frame on the next open connection. */
+static void post_one(long long k, uint64_t due) {
+    char text[160];
+    int n = k >= post_first_marked
+        ? snprintf(text, sizeof text, "{\"t\":\"comment\",\"text\":\"bench bt=%llu k=%lld\",\"nonce\":\"%lld\"}",
+                   (unsigned long long)due, k, k)
+        : snprintf(text, sizeof text, "{\"t\":\"comment\",\"text\":\"bench warm-up k=%lld\",\"nonce\":\"%lld\"}", k, k);
+    if (n < 0 || n > 125) { fprintf(stderr, "loadgen: comment too long\n"); exit(2); }
+    for (int tries = 0; tries < nconns; tries++) {
+        struct conn *c = &conns[(k + tries) % nconns];
+        if (c->state != OPEN) continue;
+        uint8_t f[6 + sizeof text];
+        uint32_t mask = (uint32_t)rand();
+        f[0] = 0x81;                                   /* FIN, text; n < 126 */
+        f[1] = 0x80 | (uint8_t)n;
+        memcpy(f + 2, &mask, 4);
+        for (int i = 0; i < n; i++) f[6 + i] = (uint8_t)text[i] ^ f[2 + (i & 3)];
+        send_bytes(c, f, 6 + (size_t)n);
+        posted++; m_posted += k >= post_first_marked;
+        return;
+    }
+    posted++; unsent++;                                /* every connection is gone */
+    answer[k] = 2;
 }
 
 static void poll_once(int timeout_ms) {
@@ -350,7 +505,8 @@ static void poll_once(int timeout_ms) {
             if (evs[k].events & (EPOLLERR | EPOLLHUP)) close_conn(c, 1);
             else send_upgrade((int)i);
         } else if (c->state != CLOSED) {
-            on_readable(c);
+            if ((evs[k].events & EPOLLOUT) && c->olen) flush_out(c);
+            if (c->state != CLOSED && (evs[k].events & ~(uint32_t)EPOLLOUT)) on_readable(c);
         }
     }
 }
@@ -364,13 +520,27 @@ static uint64_t run_delay_ns(void) {
 }
 
 static void usage(void) {
-    fprintf(stderr, "usage: loadgen --port P (--hold|--recv) [--host H] [--path /ws] [--conns N]\n"
+    fprintf(stderr, "usage: loadgen --port P (--hold|--recv|--post RATE) [--host H] [--path /ws] [--conns N]\n"
                     "  [--seconds S] [--start-after MS] [--expect D] [--src-base B] [--src-count K]\n"
-                    "  [--subprotocol] [--deflate] [--connect-rate R] [--max-inflight M]\n");
+                    "  [--subprotocol] [--deflate] [--connect-rate R] [--max-inflight M]\n"
+                    "  [--token JWT | --token-file F] [--grace S]\n");
     exit(2);
 }
 
 static void on_signal(int sig) { (void)sig; stop_flag = 1; }
+
+static void read_tokens(const char *file) {
+    FILE *f = fopen(file, "r");
+    if (!f) { perror(file); exit(2); }
+    char line[2048];
+    while (fgets(line, sizeof line, f)) {
+        line[strcspn(line, "\r\n")] = 0;
+        if (!line[0]) continue;
+        tokens = realloc(tokens, sizeof *tokens * (size_t)(ntokens + 1));
+        if (!tokens || !(tokens[ntokens++] = strdup(line))) { perror("token"); exit(2); }
+    }
+    fclose(f);
+}
 
 int main(int argc, char **argv) {
     int recv_mode = 0;
@@ -393,9 +563,14 @@ int main(int argc, char **argv) {
         else if (OPT("--connect-rate")) connect_rate = atof(v);
         else if (OPT("--max-inflight")) max_inflight = atoi(v);
         else if (OPT("--connect-timeout")) connect_timeout = atof(v);
+        else if (OPT("--post")) post_rate = atof(v);
+        else if (OPT("--token")) token = v;
+        else if (OPT("--token-file")) read_tokens(v);
+        else if (OPT("--grace")) grace_s = atof(v);
         else usage();
     }
-    if (!port || hold == recv_mode || nconns < 1 || src_count < 1 || src_base + src_count > 255) usage();
+    if (!port || hold + recv_mode + (post_rate > 0) != 1 || nconns < 1 || src_count < 1 || src_base + src_count > 255)
+        usage();
 
     struct rlimit rl;
     getrlimit(RLIMIT_NOFILE, &rl);
@@ -414,8 +589,8 @@ int main(int argc, char **argv) {
     conns = calloc((size_t)nconns, sizeof *conns);
     ep = epoll_create1(0);
     struct stat st;
-    if (hold && fstat(0, &st) == 0 && S_ISFIFO(st.st_mode)) {
-        /* the harness closes our stdin when it has measured: that ends the hold */
+    if (fstat(0, &st) == 0 && S_ISFIFO(st.st_mode)) {
+        /* the harness closes our stdin when it has measured: that ends the run */
         struct epoll_event ev = {.events = EPOLLIN, .data.u32 = UINT32_MAX};
         epoll_ctl(ep, EPOLL_CTL_ADD, 0, &ev);
     }
@@ -442,15 +617,33 @@ int main(int argc, char **argv) {
     win_start = t1 + (uint64_t)(start_after_ms * 1e6);
     win_end = win_start + (uint64_t)(seconds * 1e9);
     if (hold) win_start = win_end = t1;  /* nothing is counted while holding */
+    if (post_rate > 0) {
+        period_ns = 1e9 / post_rate;
+        post_first_marked = (long long)(post_rate * start_after_ms / 1e3 + 0.999999);
+        post_total = (long long)(post_rate * (start_after_ms / 1e3 + seconds));
+        answer = calloc((size_t)post_total + 1, 1);
+        post_t0 = t1;
+        win_end = t1 + (uint64_t)((double)post_total * period_ns);  /* the last comment is due */
+    }
     struct rusage ru0 = {0}, ru1;
     uint64_t wait0 = 0;
     int window_open = 0;
     uint64_t stop_at = hold ? t1 + (uint64_t)(seconds * 1e9) : win_end;
+    if (post_rate > 0) stop_at = win_end + (uint64_t)(grace_s * 1e9);
     while (!stop_flag) {
         uint64_t t = mono_ns();
         if (!window_open && t >= win_start) { window_open = 1; getrusage(RUSAGE_SELF, &ru0); wait0 = run_delay_ns(); }
         if (t >= stop_at || (expect && deliveries >= expect)) break;
-        poll_once(5);
+        if (post_rate > 0) {
+            while (posted < post_total) {
+                uint64_t due = post_t0 + (uint64_t)((double)posted * period_ns);
+                if (due > t) break;
+                if (t - due > max_lag_ns) max_lag_ns = t - due;
+                post_one(posted, due);
+            }
+            if (posted == post_total && acked + refused + unsent >= posted) break;  /* every comment answered */
+        }
+        poll_once(post_rate > 0 ? 1 : 5);
     }
     getrusage(RUSAGE_SELF, &ru1);
     double wait_s = window_open ? (double)(run_delay_ns() - wait0) / 1e9 : 0;
@@ -465,7 +658,7 @@ int main(int argc, char **argv) {
            "\"connect_ms\":%.1f,\"window_s\":%.3f,\"messages\":%lld,\"rx_bytes\":%lld,"
            "\"deliveries\":%lld,\"deliveries_per_s\":%.1f,\"p50_ms\":%.3f,\"p95_ms\":%.3f,"
            "\"p99_ms\":%.3f,\"max_ms\":%.3f,\"cpu_pct\":%.1f,\"wait_pct\":%.1f,\"hist\":[",
-           hold ? "hold" : "recv", nconns, connected, failed, open_now, closed_by_server, deflate_conns,
+           hold ? "hold" : recv_mode ? "recv" : "post", nconns, connected, failed, open_now, closed_by_server, deflate_conns,
            errors, inflate_errors, connect_ms, win_s, messages, rx_bytes, deliveries,
            win_s > 0 ? (double)deliveries / win_s : 0.0, percentile_ms(0.50), percentile_ms(0.95),
            percentile_ms(0.99), (double)lat_max_us / 1000.0, win_s > 0 ? 100.0 * cpu_s / win_s : 0.0,
@@ -475,7 +668,26 @@ int main(int argc, char **argv) {
     for (int b = 0; b < NBUCKETS; b++)
         if (hist[b]) { printf("%s[%llu,%llu]", first ? "" : ",", (unsigned long long)bucket_low(b),
                               (unsigned long long)hist[b]); first = 0; }
-    printf("]}\n");
+    printf("],\"duplicates\":%lld,\"throttle_events\":%lld,\"skipped_events\":%lld",
+           duplicates, throttle_events, skipped_events);
+    if (recv_mode) {  /* first receipts per connection: the least and most served viewer */
+        long long lo = -1, hi = 0;
+        for (int i = 0; i < started; i++)
+            if (conns[i].state == OPEN) { if (lo < 0 || conns[i].got < lo) lo = conns[i].got; if (conns[i].got > hi) hi = conns[i].got; }
+        printf(",\"conn_min\":%lld,\"conn_max\":%lld", lo < 0 ? 0 : lo, hi);
+    }
+    if (post_rate > 0)
+        printf(",\"rate\":%.1f,\"posted\":%lld,\"unsent\":%lld,\"acked\":%lld,\"refused\":%lld,"
+               "\"rate_limited\":%lld,\"marked_posted\":%lld,\"marked_acked\":%lld,\"marked_refused\":%lld,"
+               "\"marked_rate_limited\":%lld,\"unanswered\":%lld,\"max_lag_ms\":%.3f,\"first_refusal\":\"",
+               post_rate, posted, unsent, acked, refused, rate_limited, m_posted, m_acked, m_refused,
+               m_rate_limited, posted - acked - refused - unsent, (double)max_lag_ns / 1e6);
+    if (post_rate > 0) {
+        for (const char *q = first_refusal; *q; q++)   /* printable ASCII only: it goes into JSON */
+            printf(*q == '"' || *q == '\\' ? "\\%c" : "%c", *q >= 32 && *q < 127 ? *q : '?');
+        printf("\"");
+    }
+    printf("}\n");
     fflush(stdout);
     /* Close with RST (SO_LINGER 0): a bench run leaves no TIME_WAIT sockets behind, which
      * would fill the kernel's table and skew the next step's slab readings. */

@@ -20,6 +20,7 @@ from chorus.ids import MAX_NODE, IdGenerator
 from chorus.ingest.admission import Admission
 from chorus.ingest.archiver import Archiver
 from chorus.ingest.coordinator import Coordinator
+from chorus.ingest.limits import open_limits
 from chorus.ingest.log import CommentLog, open_log
 from chorus.ingest.store import SqliteStore
 
@@ -83,7 +84,7 @@ class App:
         if "gateway" in roles:
             g = config.gateway
             node = Node(broker, g.unsubscribe_delay_ms)
-            admission = Admission(comment_log, IdGenerator(await _node_id(config)))
+            admission = Admission(comment_log, IdGenerator(await _node_id(config)), open_limits(config, state))
             app.gateway = Gateway(config, admission, node, state, app.store)
         if "coordinator" in roles:
             c = config.coordinator
@@ -106,6 +107,7 @@ class App:
     async def stop(self) -> None:
         if self.gateway is not None:
             await self.gateway.stop()
+            await self.gateway.admission.limits.close()
         for role in (self.coordinator, self.archiver):
             if role is not None:
                 role.stop()

@@ -13,10 +13,13 @@ import jwt
 
 from chorus.config import AuthConfig
 
-__all__ = ["AuthError", "Identity", "mint_token", "verify_token"]
+__all__ = ["POST_SCOPES", "AuthError", "Identity", "mint_token", "verify_token"]
 
 READ = "read"
-WRITE = "write"
+WRITE = "write"  # everything a viewer may do; kept for tokens minted before the finer scopes
+WRITE_COMMENTS = "write:comments"
+# Either of these lets a token post comments.
+POST_SCOPES = frozenset({WRITE, WRITE_COMMENTS})
 
 
 class AuthError(Exception):
@@ -33,7 +36,8 @@ class Identity:
 
     @property
     def can_write(self) -> bool:
-        return WRITE in self.scopes and time.time() < self.expires_at
+        """May post comments: scope ``write:comments`` (or ``write``) and the token not expired."""
+        return not POST_SCOPES.isdisjoint(self.scopes) and time.time() < self.expires_at
 
     def badges(self) -> list[str]:
         return [self.role] if self.role in ("moderator", "broadcaster") else []

@@ -1,8 +1,9 @@
 """The broker seam: per-stream Pub/Sub channels and the small per-stream state beside them.
 
 :class:`Broker` carries encoded stream events from the coordinator to every gateway that
-has viewers of the stream. :class:`StreamState` holds each stream's epoch, offset counter and
-recent comments (for the welcome message and, later, recovery). Each has an in-process
+has viewers of the stream. :class:`StreamState` holds each stream's position and recent
+comments (``chorus/positions.py``: for the welcome message and recovery) and its mode (slow mode: an operator
+sets it with :func:`set_stream_mode`, which also tells live viewers). Each has an in-process
 implementation (embedded default, tests) and a Redis one behind the same ``Protocol``.
 Redis Pub/Sub is at-most-once; the recent cache and the history store repair gaps.
 """
@@ -13,10 +14,12 @@ import asyncio
 import contextlib
 import json
 import logging
-import uuid
-from collections import deque
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
+
+from chorus.positions import MemoryPositions, RedisPositions, StreamPositions
+from chorus.protocol import pack_channel_message
 
 __all__ = [
     "Broker",
@@ -25,12 +28,42 @@ __all__ = [
     "MessageHandler",
     "RedisBroker",
     "RedisStreamState",
+    "StreamMode",
     "StreamState",
+    "mode_key",
+    "set_stream_mode",
 ]
 
 log = logging.getLogger("chorus.broker")
 
 MessageHandler = Callable[[str, bytes], None]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamMode:
+    """A stream's room modes, as the welcome's ``mode`` and the ``mode`` event carry them."""
+
+    slow_mode_seconds: int = 0  # one comment per user every N s; 0 is off (moderators are exempt)
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_fields(cls, raw: dict[Any, Any]) -> StreamMode:
+        """From stored fields (a Redis hash gives bytes); unknown or unreadable ones are ignored."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            value = raw.get(f.name, raw.get(f.name.encode()))
+            try:
+                values[f.name] = int(value) if value is not None else 0
+            except ValueError:
+                log.warning("stream mode field %s=%r is not an integer; using 0", f.name, value)
+        return cls(**values)
+
+
+def mode_key(prefix: str, stream: str) -> str:
+    """The Redis hash of a stream's mode; ingest/limits.py reads it inside its admission script."""
+    return f"{prefix}mode:{stream}"
 
 
 class Broker(Protocol):
@@ -41,21 +74,23 @@ class Broker(Protocol):
     async def unsubscribe(self, stream: str) -> None: ...
 
 
-class StreamState(Protocol):
-    async def allocate_offsets(self, stream: str, count: int) -> tuple[str, int]:
-        """Reserve ``count`` offsets; returns (epoch, first offset). Single writer: the coordinator."""
+class StreamState(StreamPositions, Protocol):
+    async def get_mode(self, stream: str) -> StreamMode:
+        """The stream's modes; a stream never set has every mode off."""
         ...
 
-    async def position(self, stream: str) -> tuple[str, int]:
-        """(epoch, last offset) of the stream; a stream never written gets a fresh epoch."""
-        ...
-
-    async def push_recent(self, stream: str, comments: list[dict[str, Any]], keep: int) -> None: ...
-    async def recent(self, stream: str, count: int) -> list[dict[str, Any]]: ...
+    async def set_mode(self, stream: str, mode: StreamMode) -> None: ...
 
 
-def _new_epoch() -> str:
-    return uuid.uuid4().hex[:12]
+async def set_stream_mode(state: StreamState, broker: Broker, stream: str, mode: StreamMode) -> None:
+    """Store a stream's mode, then tell its live viewers with a ``mode`` control event.
+
+    Admission reads the stored mode on every post; the event (never sampled or skipped, as a
+    control event) only updates what viewers show.
+    """
+    await state.set_mode(stream, mode)
+    event = json.dumps({"t": "mode", **mode.to_wire()}, separators=(",", ":")).encode()
+    await broker.publish(stream, pack_channel_message(event))
 
 
 class MemoryBroker:
@@ -84,30 +119,16 @@ class MemoryBroker:
         self._subscribed.discard(stream)
 
 
-class MemoryStreamState:
+class MemoryStreamState(MemoryPositions):
     def __init__(self) -> None:
-        self._pos: dict[str, tuple[str, int]] = {}
-        self._recent: dict[str, deque[dict[str, Any]]] = {}
+        super().__init__()
+        self._modes: dict[str, StreamMode] = {}
 
-    async def allocate_offsets(self, stream: str, count: int) -> tuple[str, int]:
-        epoch, last = self._pos.get(stream) or (_new_epoch(), 0)
-        self._pos[stream] = (epoch, last + count)
-        return epoch, last + 1
+    async def get_mode(self, stream: str) -> StreamMode:
+        return self._modes.get(stream) or StreamMode()
 
-    async def position(self, stream: str) -> tuple[str, int]:
-        if stream not in self._pos:
-            self._pos[stream] = (_new_epoch(), 0)
-        return self._pos[stream]
-
-    async def push_recent(self, stream: str, comments: list[dict[str, Any]], keep: int) -> None:
-        ring = self._recent.get(stream)
-        if ring is None or ring.maxlen != keep:
-            ring = self._recent[stream] = deque(ring or (), maxlen=keep)
-        ring.extend(comments)
-
-    async def recent(self, stream: str, count: int) -> list[dict[str, Any]]:
-        ring = self._recent.get(stream, ())
-        return list(ring)[-count:] if count > 0 else []
+    async def set_mode(self, stream: str, mode: StreamMode) -> None:
+        self._modes[stream] = mode
 
 
 class RedisBroker:
@@ -184,8 +205,8 @@ class RedisBroker:
                 await self._pubsub.subscribe(*(self.channel(s) for s in self._streams))
 
 
-class RedisStreamState:
-    """Epoch and offset in a hash, recent comments in a capped list, per stream."""
+class RedisStreamState(RedisPositions):
+    """Position and recent comments (see ``chorus/positions.py``) and the mode in a hash, per stream."""
 
     def __init__(self, url: str, prefix: str = "chorus:") -> None:
         import redis.asyncio as aioredis
@@ -196,38 +217,8 @@ class RedisStreamState:
     async def close(self) -> None:
         await self._redis.aclose()
 
-    def _meta(self, stream: str) -> str:
-        return f"{self._prefix}meta:{stream}"
+    async def get_mode(self, stream: str) -> StreamMode:
+        return StreamMode.from_fields(await self._redis.hgetall(mode_key(self._prefix, stream)))
 
-    def _recent_key(self, stream: str) -> str:
-        return f"{self._prefix}recent:{stream}"
-
-    async def _epoch(self, stream: str) -> str:
-        key = self._meta(stream)
-        await self._redis.hsetnx(key, "epoch", _new_epoch())
-        epoch = await self._redis.hget(key, "epoch")
-        return epoch.decode() if isinstance(epoch, bytes) else str(epoch)
-
-    async def allocate_offsets(self, stream: str, count: int) -> tuple[str, int]:
-        epoch = await self._epoch(stream)
-        last = await self._redis.hincrby(self._meta(stream), "offset", count)
-        return epoch, int(last) - count + 1
-
-    async def position(self, stream: str) -> tuple[str, int]:
-        epoch = await self._epoch(stream)
-        offset = await self._redis.hget(self._meta(stream), "offset")
-        return epoch, int(offset or 0)
-
-    async def push_recent(self, stream: str, comments: list[dict[str, Any]], keep: int) -> None:
-        key = self._recent_key(stream)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.rpush(key, *(json.dumps(c, separators=(",", ":")) for c in comments))
-            pipe.ltrim(key, -keep, -1)
-            await pipe.execute()
-
-    async def recent(self, stream: str, count: int) -> list[dict[str, Any]]:
-        if count <= 0:
-            return []
-        raw = await self._redis.lrange(self._recent_key(stream), -count, -1)
-        return [json.loads(item) for item in raw]
-
+    async def set_mode(self, stream: str, mode: StreamMode) -> None:
+        await self._redis.hset(mode_key(self._prefix, stream), mapping=mode.to_wire())

@@ -1,10 +1,13 @@
-"""The ``chorus`` command: ``run`` (all roles), one subcommand per role, ``token``, ``config``."""
+"""The ``chorus`` command: ``run`` (all roles), one subcommand per role, ``token``, ``config``,
+and the operator's ``mode``, ``ban`` and ``unban`` (they change a deployment's state in Redis)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from chorus.config import Config, ConfigError, iter_defaults, load_config
@@ -49,6 +52,71 @@ def _token(args: argparse.Namespace) -> int:
     scopes = args.scope or ["read"]
     print(mint_token(config.auth, args.user, args.name or args.user, scopes, args.role, args.ttl))
     return 0
+
+
+def _operator(args: argparse.Namespace, action: Callable[[Config], Coroutine[Any, Any, str]]) -> int:
+    """Run an operator command against the deployment's Redis and print what it did."""
+    from chorus.gateway.http import STREAM_ID
+    from chorus.ingest.limits import ALL_STREAMS
+
+    config = _config_from(args)
+    if not config.redis.url:
+        raise ConfigError("config key redis.url: `chorus mode`, `ban` and `unban` change a deployment's state "
+                          "in Redis; the embedded default keeps it inside the `chorus run` process")
+    if not (STREAM_ID.match(args.stream) or (args.stream == ALL_STREAMS and args.command != "mode")):
+        print(f"chorus: bad stream id {args.stream!r}", file=sys.stderr)
+        return 2
+    print(asyncio.run(action(config)))
+    return 0
+
+
+async def _set_mode(config: Config, stream: str, slow_mode_seconds: int) -> str:
+    from chorus.broker import RedisBroker, RedisStreamState, StreamMode, set_stream_mode
+
+    state = RedisStreamState(config.redis.url, config.redis.channel_prefix)
+    broker = RedisBroker(config.redis.url, config.redis.channel_prefix)
+    try:
+        await set_stream_mode(state, broker, stream, StreamMode(slow_mode_seconds=slow_mode_seconds))
+    finally:
+        await state.close()
+        await broker.stop()
+    return f"stream {stream}: slow mode " + (f"{slow_mode_seconds} s" if slow_mode_seconds else "off")
+
+
+async def _set_ban(config: Config, stream: str, user: str, banned: bool, seconds: float | None) -> str:
+    from chorus.ingest.limits import ALL_STREAMS, RedisSanctions, redis_client
+
+    client = redis_client(config.redis.url, 5000)
+    try:
+        sanctions = RedisSanctions(client, config.redis.channel_prefix)
+        if banned:
+            await sanctions.ban(stream, user, seconds)
+        else:
+            await sanctions.unban(stream, user)
+    finally:
+        await client.aclose()
+    where = "every stream" if stream == ALL_STREAMS else f"stream {stream}"
+    if not banned:
+        return f"user {user}: unbanned from {where}"
+    return f"user {user}: " + (f"timed out from {where} for {seconds:g} s" if seconds else f"banned from {where}")
+
+
+def _mode(args: argparse.Namespace) -> int:
+    from chorus.codes import MAX_SLOW_MODE_SECONDS
+
+    if not 0 <= args.slow_mode_seconds <= MAX_SLOW_MODE_SECONDS:
+        print(f"chorus: --slow-mode-seconds must be 0-{MAX_SLOW_MODE_SECONDS}", file=sys.stderr)
+        return 2
+    return _operator(args, lambda config: _set_mode(config, args.stream, args.slow_mode_seconds))
+
+
+def _ban(args: argparse.Namespace) -> int:
+    seconds = getattr(args, "seconds", None)
+    if seconds is not None and seconds <= 0:
+        print("chorus: --seconds must be positive", file=sys.stderr)
+        return 2
+    banned = args.command == "ban"
+    return _operator(args, lambda config: _set_ban(config, args.stream, args.user, banned, seconds))
 
 
 def _format_toml(value: Any) -> str:
@@ -100,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--user", required=True, help="user id (the `sub` claim)")
     p.add_argument("--name", help="display name (default: the user id)")
-    p.add_argument("--scope", action="append", choices=["read", "write"], help="repeatable; default read")
+    p.add_argument("--scope", action="append", choices=["read", "write", "write:comments"],
+                   help="repeatable; default read (posting needs write:comments, or write)")
     p.add_argument("--role", default="viewer", choices=["viewer", "moderator", "broadcaster"])
     p.add_argument("--ttl", type=int, help="lifetime in seconds (default auth.token_ttl_s)")
     p.set_defaults(func=_token)
@@ -108,6 +177,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--defaults", action="store_true", help="print a commented file of defaults")
     p.set_defaults(func=_config_cmd)
+    p = sub.add_parser("mode", help="set a stream's slow mode (needs Redis); live viewers are told")
+    _add_config_args(p)
+    p.add_argument("stream", metavar="STREAM")
+    p.add_argument("--slow-mode-seconds", type=int, required=True, metavar="N",
+                   help="one comment per user every N seconds; 0 turns slow mode off (moderators are exempt)")
+    p.set_defaults(func=_mode)
+    for name, text in (("ban", "ban a user from a stream ('*': every stream), or time them out with --seconds"),
+                       ("unban", "lift a ban or time-out")):
+        p = sub.add_parser(name, help=text + " (needs Redis)")
+        _add_config_args(p)
+        p.add_argument("stream", metavar="STREAM")
+        p.add_argument("user", metavar="USER", help="user id (the token's `sub`)")
+        if name == "ban":
+            p.add_argument("--seconds", type=float, metavar="N", help="a time-out of N seconds instead of a ban")
+        p.set_defaults(func=_ban)
     return parser
 
 

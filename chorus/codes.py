@@ -5,12 +5,27 @@ Close codes 4000-4499 tell a client to reconnect; 4500-4999 tell it not to (DESI
 
 from enum import IntEnum, StrEnum
 
-__all__ = ["MAX_COMMENT_CHARS", "MAX_NONCE_CHARS", "CloseCode", "ErrorCode", "should_reconnect"]
+__all__ = [
+    "MAX_COMMENT_CHARS",
+    "MAX_NONCE_CHARS",
+    "MAX_REQUEST_BODY_BYTES",
+    "MAX_REQUEST_HEAD_BYTES",
+    "MAX_SLOW_MODE_SECONDS",
+    "CloseCode",
+    "ErrorCode",
+    "HttpErrorCode",
+    "should_reconnect",
+]
 
 # A comment's text, counted in Unicode code points after stripping surrounding whitespace.
 MAX_COMMENT_CHARS = 500
 # The client's correlation token echoed in ack/error.
 MAX_NONCE_CHARS = 64
+# POST /streams/{id}/comments: request line plus headers, and the JSON body.
+MAX_REQUEST_HEAD_BYTES = 8 * 1024
+MAX_REQUEST_BODY_BYTES = 16 * 1024
+# The longest slow mode an operator may set on a stream.
+MAX_SLOW_MODE_SECONDS = 3600
 
 
 class CloseCode(IntEnum):
@@ -38,9 +53,28 @@ class ErrorCode(StrEnum):
     EMPTY_COMMENT = "empty_comment"
     COMMENT_TOO_LONG = "comment_too_long"
     BAD_NONCE = "bad_nonce"
-    UNAUTHORIZED = "unauthorized"  # posting needs a token with the write scope
+    UNAUTHORIZED = "unauthorized"  # posting needs a live token with scope write:comments (or write)
     NOT_ACCEPTED = "not_accepted"  # the comment log did not take the comment; it was not stored
-    RATE_LIMITED = "rate_limited"
+    # Admission refusals (ingest/limits.py); each carries ``retry_after_ms`` except ``banned``.
+    RATE_LIMITED = "rate_limited"  # over the user, address, stream or global rate; the reason says which
+    SLOW_MODE = "slow_mode"  # the stream allows one comment per user every N seconds
+    BANNED = "banned"  # banned from this stream (or every stream) until an operator lifts it
+    TIMED_OUT = "timed_out"  # banned for a while: ``retry_after_ms`` says how long is left
+
+
+class HttpErrorCode(StrEnum):
+    """Codes of ``POST /streams/{id}/comments`` refused before admission, in the JSON body's
+    ``error`` beside the HTTP status; admission refusals there carry an :class:`ErrorCode`."""
+
+    BAD_REQUEST = "bad_request"  # 400: not HTTP/1.1, a malformed header, or a body that is not {"text": ...}
+    FORBIDDEN = "forbidden"  # 403: a browser Origin outside the allowlist
+    NOT_FOUND = "not_found"  # 404: only /streams/{id}/comments takes a POST
+    REQUEST_TIMEOUT = "request_timeout"  # 408: the request did not arrive within gateway.handshake_timeout_s
+    LENGTH_REQUIRED = "length_required"  # 411: no Content-Length, or a chunked body (not supported)
+    BODY_TOO_LARGE = "body_too_large"  # 413: body over MAX_REQUEST_BODY_BYTES
+    HEADERS_TOO_LARGE = "headers_too_large"  # 431: request line and headers over MAX_REQUEST_HEAD_BYTES
+    VERSION_NOT_SUPPORTED = "version_not_supported"  # 505: an HTTP version other than 1.0 or 1.1
+    INTERNAL_ERROR = "internal_error"  # 500: a bug; the comment was not posted
 
 
 def should_reconnect(code: int) -> bool:

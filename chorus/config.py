@@ -24,6 +24,7 @@ __all__ = [
     "GatewayConfig",
     "HistoryConfig",
     "KafkaConfig",
+    "LimitsConfig",
     "RedisConfig",
     "load_config",
 ]
@@ -108,13 +109,36 @@ class RedisConfig:
 class HistoryConfig:
     path: str = doc("SQLite history file; empty means <data_dir>/history.sqlite3.", "")
     page_max: int = doc("Largest page GET /streams/{id}/comments returns.", 200)
+    recover_max: int = doc(
+        "Most comments a reconnecting viewer's resume replays (from the recent cache or this store); "
+        "more missed answers recovered:false.", 10000
+    )
 
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
     flush_interval_ms: int = doc("Batch a stream's comments for this long before publishing.", 10)
     max_batch: int = doc("Publish a stream's batch early at this many comments.", 100)
-    recent_size: int = doc("Recent comments kept per stream for welcome and recovery.", 200)
+    recent_size: int = doc("Recent comments kept per stream (in Redis) for welcome and recovery.", 1000)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    user_per_minute: int = doc(
+        "Comments one user may post per minute, over every gateway and stream; a burst of this many, "
+        "then one every 60/N s (GCRA). 0 turns the limit off.", 10
+    )
+    ip_per_minute: int = doc("Comments one client address may post per minute (0: off).", 100)
+    stream_per_second: int = doc("Comments one stream takes per second from everyone (0: off).", 10000)
+    global_per_second: int = doc("Comments the whole deployment takes per second (0: off).", 100000)
+    local_max_keys: int = doc(
+        "Users and addresses a gateway's in-memory limiter tracks; idle ones go first, and past this "
+        "bound the least recently seen are forgotten.", 100000
+    )
+    redis_timeout_ms: int = doc(
+        "How long admission waits for Redis (limits, slow mode, bans); past it, or with Redis down, "
+        "a comment is let through with only the gateway's local user and address limits (fail open).", 250
+    )
 
 
 @dataclass(frozen=True)
@@ -127,6 +151,7 @@ class Config:
     redis: RedisConfig = doc("", RedisConfig)
     history: HistoryConfig = doc("", HistoryConfig)
     coordinator: CoordinatorConfig = doc("", CoordinatorConfig)
+    limits: LimitsConfig = doc("", LimitsConfig)
 
     @property
     def embedded(self) -> bool:
@@ -154,8 +179,16 @@ class Config:
             ("kafka.partitions", self.kafka.partitions >= 1, "must be >= 1"),
             ("kafka.accept_timeout_ms", self.kafka.accept_timeout_ms >= 100, "must be >= 100"),
             ("history.page_max", self.history.page_max >= 1, "must be >= 1"),
+            ("history.recover_max", self.history.recover_max >= 0, "must be >= 0"),
+            ("coordinator.recent_size", self.coordinator.recent_size >= 1, "must be >= 1"),
             ("coordinator.flush_interval_ms", 1 <= self.coordinator.flush_interval_ms <= 1000, "must be 1-1000"),
             ("coordinator.max_batch", self.coordinator.max_batch >= 1, "must be >= 1"),
+            ("limits.user_per_minute", 0 <= self.limits.user_per_minute <= 1_000_000, "must be 0-1000000"),
+            ("limits.ip_per_minute", 0 <= self.limits.ip_per_minute <= 1_000_000, "must be 0-1000000"),
+            ("limits.stream_per_second", 0 <= self.limits.stream_per_second <= 1_000_000, "must be 0-1000000"),
+            ("limits.global_per_second", 0 <= self.limits.global_per_second <= 1_000_000, "must be 0-1000000"),
+            ("limits.local_max_keys", self.limits.local_max_keys >= 100, "must be >= 100"),
+            ("limits.redis_timeout_ms", 10 <= self.limits.redis_timeout_ms <= 10_000, "must be 10-10000"),
             ("log_level", self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "unknown level"),
         ]
         for key, ok, why in checks:

@@ -20,18 +20,6 @@ from http import HTTPStatus
 from typing import Any
 
 import msgpack
-from chorus.gateway.handoff import RecordingProtocol, detach_socket, picows_protocol_factory
-from chorus.gateway.http import (
-    STREAM_ID,
-    Request,
-    json_response,
-    parse_request,
-    static_response,
-    text_response,
-)
-from chorus.gateway.node import Node
-from chorus.ingest.admission import Admission, Refused
-from chorus.ingest.store import HistoryStore
 from picows import (
     WSCloseCode,
     WSFrame,
@@ -45,9 +33,24 @@ from picows import (
 from chorus import native
 from chorus.auth import AuthError, Identity, mint_token, verify_token
 from chorus.broker import StreamState
-from chorus.codes import CloseCode
+from chorus.codes import CloseCode, HttpErrorCode
 from chorus.config import Config
 from chorus.extensions import DeflateParams, negotiate_deflate
+from chorus.gateway.handoff import RecordingProtocol, detach_socket, picows_protocol_factory
+from chorus.gateway.http import (
+    STREAM_ID,
+    Request,
+    answer_comment_post,
+    json_response,
+    parse_request,
+    static_response,
+    text_response,
+)
+from chorus.gateway.httpreq import HttpRequest, error_response
+from chorus.gateway.node import Node
+from chorus.gateway.recovery import Recovery
+from chorus.ingest.admission import Admission, Refused
+from chorus.ingest.store import HistoryStore
 from chorus.protocol import (
     JSON,
     MSGPACK,
@@ -138,6 +141,7 @@ class Gateway:
         self.node = node
         self.state = state
         self.store = store
+        self.recovery = Recovery(state, store, config.history.recover_max)
         g = config.gateway
         self.hub = native.Hub(
             flush_interval_ms=g.flush_interval_ms, flush_max_messages=g.flush_max_messages,
@@ -170,7 +174,8 @@ class Gateway:
         if not picows_log.isEnabledFor(logging.DEBUG):
             picows_log.setLevel(logging.WARNING)  # it logs every accepted connection at INFO
         factory = picows_protocol_factory(self.route, self._recorders, handshake_timeout_s=g.handshake_timeout_s,
-                                          max_frame_size=g.max_message_bytes, logger=picows_log)
+                                          max_frame_size=g.max_message_bytes, logger=picows_log,
+                                          post_handler=self.post_http)
         self.server = await loop.create_server(factory, g.host, g.port, reuse_port=True, backlog=4096)
         log.info("gateway listening on %s (hub: %s)", ", ".join(str(s.getsockname()) for s in self.server.sockets),
                  native.HUB_IMPLEMENTATION)
@@ -220,7 +225,7 @@ class Gateway:
             elif handle == ECHO_HANDLE:
                 self.hub.send(conn, data, kind == native.hub.MESSAGE_BINARY)
             else:
-                self._on_client_message(conn, handle, kind, data, variant, who)
+                self._on_client_message(conn, handle, kind, data, variant, who, ip)
         self._arm_timer()
 
     def _arm_timer(self) -> None:
@@ -265,7 +270,7 @@ class Gateway:
             del self._by_handle[s.handle]
 
     def _on_client_message(self, conn: int, handle: int, kind: int, data: bytes, variant: int,
-                           who: Identity | None) -> None:
+                           who: Identity | None, ip: str = "") -> None:
         s = self._by_handle.get(handle)
         reply_wire: Wire = MSGPACK if variant & 1 else JSON
         msg = parse_client_message(data, JSON if kind == native.hub.MESSAGE_TEXT else MSGPACK)
@@ -275,7 +280,7 @@ class Gateway:
             code = msg.code if isinstance(msg, BadMessage) else "bad_message"
             self.hub.send(conn, encode_event(error_event(code, reason, nonce), reply_wire))  # type: ignore[arg-type]
         elif isinstance(msg, PostComment):
-            self.spawn(self.post(conn, s.name, who, msg, reply_wire))
+            self.spawn(self.post(conn, s.name, who, msg, reply_wire, ip))
         elif isinstance(msg, Resume):
             self.spawn(self.resume(conn, s.name, msg, reply_wire))
 
@@ -413,13 +418,14 @@ class Gateway:
         s.viewers += 1
         epoch, offset = await self.state.position(up.stream)
         recent = await self.state.recent(up.stream, self.config.gateway.recent_on_welcome)
+        mode = await self.state.get_mode(up.stream)
         if raw.is_closing() or not await self._release_when_sent(raw):
             self._viewer_left(s.handle, ip)
             return
         conn = self.hub.adopt(detach_socket(raw), s.handle, up.variant(), leftover, tag)
         welcome = {
             "t": "welcome", "stream": up.stream, "epoch": epoch, "offset": offset, "recent": recent,
-            "pin": None, "reactions": {}, "viewers": {"now": s.viewers}, "mode": {"slow_mode_seconds": 0},
+            "pin": None, "reactions": {}, "viewers": {"now": s.viewers}, "mode": mode.to_wire(),
             "user": {"id": up.who.user_id, "name": up.who.name} if up.who else None,
         }
         self.hub.send(conn, encode_event(welcome, up.wire))
@@ -439,9 +445,10 @@ class Gateway:
         return not raw.is_closing()
 
     # -- what viewers ask for --
-    async def post(self, conn: int, stream: str, who: Identity | None, msg: PostComment, wire: Wire) -> None:
+    async def post(self, conn: int, stream: str, who: Identity | None, msg: PostComment, wire: Wire,
+                   ip: str = "") -> None:
         try:
-            comment = await self.admission.post(who, stream, msg.text)
+            comment = await self.admission.post(who, stream, msg.text, ip)
         except Refused as exc:
             self.hub.send(conn, encode_event(error_event(exc.code, exc.reason, msg.nonce, exc.retry_after_ms), wire))
             self.on_hub_ready()
@@ -452,16 +459,27 @@ class Gateway:
         self.hub.send(conn, encode_event(ack, wire))
         self.on_hub_ready()
 
+    async def post_http(self, request: HttpRequest, ip: str) -> bytes:
+        """``POST /streams/{id}/comments`` (clients without a WebSocket): the same admission as ``post``."""
+        if not _origin_allowed(request.header("Origin"), request.header("Host"), self.config.gateway.allowed_origins):
+            return error_response(HTTPStatus.FORBIDDEN, HttpErrorCode.FORBIDDEN, "origin not allowed")
+        return await answer_comment_post(request, ip, self.config.auth, self.admission)
+
     async def resume(self, conn: int, stream: str, msg: Resume, wire: Wire) -> None:
-        """Replay what the viewer missed from the recent cache, if it still covers the gap."""
-        epoch, offset = await self.state.position(stream)
-        recovered = msg.epoch == epoch and msg.offset <= offset
-        missed = offset - msg.offset if recovered else 0
-        recent = await self.state.recent(stream, missed) if missed else []
-        if missed and (len(recent) < missed or recent[0].get("offset") != msg.offset + 1):
-            recovered, recent = False, []
-        if recent:
-            batch = {"t": "batch", "stream": stream, "epoch": epoch, "offset": offset, "comments": recent}
-            self.hub.send(conn, encode_event(batch, wire))
-        self.hub.send(conn, encode_event({"t": "resumed", "recovered": recovered}, wire))
+        """Send what the viewer missed (gateway/recovery.py) as batches in order, then ``resumed``.
+
+        Between batches the hub gets to write, and while its backlog is over the limit the
+        rest waits (up to a deadline), so a long recovery does not trip the slow-viewer cap.
+        """
+        found = await self.recovery.missed(stream, msg.epoch, msg.offset)
+        deadline = time.monotonic() + 5.0
+        for batch in found.batch_events(stream):
+            if not self.hub.send(conn, encode_event(batch, wire)):
+                return  # the viewer left
+            self.on_hub_ready()
+            while self.hub.stats()["backlog_bytes"] > self.config.gateway.backlog_limit_bytes \
+                    and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+                self.on_hub_ready()
+        self.hub.send(conn, encode_event({"t": "resumed", "recovered": found.recovered}, wire))
         self.on_hub_ready()

@@ -1,23 +1,48 @@
 """Admission of a viewer's comment: checked, numbered, and appended to the log.
 
-The gateway acknowledges a comment only after the log took it (Kafka acks=all), so an
-``ack`` means the comment will be delivered and stored. Rate limits and slow mode plug in
-here (DESIGN.md 4); this layer already refuses what the protocol forbids.
+Every post, over a WebSocket or ``POST /streams/{id}/comments``, goes through
+:meth:`Admission.post`, in this order (the first refusal wins):
+
+1. the token: scope ``write:comments`` (or ``write``), not expired;
+2. the text: what the protocol forbids (empty, too long);
+3. bans a gateway was told about in the last seconds (Redis only: a banned user's flood
+   stays off Redis);
+4. the local pre-check (Redis only): the user and address limits in this process's memory;
+5. sanctions: banned or timed out on this stream or on every stream;
+6. the rate limits and slow mode, all or nothing (ingest/limits.py);
+7. the log: the gateway acknowledges a comment only after the log took it (Kafka
+   acks=all), so an ``ack`` means the comment will be delivered and stored.
+
+If Redis does not answer (steps 5-6) the post is let through on the local limits alone
+(fail open): comments keep flowing through a Redis outage, and Kafka still refuses clearly.
+
+Each post is admitted on its own: two posts a client sends faster than a Redis round trip
+may finish steps 5-7 in either order (so either may be the one slow mode refuses). Clients
+that care wait for each ``ack``; serialising a user's posts here would cap one poster at one
+post per Redis round trip.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-
-from chorus.ingest.log import CommentLog, LogUnavailable
-from chorus.ingest.records import Comment, encode_record
+from collections.abc import Awaitable, Callable
 
 from chorus.auth import Identity
 from chorus.codes import ErrorCode
+from chorus.config import LimitsConfig
 from chorus.ids import IdGenerator
+from chorus.ingest.limits import AdmissionLimits, BackendUnavailable, Poster, Refusal
+from chorus.ingest.log import CommentLog, LogUnavailable
+from chorus.ingest.records import Comment, encode_record
 from chorus.protocol import validate_comment_text
 
 __all__ = ["Admission", "Refused"]
+
+log = logging.getLogger("chorus.admission")
+
+MEMO_MAX = 10_000  # bans remembered at once per gateway
+FAIL_OPEN_LOG_INTERVAL_S = 10.0
 
 
 class Refused(Exception):
@@ -29,33 +54,112 @@ class Refused(Exception):
         self.reason = reason
         self.retry_after_ms = retry_after_ms
 
+    @classmethod
+    def of(cls, refusal: Refusal) -> Refused:
+        return cls(refusal.code, refusal.reason, refusal.retry_after_ms)
+
 
 class Admission:
-    def __init__(self, comment_log: CommentLog, ids: IdGenerator) -> None:
+    def __init__(self, comment_log: CommentLog, ids: IdGenerator, limits: AdmissionLimits | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.log = comment_log
         self.ids = ids
+        self.limits = limits if limits is not None else AdmissionLimits.in_memory(LimitsConfig(), None)
+        self._clock = clock
+        self._memo: dict[tuple[str, str], tuple[Refusal, float]] = {}  # (stream, user) -> (refusal, when)
+        self._fail_open_logged = -FAIL_OPEN_LOG_INTERVAL_S
         self.accepted = 0
         self.refused = 0
+        self.fail_open = 0  # posts let through because Redis did not answer
 
-    async def post(self, who: Identity | None, stream: str, text: str) -> Comment:
+    async def post(self, who: Identity | None, stream: str, text: str, ip: str = "") -> Comment:
         """Append the comment to the log and return it, or raise :class:`Refused`."""
-        if who is None or not who.can_write:
+        try:
+            who, clean = self._check(who, text)
+            poster = Poster(stream, who.user_id, ip, slow_mode_exempt=bool(who.badges()))
+            self._admit_locally(poster)
+            await self._admit(poster)
+            comment = await self._append(who, stream, clean)
+        except Refused:
             self.refused += 1
-            raise Refused(ErrorCode.UNAUTHORIZED, "posting needs a valid token with the write scope")
-        clean, code, reason = validate_comment_text(text)
-        if code is not None or clean is None:
-            self.refused += 1
-            raise Refused(code or ErrorCode.BAD_MESSAGE, reason)
+            raise
+        self.accepted += 1
+        return comment
+
+    async def _append(self, who: Identity, stream: str, text: str) -> Comment:
         comment = Comment(
             id=self.ids.next(), stream=stream, user_id=who.user_id, user_name=who.name,
-            badges=tuple(who.badges()), text=clean, ts=time.time_ns() // 1_000_000,
+            badges=tuple(who.badges()), text=text, ts=time.time_ns() // 1_000_000,
         )
         key, value = encode_record(comment)
         try:
             await self.log.append(key, value)
         except LogUnavailable as exc:
-            self.refused += 1
             raise Refused(ErrorCode.NOT_ACCEPTED, f"comment not accepted: {exc}; it was not posted",
                           retry_after_ms=2000) from exc
-        self.accepted += 1
         return comment
+
+    @staticmethod
+    def _check(who: Identity | None, text: str) -> tuple[Identity, str]:
+        if who is None or not who.can_write:
+            raise Refused(ErrorCode.UNAUTHORIZED, "posting needs a valid token with the write:comments scope")
+        clean, code, reason = validate_comment_text(text)
+        if code is not None or clean is None:
+            raise Refused(code or ErrorCode.BAD_MESSAGE, reason)
+        return who, clean
+
+    def _admit_locally(self, poster: Poster) -> None:
+        """Steps 3-4: in this process's memory, before anything waits."""
+        remembered = self._remembered(poster)
+        if remembered is not None:
+            raise Refused.of(remembered)
+        if self.limits.precheck is not None:
+            refusal = self.limits.precheck.take(poster)
+            if refusal is not None:
+                raise Refused.of(refusal)
+
+    async def _admit(self, poster: Poster) -> None:
+        """Steps 5-6: the shared store's sanctions and limits."""
+        limits = self.limits
+        refusal = await self._ask(limits.sanctions.check(poster.stream, poster.user))
+        if refusal is not None:
+            self._remember(poster, refusal)
+            raise Refused.of(refusal)
+        refusal = await self._ask(limits.limiter.acquire(poster))
+        if refusal is not None:
+            raise Refused.of(refusal)
+
+    async def _ask(self, answer: Awaitable[Refusal | None]) -> Refusal | None:
+        """The shared store's answer, or None (let it through) if it did not answer."""
+        try:
+            return await answer
+        except BackendUnavailable as exc:
+            self.fail_open += 1
+            now = self._clock()
+            if now - self._fail_open_logged >= FAIL_OPEN_LOG_INTERVAL_S:
+                self._fail_open_logged = now
+                log.warning("%s; admitting comments on local limits only (%d so far)", exc, self.fail_open)
+            return None
+
+    # A ban a gateway was told about, remembered briefly so a banned user's flood is refused
+    # here (with the right code) instead of asking Redis each time; an unban reaches this
+    # gateway within limits.sanction_memo_s.
+    def _remembered(self, poster: Poster) -> Refusal | None:
+        entry = self._memo.get((poster.stream, poster.user))
+        if entry is None:
+            return None
+        refusal, when = entry
+        elapsed = self._clock() - when
+        left_ms = None if refusal.retry_after_ms is None else refusal.retry_after_ms - int(elapsed * 1000)
+        if elapsed >= self.limits.sanction_memo_s or (left_ms is not None and left_ms <= 0):
+            del self._memo[(poster.stream, poster.user)]
+            return None
+        return Refusal(refusal.code, refusal.reason, left_ms)
+
+    def _remember(self, poster: Poster, refusal: Refusal) -> None:
+        if self.limits.sanction_memo_s <= 0:
+            return
+        self._memo.pop((poster.stream, poster.user), None)
+        self._memo[(poster.stream, poster.user)] = (refusal, self._clock())
+        while len(self._memo) > MEMO_MAX:
+            del self._memo[next(iter(self._memo))]

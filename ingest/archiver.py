@@ -2,7 +2,9 @@
 
 It commits log offsets only after the store has the batch, and the store ignores ids it
 already has, so a crash or a store outage loses nothing and duplicates nothing: while the
-store is down the batch is retried and nothing past it is committed.
+store is down the batch is retried, the consumer is paused (ingest/consume.py) and nothing
+past it is committed; once the store is back the archiver catches up from the log. Each row
+keeps the comment's log position (epoch, offset), which recovery reads by range.
 """
 
 from __future__ import annotations

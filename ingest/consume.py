@@ -2,7 +2,14 @@
 
 Fetch a batch, hand it to the role's ``handle``, and commit only after ``handle`` returned:
 a crash between the two replays the batch (at-least-once), which is why every effect is
-idempotent on the comment id. A failing ``handle`` is retried with backoff, never skipped.
+idempotent on the comment id. A failing ``handle`` (Redis or the history store down: the
+downstream is full) is retried with backoff, never skipped, and meanwhile the consumer is
+paused: it keeps fetching, which keeps a Kafka consumer in its group (a member that stops
+polling for ``max.poll.interval.ms`` is evicted), but gets nothing more until the batch in
+hand is done. Anything a rebalance lets through while paused is kept and handled next.
+
+A commit that fails (the group rebalanced under us) is logged and not fatal: whoever owns
+the partitions next resumes from the last commit and replays, which the effects absorb.
 """
 
 from __future__ import annotations
@@ -31,11 +38,16 @@ class ConsumeLoop:
         self.max_records = max_records
         self.max_backoff_s = max_backoff_s
         self.handled = 0
+        self.paused = False
+        self.pauses = 0  # times the downstream failed and the consumer was paused
+        self._carried: list[LogRecord] = []  # fetched while paused, handled next
         self._stopping = asyncio.Event()
 
     async def _gather(self) -> list[LogRecord]:
         """One batch: wait for the first records, then linger up to ``linger_ms`` for more."""
-        records = await self.consumer.fetch(timeout_ms=200, max_records=self.max_records)
+        records, self._carried = self._carried, []
+        if not records:
+            records = await self.consumer.fetch(timeout_ms=200, max_records=self.max_records)
         if not records or self.linger_ms <= 0:
             return records
         deadline = time.monotonic() + self.linger_ms / 1000
@@ -48,17 +60,38 @@ class ConsumeLoop:
 
     async def _handle_until_done(self, records: Sequence[LogRecord]) -> None:
         backoff = 0.05
-        while True:
-            try:
-                await self.handle(records)
-                return
-            except Exception as exc:
-                if self._stopping.is_set():
-                    raise
-                log.warning("%s: handling %d records failed (%s); retrying in %.2fs",
-                            self.name, len(records), exc, backoff)
-                await asyncio.sleep(backoff)
+        try:
+            while True:
+                try:
+                    await self.handle(records)
+                    return
+                except Exception as exc:
+                    if self._stopping.is_set():
+                        raise
+                    log.warning("%s: handling %d records failed (%s); paused, retrying in %.2fs",
+                                self.name, len(records), exc, backoff)
+                await self._wait_paused(backoff)
                 backoff = min(backoff * 2, self.max_backoff_s)
+        finally:
+            if self.paused:
+                self.consumer.resume()
+                self.paused = False
+
+    async def _wait_paused(self, seconds: float) -> None:
+        """Sleep ``seconds`` by fetching from a paused consumer (see the module docstring)."""
+        if not self.paused:
+            self.paused = True
+            self.pauses += 1
+        # Pause again each time: a rebalance may have assigned partitions since.
+        self.consumer.pause()
+        self._carried += await self.consumer.fetch(timeout_ms=max(1, int(seconds * 1000)),
+                                                   max_records=self.max_records)
+
+    async def _commit(self, records: Sequence[LogRecord]) -> None:
+        try:
+            await self.consumer.commit(records)
+        except Exception as exc:
+            log.warning("%s: commit of %d records failed (%s); they may be replayed", self.name, len(records), exc)
 
     async def run(self) -> None:
         await self.consumer.start()
@@ -68,7 +101,7 @@ class ConsumeLoop:
                 if not records:
                     continue
                 await self._handle_until_done(records)
-                await self.consumer.commit(records)
+                await self._commit(records)
                 self.handled += len(records)
         finally:
             await self.consumer.stop()

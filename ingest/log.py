@@ -3,16 +3,27 @@
 Both implement :class:`CommentLog`. Producers append records keyed by stream id; consumers
 read in groups and commit offsets only after their effect is done (at-least-once), so
 every downstream write must be idempotent on the comment id.
+
+Each record carries its position: ``offset`` in its partition and the ``epoch`` naming that
+partition's offset space (``ingest/kafka_topic.py`` for Kafka; partition and a per-process
+boot id for the in-process log, whose records die with the process). A stream lives in one
+partition, so its comments' offsets only grow within an epoch, with gaps where other streams'
+records sit; every consumer computes the same (epoch, offset) for a record, however often it
+reads it. A consumer can be paused (it then returns nothing but keeps its place, and for
+Kafka its group membership, as long as the caller keeps fetching).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+
+from chorus.ingest.kafka_topic import partition_epoch, topic_id
 
 __all__ = ["CommentLog", "KafkaLog", "LogConsumer", "LogRecord", "LogUnavailable", "MemoryLog", "open_log"]
 
@@ -29,6 +40,7 @@ class LogRecord:
     offset: int
     key: bytes
     value: bytes
+    epoch: str = ""
 
 
 class LogConsumer(Protocol):
@@ -36,6 +48,12 @@ class LogConsumer(Protocol):
     async def stop(self) -> None: ...
     async def fetch(self, timeout_ms: int, max_records: int) -> list[LogRecord]: ...
     async def commit(self, records: Sequence[LogRecord]) -> None: ...
+
+    def pause(self) -> None:
+        """Fetch nothing more from the partitions assigned now, until :meth:`resume`."""
+        ...
+
+    def resume(self) -> None: ...
 
 
 class CommentLog(Protocol):
@@ -56,11 +74,14 @@ def _next_offsets(records: Sequence[LogRecord]) -> dict[int, int]:
 class MemoryLog:
     """An in-process log with partitions and consumer groups, for one process.
 
-    Records live as long as the process; that is the embedded default's durability.
+    Records live as long as the process; that is the embedded default's durability, and why
+    the epoch of a partition includes a boot id drawn when the log is made.
     """
 
     def __init__(self, partitions: int = 4) -> None:
         self._parts: list[list[LogRecord]] = [[] for _ in range(partitions)]
+        boot = uuid.uuid4().hex[:12]
+        self._epochs = [partition_epoch("memory", p, boot) for p in range(partitions)]
         self._committed: dict[str, list[int]] = {}
         self._grew = asyncio.Event()
 
@@ -74,8 +95,9 @@ class MemoryLog:
         return zlib.crc32(key) % len(self._parts)
 
     async def append(self, key: bytes, value: bytes) -> None:
-        part = self._parts[self.partition_of(key)]
-        part.append(LogRecord(self.partition_of(key), len(part), key, value))
+        p = self.partition_of(key)
+        part = self._parts[p]
+        part.append(LogRecord(p, len(part), key, value, self._epochs[p]))
         self._grew.set()
 
     def consumer(self, group: str) -> MemoryLogConsumer:
@@ -88,12 +110,19 @@ class MemoryLogConsumer:
         self._log = log_
         self._committed = committed
         self._position = list(committed)
+        self.paused = False
 
     async def start(self) -> None:
         self._position = list(self._committed)
 
     async def stop(self) -> None:
         pass
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
 
     def _take(self, max_records: int) -> list[LogRecord]:
         out: list[LogRecord] = []
@@ -106,6 +135,9 @@ class MemoryLogConsumer:
         return out
 
     async def fetch(self, timeout_ms: int, max_records: int) -> list[LogRecord]:
+        if self.paused:
+            await asyncio.sleep(timeout_ms / 1000)
+            return []
         out = self._take(max_records)
         if out:
             return out
@@ -189,22 +221,50 @@ class KafkaLog:
 
 
 class KafkaLogConsumer:
-    """A consumer group member that commits only what the caller says it has handled."""
+    """A consumer group member that commits only what the caller says it has handled.
+
+    Its records' epoch comes from the topic id, read at start and again whenever partitions
+    are assigned (recreating the topic changes its metadata, which rebalances the group).
+    """
 
     def __init__(self, bootstrap: str, topic: str, group: str) -> None:
-        from aiokafka import AIOKafkaConsumer
+        from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 
         self._consumer = AIOKafkaConsumer(
-            topic,
             bootstrap_servers=bootstrap,
             group_id=group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             client_id=f"chorus-{group}",
         )
+        self.bootstrap = bootstrap
         self.topic = topic
+        self.topic_id = ""
+        owner = self
+
+        class RefreshTopicId(ConsumerRebalanceListener):  # type: ignore[misc]
+            async def on_partitions_revoked(self, revoked: Any) -> None:
+                pass
+
+            async def on_partitions_assigned(self, assigned: Any) -> None:
+                await owner._refresh_topic_id()
+
+        self._consumer.subscribe([topic], listener=RefreshTopicId())
+
+    async def _refresh_topic_id(self) -> None:
+        try:
+            fresh = await topic_id(self.bootstrap, self.topic, timeout_s=10)
+        except Exception as exc:  # keep the id we have: the rebalance must go on
+            log.warning("could not re-read the id of topic %s: %s", self.topic, exc)
+            return
+        if fresh != self.topic_id:
+            if self.topic_id:
+                log.warning("topic %s was recreated (id %s, was %s): a new epoch begins",
+                            self.topic, fresh, self.topic_id)
+            self.topic_id = fresh
 
     async def start(self) -> None:
+        self.topic_id = await topic_id(self.bootstrap, self.topic)
         await self._consumer.start()
 
     async def stop(self) -> None:
@@ -212,11 +272,17 @@ class KafkaLogConsumer:
 
     async def fetch(self, timeout_ms: int, max_records: int) -> list[LogRecord]:
         batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
-        return [
-            LogRecord(tp.partition, m.offset, m.key or b"", m.value or b"")
-            for tp, msgs in batches.items()
-            for m in msgs
-        ]
+        out: list[LogRecord] = []
+        for tp, msgs in batches.items():
+            epoch = partition_epoch(self.topic, tp.partition, self.topic_id)
+            out += (LogRecord(tp.partition, m.offset, m.key or b"", m.value or b"", epoch) for m in msgs)
+        return out
+
+    def pause(self) -> None:
+        self._consumer.pause(*self._consumer.assignment())
+
+    def resume(self) -> None:
+        self._consumer.resume(*self._consumer.paused())
 
     async def commit(self, records: Sequence[LogRecord]) -> None:
         from aiokafka import TopicPartition

@@ -2,6 +2,10 @@
 
 A record's key is the stream id, so one stream's records keep their order in one partition.
 The value is compact JSON so operators can read the topic with stock Kafka tools.
+
+A comment's position, ``(epoch, offset)``, is not in the value: it is where the record sits
+in the log (the partition's offset space and the record's offset in it), so every consumer
+that reads the record computes the same position, however often it is replayed.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ class Comment:
     badges: tuple[str, ...]
     text: str
     ts: int  # milliseconds since the Unix epoch, when the gateway accepted it
+    epoch: str = ""  # the log position (see the module docstring); "" and -1 before it has one
+    offset: int = -1
 
-    def to_event(self, offset: int | None = None) -> dict[str, Any]:
-        """The wire shape ``C`` of DESIGN.md 3."""
+    def to_event(self) -> dict[str, Any]:
+        """The wire shape ``C`` of DESIGN.md 3 (``offset`` only once the comment has one)."""
         c: dict[str, Any] = {
             "id": self.id,
             "stream": self.stream,
@@ -38,8 +44,8 @@ class Comment:
             "text": self.text,
             "ts": self.ts,
         }
-        if offset is not None:
-            c["offset"] = offset
+        if self.offset >= 0:
+            c["offset"] = self.offset
         return c
 
 
@@ -57,7 +63,8 @@ def encode_record(c: Comment) -> tuple[bytes, bytes]:
     return c.stream.encode(), json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def decode_record(value: bytes) -> Comment:
+def decode_record(value: bytes, epoch: str = "", offset: int = -1) -> Comment:
+    """The comment in a record's value, placed at the record's log position."""
     try:
         obj = json.loads(value)
         if obj.get("k") != "comment":
@@ -71,6 +78,8 @@ def decode_record(value: bytes) -> Comment:
             badges=tuple(str(b) for b in user.get("badges", ())),
             text=str(obj["text"]),
             ts=int(obj["ts"]),
+            epoch=epoch,
+            offset=offset,
         )
     except RecordError:
         raise

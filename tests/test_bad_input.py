@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import websockets
-from chorus.native import OP_TEXT, encode_frame
 from clients import WebsocketsClient, http_get
 from test_e2e import Env, make_config, started_app
 
 from chorus.codes import CloseCode
+from chorus.native import OP_TEXT, encode_frame
 
 
 @pytest.fixture

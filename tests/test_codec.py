@@ -17,9 +17,10 @@ from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import Any
 
+import pytest
+
 import chorus.native
 import chorus.native.codec_pure as pure
-import pytest
 
 try:
     import chorus.native._codec as native

@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from chorus.native import FrameParser
 from test_e2e import Env, make_config, started_app
+
+from chorus.native import FrameParser
 
 
 @pytest.fixture

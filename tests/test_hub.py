@@ -33,6 +33,7 @@ from typing import Any
 
 import msgpack
 import pytest
+
 from chorus.native import COMPRESSED, FrameParser, hub_pure
 from chorus.native import codec_pure as pure
 

@@ -10,8 +10,9 @@ import os
 from types import ModuleType
 from typing import Any
 
-import chorus.native.codec_pure as pure
 import pytest
+
+import chorus.native.codec_pure as pure
 
 try:
     import chorus.native._codec as native

@@ -97,7 +97,14 @@
     connect();
   }
 
-  function track(m) { if (m.epoch != null) state.epoch = m.epoch; if (m.offset != null) state.offset = m.offset; }
+  // The newest position seen, for `resume`: recovered batches can arrive after newer live ones.
+  function track(m) {
+    if (m.epoch == null || m.offset == null) return;
+    if (m.epoch !== state.epoch || state.offset == null || m.offset > state.offset) {
+      state.epoch = m.epoch;
+      state.offset = m.offset;
+    }
+  }
 
   /* ---------- server messages ---------- */
   var handlers = {

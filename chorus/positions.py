@@ -1,0 +1,187 @@
+"""Where each stream stands: the last published position and the recent cache.
+
+Part of the per-stream state beside the broker (``chorus/broker.py``'s ``StreamState`` adds
+the stream's modes to it).
+
+The coordinator writes it after numbering nothing: a comment's (epoch, offset) is its log
+position (``ingest/log.py``), so replaying a batch after a crash yields the same numbers and
+every write here is idempotent on the offset.
+
+- **Position**: the (epoch, offset) of the last comment the coordinator published for the
+  stream; ("", -1) for a stream with none yet. It only moves forward (``max``); a different
+  epoch (a recreated topic, a restarted in-process log) replaces it.
+- **Recent cache**: the newest ``keep`` comments in wire shape ``C`` (each with its
+  ``offset``), in offset order, never twice the same offset. Welcome messages show its tail;
+  ``resume`` replays from it. Its **floor** says how far back it can vouch: it holds every
+  comment of the epoch with an offset above the floor. The floor is the newest offset trimmed
+  out, or one below the first offset it was given, because a cache that starts late (a new
+  Redis, a flushed one) cannot know what came before. ``recent_after`` answers None when
+  the floor is above the asked offset, and recovery falls through to the history store.
+
+Each has an in-process implementation (embedded default, tests) and a Redis one: a hash
+``<prefix>meta:<stream>`` (epoch, offset, floor) and a sorted set ``<prefix>recent:<stream>``
+scored by offset, updated by one Lua script so readers never see half an update.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+__all__ = ["NO_EPOCH", "MemoryPositions", "RedisPositions", "StreamPositions"]
+
+NO_EPOCH = ""  # the epoch of a stream nothing was published to yet (its offset is -1)
+
+Event = dict[str, Any]
+
+
+class StreamPositions(Protocol):
+    async def advance(self, stream: str, epoch: str, comments: list[Event], keep: int) -> None:
+        """Record published ``comments`` (ascending offsets): cache them, move the position."""
+        ...
+
+    async def position(self, stream: str) -> tuple[str, int]:
+        """(epoch, offset) of the last comment published, or (NO_EPOCH, -1)."""
+        ...
+
+    async def recent(self, stream: str, count: int) -> list[Event]:
+        """The newest ``count`` cached comments, oldest first."""
+        ...
+
+    async def recent_after(self, stream: str, epoch: str, offset: int) -> list[Event] | None:
+        """Every comment of ``epoch`` after ``offset``, or None if the cache can't vouch for it."""
+        ...
+
+
+@dataclass(slots=True)
+class _Cached:
+    epoch: str
+    offset: int
+    floor: int
+    comments: deque[Event] = field(default_factory=deque)
+
+
+class MemoryPositions:
+    def __init__(self) -> None:
+        self._streams: dict[str, _Cached] = {}
+
+    async def advance(self, stream: str, epoch: str, comments: list[Event], keep: int) -> None:
+        if not comments:
+            return
+        s = self._streams.get(stream)
+        if s is None or s.epoch != epoch:
+            first = comments[0]["offset"]
+            s = self._streams[stream] = _Cached(epoch, first - 1, first - 1)
+        for c in comments:
+            if c["offset"] > s.offset:
+                s.comments.append(c)
+                s.offset = c["offset"]
+        while len(s.comments) > keep:
+            s.floor = s.comments.popleft()["offset"]
+
+    async def position(self, stream: str) -> tuple[str, int]:
+        s = self._streams.get(stream)
+        return (s.epoch, s.offset) if s is not None else (NO_EPOCH, -1)
+
+    async def recent(self, stream: str, count: int) -> list[Event]:
+        s = self._streams.get(stream)
+        if s is None or count <= 0:
+            return []
+        return list(s.comments)[-count:]
+
+    async def recent_after(self, stream: str, epoch: str, offset: int) -> list[Event] | None:
+        s = self._streams.get(stream)
+        if s is None or s.epoch != epoch or s.floor > offset:
+            return None
+        return [c for c in s.comments if c["offset"] > offset]
+
+
+# KEYS: meta hash, recent sorted set. ARGV: epoch, keep, then offset and JSON of each comment.
+# Returns the stream's offset afterwards. Numbers go back to Redis through '%d': Lua 5.1 would
+# print a large one as 1e+15.
+_ADVANCE = """
+local epoch, keep = ARGV[1], tonumber(ARGV[2])
+local cur = redis.call('HMGET', KEYS[1], 'epoch', 'offset')
+local last
+if cur[1] == epoch then
+  last = tonumber(cur[2])
+else
+  last = tonumber(ARGV[3]) - 1
+  redis.call('DEL', KEYS[2])
+  local start = string.format('%d', last)
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', start, 'floor', start)
+end
+local added = 0
+for i = 3, #ARGV, 2 do
+  local off = tonumber(ARGV[i])
+  if off > last then
+    redis.call('ZADD', KEYS[2], off, ARGV[i + 1])
+    last = off
+    added = added + 1
+  end
+end
+if added > 0 then
+  redis.call('HSET', KEYS[1], 'offset', string.format('%d', last))
+  local extra = redis.call('ZCARD', KEYS[2]) - keep
+  if extra > 0 then
+    local gone = redis.call('ZRANGE', KEYS[2], extra - 1, extra - 1, 'WITHSCORES')
+    redis.call('ZREMRANGEBYRANK', KEYS[2], 0, extra - 1)
+    redis.call('HSET', KEYS[1], 'floor', string.format('%d', tonumber(gone[2])))
+  end
+end
+return last
+"""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisPositions:
+    """The positions in Redis, shared by every coordinator and gateway (see the module docstring).
+
+    A mixin: the class using it sets ``_redis`` (a ``redis.asyncio.Redis``) and ``_prefix``.
+    """
+
+    _redis: Any
+    _prefix: str
+    _advance_script: Any = None
+
+    def _meta(self, stream: str) -> str:
+        return f"{self._prefix}meta:{stream}"
+
+    def _recent_key(self, stream: str) -> str:
+        return f"{self._prefix}recent:{stream}"
+
+    async def advance(self, stream: str, epoch: str, comments: list[Event], keep: int) -> None:
+        if not comments:
+            return
+        args: list[Any] = [epoch, keep]
+        for c in comments:
+            args += [c["offset"], json.dumps(c, ensure_ascii=False, separators=(",", ":"))]
+        if self._advance_script is None:
+            self._advance_script = self._redis.register_script(_ADVANCE)
+        await self._advance_script(keys=[self._meta(stream), self._recent_key(stream)], args=args)
+
+    async def position(self, stream: str) -> tuple[str, int]:
+        epoch, offset = await self._redis.hmget(self._meta(stream), ["epoch", "offset"])
+        if epoch is None or offset is None:
+            return NO_EPOCH, -1
+        return _text(epoch), int(offset)
+
+    async def recent(self, stream: str, count: int) -> list[Event]:
+        if count <= 0:
+            return []
+        raw = await self._redis.zrange(self._recent_key(stream), -count, -1)
+        return [json.loads(item) for item in raw]
+
+    async def recent_after(self, stream: str, epoch: str, offset: int) -> list[Event] | None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hmget(self._meta(stream), ["epoch", "floor"])
+            pipe.zrangebyscore(self._recent_key(stream), f"({offset}", "+inf")
+            (cached_epoch, floor), raw = await pipe.execute()
+        if cached_epoch is None or floor is None or _text(cached_epoch) != epoch or int(floor) > offset:
+            return None
+        return [json.loads(item) for item in raw]

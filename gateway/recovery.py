@@ -1,0 +1,131 @@
+"""Recovery: what a reconnecting viewer missed, from the recent cache or the history store.
+
+A viewer that lost its connection (or was told ``skipped``) sends
+``{"t":"resume","epoch":E,"offset":X}``: the position of the last comment it saw, from a
+``batch`` or the ``welcome``. It wants every comment of the stream after X in epoch E, in
+offset order, and then ``{"t":"resumed","recovered":true}``. Offsets have gaps (other
+streams' records share the partition), so "after X" is a range, never a count.
+
+1. The stream's position (chorus/positions.py) is (E', Y). E' other than E means X counts
+   in an offset space that is gone: ``recovered: false``. X >= Y: nothing was missed.
+   E = "" is a viewer that joined before the stream's first comment: it missed all of E'.
+2. The recent cache, when its floor is at or below X: one read.
+3. Otherwise the history store: its rows from X on. X itself must be there (tombstone or
+   not), else the store does not reach back that far. Then the cache's comments after the
+   last stored one, because the archiver trails the coordinator; if even the cache does not
+   reach back to the store's last row (the archiver is further behind than the cache is
+   long), look again for up to ``lag_wait_s`` before giving up.
+4. Tombstones (``is_deleted``) are never sent. More than ``recover_max`` missed comments is
+   ``recovered: false``: the viewer reloads history instead.
+
+History reads run in a worker thread, at most ``MAX_HISTORY_READS`` at a time per gateway,
+so a reconnect storm queues instead of swamping the store.
+
+Seam for the Redis-down fallback (gateways consuming Kafka themselves): this module only
+needs a ``StreamPositions`` and a ``HistoryStore``; one fed from the gateway's own consumer
+plugs in here unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from chorus.ingest.store import HistoryStore, StoredComment, StoreUnavailable
+from chorus.positions import NO_EPOCH, StreamPositions
+
+__all__ = ["MAX_HISTORY_READS", "Recovered", "Recovery"]
+
+log = logging.getLogger("chorus.recovery")
+
+MAX_HISTORY_READS = 4  # concurrent history queries per gateway
+BATCH_COMMENTS = 200  # comments per recovered `batch` event (~50 KB of JSON)
+
+Event = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    epoch: str
+    comments: list[Event] = field(default_factory=list)  # in offset order
+    recovered: bool = True
+
+    def batch_events(self, stream: str, size: int = BATCH_COMMENTS) -> Iterator[Event]:
+        """The comments as ``batch`` events of up to ``size``, each at its last offset."""
+        for i in range(0, len(self.comments), size):
+            chunk = self.comments[i : i + size]
+            yield {"t": "batch", "stream": stream, "epoch": self.epoch, "offset": chunk[-1]["offset"],
+                   "comments": chunk}
+
+
+class Recovery:
+    def __init__(self, state: StreamPositions, store: HistoryStore | None, recover_max: int,
+                 lag_wait_s: float = 1.0) -> None:
+        self.state = state
+        self.store = store
+        self.recover_max = recover_max
+        self.lag_wait_s = lag_wait_s
+        self._reads = asyncio.Semaphore(MAX_HISTORY_READS)
+        self.from_cache = 0
+        self.from_history = 0
+        self.unrecovered = 0
+
+    async def missed(self, stream: str, epoch: str, offset: int) -> Recovered:
+        """Every comment of ``stream`` after (``epoch``, ``offset``), or recovered=False."""
+        cur_epoch, cur_offset = await self.state.position(stream)
+        if epoch == NO_EPOCH:
+            if cur_epoch == NO_EPOCH:
+                return Recovered(epoch)
+            epoch, offset = cur_epoch, -1
+        elif cur_epoch not in (epoch, NO_EPOCH):  # NO_EPOCH: the cache is gone, the store may know
+            return self._fail(epoch)
+        if cur_epoch == epoch and offset >= cur_offset:
+            return Recovered(epoch)
+        cached = await self.state.recent_after(stream, epoch, offset)
+        if cached is not None:
+            self.from_cache += 1
+            return self._bounded(epoch, cached)
+        return await self._from_history(stream, epoch, offset, cache_alive=cur_epoch == epoch)
+
+    async def _from_history(self, stream: str, epoch: str, offset: int, cache_alive: bool) -> Recovered:
+        deadline = time.monotonic() + self.lag_wait_s
+        while True:
+            rows = await self._since(stream, epoch, offset)
+            if rows is None or (offset >= 0 and (not rows or rows[0].offset != offset)):
+                return self._fail(epoch)  # the store is down, or does not reach back to X
+            newer = [r for r in rows if r.offset > offset]
+            if len(newer) > self.recover_max:
+                return self._fail(epoch)
+            last = newer[-1].offset if newer else offset
+            tail = await self.state.recent_after(stream, epoch, last) if cache_alive else []
+            if tail is not None:
+                self.from_history += 1
+                return self._bounded(epoch, [r.event for r in newer if not r.deleted] + tail)
+            if time.monotonic() > deadline:
+                log.info("recovery of %s after %d: the archiver is behind the cache", stream, offset)
+                return self._fail(epoch)
+            await asyncio.sleep(0.05)
+
+    async def _since(self, stream: str, epoch: str, offset: int) -> list[StoredComment] | None:
+        if self.store is None:
+            return None
+        async with self._reads:
+            try:
+                # X itself, then up to one more than recover_max: enough to know it is too many.
+                return await asyncio.to_thread(self.store.since, stream, epoch, offset, self.recover_max + 2)
+            except StoreUnavailable as exc:
+                log.warning("history store unavailable for recovery: %s", exc)
+                return None
+
+    def _bounded(self, epoch: str, comments: list[Event]) -> Recovered:
+        if len(comments) > self.recover_max:
+            return self._fail(epoch)
+        return Recovered(epoch, comments)
+
+    def _fail(self, epoch: str) -> Recovered:
+        self.unrecovered += 1
+        return Recovered(epoch, [], False)
