@@ -31,6 +31,7 @@ class Node:
         self._subscribed: dict[str, asyncio.Future[None]] = {}
         self._unsub_timers: dict[str, asyncio.TimerHandle] = {}
         self.bad_messages = 0
+        self.failed_deliveries = 0
 
     async def start(self) -> None:
         await self.broker.start(self.on_message)
@@ -46,7 +47,12 @@ class Node:
         except ValueError:
             self.bad_messages += 1
             return
-        self.deliver(stream, message)
+        try:
+            self.deliver(stream, message)
+        except Exception:
+            # One stream's bad event must not stop the broker's reader for every other stream.
+            self.failed_deliveries += 1
+            log.exception("delivering an event of stream %s failed", stream)
 
     async def acquire(self, stream: str) -> None:
         """Count one more local viewer of ``stream``; subscribe if it is the first."""

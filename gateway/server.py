@@ -248,9 +248,13 @@ class Gateway:
             return
         if message.offset is not None:
             s.replay.append(message)
+        # variants() has a bit per (variant & 3): plain and deflated viewers of one encoding both
+        # need that encoding's payload (the hub compresses it once for the deflated ones).
         mask = self.hub.variants(s.handle)
-        as_json = message.event_json if mask & (1 << native.hub.JSON) else None
-        as_msgpack = msgpack.packb(json.loads(message.event_json)) if mask & (1 << native.hub.MSGPACK) else None
+        json_bits = (1 << native.hub.JSON) | (1 << (native.hub.JSON | native.hub.DEFLATE))
+        msgpack_bits = (1 << native.hub.MSGPACK) | (1 << (native.hub.MSGPACK | native.hub.DEFLATE))
+        as_json = message.event_json if mask & json_bits else None
+        as_msgpack = msgpack.packb(json.loads(message.event_json)) if mask & msgpack_bits else None
         self.hub.publish(s.handle, (as_json, as_msgpack), message.offset is None, message.count)
         self._arm_timer()
 

@@ -185,3 +185,18 @@ async def test_deflate_viewers_get_compressed_batches(env: Env) -> None:
     assert (await poster.wait_for(lambda e: e["t"] == "ack"))["nonce"] == "d"
     for client in (plain, packed, poster):
         await client.close()
+
+
+async def test_a_stream_whose_only_viewers_use_deflate_gets_batches(env: Env) -> None:
+    stream = f"zz-{uuid.uuid4().hex[:6]}"
+    json_viewer = await WebsocketsClient.connect(env.ws_url(stream), compression="deflate")
+    mp_viewer = await WebsocketsClient.connect(env.ws_url(stream), env.token("rae"), wire="msgpack",
+                                               compression="deflate")
+    for client in (json_viewer, mp_viewer):
+        await client.wait_for(lambda e: e["t"] == "welcome")
+    await mp_viewer.send_json({"t": "comment", "text": "only compressed viewers here", "nonce": "c"})
+    for client in (json_viewer, mp_viewer):
+        batch = await client.wait_for(lambda e: e["t"] == "batch")
+        assert batch["comments"][0]["text"] == "only compressed viewers here"
+    for client in (json_viewer, mp_viewer):
+        await client.close()
