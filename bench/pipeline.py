@@ -64,9 +64,10 @@ __all__ = ["add_arguments", "report", "run"]
 GENEROUS = {"limits.user_per_minute": 1_000_000, "limits.ip_per_minute": 1_000_000,
             "limits.stream_per_second": 1_000_000, "limits.global_per_second": 1_000_000}
 ACK_P95_TARGET_MS, E2E_P95_TARGET_MS, E2E_TARGET_RATE = 50.0, 500.0, 10_000
-NOTE = ("Adaptive sampling is not implemented yet: the coordinator broadcasts every comment, so every viewer "
-        "should get every acked comment (delivered 1.0); less means the gateway skipped batches for viewers "
-        "over their backlog (`skipped` events) or they arrived after the grace.")
+NOTE = ("Adaptive sampling is on (default: above 5,000 comments/s a stream broadcasts 20%): below the threshold "
+        "every viewer should get every acked comment (delivered 1.0), less means the gateway skipped batches for "
+        "viewers over their backlog (`skipped` events) or they arrived after the grace; above it viewers get a "
+        "`throttle` event and a sample.")
 
 
 def _ints(text: str) -> list[int]:

@@ -14,12 +14,12 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Protocol
 
 from chorus.positions import MemoryPositions, RedisPositions, StreamPositions
-from chorus.protocol import pack_channel_message
+from chorus.protocol import pack_channel_message, unpack_channel_message
 
 __all__ = [
     "Broker",
@@ -132,29 +132,95 @@ class MemoryStreamState(MemoryPositions):
 
 
 class RedisBroker:
-    """Redis Pub/Sub: one channel per stream, ``<prefix>s:<stream>``.
+    """Redis Pub/Sub: one channel per stream, ``<prefix>s:<stream>``; more for a hot stream.
 
-    A reader task hands each message to ``on_message``. If the connection drops it
-    reconnects and subscribes again to every stream it had.
+    **Sharded Pub/Sub** (Redis 7: SPUBLISH/SSUBSCRIBE) when the server has it and ``sharded``
+    is on, else PUBLISH/SUBSCRIBE. The server's version is read once, before the first publish
+    or subscribe, so every role talking to one deployment picks the same kind (the two kinds
+    never see each other's messages). In Redis Cluster a shard channel lives on the node that
+    owns its slot, instead of every message crossing the cluster bus to every node.
+
+    **Hot streams** (``shards``: stream -> K > 1) get K shard channels ``<prefix>s:<stream>/0``
+    ... ``/K-1``. Each batch is published to all K and each gateway subscribes to one,
+    ``node % K`` (its node id: sequential ids spread evenly), so the fan-out of one channel is
+    bounded by the gateways on it and K channels spread over K slots. Every viewer still gets
+    every batch. The gateway also subscribes to the stream's own channel, which carries the
+    control events (throttle, mode, later deletes and pins: rare) from any publisher, including
+    ones that know nothing of shards such as ``chorus mode``. A ``/`` never occurs in a stream
+    id, so the names cannot collide. On one Redis node the two channels of a stream keep their
+    order; across cluster nodes a control event may overtake a batch.
+
+    A reader task hands each message to ``on_message``. The subscriber connection does not
+    retry by itself, so a lost connection shows at once: :attr:`healthy` goes false, the reader
+    reconnects with backoff and subscribes again to every channel it had, then it is true
+    again. :meth:`ping` reports both (the Kafka fallback's probe, gateway/fallback.py).
     """
 
-    def __init__(self, url: str, prefix: str = "chorus:") -> None:
+    def __init__(self, url: str, prefix: str = "chorus:", *, shards: Mapping[str, int] | None = None,
+                 node: int = 0, sharded: bool = True) -> None:
         import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
         self._redis = aioredis.Redis.from_url(url)
+        self._sub_redis = aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0))
         self._prefix = f"{prefix}s:"
+        self._shards = dict(shards or {})
+        self._node = node
+        self._want_sharded = sharded
+        self.sharded: bool | None = None  # decided on first use (see the class docstring)
+        self._deciding = asyncio.Lock()
         self._pubsub: Any = None
-        self._streams: set[str] = set()
+        self._channels: dict[bytes, str] = {}  # subscribed channel -> its stream
         self._reader: asyncio.Task[None] | None = None
         self._handler: MessageHandler | None = None
         self._ready = asyncio.Event()
+        self.healthy = True
+        self.reconnects = 0
 
     def channel(self, stream: str) -> str:
         return self._prefix + stream
 
+    def shard_channel(self, stream: str, shard: int) -> str:
+        return f"{self._prefix}{stream}/{shard}"
+
+    def subscribe_channels(self, stream: str) -> list[str]:
+        """The stream's own channel, and for a hot stream this node's shard channel."""
+        k = self._shards.get(stream, 1)
+        own = [self.channel(stream)]
+        return own if k <= 1 else [*own, self.shard_channel(stream, self._node % k)]
+
+    def publish_channels(self, stream: str, payload: bytes) -> list[str]:
+        """A hot stream's batches go to every shard channel; everything else to its own."""
+        k = self._shards.get(stream, 1)
+        if k <= 1 or unpack_channel_message(payload).offset is None:
+            return [self.channel(stream)]
+        return [self.shard_channel(stream, i) for i in range(k)]
+
+    async def _use_sharded(self) -> bool:
+        if self.sharded is None:
+            async with self._deciding:
+                if self.sharded is None:
+                    self.sharded = self._want_sharded and await self._server_has_sharded()
+        return self.sharded
+
+    async def _server_has_sharded(self) -> bool:
+        from redis.exceptions import ResponseError
+
+        try:
+            info = await self._redis.info("server")
+        except ResponseError as exc:  # INFO renamed away (some managed Redis): assume an old server
+            log.warning("cannot read the redis version (%s); using PUBLISH/SUBSCRIBE", exc)
+            return False
+        version = str(info.get("redis_version", "0"))
+        head = version.split(".")[0]
+        has = head.isdigit() and int(head) >= 7
+        log.info("redis %s: %s pub/sub", version, "sharded" if has else "classic")
+        return has
+
     async def start(self, on_message: MessageHandler) -> None:
         self._handler = on_message
-        self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        self._pubsub = self._sub_redis.pubsub(ignore_subscribe_messages=True)
         self._reader = asyncio.create_task(self._read_loop(), name="redis-pubsub-reader")
 
     async def stop(self) -> None:
@@ -164,45 +230,92 @@ class RedisBroker:
                 await self._reader
         if self._pubsub is not None:
             await self._pubsub.aclose()
+        await self._sub_redis.aclose()
         await self._redis.aclose()
 
+    async def ping(self) -> None:
+        """Raises unless Redis answers and this broker's subscriptions are live."""
+        await self._redis.ping()
+        if not self.healthy:
+            raise ConnectionError("redis pub/sub is subscribing again")
+
     async def publish(self, stream: str, payload: bytes) -> None:
-        await self._redis.publish(self.channel(stream), payload)
+        sharded = await self._use_sharded()
+        channels = self.publish_channels(stream, payload)
+        if len(channels) == 1:
+            await (self._redis.spublish if sharded else self._redis.publish)(channels[0], payload)
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for ch in channels:
+                (pipe.spublish if sharded else pipe.publish)(ch, payload)
+            await pipe.execute()
+
+    async def _subscribe(self, pubsub: Any, channels: list[str]) -> None:
+        if await self._use_sharded():
+            for ch in channels:  # one by one: in a cluster each may live on another node
+                await pubsub.ssubscribe(ch)
+        else:
+            await pubsub.subscribe(*channels)
 
     async def subscribe(self, stream: str) -> None:
-        self._streams.add(stream)
-        await self._pubsub.subscribe(self.channel(stream))
+        channels = self.subscribe_channels(stream)
+        for ch in channels:
+            self._channels[ch.encode()] = stream
+        try:
+            await self._subscribe(self._pubsub, channels)
+        except BaseException:
+            for ch in channels:
+                self._channels.pop(ch.encode(), None)
+            raise
         self._ready.set()
 
     async def unsubscribe(self, stream: str) -> None:
-        self._streams.discard(stream)
-        await self._pubsub.unsubscribe(self.channel(stream))
+        channels = self.subscribe_channels(stream)
+        for ch in channels:
+            self._channels.pop(ch.encode(), None)
+        if await self._use_sharded():
+            await self._pubsub.sunsubscribe(*channels)
+        else:
+            await self._pubsub.unsubscribe(*channels)
 
     async def _read_loop(self) -> None:
-        cut = len(self._prefix)
         while True:
             await self._ready.wait()
             try:
                 msg = await self._pubsub.get_message(timeout=1.0)
-            except (ConnectionError, OSError, Exception) as exc:  # redis raises its own ConnectionError
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                log.warning("redis pub/sub connection lost (%s); resubscribing", exc)
-                await asyncio.sleep(0.5)
+            except Exception as exc:  # redis raises its own ConnectionError; cancellation passes
+                self.healthy = False
+                log.warning("redis pub/sub connection lost (%s); subscribing again", exc)
                 await self._resubscribe()
                 continue
-            if msg is None or msg.get("type") != "message" or self._handler is None:
+            if msg is None or msg.get("type") not in ("message", "smessage") or self._handler is None:
                 continue
-            channel = msg["channel"].decode() if isinstance(msg["channel"], bytes) else msg["channel"]
-            self._handler(channel[cut:], msg["data"])
+            stream = self._channels.get(msg["channel"])
+            if stream is not None:
+                self._handler(stream, msg["data"])
 
     async def _resubscribe(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._pubsub.aclose()
-        self._pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-        with contextlib.suppress(Exception):
-            if self._streams:
-                await self._pubsub.subscribe(*(self.channel(s) for s in self._streams))
+        """A new connection with every channel we had, retried with backoff until it works."""
+        delay = 0.1
+        while True:
+            await asyncio.sleep(delay)
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+            self._pubsub = self._sub_redis.pubsub(ignore_subscribe_messages=True)
+            channels = sorted({ch.decode() for ch in self._channels})
+            try:
+                if channels:
+                    await self._subscribe(self._pubsub, channels)
+                else:
+                    self._ready.clear()  # nothing to read until the next subscribe
+            except Exception as exc:
+                log.debug("redis pub/sub: subscribing again failed (%s)", exc)
+                delay = min(delay * 2, 2.0)
+                continue
+            self.healthy = True
+            self.reconnects += 1
+            log.info("redis pub/sub: subscribed again to %d channels", len(channels))
+            return
 
 
 class RedisStreamState(RedisPositions):

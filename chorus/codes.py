@@ -54,7 +54,14 @@ class ErrorCode(StrEnum):
     COMMENT_TOO_LONG = "comment_too_long"
     BAD_NONCE = "bad_nonce"
     UNAUTHORIZED = "unauthorized"  # posting needs a live token with scope write:comments (or write)
-    NOT_ACCEPTED = "not_accepted"  # the comment log did not take the comment; it was not stored
+    NOT_ACCEPTED = "not_accepted"  # the comment never left the gateway for the log (Kafka unreachable): not posted
+    # The log was handed the comment but did not confirm it within kafka.accept_timeout_ms: it
+    # may still appear. The error carries the comment's ``id``; a client that reposts can drop
+    # the first copy if it shows up.
+    UNCONFIRMED = "unconfirmed"
+    # The gateway has limits.max_inflight_posts posts waiting already: refused at once, with
+    # ``retry_after_ms``; nothing was posted.
+    OVERLOADED = "overloaded"
     # Admission refusals (ingest/limits.py); each carries ``retry_after_ms`` except ``banned``.
     RATE_LIMITED = "rate_limited"  # over the user, address, stream or global rate; the reason says which
     SLOW_MODE = "slow_mode"  # the stream allows one comment per user every N seconds

@@ -9,6 +9,7 @@ key, never silently replaced.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -21,11 +22,13 @@ __all__ = [
     "Config",
     "ConfigError",
     "CoordinatorConfig",
+    "FallbackConfig",
     "GatewayConfig",
     "HistoryConfig",
     "KafkaConfig",
     "LimitsConfig",
     "RedisConfig",
+    "SamplingConfig",
     "load_config",
 ]
 
@@ -103,6 +106,16 @@ class KafkaConfig:
 class RedisConfig:
     url: str = doc("Redis URL for Pub/Sub and state; empty uses the in-process broker.", "")
     channel_prefix: str = doc("Prefix of per-stream channels and keys.", "chorus:")
+    sharded_pubsub: bool = doc(
+        "Use Redis 7 sharded Pub/Sub (SPUBLISH/SSUBSCRIBE) when the server has it (checked at start); "
+        "false, or a server older than 7.0, uses PUBLISH/SUBSCRIBE. Every role must agree.", True
+    )
+    hot_streams: dict[str, int] = doc(
+        'Streams whose channel is split in K shard channels, e.g. {"big-final" = 4}: the coordinator '
+        "publishes each batch to all K and each gateway subscribes to one (its node id mod K), so one "
+        "channel's fan-out is spread over K Redis Cluster slots. Add a stream on gateways before "
+        "coordinators, remove it on coordinators first.", dict
+    )
 
 
 @dataclass(frozen=True)
@@ -139,6 +152,47 @@ class LimitsConfig:
         "How long admission waits for Redis (limits, slow mode, bans); past it, or with Redis down, "
         "a comment is let through with only the gateway's local user and address limits (fail open).", 250
     )
+    max_inflight_posts: int = doc(
+        "Posts one gateway holds between arrival and its answer (admission and the log); past it a post "
+        "is refused at once with `overloaded` and retry_after_ms instead of queueing without bound.", 20000
+    )
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    enabled: bool = doc("Sample the broadcast of a stream whose rate passes a tier (everything is still stored).",
+                        True)
+    tiers: tuple[tuple[int, float], ...] = doc(
+        "[[above comments/s, keep ratio], ...], thresholds ascending, ratios descending in (0, 1): a stream "
+        "above a threshold broadcasts that share of its comments (priority lanes always go out). For "
+        "extreme events, e.g. [[1000, 0.5], [5000, 0.1], [20000, 0.05]].", ((5000, 0.2),)
+    )
+    window_ms: int = doc("A stream's rate is measured over this sliding window.", 1000)
+    bucket_ms: int = doc("Granularity of the window (window_ms must be a multiple).", 100)
+    hysteresis: float = doc(
+        "A stream leaves a tier only once its rate falls below threshold x (1 - hysteresis).", 0.2
+    )
+    slow_mode_above_per_s: int = doc(
+        "Automatic slow mode: a stream above this rate for slow_mode_after_s gets slow mode "
+        "(slow_mode_seconds), lifted once it stays below for as long. 0 turns it off.", 0
+    )
+    slow_mode_after_s: float = doc("How long a stream must stay above (or below) for automatic slow mode.", 30.0)
+    slow_mode_seconds: int = doc("The slow mode automatic slow mode sets.", 10)
+
+
+@dataclass(frozen=True)
+class FallbackConfig:
+    enabled: bool = doc(
+        "Gateways consume Kafka themselves while Redis Pub/Sub is down (a circuit breaker decides).", True
+    )
+    failures: int = doc("Consecutive failed Redis probes that open the breaker (start the Kafka fallback).", 3)
+    probe_interval_ms: int = doc("How often a gateway probes Redis while the breaker is closed.", 500)
+    probe_timeout_ms: int = doc("A probe not answered in this time counts as a failure.", 500)
+    retry_after_s: float = doc("While open, probe again (half-open) this often; success closes it.", 3.0)
+    rewind_ms: int = doc(
+        "The fallback reads Kafka from this long before the last good probe (the coordinator's lag), "
+        "skipping what the gateway already delivered.", 3000
+    )
 
 
 @dataclass(frozen=True)
@@ -152,6 +206,8 @@ class Config:
     history: HistoryConfig = doc("", HistoryConfig)
     coordinator: CoordinatorConfig = doc("", CoordinatorConfig)
     limits: LimitsConfig = doc("", LimitsConfig)
+    sampling: SamplingConfig = doc("", SamplingConfig)
+    fallback: FallbackConfig = doc("", FallbackConfig)
 
     @property
     def embedded(self) -> bool:
@@ -189,7 +245,9 @@ class Config:
             ("limits.global_per_second", 0 <= self.limits.global_per_second <= 1_000_000, "must be 0-1000000"),
             ("limits.local_max_keys", self.limits.local_max_keys >= 100, "must be >= 100"),
             ("limits.redis_timeout_ms", 10 <= self.limits.redis_timeout_ms <= 10_000, "must be 10-10000"),
+            ("limits.max_inflight_posts", self.limits.max_inflight_posts >= 1, "must be >= 1"),
             ("log_level", self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "unknown level"),
+            *self._sampling_checks(),
         ]
         for key, ok, why in checks:
             if not ok:
@@ -197,6 +255,32 @@ class Config:
         if not self.embedded and self.auth.key == DEV_KEY:
             raise ConfigError("config key auth.key: set a key of your own when using Kafka or Redis")
         return self
+
+    def _sampling_checks(self) -> list[tuple[str, bool, str]]:
+        """Checks of [sampling], [fallback] and the hot streams of [redis]."""
+        s, f = self.sampling, self.fallback
+        above = [t[0] for t in s.tiers]
+        keep = [t[1] for t in s.tiers]
+        return [
+            ("sampling.tiers", all(a >= 1 for a in above) and above == sorted(set(above)),
+             "thresholds must be >= 1 and strictly ascending"),
+            ("sampling.tiers", all(0 < k < 1 for k in keep) and keep == sorted(set(keep), reverse=True),
+             "keep ratios must be between 0 and 1 (exclusive) and strictly descending"),
+            ("sampling.bucket_ms", 10 <= s.bucket_ms <= s.window_ms, "must be 10 - window_ms"),
+            ("sampling.window_ms", s.window_ms <= 60_000 and s.window_ms % max(s.bucket_ms, 1) == 0,
+             "must be at most 60000 and a multiple of bucket_ms"),
+            ("sampling.hysteresis", 0 <= s.hysteresis < 1, "must be 0 - 1 (exclusive)"),
+            ("sampling.slow_mode_above_per_s", s.slow_mode_above_per_s >= 0, "must be >= 0"),
+            ("sampling.slow_mode_after_s", s.slow_mode_after_s > 0, "must be > 0"),
+            ("sampling.slow_mode_seconds", 1 <= s.slow_mode_seconds <= 86_400, "must be 1-86400"),
+            ("redis.hot_streams", all(k and "/" not in k and 1 <= n <= 1024 for k, n in self.redis.hot_streams.items()),
+             "must map stream ids to shard counts 1-1024"),
+            ("fallback.failures", f.failures >= 1, "must be >= 1"),
+            ("fallback.probe_interval_ms", 10 <= f.probe_interval_ms <= 60_000, "must be 10-60000"),
+            ("fallback.probe_timeout_ms", 10 <= f.probe_timeout_ms <= 60_000, "must be 10-60000"),
+            ("fallback.retry_after_s", f.retry_after_s > 0, "must be > 0"),
+            ("fallback.rewind_ms", 0 <= f.rewind_ms <= 600_000, "must be 0-600000"),
+        ]
 
 
 T = TypeVar("T")
@@ -227,6 +311,10 @@ def _coerce(key: str, kind: Any, value: Any) -> Any:
             if not isinstance(value, str):
                 raise ValueError(value)
             return value
+        if kind == tuple[tuple[int, float], ...]:
+            return _pairs(json.loads(value) if from_env else value)
+        if kind == dict[str, int]:
+            return _str_int_map(json.loads(value) if from_env else value)
         if kind == tuple[str, ...]:
             items = [s.strip() for s in value.split(",") if s.strip()] if from_env else value
             if not isinstance(items, list | tuple) or not all(isinstance(s, str) for s in items):
@@ -236,6 +324,27 @@ def _coerce(key: str, kind: Any, value: Any) -> Any:
         name = getattr(kind, "__name__", str(kind))
         raise ConfigError(f"config key {key}: expected {name}, got {value!r}") from None
     raise ConfigError(f"config key {key}: unsupported type {kind}")
+
+
+def _pairs(value: Any) -> tuple[tuple[int, float], ...]:
+    """[[int, number], ...] (TOML, or JSON from the environment) as a tuple of pairs."""
+    if not isinstance(value, list | tuple):
+        raise ValueError(value)
+    out = []
+    for pair in value:
+        if (not isinstance(pair, list | tuple) or len(pair) != 2 or isinstance(pair[0], bool)
+                or not isinstance(pair[0], int) or isinstance(pair[1], bool) or not isinstance(pair[1], int | float)):
+            raise ValueError(value)
+        out.append((pair[0], float(pair[1])))
+    return tuple(out)
+
+
+def _str_int_map(value: Any) -> dict[str, int]:
+    """A table of integers (TOML, or a JSON object from the environment)."""
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                                              for k, v in value.items()):
+        raise ValueError(value)
+    return dict(value)
 
 
 def _build(cls: type[T], prefix: str, data: Mapping[str, Any], env: Mapping[str, str]) -> T:

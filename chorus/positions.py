@@ -18,9 +18,15 @@ every write here is idempotent on the offset.
   Redis, a flushed one) cannot know what came before. ``recent_after`` answers None when
   the floor is above the asked offset, and recovery falls through to the history store.
 
+- **Keep ratios**: when the coordinator samples a hot stream (``ingest/sampling.py``), the
+  cache holds only what was broadcast, and each change of the keep ratio is recorded with the
+  first offset it applies to, so recovery from the history store (which has every comment)
+  can rebuild exactly the broadcast. The newest ``KEEP_RATIOS_KEPT`` changes are kept.
+
 Each has an in-process implementation (embedded default, tests) and a Redis one: a hash
 ``<prefix>meta:<stream>`` (epoch, offset, floor) and a sorted set ``<prefix>recent:<stream>``
-scored by offset, updated by one Lua script so readers never see half an update.
+scored by offset, updated by one Lua script so readers never see half an update; the keep
+ratios in a sorted set ``<prefix>sampling:<stream>`` of ``epoch|offset|ratio``, scored by offset.
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-__all__ = ["NO_EPOCH", "MemoryPositions", "RedisPositions", "StreamPositions"]
+__all__ = ["KEEP_RATIOS_KEPT", "NO_EPOCH", "MemoryPositions", "RedisPositions", "StreamPositions"]
 
 NO_EPOCH = ""  # the epoch of a stream nothing was published to yet (its offset is -1)
+KEEP_RATIOS_KEPT = 256  # keep-ratio changes remembered per stream (older offsets count as unsampled)
 
 Event = dict[str, Any]
 
@@ -54,6 +61,14 @@ class StreamPositions(Protocol):
         """Every comment of ``epoch`` after ``offset``, or None if the cache can't vouch for it."""
         ...
 
+    async def note_keep_ratio(self, stream: str, epoch: str, offset: int, keep_ratio: float) -> None:
+        """From ``offset`` on, the stream broadcasts ``keep_ratio`` of its comments (1.0: all)."""
+        ...
+
+    async def keep_ratios(self, stream: str, epoch: str) -> list[tuple[int, float]]:
+        """The recorded (first offset, keep ratio) changes of ``epoch``, ascending."""
+        ...
+
 
 @dataclass(slots=True)
 class _Cached:
@@ -66,6 +81,7 @@ class _Cached:
 class MemoryPositions:
     def __init__(self) -> None:
         self._streams: dict[str, _Cached] = {}
+        self._ratios: dict[str, list[tuple[str, int, float]]] = {}
 
     async def advance(self, stream: str, epoch: str, comments: list[Event], keep: int) -> None:
         if not comments:
@@ -96,6 +112,16 @@ class MemoryPositions:
         if s is None or s.epoch != epoch or s.floor > offset:
             return None
         return [c for c in s.comments if c["offset"] > offset]
+
+    async def note_keep_ratio(self, stream: str, epoch: str, offset: int, keep_ratio: float) -> None:
+        changes = [c for c in self._ratios.get(stream, []) if c[1] != offset]
+        self._ratios[stream] = changes
+        changes.append((epoch, offset, keep_ratio))
+        changes.sort(key=lambda c: c[1])
+        del changes[:-KEEP_RATIOS_KEPT]
+
+    async def keep_ratios(self, stream: str, epoch: str) -> list[tuple[int, float]]:
+        return [(o, r) for e, o, r in self._ratios.get(stream, []) if e == epoch]
 
 
 # KEYS: meta hash, recent sorted set. ARGV: epoch, keep, then offset and JSON of each comment.
@@ -155,6 +181,9 @@ class RedisPositions:
     def _recent_key(self, stream: str) -> str:
         return f"{self._prefix}recent:{stream}"
 
+    def _ratios_key(self, stream: str) -> str:
+        return f"{self._prefix}sampling:{stream}"
+
     async def advance(self, stream: str, epoch: str, comments: list[Event], keep: int) -> None:
         if not comments:
             return
@@ -185,3 +214,19 @@ class RedisPositions:
         if cached_epoch is None or floor is None or _text(cached_epoch) != epoch or int(floor) > offset:
             return None
         return [json.loads(item) for item in raw]
+
+    async def note_keep_ratio(self, stream: str, epoch: str, offset: int, keep_ratio: float) -> None:
+        key = self._ratios_key(stream)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zremrangebyscore(key, offset, offset)  # a retried batch may record another ratio
+            pipe.zadd(key, {f"{epoch}|{offset}|{keep_ratio!r}": offset})
+            pipe.zremrangebyrank(key, 0, -KEEP_RATIOS_KEPT - 1)
+            await pipe.execute()
+
+    async def keep_ratios(self, stream: str, epoch: str) -> list[tuple[int, float]]:
+        out = []
+        for item in await self._redis.zrange(self._ratios_key(stream), 0, -1):
+            item_epoch, offset, ratio = _text(item).rsplit("|", 2)
+            if item_epoch == epoch:
+                out.append((int(offset), float(ratio)))
+        return out

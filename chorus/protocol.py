@@ -155,8 +155,10 @@ def decode_event(data: bytes, wire: Wire = JSON) -> dict[str, Any]:
 
 
 def error_event(code: ErrorCode, reason: str, nonce: str | None = None,
-                retry_after_ms: int | None = None) -> dict[str, Any]:
+                retry_after_ms: int | None = None, comment_id: str | None = None) -> dict[str, Any]:
     event: dict[str, Any] = {"t": "error", "code": str(code), "reason": reason}
+    if comment_id is not None:  # ``unconfirmed``: the id the comment has if it does appear
+        event["id"] = comment_id
     if retry_after_ms is not None:
         event["retry_after_ms"] = retry_after_ms
     if nonce is not None:

@@ -105,6 +105,8 @@ REFUSAL_STATUS: dict[ErrorCode, int] = {
     ErrorCode.BANNED: 403,
     ErrorCode.TIMED_OUT: 403,
     ErrorCode.NOT_ACCEPTED: 503,
+    ErrorCode.UNCONFIRMED: 504,
+    ErrorCode.OVERLOADED: 503,
 }
 
 

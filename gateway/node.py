@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Callable
 
 from chorus.broker import Broker
@@ -32,6 +33,10 @@ class Node:
         self._unsub_timers: dict[str, asyncio.TimerHandle] = {}
         self.bad_messages = 0
         self.failed_deliveries = 0
+        # Hook of the Redis-down fallback (gateway/fallback.py), which feeds on_message too: the
+        # newest batch offset delivered per stream (where it may skip to), and events by path.
+        self.last_offsets: dict[str, int] = {}
+        self.received: Counter[str] = Counter()
 
     async def start(self) -> None:
         await self.broker.start(self.on_message)
@@ -41,12 +46,15 @@ class Node:
             timer.cancel()
         await self.broker.stop()
 
-    def on_message(self, stream: str, data: bytes) -> None:
+    def on_message(self, stream: str, data: bytes, via: str = "pubsub") -> None:
         try:
             message = unpack_channel_message(data)
         except ValueError:
             self.bad_messages += 1
             return
+        self.received[via] += 1
+        if message.offset is not None and message.offset > self.last_offsets.get(stream, -1):
+            self.last_offsets[stream] = message.offset
         try:
             self.deliver(stream, message)
         except Exception:
@@ -91,6 +99,7 @@ class Node:
         if self._refs.get(stream):
             return
         self._subscribed.pop(stream, None)
+        self.last_offsets.pop(stream, None)
         task = asyncio.ensure_future(self.broker.unsubscribe(stream))
         task.add_done_callback(_log_failure)
 

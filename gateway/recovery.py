@@ -17,6 +17,10 @@ streams' records share the partition), so "after X" is a range, never a count.
    long), look again for up to ``lag_wait_s`` before giving up.
 4. Tombstones (``is_deleted``) are never sent. More than ``recover_max`` missed comments is
    ``recovered: false``: the viewer reloads history instead.
+5. What is replayed is what was broadcast. The cache holds only that; the store holds every
+   comment, so its rows pass through the filter of the keep ratios the coordinator recorded
+   while it sampled the stream (ingest/sampling.py). ``recover_max`` counts stored rows, so a
+   sampled stream can answer ``recovered: false`` a little early.
 
 History reads run in a worker thread, at most ``MAX_HISTORY_READS`` at a time per gateway,
 so a reconnect storm queues instead of swamping the store.
@@ -35,6 +39,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from chorus.ingest.sampling import broadcast_filter
 from chorus.ingest.store import HistoryStore, StoredComment, StoreUnavailable
 from chorus.positions import NO_EPOCH, StreamPositions
 
@@ -104,7 +109,8 @@ class Recovery:
             tail = await self.state.recent_after(stream, epoch, last) if cache_alive else []
             if tail is not None:
                 self.from_history += 1
-                return self._bounded(epoch, [r.event for r in newer if not r.deleted] + tail)
+                broadcast = broadcast_filter(await self.state.keep_ratios(stream, epoch) if newer else [])
+                return self._bounded(epoch, [r.event for r in newer if not r.deleted and broadcast(r.event)] + tail)
             if time.monotonic() > deadline:
                 log.info("recovery of %s after %d: the archiver is behind the cache", stream, offset)
                 return self._fail(epoch)

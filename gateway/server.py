@@ -33,7 +33,7 @@ from picows import (
 from chorus import native
 from chorus.auth import AuthError, Identity, mint_token, verify_token
 from chorus.broker import StreamState
-from chorus.codes import CloseCode, HttpErrorCode
+from chorus.codes import CloseCode, ErrorCode, HttpErrorCode
 from chorus.config import Config
 from chorus.extensions import DeflateParams, negotiate_deflate
 from chorus.gateway.handoff import RecordingProtocol, detach_socket, picows_protocol_factory
@@ -49,7 +49,8 @@ from chorus.gateway.http import (
 from chorus.gateway.httpreq import HttpRequest, error_response
 from chorus.gateway.node import Node
 from chorus.gateway.recovery import Recovery
-from chorus.ingest.admission import Admission, Refused
+from chorus.ingest.admission import Admission, Admitted, Refused
+from chorus.ingest.records import Comment
 from chorus.ingest.store import HistoryStore
 from chorus.protocol import (
     JSON,
@@ -72,6 +73,8 @@ log = logging.getLogger("chorus.gateway")
 
 ECHO_HANDLE = 0  # the conformance echo endpoint's pseudo-stream
 REPLAY_BATCHES = 32  # recent batches per stream, for viewers joining between welcome and hub
+OVERLOADED_RETRY_MS = 1000  # retry_after_ms of ``overloaded``
+MAX_ADMIT_BATCH = 2000  # posts admitted together at most (one Redis pipeline)
 
 
 def _origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
@@ -106,6 +109,18 @@ class _Stream:
     handle: int
     viewers: int = 0
     replay: deque[ChannelMessage] = field(default_factory=lambda: deque(maxlen=REPLAY_BATCHES))
+
+
+@dataclass(slots=True)
+class _Post:
+    """A comment a viewer sent, waiting for admission with the others of its drain."""
+
+    conn: int
+    stream: str
+    who: Identity | None
+    msg: PostComment
+    wire: Wire
+    ip: str
 
 
 class Upgrader(WSListener):
@@ -159,6 +174,9 @@ class Gateway:
         self._next_handle = ECHO_HANDLE + 1
         self._per_ip: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._inflight = 0  # posts between arrival and answer; bounded by limits.max_inflight_posts
+        self._queued: list[_Post] = []  # posts waiting for the admission task
+        self._admitting = False  # the admission task is running
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self.started_at = time.time()
@@ -218,6 +236,7 @@ class Gateway:
         """The hub's epoll fd is readable (or its deadline passed): let it work, then react."""
         self._timer = None
         self.hub.poll()
+        posts: list[_Post] = []
         for kind, conn, handle, data, tag in self.hub.drain():
             ip, variant, who = _untag(tag)
             if kind == native.hub.CLOSED:
@@ -225,7 +244,13 @@ class Gateway:
             elif handle == ECHO_HANDLE:
                 self.hub.send(conn, data, kind == native.hub.MESSAGE_BINARY)
             else:
-                self._on_client_message(conn, handle, kind, data, variant, who, ip)
+                self._on_client_message(conn, handle, kind, data, variant, who, ip, posts)
+        if posts:
+            self._inflight += len(posts)
+            self._queued += posts
+            if not self._admitting:
+                self._admitting = True
+                self.spawn(self._admit_queued())
         self._arm_timer()
 
     def _arm_timer(self) -> None:
@@ -274,7 +299,7 @@ class Gateway:
             del self._by_handle[s.handle]
 
     def _on_client_message(self, conn: int, handle: int, kind: int, data: bytes, variant: int,
-                           who: Identity | None, ip: str = "") -> None:
+                           who: Identity | None, ip: str = "", posts: list[_Post] | None = None) -> None:
         s = self._by_handle.get(handle)
         reply_wire: Wire = MSGPACK if variant & 1 else JSON
         msg = parse_client_message(data, JSON if kind == native.hub.MESSAGE_TEXT else MSGPACK)
@@ -284,7 +309,15 @@ class Gateway:
             code = msg.code if isinstance(msg, BadMessage) else "bad_message"
             self.hub.send(conn, encode_event(error_event(code, reason, nonce), reply_wire))  # type: ignore[arg-type]
         elif isinstance(msg, PostComment):
-            self.spawn(self.post(conn, s.name, who, msg, reply_wire, ip))
+            if self._inflight + (len(posts) if posts is not None else 0) >= self.config.limits.max_inflight_posts:
+                self.hub.send(conn, encode_event(error_event(
+                    ErrorCode.OVERLOADED, "this gateway is taking too many comments right now; it was not posted",
+                    msg.nonce, OVERLOADED_RETRY_MS), reply_wire))
+            elif posts is not None:
+                posts.append(_Post(conn, s.name, who, msg, reply_wire, ip))
+            else:
+                self._inflight += 1
+                self.spawn(self.post(conn, s.name, who, msg, reply_wire, ip))
         elif isinstance(msg, Resume):
             self.spawn(self.resume(conn, s.name, msg, reply_wire))
 
@@ -454,14 +487,57 @@ class Gateway:
         try:
             comment = await self.admission.post(who, stream, msg.text, ip)
         except Refused as exc:
-            self.hub.send(conn, encode_event(error_event(exc.code, exc.reason, msg.nonce, exc.retry_after_ms), wire))
+            self.hub.send(conn, encode_event(error_event(exc.code, exc.reason, msg.nonce, exc.retry_after_ms,
+                                                         exc.comment_id), wire))
             self.on_hub_ready()
             return
+        finally:
+            self._inflight -= 1
         ack: dict[str, Any] = {"t": "ack", "id": comment.id}
         if msg.nonce is not None:
             ack["nonce"] = msg.nonce
         self.hub.send(conn, encode_event(ack, wire))
         self.on_hub_ready()
+
+    async def _admit_queued(self) -> None:
+        """One task admits every queued post, a batch at a time (one Redis round trip per step
+        for the batch); what arrives meanwhile makes the next batch, so batches grow with the
+        load instead of tasks. Refusals are answered at once; each batch's appends wait for
+        Kafka in a task of their own while the next batch is admitted."""
+        try:
+            while self._queued:
+                batch, self._queued = self._queued[:MAX_ADMIT_BATCH], self._queued[MAX_ADMIT_BATCH:]
+                try:
+                    admitted = await self.admission.admit_many([(p.who, p.stream, p.msg.text, p.ip) for p in batch])
+                except BaseException:
+                    self._inflight -= len(batch)
+                    raise
+                self._inflight -= len(batch) - len(admitted.comments)
+                self._answer(batch, admitted.results)
+                self.spawn(self._append_admitted(batch, admitted))
+                self.on_hub_ready()
+        finally:
+            self._admitting = False
+
+    async def _append_admitted(self, batch: list[_Post], admitted: Admitted) -> None:
+        waiting = [i for i, _ in admitted.comments]
+        try:
+            results = await self.admission.append_admitted(admitted)
+        finally:
+            self._inflight -= len(waiting)
+        self._answer([batch[i] for i in waiting], [results[i] for i in waiting])
+        self.on_hub_ready()
+
+    def _answer(self, posts: list[_Post], results: list[Comment | Refused] | list[Comment | Refused | None]) -> None:
+        for p, result in zip(posts, results, strict=True):
+            if isinstance(result, Refused):
+                self.hub.send(p.conn, encode_event(error_event(result.code, result.reason, p.msg.nonce,
+                                                               result.retry_after_ms, result.comment_id), p.wire))
+            elif result is not None:
+                ack: dict[str, Any] = {"t": "ack", "id": result.id}
+                if p.msg.nonce is not None:
+                    ack["nonce"] = p.msg.nonce
+                self.hub.send(p.conn, encode_event(ack, p.wire))
 
     async def post_http(self, request: HttpRequest, ip: str) -> bytes:
         """``POST /streams/{id}/comments`` (clients without a WebSocket): the same admission as ``post``."""

@@ -16,6 +16,16 @@ Every post, over a WebSocket or ``POST /streams/{id}/comments``, goes through
 If Redis does not answer (steps 5-6) the post is let through on the local limits alone
 (fail open): comments keep flowing through a Redis outage, and Kafka still refuses clearly.
 
+Posts that arrive together (one ``hub.drain()`` of a gateway) go through :meth:`Admission.post_many`:
+the same steps and verdicts, but steps 5 and 6 each take one Redis round trip for the whole
+batch (pipelines; each post is still its own atomic script run) and step 7 hands every record
+to the producer and waits for Kafka's confirmations in one task.
+
+The log's two failures are told apart: a record that never left the gateway (Kafka
+unreachable, no metadata) is ``not_accepted``, "it was not posted"; one handed to Kafka but not
+confirmed within kafka.accept_timeout_ms is ``unconfirmed``, "it may still appear", with the
+comment's id so a client that posts it again can drop the first copy if it shows up.
+
 Each post is admitted on its own: two posts a client sends faster than a Redis round trip
 may finish steps 5-7 in either order (so either may be the one slow mode refuses). Clients
 that care wait for each ``ack``; serialising a user's posts here would cap one poster at one
@@ -26,18 +36,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from chorus.auth import Identity
 from chorus.codes import ErrorCode
 from chorus.config import LimitsConfig
 from chorus.ids import IdGenerator
 from chorus.ingest.limits import AdmissionLimits, BackendUnavailable, Poster, Refusal
-from chorus.ingest.log import CommentLog, LogUnavailable
+from chorus.ingest.log import CommentLog, LogUnavailable, LogUnconfirmed, append_many
 from chorus.ingest.records import Comment, encode_record
 from chorus.protocol import validate_comment_text
 
-__all__ = ["Admission", "Refused"]
+__all__ = ["Admission", "Admitted", "Refused"]
 
 log = logging.getLogger("chorus.admission")
 
@@ -48,15 +60,25 @@ FAIL_OPEN_LOG_INTERVAL_S = 10.0
 class Refused(Exception):
     """The comment was not accepted; ``code`` and ``reason`` go back to the poster."""
 
-    def __init__(self, code: ErrorCode, reason: str, retry_after_ms: int | None = None) -> None:
+    def __init__(self, code: ErrorCode, reason: str, retry_after_ms: int | None = None,
+                 comment_id: str | None = None) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
         self.retry_after_ms = retry_after_ms
+        self.comment_id = comment_id  # ``unconfirmed`` only: the id the comment has if it appears
 
     @classmethod
     def of(cls, refusal: Refusal) -> Refused:
         return cls(refusal.code, refusal.reason, refusal.retry_after_ms)
+
+
+@dataclass(slots=True)
+class Admitted:
+    """A batch between :meth:`Admission.admit_many` and :meth:`Admission.append_admitted`."""
+
+    results: list[Comment | Refused | None]  # per post: its refusal, or None while it waits for the log
+    comments: list[tuple[int, Comment]]  # (index in results, comment) to append
 
 
 class Admission:
@@ -86,18 +108,102 @@ class Admission:
         self.accepted += 1
         return comment
 
-    async def _append(self, who: Identity, stream: str, text: str) -> Comment:
-        comment = Comment(
+    def _comment(self, who: Identity, stream: str, text: str) -> Comment:
+        return Comment(
             id=self.ids.next(), stream=stream, user_id=who.user_id, user_name=who.name,
             badges=tuple(who.badges()), text=text, ts=time.time_ns() // 1_000_000,
         )
+
+    @staticmethod
+    def _log_refusal(comment: Comment, exc: LogUnavailable) -> Refused:
+        if isinstance(exc, LogUnconfirmed):
+            return Refused(ErrorCode.UNCONFIRMED,
+                           f"the comment log did not confirm it in time ({exc}); it may still appear",
+                           retry_after_ms=2000, comment_id=comment.id)
+        return Refused(ErrorCode.NOT_ACCEPTED, f"comment not accepted: {exc}; it was not posted", retry_after_ms=2000)
+
+    async def _append(self, who: Identity, stream: str, text: str) -> Comment:
+        comment = self._comment(who, stream, text)
         key, value = encode_record(comment)
         try:
             await self.log.append(key, value)
         except LogUnavailable as exc:
-            raise Refused(ErrorCode.NOT_ACCEPTED, f"comment not accepted: {exc}; it was not posted",
-                          retry_after_ms=2000) from exc
+            raise self._log_refusal(comment, exc) from exc
         return comment
+
+    async def post_many(self, posts: Sequence[tuple[Identity | None, str, str, str]]) -> list[Comment | Refused]:
+        """:meth:`post` for each (who, stream, text, ip): per post the comment or its refusal.
+
+        The same checks in the same order as one by one, with one Redis round trip per step
+        for the whole batch and one wait for the log's confirmations.
+        """
+        return await self.append_admitted(await self.admit_many(posts))
+
+    async def admit_many(self, posts: Sequence[tuple[Identity | None, str, str, str]]) -> Admitted:
+        """Steps 1-6 of :meth:`post_many`: its refusals so far, and the comments to append."""
+        results: list[Comment | Refused | None] = [None] * len(posts)
+        todo: list[tuple[int, Identity, str, Poster]] = []
+        for i, (who, stream, text, ip) in enumerate(posts):
+            try:
+                ident, clean = self._check(who, text)
+                poster = Poster(stream, ident.user_id, ip, slow_mode_exempt=bool(ident.badges()))
+                self._admit_locally(poster)
+            except Refused as exc:
+                results[i] = exc
+                continue
+            todo.append((i, ident, clean, poster))
+        if todo:
+            sanctions = self.limits.sanctions
+            pairs = [(p.stream, p.user) for _, _, _, p in todo]
+            check_many = getattr(sanctions, "check_many", None)
+            verdicts = await self._ask_many(
+                check_many(pairs) if check_many is not None else _each(sanctions.check, pairs), len(todo))
+            kept = []
+            for item, refusal in zip(todo, verdicts, strict=True):
+                if refusal is None:
+                    kept.append(item)
+                else:
+                    self._remember(item[3], refusal)
+                    results[item[0]] = Refused.of(refusal)
+            todo = kept
+        if todo:
+            limiter = self.limits.limiter
+            posters = [p for _, _, _, p in todo]
+            acquire_many = getattr(limiter, "acquire_many", None)
+            verdicts = await self._ask_many(
+                acquire_many(posters) if acquire_many is not None else _each(limiter.acquire, posters), len(todo))
+            kept = []
+            for item, refusal in zip(todo, verdicts, strict=True):
+                if refusal is None:
+                    kept.append(item)
+                else:
+                    results[item[0]] = Refused.of(refusal)
+            todo = kept
+        return Admitted(results, [(i, self._comment(ident, p.stream, clean)) for i, ident, clean, p in todo])
+
+    async def append_admitted(self, admitted: Admitted) -> list[Comment | Refused]:
+        """Step 7 of :meth:`post_many`: append what :meth:`admit_many` let through."""
+        results = admitted.results
+        if admitted.comments:
+            failures = await append_many(self.log, [encode_record(c) for _, c in admitted.comments])
+            for (i, comment), failure in zip(admitted.comments, failures, strict=True):
+                if failure is None:
+                    results[i] = comment
+                elif isinstance(failure, LogUnavailable):
+                    results[i] = self._log_refusal(comment, failure)
+                else:
+                    raise failure
+        out = [r for r in results if r is not None]
+        assert len(out) == len(results)
+        accepted = sum(1 for r in out if isinstance(r, Comment))
+        self.accepted += accepted
+        self.refused += len(out) - accepted
+        return out
+
+    async def _ask_many(self, answer: Awaitable[list[Refusal | None]], n: int) -> list[Refusal | None]:
+        """The shared store's answers, or None for each (let them through) if it did not answer."""
+        got = await self._ask(answer, n)
+        return got if got is not None else [None] * n
 
     @staticmethod
     def _check(who: Identity | None, text: str) -> tuple[Identity, str]:
@@ -129,12 +235,12 @@ class Admission:
         if refusal is not None:
             raise Refused.of(refusal)
 
-    async def _ask(self, answer: Awaitable[Refusal | None]) -> Refusal | None:
+    async def _ask(self, answer: Awaitable[Any], posts: int = 1) -> Any:
         """The shared store's answer, or None (let it through) if it did not answer."""
         try:
             return await answer
         except BackendUnavailable as exc:
-            self.fail_open += 1
+            self.fail_open += posts
             now = self._clock()
             if now - self._fail_open_logged >= FAIL_OPEN_LOG_INTERVAL_S:
                 self._fail_open_logged = now
@@ -163,3 +269,8 @@ class Admission:
         self._memo[(poster.stream, poster.user)] = (refusal, self._clock())
         while len(self._memo) > MEMO_MAX:
             del self._memo[next(iter(self._memo))]
+
+
+async def _each(ask: Callable[..., Awaitable[Refusal | None]], items: Sequence[Any]) -> list[Refusal | None]:
+    """One call per item, in order, for a limiter or sanctions store without a batch method."""
+    return [await (ask(*item) if isinstance(item, tuple) else ask(item)) for item in items]

@@ -10,20 +10,34 @@ comments with the same numbers. The cache and position ignore what they already 
 viewers drop the re-published comments by id.
 
 :func:`group_by_stream` and :func:`batch_message` are pure, so anything else that reads the
-log (a gateway consuming Kafka itself while Redis is down, say) builds the very same channel
-messages, numbered the same way.
+log (a gateway consuming Kafka itself while Redis is down, gateway/fallback.py) builds the
+very same channel messages, numbered the same way.
+
+Adaptive sampling (``ingest/sampling.py``) decides what of a hot stream's batch is broadcast;
+the rest is only stored (the archiver reads the log). The recent cache gets what was
+broadcast, so a resume replays exactly what the viewer missed of the broadcast; each change
+of a stream's keep ratio is recorded (``note_keep_ratio``) before the ``throttle`` event that
+announces it, so a resume served from the history store filters it the same way. A small
+ticker ends sampling (``throttle`` 1.0) for a stream that went quiet, since no batch comes to
+do it, and sets or lifts automatic slow mode through the stream's mode API.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import logging
+import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
-from chorus.broker import Broker, StreamState
+from chorus.broker import Broker, StreamState, set_stream_mode
+from chorus.config import SamplingConfig
 from chorus.ingest.consume import ConsumeLoop
 from chorus.ingest.log import CommentLog, LogRecord
 from chorus.ingest.records import Comment, RecordError, decode_record
+from chorus.ingest.sampling import Plan, Sampler, throttle_event
 from chorus.protocol import JSON, encode_event, pack_channel_message
 
 __all__ = ["Coordinator", "batch_message", "group_by_stream"]
@@ -31,6 +45,9 @@ __all__ = ["Coordinator", "batch_message", "group_by_stream"]
 log = logging.getLogger("chorus.coordinator")
 
 GROUP = "chorus-coordinator"
+
+# Sets (True) or lifts (False) a stream's automatic slow mode.
+SlowModeSetter = Callable[[str, bool], Awaitable[None]]
 
 
 def group_by_stream(records: Sequence[LogRecord]) -> tuple[dict[tuple[str, str], list[Comment]], int]:
@@ -63,12 +80,21 @@ def batch_message(stream: str, epoch: str, comments: Sequence[Comment]) -> bytes
 
 class Coordinator:
     def __init__(self, comment_log: CommentLog, broker: Broker, state: StreamState, *,
-                 flush_interval_ms: int = 10, max_batch: int = 100, recent_size: int = 1000) -> None:
+                 flush_interval_ms: int = 10, max_batch: int = 100, recent_size: int = 1000,
+                 sampling: SamplingConfig | None = None, set_slow_mode: SlowModeSetter | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.broker = broker
         self.state = state
         self.recent_size = recent_size
+        self.sampling = sampling or SamplingConfig()
+        self.sampler = Sampler(self.sampling)
+        self.set_slow_mode = set_slow_mode or self._set_slow_mode
+        self.clock = clock
         self.skipped_records = 0
         self.published_batches = 0
+        self.sampled_out = 0  # comments stored but not broadcast
+        self.throttle_events = 0
+        self._publishing = asyncio.Lock()  # one stream's throttle events and batches stay in order
         self.loop = ConsumeLoop(comment_log.consumer(GROUP), self.handle, name="coordinator",
                                 linger_ms=flush_interval_ms, max_records=max_batch)
 
@@ -79,13 +105,70 @@ class Coordinator:
             await self.publish_stream(stream, epoch, comments)
 
     async def publish_stream(self, stream: str, epoch: str, comments: list[Comment]) -> None:
-        """Cache, then publish: a viewer resuming right after the batch finds it in the cache."""
-        await self.state.advance(stream, epoch, [c.to_event() for c in comments], self.recent_size)
-        await self.broker.publish(stream, batch_message(stream, epoch, comments))
-        self.published_batches += 1
+        """Sample, cache, then publish: a viewer resuming right after the batch finds it in the cache."""
+        async with self._publishing:
+            plan = self.sampler.plan(stream, epoch, comments, self._now_ms())
+            await self._apply(stream, epoch, plan)
+            if plan.kept:
+                await self.state.advance(stream, epoch, [c.to_event() for c in plan.kept], self.recent_size)
+                await self.broker.publish(stream, batch_message(stream, epoch, plan.kept))
+                self.published_batches += 1
+            self.sampled_out += plan.dropped
+
+    async def _apply(self, stream: str, epoch: str, plan: Plan) -> None:
+        """Announce a new keep ratio (recorded first, for recovery) and set or lift slow mode."""
+        if plan.throttle is not None:
+            await self.state.note_keep_ratio(stream, epoch, plan.from_offset, plan.throttle)
+            await self.broker.publish(stream, pack_channel_message(throttle_event(plan.throttle)))
+            self.sampler.announced(stream, plan.throttle)
+            self.throttle_events += 1
+            log.info("stream %s: broadcasting %.0f%% of its comments", stream, plan.throttle * 100)
+        if plan.slow_mode is not None:
+            try:
+                await self.set_slow_mode(stream, plan.slow_mode)
+            except Exception as exc:  # not applied: the sampler asks again on the next batch or tick
+                log.warning("stream %s: automatic slow mode not %s: %s", stream,
+                            "set" if plan.slow_mode else "lifted", exc)
+                return
+            self.sampler.slow_mode_applied(stream, plan.slow_mode)
+
+    async def _set_slow_mode(self, stream: str, on: bool) -> None:
+        """Through the mode API, leaving an operator's own setting alone: set only when the stream
+        is not already at least as slow, lift only what this set."""
+        seconds = self.sampling.slow_mode_seconds
+        mode = await self.state.get_mode(stream)
+        if on and mode.slow_mode_seconds < seconds:
+            await set_stream_mode(self.state, self.broker, stream, dataclasses.replace(mode, slow_mode_seconds=seconds))
+        elif not on and mode.slow_mode_seconds == seconds:
+            await set_stream_mode(self.state, self.broker, stream, dataclasses.replace(mode, slow_mode_seconds=0))
+        log.info("stream %s: automatic slow mode %s", stream, "on" if on else "off")
+
+    async def _tick(self) -> None:
+        """Changes that come with time alone: a quiet stream's sampling or slow mode ends."""
+        async with self._publishing:
+            for stream, epoch, plan in self.sampler.tick(self._now_ms()):
+                try:
+                    await self._apply(stream, epoch, plan)
+                except Exception as exc:  # pending still: tried again on the next tick
+                    log.warning("stream %s: throttle event not published: %s", stream, exc)
+
+    async def _tick_loop(self) -> None:
+        period_s = max(self.sampling.bucket_ms, self.sampling.window_ms // 4) / 1000
+        while True:
+            await asyncio.sleep(period_s)
+            await self._tick()
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
 
     async def run(self) -> None:
-        await self.loop.run()
+        ticker = asyncio.create_task(self._tick_loop(), name="coordinator-sampling-tick")
+        try:
+            await self.loop.run()
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
 
     def stop(self) -> None:
         self.loop.stop()

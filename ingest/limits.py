@@ -226,6 +226,9 @@ class MemoryRateLimiter:
             slow_mode_s = (await self._modes.get_mode(poster.stream)).slow_mode_seconds
         return self.take(poster, slow_mode_s)
 
+    async def acquire_many(self, posters: Sequence[Poster]) -> list[Refusal | None]:
+        return [await self.acquire(p) for p in posters]
+
     def take(self, poster: Poster, slow_mode_s: int = 0) -> Refusal | None:
         """The check and the commit, with no await between them."""
         now = int(self._clock() * US_PER_S)
@@ -289,6 +292,9 @@ class MemorySanctions:
                 found.append((where, None if until == math.inf else math.ceil((until - now) * 1000)))
         return _strongest(found)
 
+    async def check_many(self, pairs: Sequence[tuple[str, str]]) -> list[Refusal | None]:
+        return [await self.check(stream, user) for stream, user in pairs]
+
     async def ban(self, stream: str, user: str, seconds: float | None = None) -> None:
         self._until[(stream, user)] = math.inf if seconds is None else self._clock() + seconds
 
@@ -337,6 +343,70 @@ return {0, 0, slow_s}
 """
 
 
+# ADMIT_SCRIPT for a batch of posts in one EVALSHA, one post after the other (each sees what
+# the ones before it took), all on one reading of Redis's clock.
+# ARGV[1]: m posts; then per post: n, n pairs (emission, window), the slow-mode flag.
+# KEYS: per post its n GCRA keys, its stream's mode hash, its slow-mode slot.
+# Returns 3 numbers per post, as ADMIT_SCRIPT.
+ADMIT_MANY_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local out = {}
+local a, k = 2, 0
+for _ = 1, tonumber(ARGV[1]) do
+  local n = tonumber(ARGV[a])
+  local worst, worst_wait = 0, 0
+  local tats = {}
+  for i = 1, n do
+    local tat = tonumber(redis.call('GET', KEYS[k + i]) or 0) or 0
+    if tat < now then tat = now end
+    tats[i] = tat + tonumber(ARGV[a + 2 * i - 1])
+    local wait = tats[i] - tonumber(ARGV[a + 2 * i]) - now
+    if wait > worst_wait then worst, worst_wait = i, wait end
+  end
+  local slow_s = 0
+  if ARGV[a + 2 * n + 1] == '1' then
+    slow_s = math.floor(tonumber(redis.call('HGET', KEYS[k + n + 1], 'slow_mode_seconds') or 0) or 0)
+    if slow_s > 0 then
+      local left_us = redis.call('PTTL', KEYS[k + n + 2]) * 1000
+      if left_us > 0 and left_us >= worst_wait then worst, worst_wait = n + 1, left_us end
+    end
+  end
+  if worst == 0 then
+    for i = 1, n do
+      redis.call('SET', KEYS[k + i], string.format('%.0f', tats[i]), 'PX', math.ceil((tats[i] - now) / 1000))
+    end
+    if slow_s > 0 then redis.call('SET', KEYS[k + n + 2], '1', 'NX', 'PX', slow_s * 1000) end
+  end
+  out[#out + 1] = worst
+  out[#out + 1] = worst_wait
+  out[#out + 1] = slow_s
+  a = a + 2 * n + 2
+  k = k + n + 2
+end
+return out
+"""
+
+# Every key's PTTL, in one call: the sanctions of a batch of posts.
+PTTL_SCRIPT = "local out = {} for i = 1, #KEYS do out[i] = redis.call('PTTL', KEYS[i]) end return out"
+
+
+async def _run_script(redis: Any, shas: dict[str, str], script: str, keys: list[str], args: list[Any]) -> Any:
+    """EVALSHA ``script`` (SCRIPT LOAD first, and again after NOSCRIPT)."""
+    from redis.exceptions import NoScriptError
+
+    try:
+        sha = shas.get(script) or await redis.script_load(script)
+        shas[script] = sha
+        try:
+            return await redis.evalsha(sha, len(keys), *keys, *args)
+        except NoScriptError:  # Redis restarted or ran SCRIPT FLUSH: load it again
+            shas[script] = sha = await redis.script_load(script)
+            return await redis.evalsha(sha, len(keys), *keys, *args)
+    except _redis_errors() as exc:
+        raise BackendUnavailable(f"redis did not answer ({type(exc).__name__}: {exc})") from exc
+
+
 def _redis_errors() -> tuple[type[BaseException], ...]:
     from redis.exceptions import RedisError
 
@@ -356,6 +426,7 @@ class RedisRateLimiter:
         self.limits = tuple(limits)
         self._sha: str | None = None
         self._loading = asyncio.Lock()
+        self._shas: dict[str, str] = {}  # ADMIT_MANY_SCRIPT's hash
         self.round_trips = 0
 
     def _keys(self, poster: Poster) -> tuple[list[Limit], list[str]]:
@@ -364,16 +435,41 @@ class RedisRateLimiter:
         keys += [mode_key(self._prefix, poster.stream), f"{self._prefix}slow:{poster.stream}:{poster.user}"]
         return [lim for lim, _ in used], keys
 
-    async def acquire(self, poster: Poster) -> Refusal | None:
+    def _call(self, poster: Poster) -> tuple[list[Limit], list[str], list[int]]:
         limits, keys = self._keys(poster)
         args = [len(limits), *(x for lim in limits for x in (lim.emission_us, lim.window_us))]
         args.append(0 if poster.slow_mode_exempt else 1)
-        which, wait_us, slow_mode_s = (int(x) for x in await self._run(keys, args))
+        return limits, keys, args
+
+    @staticmethod
+    def _verdict(limits: list[Limit], reply: list[Any]) -> Refusal | None:
+        which, wait_us, slow_mode_s = (int(x) for x in reply)
         if which == 0:
             return None
         if which == len(limits) + 1:
             return slow_mode_refusal(slow_mode_s, wait_us)
         return rate_refusal(limits[which - 1], wait_us)
+
+    async def acquire(self, poster: Poster) -> Refusal | None:
+        limits, keys, args = self._call(poster)
+        return self._verdict(limits, await self._run(keys, args))
+
+    async def acquire_many(self, posters: Sequence[Poster]) -> list[Refusal | None]:
+        """:meth:`acquire` for each poster, in order, in one round trip (:data:`ADMIT_MANY_SCRIPT`).
+
+        The same verdicts as one call each: a post refused costs no budget, and each post
+        sees what the ones before it took.
+        """
+        if not posters:
+            return []
+        calls = [self._call(p) for p in posters]
+        keys = [key for _, ks, _ in calls for key in ks]
+        args: list[Any] = [len(calls)]
+        for _, _, a in calls:
+            args += a
+        self.round_trips += 1
+        flat = await _run_script(self._redis, self._shas, ADMIT_MANY_SCRIPT, keys, args)
+        return [self._verdict(limits, flat[3 * n : 3 * n + 3]) for n, (limits, _, _) in enumerate(calls)]
 
     async def _run(self, keys: list[str], args: list[int]) -> list[Any]:
         from redis.exceptions import NoScriptError
@@ -409,6 +505,7 @@ class RedisSanctions:
     def __init__(self, redis: Any, prefix: str) -> None:
         self._redis = redis
         self._prefix = prefix
+        self._shas: dict[str, str] = {}  # PTTL_SCRIPT's hash
         self.round_trips = 0
 
     def key(self, stream: str, user: str) -> str:
@@ -427,6 +524,20 @@ class RedisSanctions:
         found = [(where, None if ms == -1 else int(ms)) for where, ms in ((stream, here), (ALL_STREAMS, everywhere))
                  if ms != -2]
         return _strongest(found)
+
+    async def check_many(self, pairs: Sequence[tuple[str, str]]) -> list[Refusal | None]:
+        """:meth:`check` for each (stream, user), in one round trip (:data:`PTTL_SCRIPT`)."""
+        if not pairs:
+            return []
+        keys = [key for stream, user in pairs for key in (self.key(stream, user), self.key(ALL_STREAMS, user))]
+        self.round_trips += 1
+        got = await _run_script(self._redis, self._shas, PTTL_SCRIPT, keys, [])
+        out: list[Refusal | None] = []
+        for n, (stream, _user) in enumerate(pairs):
+            here, everywhere = got[2 * n], got[2 * n + 1]
+            out.append(_strongest([(where, None if ms == -1 else int(ms))
+                                   for where, ms in ((stream, here), (ALL_STREAMS, everywhere)) if ms != -2]))
+        return out
 
     async def ban(self, stream: str, user: str, seconds: float | None = None) -> None:
         px = None if seconds is None else max(1, int(seconds * 1000))

@@ -25,13 +25,24 @@ from typing import Any, Protocol
 
 from chorus.ingest.kafka_topic import partition_epoch, topic_id
 
-__all__ = ["CommentLog", "KafkaLog", "LogConsumer", "LogRecord", "LogUnavailable", "MemoryLog", "open_log"]
+__all__ = ["CommentLog", "KafkaLog", "LogConsumer", "LogRecord", "LogUnavailable", "LogUnconfirmed", "MemoryLog",
+           "append_many", "open_log"]
 
 log = logging.getLogger("chorus.log")
 
 
 class LogUnavailable(Exception):
     """The log did not take the record; it was not stored and the caller must say so."""
+
+
+class LogUnconfirmed(LogUnavailable):
+    """The record was handed to the log, which did not confirm it in time: it may still be stored."""
+
+# The producer's batch per partition (aiokafka's default is 16 KiB). A full batch makes every
+# further send wait for it to drain, each waiter on the same future: at thousands of posts in
+# flight that wait alone took most of a gateway's CPU. 512 KiB stays under the broker's default
+# message.max.bytes (1 MiB).
+PRODUCER_BATCH_BYTES = 512 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +72,24 @@ class CommentLog(Protocol):
     async def stop(self) -> None: ...
     async def append(self, key: bytes, value: bytes) -> None: ...
     def consumer(self, group: str) -> LogConsumer: ...
+
+
+async def append_many(comment_log: CommentLog, records: Sequence[tuple[bytes, bytes]]) -> list[Exception | None]:
+    """Append ``records`` (key, value) in order; per record None (taken) or the exception.
+
+    A log with its own ``append_many`` (Kafka: one task for the batch) does it; any other
+    :class:`CommentLog` gets its ``append`` called for each, concurrently.
+    """
+    own = getattr(comment_log, "append_many", None)
+    if own is not None:
+        return list(await own(records))
+    results = await asyncio.gather(*(comment_log.append(k, v) for k, v in records), return_exceptions=True)
+    out: list[Exception | None] = []
+    for r in results:
+        if isinstance(r, BaseException) and not isinstance(r, Exception):
+            raise r
+        out.append(r if isinstance(r, Exception) else None)
+    return out
 
 
 def _next_offsets(records: Sequence[LogRecord]) -> dict[int, int]:
@@ -193,6 +222,7 @@ class KafkaLog:
                 linger_ms=self.linger_ms,
                 request_timeout_ms=self.accept_timeout_ms,
                 client_id="chorus-gateway",
+                max_batch_size=PRODUCER_BATCH_BYTES,
             )
             try:
                 await asyncio.wait_for(producer.start(), self.accept_timeout_ms / 1000)
@@ -203,18 +233,47 @@ class KafkaLog:
             return producer
 
     async def append(self, key: bytes, value: bytes) -> None:
+        """Raises :class:`LogUnavailable` if the record never left this process for Kafka, and
+        :class:`LogUnconfirmed` if it was handed over but not confirmed in time."""
+        (failed,) = await self.append_many([(key, value)])
+        if failed is not None:
+            raise failed
+
+    async def append_many(self, records: Sequence[tuple[bytes, bytes]]) -> list[Exception | None]:
+        """Hand every record to the producer, then wait for all their confirmations in this one
+        task: None per record Kafka confirmed, else :class:`LogUnavailable` (never left this
+        process: not stored) or :class:`LogUnconfirmed` (sent, not confirmed in time: may be stored)."""
         from aiokafka.errors import KafkaError
 
-        producer = await self._ensure_producer()
         try:
-            # The producer's own request timeout expires an unsent batch, so a failure here
-            # means Kafka did not take the record; the outer bound is only a safety net.
-            await asyncio.wait_for(
-                producer.send_and_wait(self.topic, value, key=key),  # type: ignore[attr-defined]
-                self.accept_timeout_ms / 1000 + 2,
-            )
+            producer = await self._ensure_producer()
+        except LogUnavailable as exc:
+            return [exc] * len(records)
+        timeout_s = self.accept_timeout_ms / 1000
+        out: list[Exception | None] = [None] * len(records)
+        futures: dict[asyncio.Future[Any], int] = {}
+        sent = 0
+        try:
+            # send() returns once the record is in the producer's batch (it waits only for
+            # metadata or room in a full batch); failing here means the record never left.
+            async with asyncio.timeout(timeout_s):
+                for key, value in records:
+                    futures[await producer.send(self.topic, value, key=key)] = sent  # type: ignore[attr-defined]
+                    sent += 1
         except (KafkaError, TimeoutError) as exc:
-            raise LogUnavailable(f"kafka did not accept the record ({type(exc).__name__})") from exc
+            refused = LogUnavailable(f"kafka did not take the record ({type(exc).__name__})")
+            out[sent:] = [refused] * (len(records) - sent)
+        if futures:
+            # The producer's own request timeout fails a batch it could not deliver; the outer
+            # bound is only a safety net.
+            done, pending = await asyncio.wait(futures, timeout=timeout_s + 2)
+            for fut in pending:
+                out[futures[fut]] = LogUnconfirmed("kafka did not confirm the record in time (timeout)")
+            for fut in done:
+                error = fut.exception()
+                if error is not None:
+                    out[futures[fut]] = LogUnconfirmed(f"kafka did not confirm the record ({type(error).__name__})")
+        return out
 
     def consumer(self, group: str) -> KafkaLogConsumer:
         return KafkaLogConsumer(self.bootstrap, self.topic, group)

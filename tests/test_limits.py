@@ -32,7 +32,7 @@ from chorus.ingest.limits import (
     limits_from_config,
     redis_client,
 )
-from chorus.ingest.log import MemoryLog
+from chorus.ingest.log import LogUnavailable, LogUnconfirmed, MemoryLog
 
 S = 1_000_000  # µs
 
@@ -336,3 +336,64 @@ def test_operator_commands_need_redis(capsys: pytest.CaptureFixture[str]) -> Non
     assert cli.main(["mode", "s1", "--slow-mode-seconds", "99999"]) == 2
     assert "--slow-mode-seconds must be 0-3600" in capsys.readouterr().err
     assert cli.main(["ban", "s1", "u", "--seconds", "-1"]) == 2
+
+
+async def test_redis_batch_calls_give_the_same_verdicts_in_one_round_trip(redis: Any, prefix: str) -> None:
+    lim = RedisRateLimiter(redis, prefix, [Limit("user", 2, 60), Limit("stream", 1000, 1)])
+    a, b = Poster("s1", "a"), Poster("s1", "b")
+    verdicts = await lim.acquire_many([a, a, a, b])
+    assert verdicts[:2] == [None, None] and verdicts[3] is None
+    assert verdicts[2] is not None and verdicts[2].code == ErrorCode.RATE_LIMITED
+    assert lim.round_trips == 1  # one EVALSHA for the four posts (after its SCRIPT LOAD)
+    await redis.script_flush()
+    assert (await lim.acquire_many([Poster("s1", "c")]))[0] is None  # NOSCRIPT: loaded again, then run
+    sanctions = RedisSanctions(redis, prefix)
+    await sanctions.ban("s1", "troll")
+    await sanctions.ban(ALL_STREAMS, "meanie", seconds=60)
+    found = await sanctions.check_many([("s1", "troll"), ("s1", "a"), ("s2", "meanie")])
+    assert [r.code if r else None for r in found] == [ErrorCode.BANNED, None, ErrorCode.TIMED_OUT]
+    assert sanctions.round_trips == 1
+
+
+class UnsureLog(MemoryLog):
+    """A log that takes the record but never confirms it in time (what a stalled Kafka does)."""
+
+    async def append(self, key: bytes, value: bytes) -> None:
+        await super().append(key, value)
+        raise LogUnconfirmed("kafka did not confirm the record in time (timeout)")
+
+
+class DownLog(MemoryLog):
+    async def append(self, key: bytes, value: bytes) -> None:
+        raise LogUnavailable("kafka at test:9092 is unreachable")
+
+
+async def test_a_comment_the_log_did_not_confirm_is_unconfirmed_with_its_id() -> None:
+    log_ = UnsureLog()
+    admission = Admission(log_, IdGenerator(1))
+    with pytest.raises(Refused) as info:
+        await admission.post(writer("ann"), "s1", "maybe")
+    assert info.value.code == ErrorCode.UNCONFIRMED and "may still appear" in info.value.reason
+    record = log_.consumer("g")._take(10)[0]  # it did reach the log, under the id the client was told
+    assert info.value.comment_id is not None and info.value.comment_id.encode() in record.value
+    with pytest.raises(Refused) as info:
+        await Admission(DownLog(), IdGenerator(1)).post(writer("ann"), "s1", "lost")
+    assert info.value.code == ErrorCode.NOT_ACCEPTED and "not posted" in info.value.reason
+    assert info.value.comment_id is None
+
+
+async def test_post_many_matches_posting_one_by_one() -> None:
+    clock = Clock()
+    sanctions = RecordingSanctions()
+    limits = AdmissionLimits(limiter(clock, Limit("user", 2, 60)), sanctions)
+    admission = Admission(MemoryLog(), IdGenerator(1), limits, clock=clock)
+    await sanctions.ban("s1", "troll")
+    got = await admission.post_many([(writer("ann"), "s1", "one", ""), (writer("ann"), "s1", "two", ""),
+                                     (writer("ann"), "s1", "three", ""), (writer("troll"), "s1", "x", ""),
+                                     (writer("bob"), "s1", "   ", ""), (None, "s1", "anon", "")])
+    codes = [r.code if isinstance(r, Refused) else r.text for r in got]
+    assert codes == ["one", "two", ErrorCode.RATE_LIMITED, ErrorCode.BANNED, ErrorCode.EMPTY_COMMENT,
+                     ErrorCode.UNAUTHORIZED]
+    assert (admission.accepted, admission.refused) == (2, 4)
+    got = await Admission(UnsureLog(), IdGenerator(1)).post_many([(writer("ann"), "s1", "a", "")])
+    assert isinstance(got[0], Refused) and got[0].code == ErrorCode.UNCONFIRMED and got[0].comment_id

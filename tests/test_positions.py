@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from chorus.broker import MemoryStreamState, RedisStreamState, StreamState
-from chorus.positions import NO_EPOCH
+from chorus.positions import KEEP_RATIOS_KEPT, NO_EPOCH
 
 
 def comments(*offsets: int) -> list[dict[str, Any]]:
@@ -102,3 +102,18 @@ async def test_redis_keeps_large_offsets_exact(redis_url: str) -> None:
         assert offsets(await state.recent_after("s", "e", big)) == [big + 1, big + 2]
     finally:
         await state.close()
+
+
+async def test_keep_ratios_are_recorded_per_epoch_and_bounded(state: StreamState) -> None:
+    """The coordinator records each change of a sampled stream's keep ratio (ingest/sampling.py)."""
+    assert await state.keep_ratios("s", "e") == []
+    await state.note_keep_ratio("s", "e", 10, 0.2)
+    await state.note_keep_ratio("s", "e", 50, 1.0)
+    await state.note_keep_ratio("s", "e", 50, 0.1)  # a retried batch announced another ratio: it wins
+    await state.note_keep_ratio("s", "old", 5, 0.5)
+    assert await state.keep_ratios("s", "e") == [(10, 0.2), (50, 0.1)]
+    assert await state.keep_ratios("s", "old") == [(5, 0.5)]
+    for i in range(KEEP_RATIOS_KEPT + 5):
+        await state.note_keep_ratio("t", "e", 100 + i, 0.5 if i % 2 else 1.0)
+    kept = await state.keep_ratios("t", "e")
+    assert len(kept) == KEEP_RATIOS_KEPT and kept[-1][0] == 100 + KEEP_RATIOS_KEPT + 4
