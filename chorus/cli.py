@@ -74,7 +74,7 @@ async def _set_mode(config: Config, stream: str, slow_mode_seconds: int) -> str:
     from chorus.broker import RedisBroker, RedisStreamState, StreamMode, set_stream_mode
 
     state = RedisStreamState(config.redis.url, config.redis.channel_prefix)
-    broker = RedisBroker(config.redis.url, config.redis.channel_prefix)
+    broker = RedisBroker(config.redis.url, config.redis.channel_prefix, sharded=config.redis.sharded_pubsub)
     try:
         await set_stream_mode(state, broker, stream, StreamMode(slow_mode_seconds=slow_mode_seconds))
     finally:
