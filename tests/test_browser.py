@@ -53,3 +53,29 @@ async def test_chromium_negotiates_deflate_and_renders_the_comment(env: Env) -> 
     assert text in dom, dom[-2000:]
     assert hub.stats()["deflate_calls"] > deflated_before, "Chromium did not get a compressed frame"
     await poster.close()
+
+
+async def test_chromium_posts_a_compressed_comment_and_gets_the_ack(request: pytest.FixtureRequest,
+                                                                  tmp_path: Path) -> None:
+    """Chromium compresses what it sends once deflate is negotiated: the hub must inflate it."""
+    app = await started_app(make_config(tmp_path, "embedded", request, gateway__allowed_origins=("null",)))
+    try:
+        env = Env(app)
+        token = env.token("chromium")
+        text = "posted by chromium " * 20  # long enough that Chromium compresses it
+        script = (
+            f"const ws = new WebSocket('{env.ws_url('browser-post')}&access_token={token}', ['chorus.json.v1']);"
+            f"ws.onopen = () => ws.send(JSON.stringify({{t: 'comment', text: '{text}', nonce: 'b1'}}));"
+            "ws.onmessage = (m) => { const e = JSON.parse(m.data);"
+            " if (e.t === 'ack' || e.t === 'error')"
+            "   document.body.textContent = 'RESULT ' + e.t + ' ' + ws.extensions; };"
+        )
+        page = tmp_path / "post.html"
+        page.write_text(f"<!doctype html><body>waiting<script>{script}</script></body>")
+        hub = app.gateway.hub  # type: ignore[union-attr]
+        inflated_before = hub.stats()["inflate_calls"]
+        dom = await render(page.as_uri())
+        assert "RESULT ack permessage-deflate" in dom, dom[-500:]
+        assert hub.stats()["inflate_calls"] > inflated_before, "Chromium's message was not compressed"
+    finally:
+        await app.stop()
