@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from frames import MASK, client_frame
 
 import chorus.native
 import chorus.native.codec_pure as pure
@@ -36,37 +37,12 @@ OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
 COMPRESSED = 0x100  # OR-ed into the opcode of a permessage-deflate message (RFC 7692)
 RSV1 = 4  # client_frame's rsv argument: RSV1, RSV2, RSV3 are 4, 2, 1
 DEFLATE = {"allow_rsv1": True}
-MASK = b"\x37\xfa\x21\x3d"
 TRAILER = b"\x89\x84" + MASK + bytes(b ^ MASK[i % 4] for i, b in enumerate(b"next"))  # a ping
 
 
 @pytest.fixture(params=IMPLS)
 def codec(request: pytest.FixtureRequest) -> ModuleType:
     return request.param
-
-
-def client_frame(
-    opcode: int,
-    payload: bytes = b"",
-    *,
-    fin: bool = True,
-    rsv: int = 0,
-    mask: bytes | None = MASK,
-    length: int | None = None,
-) -> bytes:
-    """A client frame built by hand, independent of the code under test (RFC 6455 5.2)."""
-    n = len(payload) if length is None else length
-    b0 = (0x80 if fin else 0) | rsv << 4 | opcode
-    mask_bit = 0x80 if mask is not None else 0
-    if n < 126:
-        head = bytes([b0, mask_bit | n])
-    elif n < 0x10000:
-        head = bytes([b0, mask_bit | 126]) + n.to_bytes(2, "big")
-    else:
-        head = bytes([b0, mask_bit | 127]) + n.to_bytes(8, "big")
-    if mask is None:
-        return head + payload
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
 def close_payload(code: int, reason: bytes = b"") -> bytes:

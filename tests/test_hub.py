@@ -33,6 +33,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from frames import MASK, client_frame
 
 from chorus.native import COMPRESSED, FrameParser, hub_pure
 from chorus.native import codec_pure as pure
@@ -42,35 +43,10 @@ JSON, MSGPACK, DEFLATE = hub_pure.JSON, hub_pure.MSGPACK, hub_pure.DEFLATE
 MESSAGE_TEXT, MESSAGE_BINARY, CLOSED = hub_pure.MESSAGE_TEXT, hub_pure.MESSAGE_BINARY, hub_pure.CLOSED
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0, 1, 2, 8, 9, 10
-MASK = b"\x37\xfa\x21\x3d"
 TAIL = b"\x00\x00\xff\xff"  # RFC 7692 7.2.1
 
 
 # --- building client frames and reading server frames ---
-
-
-def client_frame(
-    opcode: int,
-    payload: bytes = b"",
-    *,
-    fin: bool = True,
-    rsv: int = 0,
-    mask: bytes | None = MASK,
-    length: int | None = None,
-) -> bytes:
-    """A client frame built by hand (RFC 6455 5.2); ``length`` may lie about the payload."""
-    n = len(payload) if length is None else length
-    b0 = (0x80 if fin else 0) | rsv << 4 | opcode
-    mask_bit = 0x80 if mask is not None else 0
-    if n < 126:
-        head = bytes([b0, mask_bit | n])
-    elif n < 0x10000:
-        head = bytes([b0, mask_bit | 126]) + n.to_bytes(2, "big")
-    else:
-        head = bytes([b0, mask_bit | 127]) + n.to_bytes(8, "big")
-    if mask is None:
-        return head + payload
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
 def deflate(data: bytes, wbits: int = 15) -> bytes:
