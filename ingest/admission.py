@@ -158,27 +158,14 @@ class Admission:
             check_many = getattr(sanctions, "check_many", None)
             verdicts = await self._ask_many(
                 check_many(pairs) if check_many is not None else _each(sanctions.check, pairs), len(todo))
-            kept = []
-            for item, refusal in zip(todo, verdicts, strict=True):
-                if refusal is None:
-                    kept.append(item)
-                else:
-                    self._remember(item[3], refusal)
-                    results[item[0]] = Refused.of(refusal)
-            todo = kept
+            todo = _keep_allowed(todo, verdicts, results, remember=self._remember)
         if todo:
             limiter = self.limits.limiter
             posters = [p for _, _, _, p in todo]
             acquire_many = getattr(limiter, "acquire_many", None)
             verdicts = await self._ask_many(
                 acquire_many(posters) if acquire_many is not None else _each(limiter.acquire, posters), len(todo))
-            kept = []
-            for item, refusal in zip(todo, verdicts, strict=True):
-                if refusal is None:
-                    kept.append(item)
-                else:
-                    results[item[0]] = Refused.of(refusal)
-            todo = kept
+            todo = _keep_allowed(todo, verdicts, results)
         return Admitted(results, [(i, self._comment(ident, p.stream, clean)) for i, ident, clean, p in todo])
 
     async def append_admitted(self, admitted: Admitted) -> list[Comment | Refused]:
@@ -269,6 +256,20 @@ class Admission:
         self._memo[(poster.stream, poster.user)] = (refusal, self._clock())
         while len(self._memo) > MEMO_MAX:
             del self._memo[next(iter(self._memo))]
+
+
+def _keep_allowed(todo: list[Any], verdicts: list[Refusal | None], results: list[Any],
+                  remember: Callable[[Any, Refusal], None] | None = None) -> list[Any]:
+    """The posts no verdict refused; each refused one gets its answer in ``results``."""
+    kept = []
+    for item, refusal in zip(todo, verdicts, strict=True):
+        if refusal is None:
+            kept.append(item)
+            continue
+        if remember is not None:
+            remember(item[3], refusal)
+        results[item[0]] = Refused.of(refusal)
+    return kept
 
 
 async def _each(ask: Callable[..., Awaitable[Refusal | None]], items: Sequence[Any]) -> list[Refusal | None]:

@@ -37,18 +37,19 @@ __all__ = [
 NATIVE_IMPORT_ERROR: str | None = None  # why the native module did not load, if it did not
 
 
-def _load() -> tuple[ModuleType, str]:
+def _choose(native: str, pure: str) -> tuple[ModuleType, str]:
+    """The native module unless CHORUS_PURE is set or it does not import (the reason is kept)."""
     global NATIVE_IMPORT_ERROR
     if os.environ.get("CHORUS_PURE", "") not in ("", "0"):
-        return importlib.import_module("chorus.native.codec_pure"), "pure"
+        return importlib.import_module(f"chorus.native.{pure}"), "pure"
     try:
-        return importlib.import_module("chorus.native._codec"), "native"
+        return importlib.import_module(f"chorus.native.{native}"), "native"
     except ImportError as exc:
-        NATIVE_IMPORT_ERROR = str(exc)
-        return importlib.import_module("chorus.native.codec_pure"), "pure"
+        NATIVE_IMPORT_ERROR = f"{NATIVE_IMPORT_ERROR or ''} {exc}".strip()
+        return importlib.import_module(f"chorus.native.{pure}"), "pure"
 
 
-_impl, IMPLEMENTATION = _load()
+_impl, IMPLEMENTATION = _choose("_codec", "codec_pure")
 
 if TYPE_CHECKING:
     # The pure twin is the typing reference; _codec.pyi declares the same names.
@@ -91,18 +92,7 @@ else:
 
 # The hub (native/HUB.md): the C++ ``_hub`` or its pure twin, chosen by the same switch. The
 # codec and the hub load independently, so IMPLEMENTATION says "native" only if both did.
-def _load_hub() -> tuple[ModuleType, str]:
-    global NATIVE_IMPORT_ERROR
-    if os.environ.get("CHORUS_PURE", "") not in ("", "0"):
-        return importlib.import_module("chorus.native.hub_pure"), "pure"
-    try:
-        return importlib.import_module("chorus.native._hub"), "native"
-    except ImportError as exc:
-        NATIVE_IMPORT_ERROR = f"{NATIVE_IMPORT_ERROR or ''} {exc}".strip()
-        return importlib.import_module("chorus.native.hub_pure"), "pure"
-
-
-hub, HUB_IMPLEMENTATION = _load_hub()
+hub, HUB_IMPLEMENTATION = _choose("_hub", "hub_pure")
 CODEC_IMPLEMENTATION = IMPLEMENTATION
 if HUB_IMPLEMENTATION != CODEC_IMPLEMENTATION:
     IMPLEMENTATION = f"mixed (codec {CODEC_IMPLEMENTATION}, hub {HUB_IMPLEMENTATION})"
