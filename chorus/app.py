@@ -10,12 +10,14 @@ import asyncio
 import gc
 import logging
 import signal
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from chorus.broker import Broker, MemoryBroker, MemoryStreamState, RedisBroker, RedisStreamState, StreamState
 from chorus.config import Config, ConfigError
 from chorus.gateway.fallback import KafkaTail, PubSubFallback
+from chorus.gateway.modapi import GatewayModeration
 from chorus.gateway.node import Node
 from chorus.gateway.server import Gateway
 from chorus.ids import MAX_NODE, IdGenerator
@@ -24,13 +26,15 @@ from chorus.ingest.archiver import Archiver
 from chorus.ingest.coordinator import Coordinator
 from chorus.ingest.limits import open_limits
 from chorus.ingest.log import CommentLog, open_log
+from chorus.ingest.moderator import Moderator
+from chorus.ingest.reputation import MemoryReputation, RedisReputation, Reputation
 from chorus.ingest.store import SqliteStore
 
 __all__ = ["ALL_ROLES", "App", "run_app", "tune_gc"]
 
 log = logging.getLogger("chorus.app")
 
-ALL_ROLES = frozenset({"gateway", "coordinator", "archiver"})
+ALL_ROLES = frozenset({"gateway", "coordinator", "archiver", "moderator"})
 
 
 async def _node_id(config: Config) -> int:
@@ -63,6 +67,8 @@ class App:
     coordinator: Coordinator | None = None
     archiver: Archiver | None = None
     fallback: PubSubFallback | None = None  # a gateway's Kafka delivery while Redis Pub/Sub is down
+    moderator: Moderator | None = None
+    reputation: Reputation | None = None  # offence scores and shadow-bans (moderator, admission, API)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _fallback_task: asyncio.Task[None] | None = None
 
@@ -85,13 +91,19 @@ class App:
         else:
             broker, state = MemoryBroker(), MemoryStreamState()
         app = cls(config, roles, comment_log, broker, state)
-        if roles & {"gateway", "archiver"}:
+        app.reputation = _reputation(config)
+        if roles & {"gateway", "archiver", "moderator"}:
             app.store = SqliteStore(config.history_path)
+        if "moderator" in roles and config.moderation.enabled:
+            app.moderator = await _moderator(config, comment_log, app.store, app.reputation)
         if "gateway" in roles:
             g = config.gateway
             node = Node(broker, g.unsubscribe_delay_ms)
             admission = Admission(comment_log, IdGenerator(node_id), open_limits(config, state))
             app.gateway = Gateway(config, admission, node, state, app.store)
+            app.gateway.moderation = _gateway_moderation(config, app.gateway, comment_log, broker, app.reputation,
+                                                         node_id)
+            admission.shadowed = app.reputation.shadowed_among
             if isinstance(broker, RedisBroker) and config.fallback.enabled:
                 bootstrap, topic = config.kafka.bootstrap, config.kafka.topic
                 app.fallback = PubSubFallback(node, broker.ping, lambda: KafkaTail(bootstrap, topic), config.fallback,
@@ -111,6 +123,8 @@ class App:
             self._tasks.append(asyncio.create_task(self.coordinator.run(), name="coordinator"))
         if self.archiver is not None:
             self._tasks.append(asyncio.create_task(self.archiver.run(), name="archiver"))
+        if self.moderator is not None:
+            self._tasks.append(asyncio.create_task(self.moderator.run(), name="moderator"))
         if self.gateway is not None:
             await self.gateway.start()
         if self.fallback is not None:
@@ -124,7 +138,7 @@ class App:
         if self.gateway is not None:
             await self.gateway.stop()
             await self.gateway.admission.limits.close()
-        for role in (self.coordinator, self.archiver):
+        for role in (self.coordinator, self.archiver, self.moderator):
             if role is not None:
                 role.stop()
         if self._tasks:
@@ -138,6 +152,9 @@ class App:
         close = getattr(self.state, "close", None)
         if close is not None:
             await close()
+        rep_close = getattr(self.reputation, "close", None)
+        if rep_close is not None:
+            await rep_close()
         if self.store is not None:
             self.store.close()
 
@@ -146,6 +163,39 @@ class App:
             if task.done() and not task.cancelled() and task.exception() is not None:
                 return task.exception()
         return None
+
+
+def _gateway_moderation(config: Config, gateway: Gateway, comment_log: CommentLog, broker: Broker,
+                        reputation: Reputation, node_id: int) -> GatewayModeration:
+    """The moderator API, the connection registry and the gateway's control channel."""
+    redis = None
+    if config.redis.url:
+        from chorus.ingest.limits import redis_client
+
+        redis = redis_client(config.redis.url, 2000)
+    return GatewayModeration(gateway, comment_log, broker, reputation, f"{node_id}-{uuid.uuid4().hex[:8]}", redis,
+                             config.redis.channel_prefix, config.moderation.shadow_ban_s)
+
+
+def _reputation(config: Config) -> Reputation:
+    """Offence scores and shadow-bans: in Redis (shared with admission), else in this process."""
+    half_life = config.moderation.offence_half_life_s
+    if not config.redis.url:
+        return MemoryReputation(half_life)
+    from chorus.ingest.limits import redis_client
+
+    return RedisReputation(redis_client(config.redis.url, 5000), config.redis.channel_prefix, half_life)
+
+
+async def _moderator(config: Config, comment_log: CommentLog, store: SqliteStore | None,
+                     reputation: Reputation) -> Moderator:
+    """The moderator role, its model loaded first (seconds; in a thread): a model that cannot be
+    loaded stops start-up with a ConfigError naming moderation.model."""
+    from chorus.ingest.model import load_model
+
+    model = await asyncio.to_thread(load_model, config.moderation.model)
+    log.info("moderator: model %s", model.name if model is not None else "none (rules and reputation only)")
+    return Moderator(comment_log, store, reputation, config.moderation, model)
 
 
 def tune_gc() -> None:

@@ -13,13 +13,14 @@ import jwt
 
 from chorus.config import AuthConfig
 
-__all__ = ["POST_SCOPES", "AuthError", "Identity", "mint_token", "verify_token"]
+__all__ = ["MODERATE", "POST_SCOPES", "AuthError", "Identity", "mint_token", "verify_token"]
 
 READ = "read"
 WRITE = "write"  # everything a viewer may do; kept for tokens minted before the finer scopes
 WRITE_COMMENTS = "write:comments"
 # Either of these lets a token post comments.
 POST_SCOPES = frozenset({WRITE, WRITE_COMMENTS})
+MODERATE = "moderate"  # the moderator API (gateway/modapi.py), like role moderator
 
 
 class AuthError(Exception):
@@ -33,6 +34,8 @@ class Identity:
     scopes: frozenset[str] = field(default_factory=frozenset)
     role: str = "viewer"
     expires_at: float = float("inf")
+    # Claim ``streams``: the streams a broadcaster owns, or the only ones a moderator may moderate.
+    streams: frozenset[str] = field(default_factory=frozenset)
 
     @property
     def can_write(self) -> bool:
@@ -42,9 +45,18 @@ class Identity:
     def badges(self) -> list[str]:
         return [self.role] if self.role in ("moderator", "broadcaster") else []
 
+    def may_moderate(self, stream: str) -> bool:
+        """The moderator API: a moderator (role, or scope ``moderate``) on every stream unless the
+        token names its streams; a broadcaster on the streams it owns (claim ``streams``)."""
+        if time.time() >= self.expires_at:
+            return False
+        if self.role == "moderator" or MODERATE in self.scopes:
+            return not self.streams or stream in self.streams
+        return self.role == "broadcaster" and stream in self.streams
+
 
 def mint_token(cfg: AuthConfig, user_id: str, name: str, scopes: list[str], role: str = "viewer",
-               ttl_s: int | None = None) -> str:
+               ttl_s: int | None = None, streams: list[str] | None = None) -> str:
     now = int(time.time())
     claims = {
         "sub": user_id,
@@ -56,6 +68,8 @@ def mint_token(cfg: AuthConfig, user_id: str, name: str, scopes: list[str], role
         "iat": now,
         "exp": now + (ttl_s if ttl_s is not None else cfg.token_ttl_s),
     }
+    if streams:
+        claims["streams"] = list(streams)
     return jwt.encode(claims, cfg.key, algorithm=cfg.algorithm)
 
 
@@ -76,10 +90,14 @@ def verify_token(cfg: AuthConfig, token: str) -> Identity:
     name = claims.get("name") or claims["sub"]
     if not isinstance(scope, str) or not isinstance(name, str):
         raise AuthError("scope and name claims must be strings")
+    streams = claims.get("streams", [])
+    if not isinstance(streams, list) or not all(isinstance(s, str) for s in streams):
+        raise AuthError("the streams claim must be a list of stream ids")
     return Identity(
         user_id=str(claims["sub"]),
         name=name[:64],
         scopes=frozenset(scope.split()),
         role=str(claims.get("role", "viewer")),
         expires_at=float(claims["exp"]),
+        streams=frozenset(streams),
     )

@@ -45,12 +45,18 @@ def _run_roles(args: argparse.Namespace, roles: frozenset[str]) -> int:
     return 0
 
 
+def _all_roles() -> frozenset[str]:
+    from chorus.app import ALL_ROLES
+
+    return ALL_ROLES
+
+
 def _token(args: argparse.Namespace) -> int:
     from chorus.auth import mint_token
 
     config = _config_from(args)
     scopes = args.scope or ["read"]
-    print(mint_token(config.auth, args.user, args.name or args.user, scopes, args.role, args.ttl))
+    print(mint_token(config.auth, args.user, args.name or args.user, scopes, args.role, args.ttl, args.stream))
     return 0
 
 
@@ -156,11 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run every role in one process (the embedded default needs nothing else)")
     _add_config_args(p, listen=True)
-    p.set_defaults(func=lambda a: _run_roles(a, frozenset({"gateway", "coordinator", "archiver"})))
+    p.set_defaults(func=lambda a: _run_roles(a, _all_roles()))
     p = sub.add_parser("gateway", help="the WebSocket edge (needs Kafka and Redis)")
     _add_config_args(p, listen=True)
     p.set_defaults(func=lambda a: _run_roles(a, frozenset({"gateway"})))
-    for role, text in (("coordinator", "Kafka to Redis Pub/Sub"), ("archiver", "Kafka to the history store")):
+    for role, text in (("coordinator", "Kafka to Redis Pub/Sub"), ("archiver", "Kafka to the history store"),
+                       ("moderator", "moderation off the delivery path: rules, model, reputation")):
         p = sub.add_parser(role, help=text)
         _add_config_args(p)
         p.set_defaults(func=lambda a, r=role: _run_roles(a, frozenset({r})))
@@ -168,10 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--user", required=True, help="user id (the `sub` claim)")
     p.add_argument("--name", help="display name (default: the user id)")
-    p.add_argument("--scope", action="append", choices=["read", "write", "write:comments"],
+    p.add_argument("--scope", action="append", choices=["read", "write", "write:comments", "moderate"],
                    help="repeatable; default read (posting needs write:comments, or write)")
     p.add_argument("--role", default="viewer", choices=["viewer", "moderator", "broadcaster"])
     p.add_argument("--ttl", type=int, help="lifetime in seconds (default auth.token_ttl_s)")
+    p.add_argument("--stream", action="append", metavar="STREAM",
+                   help="repeatable: the streams a broadcaster owns (or the only ones a moderator may moderate)")
     p.set_defaults(func=_token)
     p = sub.add_parser("config", help="check a config file, or print every key with its default")
     _add_config_args(p)

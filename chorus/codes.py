@@ -43,6 +43,7 @@ class CloseCode(IntEnum):
     SLOW_CONSUMER = 4008  # stayed behind the backlog limit past the deadline; reconnect and resume
     TOKEN_EXPIRED = 4401  # the token expired while connected; reconnect with a fresh one
     BANNED = 4503  # the user is banned from this stream; do not reconnect
+    TIMED_OUT = 4504  # the user is timed out from this stream; do not reconnect before it ends (the reason says when)
 
 
 class ErrorCode(StrEnum):
@@ -82,6 +83,9 @@ class HttpErrorCode(StrEnum):
     HEADERS_TOO_LARGE = "headers_too_large"  # 431: request line and headers over MAX_REQUEST_HEAD_BYTES
     VERSION_NOT_SUPPORTED = "version_not_supported"  # 505: an HTTP version other than 1.0 or 1.1
     INTERNAL_ERROR = "internal_error"  # 500: a bug; the comment was not posted
+    # The moderator API (gateway/modapi.py)
+    NOT_A_MODERATOR = "not_a_moderator"  # 403: the token may not moderate this stream
+    METHOD_NOT_ALLOWED = "method_not_allowed"  # 405: GET for the review queue, POST for everything else
 
 
 def should_reconnect(code: int) -> bool:

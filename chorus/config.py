@@ -27,6 +27,7 @@ __all__ = [
     "HistoryConfig",
     "KafkaConfig",
     "LimitsConfig",
+    "ModerationConfig",
     "RedisConfig",
     "SamplingConfig",
     "load_config",
@@ -195,6 +196,56 @@ class FallbackConfig:
     )
 
 
+# Words of the default blocklist, matched after normalisation (ingest/rules.py): a plain word
+# matches the whole word with common endings (s, es, ed, er, ers, ing, in, y); "word*" any word
+# starting with it; "*word*" anywhere, even inside another word (use sparingly: Scunthorpe).
+DEFAULT_BLOCKLIST = (
+    "*fuck*", "shit*", "bullshit*", "cunt*", "motherfuck*", "asshole*", "bitch*", "bastard", "dickhead*",
+    "faggot*", "fag", "nigger*", "nigga*", "retard", "whore*", "slut*", "twat*", "wanker*", "cocksuck*",
+    "kys", "kill yourself", "kike",
+)
+
+
+@dataclass(frozen=True)
+class ModerationConfig:
+    enabled: bool = doc("Run the moderator role (`chorus run` includes it; `chorus moderator` runs it alone).",
+                        True)
+    blocklist: tuple[str, ...] = doc(
+        "Stage 1: words deleted on sight, matched after normalising case, accents, look-alike letters, "
+        "leetspeak, repeated letters and spacing tricks ('f u c k', 'fμck', 'sh1t'). 'word' matches the "
+        "word and its common endings, 'word*' any word starting so, '*word*' anywhere; several words "
+        "match as a phrase.", DEFAULT_BLOCKLIST
+    )
+    allowlist: tuple[str, ...] = doc("Words never matched by the blocklist (e.g. 'scunthorpe').", ())
+    model: str = doc(
+        "Stage 2: the classifier. 'profanity-check' (a linear model trained on ~200k labelled comments, "
+        "weights shipped in the alt-profanity-check package), 'none' (rules and reputation only), or "
+        "'package.module:factory' returning an object with score_batch(texts) -> scores in [0, 1].",
+        "profanity-check"
+    )
+    delete_at: float = doc("A model score at or above this deletes the comment.", 0.9)
+    flag_at: float = doc(
+        "A model score at or above this (and below delete_at) is borderline: flagged for review, or "
+        "shadow-banned when the author is a repeat offender.", 0.6
+    )
+    repeat_offender_at: float = doc(
+        "Stage 3: an author whose offence score (deletes count 1, flags 0.5, decaying) is at or above this "
+        "is a repeat offender.", 2.0
+    )
+    offence_half_life_s: float = doc("Offence scores halve every this many seconds.", 3600.0)
+    shadow_ban_s: int = doc("How long a shadow-ban lasts (s); the author's comments reach only the author.", 86400)
+    spam_repeats: int = doc("The same message from one user this many times within spam_window_s is spam "
+                            "(deleted from the second copy on); 0 turns it off.", 3)
+    spam_window_s: float = doc("The window of the spam rules.", 30.0)
+    max_links: int = doc("A comment with more links than this is spam (0: any link is).", 2)
+    link_posts_per_window: int = doc("Comments with links one user may post within spam_window_s (0: off).", 3)
+    exempt_badges: tuple[str, ...] = doc("Authors with any of these badges are never moderated.",
+                                         ("broadcaster", "moderator"))
+    batch_size: int = doc("Most comments the moderator reads and classifies at once.", 2000)
+    linger_ms: int = doc("How long the moderator waits to fill a batch once the first comment is in.", 20)
+    record_accepts: bool = doc("Also write a moderation_actions row for each accepted comment (heavy).", False)
+
+
 @dataclass(frozen=True)
 class Config:
     data_dir: str = doc("Directory of the embedded default's files.", ".chorus")
@@ -208,6 +259,7 @@ class Config:
     limits: LimitsConfig = doc("", LimitsConfig)
     sampling: SamplingConfig = doc("", SamplingConfig)
     fallback: FallbackConfig = doc("", FallbackConfig)
+    moderation: ModerationConfig = doc("", ModerationConfig)
 
     @property
     def embedded(self) -> bool:
@@ -248,6 +300,7 @@ class Config:
             ("limits.max_inflight_posts", self.limits.max_inflight_posts >= 1, "must be >= 1"),
             ("log_level", self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "unknown level"),
             *self._sampling_checks(),
+            *self._moderation_checks(),
         ]
         for key, ok, why in checks:
             if not ok:
@@ -282,6 +335,24 @@ class Config:
             ("fallback.rewind_ms", 0 <= f.rewind_ms <= 600_000, "must be 0-600000"),
         ]
 
+
+    def _moderation_checks(self) -> list[tuple[str, bool, str]]:
+        m = self.moderation
+        return [
+            ("moderation.blocklist", all(w.strip("* ") for w in m.blocklist), "entries must not be empty"),
+            ("moderation.model", bool(m.model.strip()), "must be 'profanity-check', 'none' or 'module:factory'"),
+            ("moderation.delete_at", 0 < m.delete_at <= 1, "must be in (0, 1]"),
+            ("moderation.flag_at", 0 < m.flag_at <= m.delete_at, "must be in (0, delete_at]"),
+            ("moderation.repeat_offender_at", m.repeat_offender_at > 0, "must be > 0"),
+            ("moderation.offence_half_life_s", m.offence_half_life_s > 0, "must be > 0"),
+            ("moderation.shadow_ban_s", m.shadow_ban_s >= 1, "must be >= 1"),
+            ("moderation.spam_repeats", m.spam_repeats == 0 or m.spam_repeats >= 2, "must be 0 or >= 2"),
+            ("moderation.spam_window_s", 0 < m.spam_window_s <= 3600, "must be in (0, 3600]"),
+            ("moderation.max_links", m.max_links >= 0, "must be >= 0"),
+            ("moderation.link_posts_per_window", m.link_posts_per_window >= 0, "must be >= 0"),
+            ("moderation.batch_size", 1 <= m.batch_size <= 100_000, "must be 1-100000"),
+            ("moderation.linger_ms", 0 <= m.linger_ms <= 1000, "must be 0-1000"),
+        ]
 
 T = TypeVar("T")
 

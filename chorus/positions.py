@@ -23,10 +23,16 @@ every write here is idempotent on the offset.
   first offset it applies to, so recovery from the history store (which has every comment)
   can rebuild exactly the broadcast. The newest ``KEEP_RATIOS_KEPT`` changes are kept.
 
+- **Tombstones**: a deleted or shadowed comment leaves the recent cache (``remove``), so
+  welcome messages and resumes served from the cache never carry it; the history store keeps
+  the tombstone for resumes served from there.
+- **Pin**: the stream's pinned comment (wire shape ``C``) or none, for the welcome message.
+
 Each has an in-process implementation (embedded default, tests) and a Redis one: a hash
 ``<prefix>meta:<stream>`` (epoch, offset, floor) and a sorted set ``<prefix>recent:<stream>``
 scored by offset, updated by one Lua script so readers never see half an update; the keep
-ratios in a sorted set ``<prefix>sampling:<stream>`` of ``epoch|offset|ratio``, scored by offset.
+ratios in a sorted set ``<prefix>sampling:<stream>`` of ``epoch|offset|ratio``, scored by offset;
+the pin in a string ``<prefix>pin:<stream>`` (JSON).
 """
 
 from __future__ import annotations
@@ -69,6 +75,18 @@ class StreamPositions(Protocol):
         """The recorded (first offset, keep ratio) changes of ``epoch``, ascending."""
         ...
 
+    async def remove(self, stream: str, ids: list[str]) -> int:
+        """Take the comments ``ids`` (tombstones) out of the recent cache; how many were there."""
+        ...
+
+    async def get_pin(self, stream: str) -> Event | None:
+        """The stream's pinned comment (wire shape C), or None."""
+        ...
+
+    async def set_pin(self, stream: str, comment: Event | None) -> None:
+        """Pin ``comment`` (None unpins)."""
+        ...
+
 
 @dataclass(slots=True)
 class _Cached:
@@ -82,6 +100,7 @@ class MemoryPositions:
     def __init__(self) -> None:
         self._streams: dict[str, _Cached] = {}
         self._ratios: dict[str, list[tuple[str, int, float]]] = {}
+        self._pins: dict[str, Event] = {}
 
     async def advance(self, stream: str, epoch: str, comments: list[Event], keep: int) -> None:
         if not comments:
@@ -123,6 +142,25 @@ class MemoryPositions:
     async def keep_ratios(self, stream: str, epoch: str) -> list[tuple[int, float]]:
         return [(o, r) for e, o, r in self._ratios.get(stream, []) if e == epoch]
 
+    async def remove(self, stream: str, ids: list[str]) -> int:
+        s = self._streams.get(stream)
+        if s is None or not ids:
+            return 0
+        gone = set(ids)
+        kept = deque(c for c in s.comments if c["id"] not in gone)
+        removed = len(s.comments) - len(kept)
+        s.comments = kept
+        return removed
+
+    async def get_pin(self, stream: str) -> Event | None:
+        return self._pins.get(stream)
+
+    async def set_pin(self, stream: str, comment: Event | None) -> None:
+        if comment is None:
+            self._pins.pop(stream, None)
+        else:
+            self._pins[stream] = comment
+
 
 # KEYS: meta hash, recent sorted set. ARGV: epoch, keep, then offset and JSON of each comment.
 # Returns the stream's offset afterwards. Numbers go back to Redis through '%d': Lua 5.1 would
@@ -161,6 +199,23 @@ return last
 """
 
 
+# KEYS: recent sorted set. ARGV: comment ids. Removes the members of those comments (each is
+# JSON starting with {"id":"<id>", as the coordinator writes it) in one pass over the cache.
+_REMOVE = """
+local gone = {}
+for i = 1, #ARGV do gone[ARGV[i]] = true end
+local removed = 0
+for _, member in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local id = string.match(member, '^{"id":"(%d+)"')
+  if id and gone[id] then
+    redis.call('ZREM', KEYS[1], member)
+    removed = removed + 1
+  end
+end
+return removed
+"""
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -174,6 +229,7 @@ class RedisPositions:
     _redis: Any
     _prefix: str
     _advance_script: Any = None
+    _remove_script: Any = None
 
     def _meta(self, stream: str) -> str:
         return f"{self._prefix}meta:{stream}"
@@ -230,3 +286,21 @@ class RedisPositions:
             if item_epoch == epoch:
                 out.append((int(offset), float(ratio)))
         return out
+
+    async def remove(self, stream: str, ids: list[str]) -> int:
+        if not ids:
+            return 0
+        if self._remove_script is None:
+            self._remove_script = self._redis.register_script(_REMOVE)
+        return int(await self._remove_script(keys=[self._recent_key(stream)], args=list(ids)))
+
+    async def get_pin(self, stream: str) -> Event | None:
+        raw = await self._redis.get(f"{self._prefix}pin:{stream}")
+        return json.loads(raw) if raw else None
+
+    async def set_pin(self, stream: str, comment: Event | None) -> None:
+        key = f"{self._prefix}pin:{stream}"
+        if comment is None:
+            await self._redis.delete(key)
+        else:
+            await self._redis.set(key, json.dumps(comment, ensure_ascii=False, separators=(",", ":")))

@@ -47,6 +47,7 @@ from chorus.gateway.http import (
     text_response,
 )
 from chorus.gateway.httpreq import HttpRequest, error_response
+from chorus.gateway.modapi import GatewayModeration
 from chorus.gateway.node import Node
 from chorus.gateway.recovery import Recovery
 from chorus.ingest.admission import Admission, Admitted, Refused
@@ -180,6 +181,7 @@ class Gateway:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self.started_at = time.time()
+        self.moderation: GatewayModeration | None = None  # gateway/modapi.py; set by the app
         node.deliver = self.deliver
 
     # -- lifecycle --
@@ -187,6 +189,8 @@ class Gateway:
         g = self.config.gateway
         loop = asyncio.get_running_loop()
         await self.node.start()
+        if self.moderation is not None:
+            await self.moderation.start()
         loop.add_reader(self.hub.fileno(), self.on_hub_ready)
         picows_log = logging.getLogger("chorus.picows")
         if not picows_log.isEnabledFor(logging.DEBUG):
@@ -219,6 +223,8 @@ class Gateway:
         if self._timer is not None:
             self._timer.cancel()
         self.hub.shutdown()
+        if self.moderation is not None:
+            await self.moderation.stop()
         await self.node.stop()
 
     def spawn(self, coro: Any) -> None:
@@ -241,6 +247,8 @@ class Gateway:
             ip, variant, who = _untag(tag)
             if kind == native.hub.CLOSED:
                 self._viewer_left(handle, ip)
+                if self.moderation is not None:
+                    self.moderation.on_leave(who, conn)
             elif handle == ECHO_HANDLE:
                 self.hub.send(conn, data, kind == native.hub.MESSAGE_BINARY)
             else:
@@ -270,6 +278,8 @@ class Gateway:
         """An event from the broker for a stream this gateway has viewers of."""
         s = self._streams.get(stream)
         if s is None:
+            if self.moderation is not None and self.moderation.owns(stream):
+                self.moderation.on_control(message)  # this gateway's control channel
             return
         if message.offset is not None:
             s.replay.append(message)
@@ -339,7 +349,9 @@ class Gateway:
         if req.path.startswith("/static/"):
             return static_response(req.path.removeprefix("/static/"))
         if req.path.startswith("/streams/") and req.path.endswith("/comments"):
-            return self._history(req.path[len("/streams/") : -len("/comments")], req)
+            return self._history(req.path[len("/streams/") : -len("/comments")], req, request)
+        if req.path.startswith("/mod/") and self.moderation is not None:
+            return self.moderation.get(request, req)
         if req.path == "/healthz":
             return text_response(HTTPStatus.OK, "ok")
         if req.path == "/readyz":
@@ -390,7 +402,7 @@ class Gateway:
         listener = Upgrader(self, stream, who, wire, deflate)
         return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(headers or None), listener)
 
-    def _history(self, stream: str, req: Request) -> WSUpgradeResponse:
+    def _history(self, stream: str, req: Request, request: WSUpgradeRequest) -> WSUpgradeResponse:
         if not STREAM_ID.match(stream):
             return json_response({"error": "bad stream id"}, HTTPStatus.BAD_REQUEST)
         if self.store is None:
@@ -402,7 +414,8 @@ class Gateway:
             return json_response({"error": "before and limit must be integers"}, HTTPStatus.BAD_REQUEST)
         if not 1 <= limit <= self.config.history.page_max:
             return json_response({"error": f"limit must be 1-{self.config.history.page_max}"}, HTTPStatus.BAD_REQUEST)
-        comments = self.store.page(stream, before, limit)
+        who = self._authenticate(request, req)  # the author also sees their own shadowed comments
+        comments = self.store.page(stream, before, limit, who.user_id if isinstance(who, Identity) else None)
         next_before = comments[-1]["id"] if len(comments) == limit else None
         return json_response({"stream": stream, "comments": comments, "next_before": next_before})
 
@@ -456,13 +469,20 @@ class Gateway:
         epoch, offset = await self.state.position(up.stream)
         recent = await self.state.recent(up.stream, self.config.gateway.recent_on_welcome)
         mode = await self.state.get_mode(up.stream)
-        if raw.is_closing() or not await self._release_when_sent(raw):
+        pin = await self.state.get_pin(up.stream)
+        refused = await self.moderation.refusal(up.who, up.stream) if self.moderation is not None else None
+        if raw.is_closing() or not await self._release_when_sent(raw) or refused is not None:
+            if refused is not None and not raw.is_closing():  # banned or timed out: 4503 / 4504
+                raw.write(native.encode_close(*refused))
+                raw.close()
             self._viewer_left(s.handle, ip)
             return
         conn = self.hub.adopt(detach_socket(raw), s.handle, up.variant(), leftover, tag)
+        if self.moderation is not None:
+            self.moderation.on_join(up.who, conn, up.stream, up.wire == MSGPACK)
         welcome = {
             "t": "welcome", "stream": up.stream, "epoch": epoch, "offset": offset, "recent": recent,
-            "pin": None, "reactions": {}, "viewers": {"now": s.viewers}, "mode": mode.to_wire(),
+            "pin": pin, "reactions": {}, "viewers": {"now": s.viewers}, "mode": mode.to_wire(),
             "user": {"id": up.who.user_id, "name": up.who.name} if up.who else None,
         }
         self.hub.send(conn, encode_event(welcome, up.wire))
@@ -497,6 +517,8 @@ class Gateway:
         if msg.nonce is not None:
             ack["nonce"] = msg.nonce
         self.hub.send(conn, encode_event(ack, wire))
+        if comment.shadow and self.moderation is not None:
+            self.moderation.echo_shadow(comment)
         self.on_hub_ready()
 
     async def _admit_queued(self) -> None:
@@ -538,11 +560,15 @@ class Gateway:
                 if p.msg.nonce is not None:
                     ack["nonce"] = p.msg.nonce
                 self.hub.send(p.conn, encode_event(ack, p.wire))
+                if result.shadow and self.moderation is not None:
+                    self.moderation.echo_shadow(result)
 
     async def post_http(self, request: HttpRequest, ip: str) -> bytes:
         """``POST /streams/{id}/comments`` (clients without a WebSocket): the same admission as ``post``."""
         if not _origin_allowed(request.header("Origin"), request.header("Host"), self.config.gateway.allowed_origins):
             return error_response(HTTPStatus.FORBIDDEN, HttpErrorCode.FORBIDDEN, "origin not allowed")
+        if request.target.startswith("/mod/") and self.moderation is not None:
+            return await self.moderation.post(request)
         return await answer_comment_post(request, ip, self.config.auth, self.admission)
 
     async def resume(self, conn: int, stream: str, msg: Resume, wire: Wire) -> None:

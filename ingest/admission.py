@@ -16,6 +16,10 @@ Every post, over a WebSocket or ``POST /streams/{id}/comments``, goes through
 If Redis does not answer (steps 5-6) the post is let through on the local limits alone
 (fail open): comments keep flowing through a Redis outage, and Kafka still refuses clearly.
 
+Alongside step 5, concurrently (no extra wait), ``shadowed`` says which authors are
+shadow-banned (ingest/reputation.py); their comments are admitted like any other but marked
+``shadow`` in the log: stored, shown only to the author.
+
 Posts that arrive together (one ``hub.drain()`` of a gateway) go through :meth:`Admission.post_many`:
 the same steps and verdicts, but steps 5 and 6 each take one Redis round trip for the whole
 batch (pipelines; each post is still its own atomic script run) and step 7 hands every record
@@ -34,6 +38,7 @@ post per Redis round trip.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -93,6 +98,8 @@ class Admission:
         self.accepted = 0
         self.refused = 0
         self.fail_open = 0  # posts let through because Redis did not answer
+        # Which of these users are shadow-banned (ingest/reputation.py); set by the app.
+        self.shadowed: Callable[[Sequence[str]], Awaitable[set[str]]] | None = None
 
     async def post(self, who: Identity | None, stream: str, text: str, ip: str = "") -> Comment:
         """Append the comment to the log and return it, or raise :class:`Refused`."""
@@ -100,19 +107,36 @@ class Admission:
             who, clean = self._check(who, text)
             poster = Poster(stream, who.user_id, ip, slow_mode_exempt=bool(who.badges()))
             self._admit_locally(poster)
+            shadow = self._shadow_check([who.user_id])
             await self._admit(poster)
-            comment = await self._append(who, stream, clean)
+            comment = await self._append(who, stream, clean, who.user_id in await self._shadowed_of(shadow))
         except Refused:
             self.refused += 1
             raise
         self.accepted += 1
         return comment
 
-    def _comment(self, who: Identity, stream: str, text: str) -> Comment:
+    def _comment(self, who: Identity, stream: str, text: str, shadow: bool = False) -> Comment:
         return Comment(
             id=self.ids.next(), stream=stream, user_id=who.user_id, user_name=who.name,
-            badges=tuple(who.badges()), text=text, ts=time.time_ns() // 1_000_000,
+            badges=tuple(who.badges()), text=text, ts=time.time_ns() // 1_000_000, shadow=shadow,
         )
+
+    def _shadow_check(self, users: list[str]) -> asyncio.Task[set[str]] | None:
+        """Start asking which ``users`` are shadow-banned, alongside the sanctions' round trip."""
+        if self.shadowed is None or not users:
+            return None
+        return asyncio.ensure_future(self.shadowed(users))
+
+    async def _shadowed_of(self, task: asyncio.Task[set[str]] | None) -> set[str]:
+        """The answer, or nobody if the store did not answer (fail open: the comment is shown)."""
+        if task is None:
+            return set()
+        try:
+            return await task
+        except Exception as exc:
+            log.warning("shadow-ban check failed (%s); comments shown as usual", exc)
+            return set()
 
     @staticmethod
     def _log_refusal(comment: Comment, exc: LogUnavailable) -> Refused:
@@ -122,8 +146,8 @@ class Admission:
                            retry_after_ms=2000, comment_id=comment.id)
         return Refused(ErrorCode.NOT_ACCEPTED, f"comment not accepted: {exc}; it was not posted", retry_after_ms=2000)
 
-    async def _append(self, who: Identity, stream: str, text: str) -> Comment:
-        comment = self._comment(who, stream, text)
+    async def _append(self, who: Identity, stream: str, text: str, shadow: bool = False) -> Comment:
+        comment = self._comment(who, stream, text, shadow)
         key, value = encode_record(comment)
         try:
             await self.log.append(key, value)
@@ -152,6 +176,7 @@ class Admission:
                 results[i] = exc
                 continue
             todo.append((i, ident, clean, poster))
+        shadow = self._shadow_check([ident.user_id for _, ident, _, _ in todo])
         if todo:
             sanctions = self.limits.sanctions
             pairs = [(p.stream, p.user) for _, _, _, p in todo]
@@ -166,7 +191,9 @@ class Admission:
             verdicts = await self._ask_many(
                 acquire_many(posters) if acquire_many is not None else _each(limiter.acquire, posters), len(todo))
             todo = _keep_allowed(todo, verdicts, results)
-        return Admitted(results, [(i, self._comment(ident, p.stream, clean)) for i, ident, clean, p in todo])
+        shadowed = await self._shadowed_of(shadow)
+        return Admitted(results, [(i, self._comment(ident, p.stream, clean, ident.user_id in shadowed))
+                                  for i, ident, clean, p in todo])
 
     async def append_admitted(self, admitted: Admitted) -> list[Comment | Refused]:
         """Step 7 of :meth:`post_many`: append what :meth:`admit_many` let through."""

@@ -13,6 +13,15 @@ viewers drop the re-published comments by id.
 log (a gateway consuming Kafka itself while Redis is down, gateway/fallback.py) builds the
 very same channel messages, numbered the same way.
 
+Control records (ingest/records.py: delete, shadow, pin, unpin) come in the stream's order
+with its comments; :func:`split_by_stream` keeps that order and the coordinator applies each
+between the batches before and after it: a delete takes the comment out of the recent cache
+(and unpins it if it was pinned) and sends ``{"t":"delete","id":...}``; a shadow only takes it
+out of the cache (its author keeps seeing it); a pin or unpin is stored for welcome messages
+and sent. Control events go out as they are, never sampled or skipped. Comments marked
+``shadow`` (a shadow-banned author) are never broadcast: the author's gateway shows them to
+the author.
+
 Adaptive sampling (``ingest/sampling.py``) decides what of a hot stream's batch is broadcast;
 the rest is only stored (the archiver reads the log). The recent cache gets what was
 broadcast, so a resume replays exactly what the viewer missed of the broadcast; each change
@@ -36,11 +45,11 @@ from chorus.broker import Broker, StreamState, set_stream_mode
 from chorus.config import SamplingConfig
 from chorus.ingest.consume import ConsumeLoop
 from chorus.ingest.log import CommentLog, LogRecord
-from chorus.ingest.records import Comment, RecordError, decode_record
+from chorus.ingest.records import Comment, Control, RecordError, decode_any
 from chorus.ingest.sampling import Plan, Sampler, throttle_event
 from chorus.protocol import JSON, encode_event, pack_channel_message
 
-__all__ = ["Coordinator", "batch_message", "group_by_stream"]
+__all__ = ["Coordinator", "batch_message", "control_message", "group_by_stream", "split_by_stream"]
 
 log = logging.getLogger("chorus.coordinator")
 
@@ -50,24 +59,42 @@ GROUP = "chorus-coordinator"
 SlowModeSetter = Callable[[str, bool], Awaitable[None]]
 
 
-def group_by_stream(records: Sequence[LogRecord]) -> tuple[dict[tuple[str, str], list[Comment]], int]:
-    """Decode records into lists per (stream, epoch), in log order, each comment at its log
-    position; returns them and the count skipped.
+def split_by_stream(records: Sequence[LogRecord]) -> tuple[dict[tuple[str, str], list[Comment | Control]], int]:
+    """Decode records into lists per (stream, epoch), in log order, each comment and control
+    record at its log position; returns them and the count skipped.
 
     A stream has one epoch unless it changed partition (the topic was recreated or got more
-    partitions): then its comments of each epoch stay apart.
+    partitions): then its records of each epoch stay apart.
     """
-    streams: dict[tuple[str, str], list[Comment]] = defaultdict(list)
+    streams: dict[tuple[str, str], list[Comment | Control]] = defaultdict(list)
     bad = 0
     for r in records:
         try:
-            c = decode_record(r.value, r.epoch, r.offset)
+            c = decode_any(r.value, r.epoch, r.offset)
         except RecordError as exc:
             bad += 1
             log.warning("skipping record %d@%d: %s", r.offset, r.partition, exc)
             continue
-        streams[c.stream, c.epoch].append(c)
+        streams[c.stream, r.epoch].append(c)
     return streams, bad
+
+
+def group_by_stream(records: Sequence[LogRecord]) -> tuple[dict[tuple[str, str], list[Comment]], int]:
+    """The comments to broadcast per (stream, epoch), in log order: control records and
+    shadowed comments left out; returns them and the count of undecodable records."""
+    streams, bad = split_by_stream(records)
+    out: dict[tuple[str, str], list[Comment]] = {}
+    for key, items in streams.items():
+        comments = [c for c in items if isinstance(c, Comment) and not c.shadow]
+        if comments:
+            out[key] = comments
+    return out, bad
+
+
+def control_message(control: Control) -> bytes | None:
+    """The Pub/Sub channel message of a control record's event (None: it has none)."""
+    event = control.to_event()
+    return None if event is None else pack_channel_message(encode_event(event, JSON))
 
 
 def batch_message(stream: str, epoch: str, comments: Sequence[Comment]) -> bytes:
@@ -94,15 +121,46 @@ class Coordinator:
         self.published_batches = 0
         self.sampled_out = 0  # comments stored but not broadcast
         self.throttle_events = 0
+        self.control_events = 0  # control records applied (deletes, shadows, pins, unpins)
         self._publishing = asyncio.Lock()  # one stream's throttle events and batches stay in order
         self.loop = ConsumeLoop(comment_log.consumer(GROUP), self.handle, name="coordinator",
                                 linger_ms=flush_interval_ms, max_records=max_batch)
 
     async def handle(self, records: Sequence[LogRecord]) -> None:
-        streams, bad = group_by_stream(records)
+        streams, bad = split_by_stream(records)
         self.skipped_records += bad
-        for (stream, epoch), comments in streams.items():
-            await self.publish_stream(stream, epoch, comments)
+        for (stream, epoch), items in streams.items():
+            run: list[Comment] = []  # comments since the last control record
+            for item in items:
+                if isinstance(item, Comment):
+                    if not item.shadow:
+                        run.append(item)
+                    continue
+                if run:
+                    await self.publish_stream(stream, epoch, run)
+                    run = []
+                await self.apply_control(item)
+            if run:
+                await self.publish_stream(stream, epoch, run)
+
+    async def apply_control(self, control: Control) -> None:
+        """Store the control record's effect, then send its event (see the module docstring)."""
+        stream = control.stream
+        async with self._publishing:
+            if control.op in ("delete", "shadow"):
+                await self.state.remove(stream, [control.id])
+                pinned = await self.state.get_pin(stream) if control.op == "delete" else None
+                if pinned is not None and pinned.get("id") == control.id:
+                    await self.state.set_pin(stream, None)
+                    await self.broker.publish(stream, pack_channel_message(b'{"t":"unpin"}'))
+            elif control.op == "pin":
+                await self.state.set_pin(stream, control.comment)
+            elif control.op == "unpin":
+                await self.state.set_pin(stream, None)
+            message = control_message(control)
+            if message is not None:
+                await self.broker.publish(stream, message)
+            self.control_events += 1
 
     async def publish_stream(self, stream: str, epoch: str, comments: list[Comment]) -> None:
         """Sample, cache, then publish: a viewer resuming right after the batch finds it in the cache."""

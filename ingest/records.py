@@ -3,6 +3,18 @@
 A record's key is the stream id, so one stream's records keep their order in one partition.
 The value is compact JSON so operators can read the topic with stock Kafka tools.
 
+Two kinds of record share the topic, so moderation keeps each stream's order (DESIGN.md 4):
+
+- ``"k":"comment"``: a viewer's comment. ``"shadow":true`` (absent otherwise) marks a comment
+  whose author was shadow-banned when it was admitted: stored, shown to its author only.
+- ``"k":"control"``: an operation on a stream, ``op`` one of :data:`CONTROL_OPS`: ``delete``
+  (``id``: a comment becomes a tombstone), ``shadow`` (``id``: a comment already delivered
+  is hidden from everyone but its author from now on; no live event), ``pin`` (``comment``:
+  wire shape C) and ``unpin``. Control records carry who asked (``by``) and why (``reason``).
+
+:func:`decode_record` reads comments only and refuses a control record with
+:class:`RecordError`, as it did before control records existed; :func:`decode_any` reads both.
+
 A comment's position, ``(epoch, offset)``, is not in the value: it is where the record sits
 in the log (the partition's offset space and the record's offset in it), so every consumer
 that reads the record computes the same position, however often it is replayed.
@@ -14,9 +26,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Comment", "RecordError", "decode_record", "encode_record"]
+__all__ = ["CONTROL_OPS", "Comment", "Control", "RecordError", "decode_any", "decode_record", "encode_control",
+           "encode_record"]
 
 RECORD_VERSION = 1
+CONTROL_OPS = frozenset({"delete", "shadow", "pin", "unpin"})
 
 
 class RecordError(ValueError):
@@ -34,6 +48,7 @@ class Comment:
     ts: int  # milliseconds since the Unix epoch, when the gateway accepted it
     epoch: str = ""  # the log position (see the module docstring); "" and -1 before it has one
     offset: int = -1
+    shadow: bool = False  # the author was shadow-banned: stored, shown to the author only
 
     def to_event(self) -> dict[str, Any]:
         """The wire shape ``C`` of DESIGN.md 3 (``offset`` only once the comment has one)."""
@@ -60,28 +75,106 @@ def encode_record(c: Comment) -> tuple[bytes, bytes]:
         "text": c.text,
         "ts": c.ts,
     }
-    return c.stream.encode(), json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    if c.shadow:
+        value["shadow"] = True
+    return c.stream.encode(), _dumps(value)
 
 
-def decode_record(value: bytes, epoch: str = "", offset: int = -1) -> Comment:
-    """The comment in a record's value, placed at the record's log position."""
+@dataclass(frozen=True, slots=True)
+class Control:
+    """An operation on a stream that travels in the log, in order with its comments."""
+
+    op: str  # one of CONTROL_OPS
+    stream: str
+    id: str = ""  # delete: the comment; pin: the pinned comment's id
+    comment: dict[str, Any] | None = None  # pin: the comment in wire shape C
+    by: str = ""  # who asked: a moderator's user id, or "moderator" (the automatic role)
+    reason: str = ""
+    ts: int = 0  # milliseconds since the Unix epoch, when it was asked
+    epoch: str = ""  # the record's log position, as for comments
+    offset: int = -1
+
+    def to_event(self) -> dict[str, Any] | None:
+        """The wire event of DESIGN.md 3 (``delete``, ``pin``, ``unpin``); None for ``shadow``."""
+        if self.op == "delete":
+            return {"t": "delete", "id": self.id}
+        if self.op == "pin":
+            return {"t": "pin", "comment": self.comment}
+        if self.op == "unpin":
+            return {"t": "unpin"}
+        return None
+
+
+def _dumps(value: dict[str, Any]) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def encode_control(c: Control) -> tuple[bytes, bytes]:
+    """(key, value) of the log record for ``c``: keyed by stream like the stream's comments."""
+    if c.op not in CONTROL_OPS:
+        raise ValueError(f"unknown control op {c.op!r}")
+    value: dict[str, Any] = {"v": RECORD_VERSION, "k": "control", "op": c.op, "stream": c.stream, "ts": c.ts}
+    if c.id:
+        value["id"] = c.id
+    if c.comment is not None:
+        value["comment"] = c.comment
+    if c.by:
+        value["by"] = c.by
+    if c.reason:
+        value["reason"] = c.reason
+    return c.stream.encode(), _dumps(value)
+
+
+def _control(obj: dict[str, Any], epoch: str, offset: int) -> Control:
+    op = obj.get("op")
+    if op not in CONTROL_OPS:
+        raise RecordError(f"unknown control op {op!r}")
+    comment = obj.get("comment")
+    if op == "pin" and not (isinstance(comment, dict) and isinstance(comment.get("id"), str)):
+        raise RecordError("a pin record needs a comment with an id")
+    cid = str(obj.get("id") or (comment or {}).get("id") or "")
+    if op in ("delete", "shadow") and not cid.isdigit():
+        raise RecordError(f"a {op} record needs a comment id")
+    return Control(op=op, stream=str(obj["stream"]), id=cid, comment=comment if op == "pin" else None,
+                   by=str(obj.get("by", "")), reason=str(obj.get("reason", "")), ts=int(obj.get("ts", 0)),
+                   epoch=epoch, offset=offset)
+
+
+def decode_any(value: bytes, epoch: str = "", offset: int = -1) -> Comment | Control:
+    """The comment or control operation in a record's value, placed at its log position."""
     try:
         obj = json.loads(value)
-        if obj.get("k") != "comment":
-            raise RecordError(f"unknown record kind {obj.get('k')!r}")
-        user = obj["user"]
-        return Comment(
-            id=str(obj["id"]),
-            stream=str(obj["stream"]),
-            user_id=str(user["id"]),
-            user_name=str(user["name"]),
-            badges=tuple(str(b) for b in user.get("badges", ())),
-            text=str(obj["text"]),
-            ts=int(obj["ts"]),
-            epoch=epoch,
-            offset=offset,
-        )
+        kind = obj.get("k")
+        if kind == "control":
+            return _control(obj, epoch, offset)
+        if kind != "comment":
+            raise RecordError(f"unknown record kind {kind!r}")
+        return _comment(obj, epoch, offset)
     except RecordError:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise RecordError(f"malformed comment record: {exc}") from None
+        raise RecordError(f"malformed record: {exc}") from None
+
+
+def decode_record(value: bytes, epoch: str = "", offset: int = -1) -> Comment:
+    """The comment in a record's value, placed at the record's log position (comments only)."""
+    got = decode_any(value, epoch, offset)
+    if not isinstance(got, Comment):
+        raise RecordError("a control record, not a comment")
+    return got
+
+
+def _comment(obj: dict[str, Any], epoch: str, offset: int) -> Comment:
+    user = obj["user"]
+    return Comment(
+        id=str(obj["id"]),
+        stream=str(obj["stream"]),
+        user_id=str(user["id"]),
+        user_name=str(user["name"]),
+        badges=tuple(str(b) for b in user.get("badges", ())),
+        text=str(obj["text"]),
+        ts=int(obj["ts"]),
+        epoch=epoch,
+        offset=offset,
+        shadow=obj.get("shadow") is True,
+    )

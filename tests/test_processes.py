@@ -102,7 +102,7 @@ async def test_chorus_run_embedded_default(tmp_path: Path, procs: list[Proc]) ->
         await c.close()
     assert run.stop() == 0, run.output()
     assert (tmp_path / "data" / "history.sqlite3").exists()
-    assert "Chorus archiver, coordinator, gateway on http://127.0.0.1" in run.output()
+    assert "Chorus archiver, coordinator, gateway, moderator on http://127.0.0.1" in run.output()
 
 
 def test_role_alone_on_the_embedded_default_is_refused(tmp_path: Path) -> None:

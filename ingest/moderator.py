@@ -1,0 +1,249 @@
+"""The moderator: reads the comments log in its own consumer group and moderates in batches.
+
+Never on the delivery path: a comment reaches viewers first (the coordinator reads the same
+log in another group) and is moderated a moment later. If the moderator is stopped, comments
+keep flowing (fail open); when it is back it resumes from its committed offset and catches
+up, and :attr:`Moderator.lag_ms` says how far behind it is.
+
+Per batch (``moderation.batch_size`` records, ``linger_ms`` to fill it):
+
+1. **Rules** (ingest/rules.py): the blocklist through its normalisation, and the spam rules.
+   A hit is deleted (stage ``rules`` or ``spam``, score 1).
+2. **Model** (ingest/model.py), one call for the batch: at or above ``delete_at`` deleted,
+   at or above ``flag_at`` borderline, below that accepted.
+3. **Reputation** (ingest/reputation.py), one round trip for the batch's borderline authors:
+   a repeat offender's borderline comment is shadowed and the author shadow-banned
+   (``shadow_ban_s``); anyone else's is flagged for review.
+
+Then the effects, in this order, and only then is the batch committed (so a crash repeats
+them, and each is idempotent):
+
+- deletes and shadows are appended to the log as control records (ingest/records.py), in the
+  stream's order: the coordinator sends ``{"t":"delete","id":...}`` to every viewer and takes
+  the comment out of the recent cache, the archiver turns it into a tombstone in history;
+- the authors' offences are added (delete and shadow 1, flag 0.5), shadow-bans set;
+- every decision but accept (and accepts too with ``record_accepts``) is written to
+  ``moderation_actions`` with its stage, score and reason; flags enter the review queue.
+
+Stages 1 and 2 run in a worker thread (they are CPU work; on ``chorus run`` the gateway
+shares this event loop). A batch whose effects fail is retried with the decisions already
+made, so the spam rules' memory counts each comment once. Authors with an exempt badge
+(broadcaster, moderator) and comments already shadowed are not moderated.
+
+Metrics (attributes, read by /metrics): ``handled``, ``batches``, ``decisions`` (a Counter of
+(action, stage)), ``lag_ms`` (how old the newest moderated comment was when its batch was
+done), :meth:`consumer_lag` (records not yet read, when the log can tell),
+:meth:`review_queue_depth`, ``stage_seconds`` (time spent in rules+model, and effects).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from chorus.config import ModerationConfig
+from chorus.ingest.consume import ConsumeLoop
+from chorus.ingest.log import CommentLog, LogRecord, append_many
+from chorus.ingest.model import ToxicityModel, score_texts
+from chorus.ingest.records import Comment, Control, RecordError, decode_any, encode_control
+from chorus.ingest.reputation import Reputation
+from chorus.ingest.rules import Blocklist, SpamRules, deleet, fold, join_spaced
+from chorus.ingest.store import ModerationAction, ReviewItem, SqliteStore
+
+__all__ = ["GROUP", "OFFENCE_WEIGHTS", "Decision", "Moderator", "Pipeline"]
+
+log = logging.getLogger("chorus.moderator")
+
+GROUP = "chorus-moderator"
+ACTOR = "moderator"  # the ``by`` of automatic decisions
+OFFENCE_WEIGHTS = {"delete": 1.0, "shadow": 1.0, "flag": 0.5}
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    comment: Comment
+    action: str  # accept, delete, shadow, flag; "borderline" between stages 2 and 3
+    stage: str  # rules, spam, model, reputation ("" for accept without a model)
+    score: float | None
+    reason: str
+
+    def action_row(self) -> ModerationAction:
+        c = self.comment
+        return ModerationAction(c.stream, self.action, self.stage, c.id, c.user_id, self.score, self.reason, ACTOR)
+
+
+class Pipeline:
+    """Stages 1 and 2 (sans-I/O), and stage 3 given the authors' scores."""
+
+    def __init__(self, cfg: ModerationConfig, model: ToxicityModel | None) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.blocklist = Blocklist(cfg.blocklist, cfg.allowlist)
+        self.spam = SpamRules(cfg.spam_repeats, cfg.spam_window_s, cfg.max_links, cfg.link_posts_per_window)
+        self.exempt = frozenset(cfg.exempt_badges)
+
+    def moderated(self, c: Comment) -> bool:
+        """Comments the pipeline looks at: not already shadowed, not by an exempt author."""
+        return not c.shadow and self.exempt.isdisjoint(c.badges)
+
+    def classify(self, comments: Sequence[Comment]) -> list[Decision]:
+        """Stages 1 and 2 over a batch, in order; borderline ones wait for :meth:`settle`."""
+        decided: list[Decision | None] = []
+        normalised: list[str] = []
+        for c in comments:
+            folded = fold(c.text)
+            norm = join_spaced(folded)
+            normalised.append(norm)
+            entry = self.blocklist.match(norm)
+            spam = self.spam.check(c.stream, c.user_id, c.ts, folded) if entry is None else None
+            if entry is not None:
+                decided.append(Decision(c, "delete", "rules", 1.0, f"blocklist: {entry.strip('*')}"))
+            elif spam is not None:
+                decided.append(Decision(c, "delete", "spam", 1.0, spam.reason))
+            else:
+                decided.append(None)
+        todo = [i for i, d in enumerate(decided) if d is None]
+        if self.model is None:
+            return [d or Decision(c, "accept", "", None, "") for c, d in zip(comments, decided, strict=True)]
+        scores = score_texts(self.model, [comments[i].text for i in todo], [deleet(normalised[i]) for i in todo])
+        for i, score in zip(todo, scores, strict=True):
+            decided[i] = self._by_score(comments[i], score)
+        return [d for d in decided if d is not None]
+
+    def _by_score(self, c: Comment, score: float) -> Decision:
+        rounded = round(score, 4)
+        name = self.model.name if self.model is not None else "model"
+        if score >= self.cfg.delete_at:
+            return Decision(c, "delete", "model", rounded, f"{name}: score {rounded:.2f} >= {self.cfg.delete_at}")
+        if score >= self.cfg.flag_at:
+            return Decision(c, "borderline", "model", rounded, f"{name}: score {rounded:.2f} >= {self.cfg.flag_at}")
+        return Decision(c, "accept", "model", rounded, "")
+
+    def settle(self, decisions: list[Decision], offence_scores: dict[str, float]) -> list[Decision]:
+        """Stage 3: a borderline comment is shadowed if its author is a repeat offender, else flagged."""
+        out = []
+        for d in decisions:
+            if d.action == "borderline":
+                score = offence_scores.get(d.comment.user_id, 0.0)
+                if score >= self.cfg.repeat_offender_at:
+                    d = Decision(d.comment, "shadow", "reputation", d.score,
+                                 f"{d.reason}; repeat offender (offence score {score:.1f})")
+                else:
+                    d = Decision(d.comment, "flag", "model", d.score, d.reason)
+            out.append(d)
+        return out
+
+
+class Moderator:
+    def __init__(self, comment_log: CommentLog, store: SqliteStore | None, reputation: Reputation,
+                 cfg: ModerationConfig, model: ToxicityModel | None) -> None:
+        self.log = comment_log
+        self.store = store
+        self.reputation = reputation
+        self.cfg = cfg
+        self.pipeline = Pipeline(cfg, model)
+        self.consumer = comment_log.consumer(GROUP)
+        self.loop = ConsumeLoop(self.consumer, self.handle, name="moderator", linger_ms=cfg.linger_ms,
+                                max_records=cfg.batch_size)
+        self._decided: tuple[Sequence[LogRecord], list[Decision]] | None = None
+        # metrics
+        self.handled = 0  # comments moderated
+        self.batches = 0
+        self.skipped_records = 0
+        self.decisions: Counter[tuple[str, str]] = Counter()
+        self.lag_ms = 0  # age of the newest comment of the last batch when its effects were done
+        self.last_comment_ts = 0
+        self.stage_seconds: dict[str, float] = {"classify": 0.0, "effects": 0.0}
+
+    async def handle(self, records: Sequence[LogRecord]) -> None:
+        if self._decided is not None and self._decided[0] is records:
+            decisions = self._decided[1]  # a retry: the same decisions, the spam rules' memory untouched
+        else:
+            comments = self._comments(records)
+            started = time.perf_counter()
+            decisions = await asyncio.to_thread(self.pipeline.classify, comments) if comments else []
+            self.stage_seconds["classify"] += time.perf_counter() - started
+            decisions = await self._settle(decisions)
+            self._decided = (records, decisions)
+        started = time.perf_counter()
+        await self._apply(decisions)
+        self.stage_seconds["effects"] += time.perf_counter() - started
+        self._decided = None
+        self._count(decisions)
+
+    def _comments(self, records: Sequence[LogRecord]) -> list[Comment]:
+        out = []
+        for r in records:
+            try:
+                item = decode_any(r.value, r.epoch, r.offset)
+            except RecordError as exc:
+                self.skipped_records += 1
+                log.warning("skipping record %d@%d: %s", r.offset, r.partition, exc)
+                continue
+            if isinstance(item, Comment) and self.pipeline.moderated(item):
+                out.append(item)
+        return out
+
+    async def _settle(self, decisions: list[Decision]) -> list[Decision]:
+        borderline = [d.comment.user_id for d in decisions if d.action == "borderline"]
+        scores = await self.reputation.scores(borderline) if borderline else {}
+        return self.pipeline.settle(decisions, scores)
+
+    async def _apply(self, decisions: list[Decision]) -> None:
+        """The effects of a batch (see the module docstring); raises if any failed, to be retried."""
+        hidden = [d for d in decisions if d.action in ("delete", "shadow")]
+        if hidden:
+            now = time.time_ns() // 1_000_000
+            controls = [Control(d.action, d.comment.stream, d.comment.id, by=ACTOR, reason=d.reason, ts=now)
+                        for d in hidden]
+            failures = await append_many(self.log, [encode_control(c) for c in controls])
+            failed = [f for f in failures if f is not None]
+            if failed:
+                raise failed[0]
+        offences = [(d.comment.user_id, OFFENCE_WEIGHTS[d.action]) for d in decisions if d.action in OFFENCE_WEIGHTS]
+        if offences:
+            await self.reputation.add(offences)
+        shadowed = sorted({d.comment.user_id for d in decisions if d.action == "shadow"})
+        if shadowed:
+            await self.reputation.shadow_ban(shadowed, self.cfg.shadow_ban_s)
+        if self.store is not None:
+            await asyncio.to_thread(self._record, decisions)
+
+    def _record(self, decisions: list[Decision]) -> None:
+        rows = [d.action_row() for d in decisions if d.action != "accept" or self.cfg.record_accepts]
+        if rows:
+            assert self.store is not None
+            self.store.record_actions(rows)
+        flags = [ReviewItem(d.comment.stream, d.comment.id, d.comment.user_id, d.comment.user_name, d.comment.text,
+                            d.stage, d.score, d.reason, d.comment.ts) for d in decisions if d.action == "flag"]
+        if flags:
+            assert self.store is not None
+            self.store.queue_for_review(flags)
+
+    def _count(self, decisions: list[Decision]) -> None:
+        self.batches += 1
+        self.handled += len(decisions)
+        for d in decisions:
+            self.decisions[d.action, d.stage] += 1
+        if decisions:
+            self.last_comment_ts = max(d.comment.ts for d in decisions)
+            self.lag_ms = max(0, time.time_ns() // 1_000_000 - self.last_comment_ts)
+
+    def consumer_lag(self) -> int | None:
+        """Records in the log not yet read by this moderator, if the log can tell."""
+        lag: Any = getattr(self.consumer, "lag", None)
+        return lag() if callable(lag) else None
+
+    def review_queue_depth(self, stream: str | None = None) -> int:
+        return self.store.open_reviews(stream) if self.store is not None else 0
+
+    async def run(self) -> None:
+        await self.loop.run()
+
+    def stop(self) -> None:
+        self.loop.stop()
