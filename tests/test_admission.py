@@ -217,11 +217,17 @@ async def test_banned_and_timed_out_users_are_refused(launch: Launch, backend: s
     await run("unban", stream, forgiven)
 
     async def attempt(user: str, where: str = stream) -> dict[str, Any]:
-        client = await env.viewer(where, token(env, user))
-        (answer,) = await post_all(client, ["let me in"])
-        await client.close()
-        return answer
+        """Post over HTTP: a banned user's WebSocket is closed right after the upgrade."""
+        status, _, body = await http_exchange(env, request(f"/streams/{where}/comments", text_body("let me in"),
+                                                           token(env, user)))
+        return {"t": "ack"} if status == 201 else {"t": "error", "code": body["error"], **body}
 
+    async def close_code(user: str, where: str = stream) -> int | None:
+        client = await WebsocketsClient.connect(env.ws_url(where), token(env, user))
+        return await client.wait_closed()
+
+    assert await close_code(banned) == 4503 and await close_code(timed) == 4504
+    assert await close_code(everywhere, other) == 4503
     answer = await attempt(banned)
     assert answer["code"] == "banned" and "retry_after_ms" not in answer and "this stream" in answer["reason"]
     assert (await attempt(banned, other))["t"] == "ack"  # a stream ban holds on that stream only

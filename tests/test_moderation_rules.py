@@ -1,0 +1,328 @@
+"""Moderation without services: normalisation and the blocklist, spam rules, control records,
+the model stage (precision and recall on a labelled set that ships with the tests), the
+pipeline's decisions, reputation's decay, and the store's moderation tables."""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from chorus.config import DEFAULT_BLOCKLIST, ConfigError, ModerationConfig, load_config
+from chorus.ingest.model import ModelUnavailable, load_model, score_texts
+from chorus.ingest.moderator import Pipeline
+from chorus.ingest.records import Comment, Control, RecordError, decode_any, decode_record, encode_control, encode_record
+from chorus.ingest.reputation import MemoryReputation
+from chorus.ingest.rules import Blocklist, SpamRules, deleet, fold, normalise
+from chorus.ingest.store import ModerationAction, ReviewItem, SqliteStore
+from chorus.positions import MemoryPositions
+
+DATA = Path(__file__).resolve().parent / "data" / "moderation_labelled.tsv"
+BLOCK = Blocklist(DEFAULT_BLOCKLIST)
+
+
+def labelled() -> tuple[list[str], list[int]]:
+    rows = [line.rstrip("\n").split("\t", 1) for line in DATA.read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+    return [t for _, t in rows], [int(label) for label, _ in rows]
+
+
+# -- normalisation and the blocklist ----------------------------------------------------------
+
+CAUGHT = [
+    ("FUCK you", "*fuck*"), ("fück", "*fuck*"), ("fμck", "*fuck*"), ("ｆｕｃｋ", "*fuck*"),
+    ("f\u200buck", "*fuck*"), ("fuuuuuck", "*fuck*"), ("f u c k", "*fuck*"), ("f.u.c.k off", "*fuck*"),
+    ("F-U-C-K", "*fuck*"), ("𝐟𝐮𝐜𝐤", "*fuck*"), ("sh1t", "shit*"), ("$h!t", "shit*"), ("shit!", "shit*"),
+    ("sh1tty", "shit*"), ("s1ut", "slut*"), ("bullsh1t", "bullshit*"), ("motherfucker", "motherfuck*"),
+    ("kys", "kys"), ("k y s", "kys"), ("kys!", "kys"), ("ki11 y0urse1f", "kill yourself"),
+    ("killyourself", "kill yourself"), ("you retard", "retard"), ("retarded", "retard"), ("fags", "fag"),
+    ("а$$hole", "asshole*"),  # a Cyrillic а and dollar signs
+]
+CLEAN = ["Scunthorpe", "Niger is a country", "Nigeria won", "as good as it gets", "class assignment",
+         "hello world", "spicy food", "flame retardant", "a b c d", "what the f*ck", "cocktail", "assassin",
+         "kill the boss yourself", "skills", "I have 1 dog", "Cockburn"]
+
+
+@pytest.mark.parametrize(("text", "entry"), CAUGHT)
+def test_disguises_are_caught(text: str, entry: str) -> None:
+    assert BLOCK.match(normalise(text)) == entry
+
+
+@pytest.mark.parametrize("text", CLEAN)
+def test_innocent_words_are_not(text: str) -> None:
+    assert BLOCK.match(normalise(text)) is None
+
+
+def test_from_utf8_bytes_too() -> None:
+    for raw in ("fμck".encode(), "sh\u0131t".encode(), "ｓｈｉｔ".encode()):  # μ, dotless i, full width
+        assert BLOCK.check(raw.decode()) is not None
+    assert fold("Ñandú Café") == "nandu cafe"
+
+
+def test_allowlist_and_phrases() -> None:
+    block = Blocklist(["*cunt*", "go die"], allow=["Scunthorpe"])
+    assert block.match(normalise("welcome to scunthorpe")) is None
+    assert block.match(normalise("you cunt")) == "*cunt*"
+    assert block.match(normalise("just go... die")) == "go die"
+    assert Blocklist([]).match("anything") is None
+    # Letters may repeat ("fuuuck"), so "shiitake" is "shit*" until allowed.
+    assert BLOCK.match(normalise("shiitake")) == "shit*"
+    assert Blocklist(DEFAULT_BLOCKLIST, allow=["Shiitake"]).match(normalise("shiitake, and shit")) == "shit*"
+    assert Blocklist(DEFAULT_BLOCKLIST, allow=["Shiitake"]).match(normalise("shiitake mushrooms")) is None
+
+
+def test_the_prefilter_never_hides_a_match() -> None:
+    """Random text over the letters and leetspeak symbols the blocklist uses: whatever the full
+    expression finds, match() finds too (the prefilter may only let more through)."""
+    rng = random.Random(7)
+    alphabet = "fuckshitaslbrdgnyrokw10345$@!|+ .-_"
+    words = ["fuck", "shit", "sh1t", "kill", "yourself", "kys", "slut", "fag", "ass", "retard", "nigger", "cunt"]
+    for _ in range(3000):
+        parts = [rng.choice(words) if rng.random() < 0.3 else "".join(rng.choice(alphabet) for _ in range(4))
+                 for _ in range(rng.randint(1, 5))]
+        text = normalise(rng.choice(["", " "]).join(parts))
+        full = BLOCK._regex.search(text) if BLOCK._regex is not None else None
+        assert (full is not None) == (BLOCK.match(text) is not None), text
+
+
+def test_arbitrary_unicode_never_raises() -> None:
+    rng = random.Random(11)
+    for _ in range(500):
+        text = "".join(chr(rng.randint(1, 0x2FFFF)) for _ in range(rng.randint(0, 40)))
+        text = text.encode("utf-8", "replace").decode("utf-8", "replace")
+        BLOCK.match(normalise(text))
+        deleet(normalise(text))
+
+
+def test_deleet_spells_out_words_with_digits_only() -> None:
+    assert deleet(normalise("y0u 1di0t!!")) == "you idiot!!"
+    assert deleet("score 2-1 in 2024") == "score 2-1 in 2024"
+
+
+# -- spam -------------------------------------------------------------------------------------
+
+
+def test_repeated_messages_are_spam_from_the_nth_copy() -> None:
+    spam = SpamRules(repeats=3, window_s=30, max_links=2, link_posts_per_window=3)
+    t = 1_000_000
+    assert spam.check("s", "u", t, "buy followers") is None
+    assert spam.check("s", "u", t + 1000, "BUY   followers".lower()) is None
+    hit = spam.check("s", "u", t + 2000, "buy followers")
+    assert hit is not None and "3 times" in hit.reason
+    assert spam.check("s", "other", t + 2000, "buy followers") is None  # per user
+    assert spam.check("s", "u", t + 40_000, "buy followers") is None  # the window moved on
+
+
+def test_links_are_spam_past_the_limits() -> None:
+    spam = SpamRules(repeats=0, window_s=30, max_links=2, link_posts_per_window=2)
+    hit = spam.check("s", "u", 0, "see a.com b.net https://c.org/x")
+    assert hit is not None and "3 links" in hit.reason
+    spam = SpamRules(repeats=0, window_s=30, max_links=2, link_posts_per_window=2)
+    assert spam.check("s", "u", 0, "my clip www.clips.tv/1") is None
+    assert spam.check("s", "u", 1, "and www.clips.tv/2") is None
+    assert spam.check("s", "u", 2, "also www.clips.tv/3") is not None
+    assert spam.check("s", "u", 3, "no links now") is None
+
+
+def test_spam_memory_is_bounded() -> None:
+    spam = SpamRules(max_users=100)
+    for i in range(1000):
+        spam.check("s", f"u{i}", i, "hi")
+    assert len(spam) == 100
+
+
+# -- control records --------------------------------------------------------------------------
+
+
+def test_control_records_round_trip_and_old_readers_refuse_them() -> None:
+    pin = Control("pin", "s", "12", comment={"id": "12", "text": "hi"}, by="mod1", reason="welcome", ts=5)
+    for control in (Control("delete", "s", "12", by="moderator", reason="blocklist: fuck", ts=7), pin,
+                    Control("unpin", "s", ts=9), Control("shadow", "s", "13", ts=9)):
+        key, value = encode_control(control)
+        assert key == b"s"
+        back = decode_any(value, "e", 41)
+        assert back == Control(control.op, "s", control.id, control.comment, control.by, control.reason, control.ts,
+                               "e", 41)
+        with pytest.raises(RecordError, match="control record"):
+            decode_record(value)
+    assert Control("delete", "s", "12").to_event() == {"t": "delete", "id": "12"}
+    assert pin.to_event() == {"t": "pin", "comment": {"id": "12", "text": "hi"}}
+    assert Control("unpin", "s").to_event() == {"t": "unpin"}
+    assert Control("shadow", "s", "1").to_event() is None
+
+
+@pytest.mark.parametrize("value", [
+    b'{"v":1,"k":"control","op":"explode","stream":"s"}', b'{"v":1,"k":"control","op":"delete","stream":"s"}',
+    b'{"v":1,"k":"control","op":"pin","stream":"s","comment":"x"}', b'{"v":1,"k":"control"}', b"[]",
+])
+def test_malformed_control_records_are_refused(value: bytes) -> None:
+    with pytest.raises(RecordError):
+        decode_any(value)
+
+
+def test_the_shadow_flag_travels_only_when_set() -> None:
+    c = Comment("1", "s", "u", "U", (), "hi", 5)
+    assert b"shadow" not in encode_record(c)[1]
+    shadowed = Comment("1", "s", "u", "U", (), "hi", 5, shadow=True)
+    assert decode_record(encode_record(shadowed)[1]).shadow is True
+    assert decode_record(encode_record(c)[1]).shadow is False
+
+
+# -- the model stage --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model() -> object:
+    return load_model("profanity-check")
+
+
+def test_precision_and_recall_of_the_model_on_the_labelled_set(model: object) -> None:
+    texts, labels = labelled()
+    assert len(texts) >= 120 and 0.3 < sum(labels) / len(labels) < 0.5
+    scores = score_texts(model, texts, [deleet(normalise(t)) for t in texts])  # type: ignore[arg-type]
+    cfg = ModerationConfig()
+    for threshold, min_precision, min_recall in ((cfg.flag_at, 0.85, 0.9), (cfg.delete_at, 0.95, 0.85)):
+        tp = sum(1 for s, y in zip(scores, labels, strict=True) if s >= threshold and y)
+        fp = sum(1 for s, y in zip(scores, labels, strict=True) if s >= threshold and not y)
+        fn = sum(1 for s, y in zip(scores, labels, strict=True) if s < threshold and y)
+        precision, recall = tp / (tp + fp), tp / (tp + fn)
+        assert precision >= min_precision and recall >= min_recall, (threshold, precision, recall)
+
+
+def test_normalised_text_helps_the_model(model: object) -> None:
+    written = model.score_batch(["y0u 1di0t"])[0]  # type: ignore[attr-defined]
+    best = score_texts(model, ["y0u 1di0t"], [deleet(normalise("y0u 1di0t"))])[0]  # type: ignore[arg-type]
+    assert written < 0.5 and best > 0.9
+
+
+class KeywordModel:
+    """A deployment's own model (here: a tiny real one), plugged in by moderation.model."""
+
+    name = "keywords"
+
+    def score_batch(self, texts: Sequence[str]) -> list[float]:
+        return [1.0 if "boo" in t else 0.0 for t in texts]
+
+
+def keyword_model() -> KeywordModel:
+    return KeywordModel()
+
+
+def test_models_are_pluggable_and_bad_specs_refused_naming_the_key() -> None:
+    assert load_model("none") is None
+    plugged = load_model(f"{__name__}:keyword_model")
+    assert plugged is not None and list(plugged.score_batch(["boo!", "yay"])) == [1.0, 0.0]
+    for spec, message in (("nonsense", "unknown model"), ("no_such_module_x:f", "cannot import"),
+                          (f"{__name__}:nothing_here", "no callable"), ("sys:getrecursionlimit", "without score_batch")):
+        with pytest.raises(ModelUnavailable, match=f"moderation.model: .*{message}"):
+            load_model(spec)
+    assert issubclass(ModelUnavailable, ConfigError)
+    assert sys.modules[__name__].keyword_model is keyword_model
+
+
+def test_moderation_config_is_validated(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text("[moderation]\nflag_at = 0.95\ndelete_at = 0.9\n")
+    with pytest.raises(ConfigError, match="moderation.flag_at"):
+        load_config(f, env={})
+    f.write_text('[moderation]\nblocklist = ["ok", "*"]\n')
+    with pytest.raises(ConfigError, match="moderation.blocklist"):
+        load_config(f, env={})
+
+
+# -- the pipeline -----------------------------------------------------------------------------
+
+
+def comment(i: int, text: str, user: str = "u1", badges: tuple[str, ...] = (), shadow: bool = False) -> Comment:
+    return Comment(str(1000 + i), "s", user, user.title(), badges, text, 1_764_000_000_000 + i * 1000, shadow=shadow)
+
+
+def test_pipeline_decides_per_stage(model: object) -> None:
+    pipeline = Pipeline(ModerationConfig(), model)  # type: ignore[arg-type]
+    batch = [comment(0, "what a goal"), comment(1, "f u c k this"), comment(2, "you are a fucking idiot"),
+             comment(3, "hate this guy"), comment(4, "hate this guy", user="bad"), comment(5, "fuck", badges=("moderator",))]
+    assert [pipeline.moderated(c) for c in batch] == [True] * 5 + [False]
+    assert not pipeline.moderated(comment(6, "x", shadow=True))
+    decided = pipeline.classify(batch[:5])
+    assert [(d.action, d.stage) for d in decided] == [
+        ("accept", "model"), ("delete", "rules"), ("delete", "rules"), ("borderline", "model"), ("borderline", "model")]
+    assert decided[1].reason == "blocklist: fuck" and decided[1].score == 1.0
+    settled = pipeline.settle(decided, {"bad": 2.5})
+    assert [(d.action, d.stage) for d in settled[3:]] == [("flag", "model"), ("shadow", "reputation")]
+    assert "repeat offender" in settled[4].reason
+    spam = [comment(10 + i, "follow me on twitch") for i in range(3)]
+    assert [d.action for d in pipeline.classify(spam)] == ["accept", "accept", "delete"]
+
+
+def test_without_a_model_rules_still_apply() -> None:
+    pipeline = Pipeline(ModerationConfig(model="none"), None)
+    assert [d.action for d in pipeline.classify([comment(0, "sh1t"), comment(1, "you are a fucking idiot x")])] == [
+        "delete", "delete"]
+    assert pipeline.classify([comment(2, "you are an idiot")])[0].action == "accept"
+
+
+# -- reputation -------------------------------------------------------------------------------
+
+
+async def test_offence_scores_decay_and_shadow_bans_expire() -> None:
+    now = [1000.0]
+    rep = MemoryReputation(half_life_s=100, clock=lambda: now[0])
+    assert await rep.add([("u", 1.0), ("u", 1.0), ("v", 0.5)]) == {"u": 2.0, "v": 0.5}
+    now[0] += 100
+    assert (await rep.scores(["u", "v", "w"])) == {"u": 1.0, "v": 0.25, "w": 0.0}
+    await rep.shadow_ban(["u"], 60)
+    assert await rep.shadowed_among(["u", "v"]) == {"u"}
+    now[0] += 61
+    assert await rep.shadowed_among(["u", "v"]) == set()
+
+
+# -- the store and the recent cache -----------------------------------------------------------
+
+
+def test_store_tombstones_shadows_queue_actions_and_pins(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "h.sqlite3")
+    rows = [Comment(str(5000 + i), "s", f"u{i % 2}", "U", (), f"c{i}", 1_764_000_000_000 + i, "e", i,
+                    shadow=i == 3) for i in range(5)]
+    store.write_comments(rows)
+    assert store.delete_comments("s", ["5001"]) == 1 and store.delete_comments("s", ["5001"]) == 0
+    assert [c["id"] for c in store.page("s", None, 10)] == ["5004", "5002", "5000"]
+    assert [c["id"] for c in store.page("s", None, 10, viewer="u1")] == ["5004", "5003", "5002", "5000"]
+    store.shadow_comments("s", ["5004"])
+    assert [c["id"] for c in store.page("s", None, 10, viewer="u1")] == ["5003", "5002", "5000"]
+    assert [(r.offset, r.deleted) for r in store.since("s", "e", 0, 10)] == [
+        (0, False), (1, True), (2, False), (3, True), (4, True)]
+    assert store.comment("s", "5001") is not None and store.comment("s", "5001")[1] is True  # type: ignore[index]
+    assert store.recent_of_user("s", "u0", 0, 10) == ["5004", "5002", "5000"]
+
+    action = ModerationAction("s", "delete", "rules", "5001", "u1", 1.0, "blocklist: x")
+    assert store.record_actions([action, action]) == 1 and store.record_actions([action]) == 0
+    assert store.record_actions([ModerationAction("s", "ban", "api", None, "u1", actor="mod")] * 2) == 2
+    assert [a.action for a in store.actions("s")] == ["ban", "ban", "delete"]
+
+    item = ReviewItem("s", "5002", "u0", "U", "c2", "model", 0.7, "borderline", 1)
+    assert store.queue_for_review([item, item]) == 1
+    assert [i.comment_id for i in store.review_queue("s", 10)] == ["5002"] and store.open_reviews("s") == 1
+    assert store.resolve_review("s", "5002", "keep", "mod") and not store.resolve_review("s", "5002", "keep", "mod")
+    assert store.open_reviews() == 0 and store.review_queue("s", 10, resolved=True)[0].resolution == "keep"
+
+    store.set_pin("s", {"id": "5000"})
+    assert store.pin("s") == {"id": "5000"}
+    store.set_pin("s", None)
+    assert store.pin("s") is None
+    store.close()
+
+
+async def test_tombstones_leave_the_recent_cache() -> None:
+    cache = MemoryPositions()
+    events = [{"id": str(i), "offset": i, "text": "x"} for i in range(5)]
+    await cache.advance("s", "e", events, 10)
+    assert await cache.remove("s", ["1", "3", "99"]) == 2
+    assert [c["id"] for c in await cache.recent("s", 10)] == ["0", "2", "4"]
+    assert [c["id"] for c in await cache.recent_after("s", "e", 0) or []] == ["2", "4"]
+    await cache.set_pin("s", events[0])
+    assert await cache.get_pin("s") == events[0]
+    await cache.set_pin("s", None)
+    assert await cache.get_pin("s") is None
