@@ -230,7 +230,7 @@ class ModerationConfig:
     )
     repeat_offender_at: float = doc(
         "Stage 3: an author whose offence score (deletes count 1, flags 0.5, decaying) is at or above this "
-        "is a repeat offender.", 2.0
+        "is a repeat offender.", 1.5
     )
     offence_half_life_s: float = doc("Offence scores halve every this many seconds.", 3600.0)
     shadow_ban_s: int = doc("How long a shadow-ban lasts (s); the author's comments reach only the author.", 86400)

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SANS_IO = ["chorus/protocol.py", "chorus/extensions.py", "chorus/codes.py", "chorus/ids.py",
-           "native/codec_pure.py", "ingest/records.py", "gateway/httpreq.py", "ingest/sampling.py"]
+           "native/codec_pure.py", "ingest/records.py", "gateway/httpreq.py", "ingest/sampling.py", "ingest/rules.py"]
 IO_MODULES = {"asyncio", "picows", "redis", "aiokafka", "uvloop", "socket", "select", "sqlite3"}
 
 

@@ -1,0 +1,392 @@
+"""Moderation end to end against the real Kafka and Redis (and once on the embedded default).
+
+One cluster for the module, each part an :class:`App` of its own role as `chorus coordinator`,
+`chorus archiver`, `chorus moderator` and two `chorus gateway` processes would run them,
+sharing the test's Redis prefix, the `comments` topic and one history file:
+
+- an offensive comment is delivered, then deleted for every viewer on both gateways within
+  2 s of posting, and is a tombstone in history, in welcome messages and in resumes;
+- leetspeak and spacing variants are caught;
+- a shadow-banned user's comments reach only that user (live and in history), and a repeat
+  offender's borderline comment gets its author shadow-banned;
+- a ban closes the user's connections on both gateways and refuses new ones;
+- the review queue round-trips; pins, slow mode and clearing a user work through the API;
+- with the moderator stopped comments keep flowing, and once it is back it catches up from
+  its committed offset: nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from clients import WebsocketsClient
+from test_e2e import make_config
+
+from chorus.app import ALL_ROLES, App
+from chorus.auth import mint_token
+from chorus.config import Config
+from chorus.ingest.store import SqliteStore
+
+DELETE_WITHIN_S = 2.0
+OFFENSIVE = "you are a f u c k i n g idiot"
+BORDERLINE = "hate this guy"  # the model scores it between flag_at and delete_at
+
+
+async def http(port: int, method: str, path: str, token: str | None = None,
+               body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    """One HTTP/1.1 request on its own connection: status and JSON body."""
+    data = json.dumps(body).encode() if body is not None else b""
+    head = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+    if method == "POST":
+        head += [f"Content-Length: {len(data)}", "Content-Type: application/json"]
+    if token:
+        head.append(f"Authorization: Bearer {token}")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    status_line, _, rest = raw.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2] or b"null")
+
+
+class Cluster:
+    def __init__(self, config: Config, core: App, moderator: App, gateways: list[App]) -> None:
+        self.config = config
+        self.core = core
+        self.moderator = moderator
+        self.gateways = gateways
+        self.ports = [g.gateway.port for g in gateways]  # type: ignore[union-attr]
+        self.store = SqliteStore(config.history_path)
+
+    def token(self, user: str, role: str = "viewer", streams: list[str] | None = None,
+              scopes: tuple[str, ...] = ("read", "write:comments")) -> str:
+        return mint_token(self.config.auth, user, user.title(), list(scopes), role, streams=streams)
+
+    def mod_token(self) -> str:
+        return self.token("mod-1", role="moderator")
+
+    async def viewer(self, stream: str, gateway: int = 0, token: str | None = None) -> WebsocketsClient:
+        client = await WebsocketsClient.connect(f"ws://127.0.0.1:{self.ports[gateway]}/ws?stream={stream}", token)
+        await client.wait_for(lambda e: e["t"] == "welcome")
+        return client
+
+    async def api(self, path: str, body: dict[str, Any] | None = None, token: str | None = None,
+                  gateway: int = 0, method: str = "POST") -> tuple[int, Any]:
+        return await http(self.ports[gateway], method, path, token or self.mod_token(), body if method == "POST" else None)
+
+    async def history(self, stream: str, as_user: str | None = None) -> list[dict[str, Any]]:
+        token = self.token(as_user) if as_user else None
+        status, page = await http(self.ports[0], "GET", f"/streams/{stream}/comments?limit=200", token)
+        assert status == 200
+        return list(page["comments"])
+
+
+def sid(tag: str) -> str:
+    return f"{tag}-{uuid.uuid4().hex[:6]}"
+
+
+async def post(client: WebsocketsClient, text: str) -> str:
+    """Post and return the comment id from its ack."""
+    nonce = uuid.uuid4().hex[:8]
+    await client.send_json({"t": "comment", "text": text, "nonce": nonce})
+    answer = await client.wait_for(lambda e: e.get("nonce") == nonce, timeout=10)
+    assert answer["t"] == "ack", answer
+    return str(answer["id"])
+
+
+def has_comment(cid: str) -> Any:
+    return lambda e: e["t"] == "batch" and any(c["id"] == cid for c in e["comments"])
+
+
+def is_delete(cid: str) -> Any:
+    return lambda e: e["t"] == "delete" and e["id"] == cid
+
+
+async def eventually(check: Any, timeout: float = 15.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await check() if asyncio.iscoroutinefunction(check) else check()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached in {timeout}s")
+        await asyncio.sleep(0.05)
+
+
+async def start_roles(config: Config, roles: set[str]) -> App:
+    app = await App.build(config, frozenset(roles))
+    await app.start()
+    return app
+
+
+async def warm_up(cluster: Cluster) -> None:
+    """Until the coordinator delivers and the moderator deletes (consumer groups take a while to
+    join, and the moderator may first catch up on older comments in the topic)."""
+    stream = sid("warm")
+    poster = await cluster.viewer(stream, token=cluster.token("warm"))
+    cid = await post(poster, "warm up, sh1t")
+    await poster.wait_for(has_comment(cid), timeout=60)
+    await poster.wait_for(is_delete(cid), timeout=90)
+    await poster.close()
+
+
+@pytest.fixture(scope="module")
+async def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, redis_url: str,
+                  kafka_bootstrap: str) -> AsyncIterator[Cluster]:
+    tmp = tmp_path_factory.mktemp("moderation")
+    config = make_config(tmp, "services", request, history__path=str(tmp / "history.sqlite3"))
+    core = await start_roles(config, {"coordinator", "archiver"})
+    moderator = await start_roles(config, {"moderator"})
+    gateways = [await start_roles(config, {"gateway"}) for _ in range(2)]
+    c = Cluster(config, core, moderator, gateways)
+    try:
+        await warm_up(c)
+        yield c
+    finally:
+        for app in (*c.gateways, c.moderator, c.core):
+            await app.stop()
+        c.store.close()
+
+
+async def test_an_offensive_comment_is_deleted_for_every_viewer_within_2s(cluster: Cluster) -> None:
+    stream = sid("del")
+    viewers = [await cluster.viewer(stream, 0), await cluster.viewer(stream, 1), await cluster.viewer(stream, 1)]
+    poster = await cluster.viewer(stream, 0, cluster.token("poster-1"))
+    fine = await post(poster, "what a match")
+    sent = time.monotonic()
+    bad = await post(poster, OFFENSIVE)
+    for v in viewers:
+        await v.wait_for(has_comment(bad), timeout=2)  # delivered first: moderation is off the path
+        await v.wait_for(is_delete(bad), timeout=DELETE_WITHIN_S)
+        assert time.monotonic() - sent < DELETE_WITHIN_S
+    assert not any(e["t"] == "delete" and e["id"] == fine for v in viewers for e in v.seen)
+
+    async def tombstoned() -> bool:
+        return [c["id"] for c in await cluster.history(stream)] == [fine]
+
+    await eventually(tombstoned, what="the tombstone in history")
+    late = await cluster.viewer(stream, 1)
+    assert [c["id"] for c in late.seen[0]["recent"]] == [fine]  # the recent cache dropped it
+    await late.send_json({"t": "resume", "epoch": late.seen[0]["epoch"], "offset": -1})
+    resumed = await late.wait_for(lambda e: e["t"] == "resumed")
+    replayed = [c["id"] for e in late.seen if e["t"] == "batch" for c in e["comments"]]
+    assert resumed["recovered"] and bad not in replayed
+    (action,) = [a for a in cluster.store.actions(stream) if a.comment_id == bad]
+    assert (action.action, action.stage, action.score, action.reason) == ("delete", "rules", 1.0, "blocklist: fuck")
+    for c in (*viewers, poster, late):
+        await c.close()
+
+
+async def test_leetspeak_and_spacing_variants_are_caught(cluster: Cluster) -> None:
+    stream = sid("leet")
+    viewer = await cluster.viewer(stream, 1)
+    variants = ["sh1t game", "fμck this", "$h!t", "what the fuuuuck", "s h i t", "k y s", "ｆｕｃｋ"]
+    ids = []
+    for i, text in enumerate(variants):
+        poster = await cluster.viewer(stream, 0, cluster.token(f"leet-{i}"))
+        ids.append(await post(poster, text))
+        await poster.close()
+    clean = await post(await cluster.viewer(stream, 0, cluster.token("leet-ok")), "nice shot, respect")
+    for cid in ids:
+        await viewer.wait_for(is_delete(cid), timeout=10)
+    await asyncio.sleep(0.5)
+    assert not any(e["t"] == "delete" and e["id"] == clean for e in viewer.seen)
+    await viewer.close()
+
+
+async def test_a_shadow_banned_user_reaches_only_themselves(cluster: Cluster) -> None:
+    stream, user = sid("shadow"), f"sb-{uuid.uuid4().hex[:6]}"
+    status, answer = await cluster.api(f"/mod/streams/{stream}/users/{user}/shadow_ban", {"seconds": 600})
+    assert status == 200 and answer == {"ok": True, "action": "shadow_ban", "user": user, "seconds": 600}
+    others = [await cluster.viewer(stream, 0), await cluster.viewer(stream, 1)]
+    author = await cluster.viewer(stream, 0, cluster.token(user))
+    hidden = await post(author, "can anyone see me?")
+    echo = await author.wait_for(has_comment(hidden), timeout=2)
+    assert "offset" not in echo and echo["comments"][0]["text"] == "can anyone see me?"
+    visible = await post(await cluster.viewer(stream, 1, cluster.token("someone-else")), "I am visible")
+    for v in others:
+        await v.wait_for(has_comment(visible), timeout=5)
+        assert not any(has_comment(hidden)(e) for e in v.seen)
+
+    async def stored() -> bool:
+        return hidden in [c["id"] for c in await cluster.history(stream, as_user=user)]
+
+    await eventually(stored, what="the shadowed comment in its author's history")
+    assert hidden not in [c["id"] for c in await cluster.history(stream)]
+    assert hidden not in [c["id"] for c in await cluster.history(stream, as_user="someone-else")]
+    status, _ = await cluster.api(f"/mod/streams/{stream}/users/{user}/unshadow")
+    assert status == 200
+    seen_again = await post(author, "back in the light")
+    await others[0].wait_for(has_comment(seen_again), timeout=5)
+    for c in (*others, author):
+        await c.close()
+
+
+async def test_a_repeat_offenders_borderline_comment_shadow_bans_them(cluster: Cluster) -> None:
+    stream, user = sid("repeat"), f"rep-{uuid.uuid4().hex[:6]}"
+    viewer = await cluster.viewer(stream, 1)
+    author = await cluster.viewer(stream, 0, cluster.token(user))
+    for text in ("sh1t", "f u c k"):  # two deletes: offence score ~2 >= moderation.repeat_offender_at (1.5)
+        await viewer.wait_for(is_delete(await post(author, text)), timeout=10)
+    await asyncio.sleep(0.5)  # the offences are added right after the deletes are sent
+    borderline = await post(author, BORDERLINE)
+
+    def shadowed() -> bool:
+        return any(a.comment_id == borderline and a.action == "shadow" for a in cluster.store.actions(stream))
+
+    await eventually(shadowed, what="the shadow decision")
+    (action,) = [a for a in cluster.store.actions(stream) if a.comment_id == borderline]
+    assert action.stage == "reputation" and "repeat offender" in action.reason and 0.6 <= (action.score or 0) < 0.9
+    later = await post(author, "hello again")
+    await author.wait_for(has_comment(later), timeout=2)  # the author's own echo
+    probe = await post(await cluster.viewer(stream, 0, cluster.token("bystander")), "probe")
+    await viewer.wait_for(has_comment(probe), timeout=5)
+    assert not any(has_comment(later)(e) for e in viewer.seen)
+    for c in (viewer, author):
+        await c.close()
+
+
+async def test_a_ban_closes_the_user_on_both_gateways_and_refuses_new_connections(cluster: Cluster) -> None:
+    stream, user = sid("ban"), f"ban-{uuid.uuid4().hex[:6]}"
+    conns = [await cluster.viewer(stream, 0, cluster.token(user)), await cluster.viewer(stream, 1, cluster.token(user))]
+    bystander = await cluster.viewer(stream, 1, cluster.token("bystander"))
+    await asyncio.sleep(0.5)  # the connection registry is written every 100 ms
+    assert (await cluster.api(f"/mod/streams/{stream}/users/{user}/ban", token=cluster.token("nobody")))[0] == 403
+    owner = cluster.token("owner", role="broadcaster", streams=["another-stream"])
+    assert (await cluster.api(f"/mod/streams/{stream}/users/{user}/ban", token=owner))[0] == 403
+    broadcaster = cluster.token("owner", role="broadcaster", streams=[stream])
+    status, answer = await cluster.api(f"/mod/streams/{stream}/users/{user}/ban", {"reason": "spam"},
+                                       token=broadcaster)
+    assert status == 200 and answer["action"] == "ban" and answer["gateways"] == 2, answer
+    for c in conns:
+        assert await c.wait_closed(timeout=2) == 4503
+    again = await WebsocketsClient.connect(f"ws://127.0.0.1:{cluster.ports[1]}/ws?stream={stream}",
+                                           cluster.token(user))
+    assert await again.wait_closed() == 4503
+    assert bystander.close_code is None
+    assert (await cluster.api(f"/mod/streams/{stream}/users/{user}/unban"))[0] == 200
+    back = await cluster.viewer(stream, 1, cluster.token(user))
+    await asyncio.sleep(0.5)  # registered (a connection opened within 100 ms of a ban may stay open)
+
+    status, answer = await cluster.api(f"/mod/streams/{stream}/users/{user}/timeout", {"seconds": 60})
+    assert status == 200 and answer["seconds"] == 60
+    assert await back.wait_closed(timeout=2) == 4504
+    assert (await cluster.api(f"/mod/streams/{stream}/users/{user}/timeout", {}))[0] == 400
+    await bystander.close()
+
+
+async def test_the_review_queue_round_trips(cluster: Cluster) -> None:
+    stream = sid("review")
+    viewer = await cluster.viewer(stream, 1)
+    author = await cluster.viewer(stream, 0, cluster.token(f"rev-{uuid.uuid4().hex[:6]}"))
+    kept, dropped = await post(author, BORDERLINE), await post(author, "that play was sick")
+
+    async def queued() -> Any:
+        status, page = await cluster.api(f"/mod/streams/{stream}/queue", method="GET")
+        assert status == 200
+        return page if len(page["items"]) == 2 else None
+
+    page = await eventually(queued, what="two flagged comments in the queue")
+    assert [i["id"] for i in page["items"]] == [kept, dropped] and page["open"] == 2
+    item = page["items"][0]
+    assert (item["text"], item["stage"], item["resolution"]) == (BORDERLINE, "model", None)
+    assert 0.6 <= item["score"] < 0.9 and item["reason"].startswith("profanity-check: score")
+    assert not any(e["t"] == "delete" for e in viewer.seen)  # flagged comments stay visible
+
+    assert (await cluster.api(f"/mod/streams/{stream}/queue/{kept}", {"action": "keep"}))[0] == 200
+    assert (await cluster.api(f"/mod/streams/{stream}/queue/{kept}", {"action": "keep"}))[0] == 404
+    assert (await cluster.api(f"/mod/streams/{stream}/queue/{dropped}", {"action": "maybe"}))[0] == 400
+    assert (await cluster.api(f"/mod/streams/{stream}/queue/{dropped}", {"action": "delete"}))[0] == 200
+    await viewer.wait_for(is_delete(dropped), timeout=5)
+    status, page = await cluster.api(f"/mod/streams/{stream}/queue", method="GET")
+    assert status == 200 and page["items"] == [] and page["open"] == 0
+    status, page = await cluster.api(f"/mod/streams/{stream}/queue?resolved=1", method="GET")
+    assert {(i["id"], i["resolution"], i["resolved_by"]) for i in page["items"]} == {
+        (kept, "keep", "mod-1"), (dropped, "delete", "mod-1")}
+    assert (await cluster.api(f"/mod/streams/{stream}/queue", method="GET", token=cluster.token("x")))[0] == 403
+    for c in (viewer, author):
+        await c.close()
+
+
+async def test_pin_unpin_slow_mode_delete_and_clear_through_the_api(cluster: Cluster) -> None:
+    stream, user = sid("pin"), f"pin-{uuid.uuid4().hex[:6]}"
+    viewer = await cluster.viewer(stream, 1)
+    author = await cluster.viewer(stream, 0, cluster.token(user))
+    first, second = await post(author, "pin me"), await post(author, "and me")
+    await viewer.wait_for(has_comment(second))
+
+    status, answer = await cluster.api(f"/mod/streams/{stream}/comments/{first}/pin")
+    assert status == 200 and answer["comment"]["id"] == first
+    pin = await viewer.wait_for(lambda e: e["t"] == "pin", timeout=5)
+    assert pin["comment"]["id"] == first and pin["comment"]["text"] == "pin me"
+    late = await cluster.viewer(stream, 0)
+    assert late.seen[0]["pin"]["id"] == first
+    assert (await cluster.api(f"/mod/streams/{stream}/unpin"))[0] == 200
+    await viewer.wait_for(lambda e: e["t"] == "unpin", timeout=5)
+    assert (await cluster.viewer(stream, 0)).seen[0]["pin"] is None
+    assert (await cluster.api(f"/mod/streams/{stream}/comments/999/pin"))[0] == 404
+
+    assert (await cluster.api(f"/mod/streams/{stream}/slow_mode", {"seconds": 15}))[0] == 200
+    assert (await viewer.wait_for(lambda e: e["t"] == "mode"))["slow_mode_seconds"] == 15
+    assert (await cluster.api(f"/mod/streams/{stream}/slow_mode", {"seconds": -1}))[0] == 400
+    assert (await cluster.api(f"/mod/streams/{stream}/slow_mode", {"seconds": 0}))[0] == 200
+
+    assert (await cluster.api(f"/mod/streams/{stream}/comments/{first}/delete", {"reason": "off topic"}))[0] == 200
+    await viewer.wait_for(is_delete(first), timeout=5)
+    status, answer = await cluster.api(f"/mod/streams/{stream}/users/{user}/clear")
+    assert status == 200 and answer["deleted"] == [second]
+    await viewer.wait_for(is_delete(second), timeout=5)
+    assert {a.action for a in cluster.store.actions(stream)} >= {"pin", "unpin", "slow_mode", "delete", "clear"}
+    assert (await cluster.api(f"/mod/streams/{stream}/nothing"))[0] == 404
+    assert (await cluster.api(f"/mod/streams/{stream}/unpin", method="GET"))[0] == 405
+    status, answer = await http(cluster.ports[0], "POST", f"/mod/streams/{stream}/unpin")
+    assert status == 401 and answer["error"] == "unauthorized"
+    for c in (viewer, author, late):
+        await c.close()
+
+
+async def test_moderator_down_then_up_loses_nothing(cluster: Cluster) -> None:
+    await cluster.moderator.stop()
+    stream = sid("down")
+    viewer = await cluster.viewer(stream, 1)
+    ids = []
+    for i in range(3):
+        poster = await cluster.viewer(stream, 0, cluster.token(f"down-{i}"))
+        ids.append(await post(poster, f"sh1t number {i}"))
+        await viewer.wait_for(has_comment(ids[-1]), timeout=5)  # fail open: comments keep flowing
+        await poster.close()
+    await asyncio.sleep(1.0)
+    assert not any(e["t"] == "delete" for e in viewer.seen)
+    cluster.moderator = await start_roles(cluster.config, {"moderator"})
+    for cid in ids:
+        await viewer.wait_for(is_delete(cid), timeout=60)
+    moderator = cluster.moderator.moderator
+    assert moderator is not None and moderator.handled >= 3 and moderator.lag_ms >= 1000
+    await viewer.close()
+
+
+async def test_the_embedded_default_moderates_too(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    config = make_config(tmp_path, "embedded", request)
+    app = await App.build(config, ALL_ROLES)
+    await app.start()
+    try:
+        port = app.gateway.port  # type: ignore[union-attr]
+        viewer = await WebsocketsClient.connect(f"ws://127.0.0.1:{port}/ws?stream=lobby")
+        poster = await WebsocketsClient.connect(f"ws://127.0.0.1:{port}/ws?stream=lobby",
+                                                mint_token(config.auth, "e1", "E", ["read", "write:comments"]))
+        for c in (viewer, poster):
+            await c.wait_for(lambda e: e["t"] == "welcome")
+        cid = await post(poster, "this is bullsh1t")
+        await viewer.wait_for(has_comment(cid))
+        await viewer.wait_for(is_delete(cid), timeout=DELETE_WITHIN_S)
+        await viewer.close()
+        await poster.close()
+    finally:
+        await app.stop()
