@@ -79,7 +79,8 @@ class Cluster:
 
     async def api(self, path: str, body: dict[str, Any] | None = None, token: str | None = None,
                   gateway: int = 0, method: str = "POST") -> tuple[int, Any]:
-        return await http(self.ports[gateway], method, path, token or self.mod_token(), body if method == "POST" else None)
+        return await http(self.ports[gateway], method, path, token or self.mod_token(),
+                          body if method == "POST" else None)
 
     async def history(self, stream: str, as_user: str | None = None) -> list[dict[str, Any]]:
         token = self.token(as_user) if as_user else None

@@ -14,7 +14,15 @@ import pytest
 from chorus.config import DEFAULT_BLOCKLIST, ConfigError, ModerationConfig, load_config
 from chorus.ingest.model import ModelUnavailable, load_model, score_texts
 from chorus.ingest.moderator import Pipeline
-from chorus.ingest.records import Comment, Control, RecordError, decode_any, decode_record, encode_control, encode_record
+from chorus.ingest.records import (
+    Comment,
+    Control,
+    RecordError,
+    decode_any,
+    decode_record,
+    encode_control,
+    encode_record,
+)
 from chorus.ingest.reputation import MemoryReputation
 from chorus.ingest.rules import Blocklist, SpamRules, deleet, fold, normalise
 from chorus.ingest.store import ModerationAction, ReviewItem, SqliteStore
@@ -216,7 +224,8 @@ def test_models_are_pluggable_and_bad_specs_refused_naming_the_key() -> None:
     plugged = load_model(f"{__name__}:keyword_model")
     assert plugged is not None and list(plugged.score_batch(["boo!", "yay"])) == [1.0, 0.0]
     for spec, message in (("nonsense", "unknown model"), ("no_such_module_x:f", "cannot import"),
-                          (f"{__name__}:nothing_here", "no callable"), ("sys:getrecursionlimit", "without score_batch")):
+                          (f"{__name__}:nothing_here", "no callable"),
+                          ("sys:getrecursionlimit", "without score_batch")):
         with pytest.raises(ModelUnavailable, match=f"moderation.model: .*{message}"):
             load_model(spec)
     assert issubclass(ModelUnavailable, ConfigError)
@@ -226,10 +235,10 @@ def test_models_are_pluggable_and_bad_specs_refused_naming_the_key() -> None:
 def test_moderation_config_is_validated(tmp_path: Path) -> None:
     f = tmp_path / "c.toml"
     f.write_text("[moderation]\nflag_at = 0.95\ndelete_at = 0.9\n")
-    with pytest.raises(ConfigError, match="moderation.flag_at"):
+    with pytest.raises(ConfigError, match=r"moderation\.flag_at"):
         load_config(f, env={})
     f.write_text('[moderation]\nblocklist = ["ok", "*"]\n')
-    with pytest.raises(ConfigError, match="moderation.blocklist"):
+    with pytest.raises(ConfigError, match=r"moderation\.blocklist"):
         load_config(f, env={})
 
 
@@ -243,7 +252,8 @@ def comment(i: int, text: str, user: str = "u1", badges: tuple[str, ...] = (), s
 def test_pipeline_decides_per_stage(model: object) -> None:
     pipeline = Pipeline(ModerationConfig(), model)  # type: ignore[arg-type]
     batch = [comment(0, "what a goal"), comment(1, "f u c k this"), comment(2, "you are a fucking idiot"),
-             comment(3, "hate this guy"), comment(4, "hate this guy", user="bad"), comment(5, "fuck", badges=("moderator",))]
+             comment(3, "hate this guy"), comment(4, "hate this guy", user="bad"),
+             comment(5, "fuck", badges=("moderator",))]
     assert [pipeline.moderated(c) for c in batch] == [True] * 5 + [False]
     assert not pipeline.moderated(comment(6, "x", shadow=True))
     decided = pipeline.classify(batch[:5])
