@@ -90,7 +90,8 @@ def make_mix(n: int, seed: int = 1) -> list[Comment]:
 
 
 def _rate(n: int, seconds: float) -> dict[str, float]:
-    return {"comments": n, "seconds": round(seconds, 3), "per_s": round(n / seconds), "us_each": round(seconds / n * 1e6, 1)}
+    return {"comments": n, "seconds": round(seconds, 3), "per_s": round(n / seconds),
+            "us_each": round(seconds / n * 1e6, 1)}
 
 
 def stages(mix: list[Comment], batch: int, model: Any) -> dict[str, dict[str, float]]:
@@ -219,7 +220,8 @@ def report(data: dict[str, Any]) -> str:
             rows.append([label, row["per_s"], row["us_each"], f"{ok} (>= {data['target_per_s']:,}/s)"])
     decisions = data.get("role_memory", data["stages"]["classify"]).get("decisions", {})
     return "\n".join([
-        f"{data['comments']:,} comments, batches of {data['batch']:,}, one CPU; model loaded in {data['model_load_s']} s",
+        f"{data['comments']:,} comments, batches of {data['batch']:,}, one CPU; "
+        f"model loaded in {data['model_load_s']} s",
         "", md_table(["stage", "comments/s", "µs/comment", "target"], rows), "",
         "decisions: " + ", ".join(f"{k} {v:,}" for k, v in sorted(decisions.items())),
     ])

@@ -5,8 +5,9 @@ answering, the coordinator cannot publish (it pauses and catches up later), so l
 would see nothing until Redis is back. A gateway with a :class:`PubSubFallback` probes Redis
 (``RedisBroker.ping``: Redis answers *and* the subscriber connection is live) and feeds a
 :class:`CircuitBreaker`; while the breaker is open it tails the log itself and builds the
-same channel messages the coordinator would (``group_by_stream`` / ``batch_message`` of
-ingest/coordinator.py, sampled by its own ``Sampler``: same ids kept at the same ratio),
+same channel messages the coordinator would (``split_by_stream`` / ``batch_message`` of
+ingest/coordinator.py, sampled by its own ``Sampler``: same ids kept at the same ratio; control
+records' deletes and pins too, shadowed comments never),
 handing them to the node as if they had come over Pub/Sub (``Node.on_message(via="kafka")``).
 
 The breaker, sans-I/O (times are passed in)::
@@ -47,9 +48,10 @@ from typing import Any, Protocol
 
 from chorus.config import FallbackConfig, SamplingConfig
 from chorus.gateway.node import Node
-from chorus.ingest.coordinator import batch_message, group_by_stream
+from chorus.ingest.coordinator import batch_message, control_message, split_by_stream
 from chorus.ingest.kafka_topic import partition_epoch, topic_id
 from chorus.ingest.log import LogRecord
+from chorus.ingest.records import Comment
 from chorus.ingest.sampling import Sampler, throttle_event
 from chorus.protocol import pack_channel_message
 
@@ -288,20 +290,25 @@ class PubSubFallback:
         """The coordinator's channel messages for the streams this node serves, via the node."""
         if not records:
             return
-        streams, _bad = group_by_stream(records)
+        streams, _bad = split_by_stream(records)
         wanted = set(self.node.subscribed_streams())
         now_ms = int(self.clock() * 1000)
-        for (stream, epoch), comments in streams.items():
+        for (stream, epoch), items in streams.items():
             seen = self.node.last_offsets.get(stream, -1)
-            fresh = [c for c in comments if c.offset > seen] if stream in wanted else []
-            if not fresh:
-                continue
-            plan = self.sampler.plan(stream, epoch, fresh, now_ms)
-            if plan.throttle is not None:
-                self._announce(stream, plan.throttle)
-            for i in range(0, len(plan.kept), self.max_batch):
-                self.node.on_message(stream, batch_message(stream, epoch, plan.kept[i : i + self.max_batch]), "kafka")
-                self.delivered_batches += 1
+            fresh = [c for c in items if c.offset > seen] if stream in wanted else []
+            comments = [c for c in fresh if isinstance(c, Comment) and not c.shadow]  # shadowed: the author's only
+            if comments:
+                plan = self.sampler.plan(stream, epoch, comments, now_ms)
+                if plan.throttle is not None:
+                    self._announce(stream, plan.throttle)
+                for i in range(0, len(plan.kept), self.max_batch):
+                    self.node.on_message(stream, batch_message(stream, epoch, plan.kept[i : i + self.max_batch]),
+                                         "kafka")
+                    self.delivered_batches += 1
+            for control in (c for c in fresh if not isinstance(c, Comment)):  # deletes and pins, after the batch
+                message = control_message(control)
+                if message is not None:
+                    self.node.on_message(stream, message, "kafka")
 
     def _tick(self) -> None:
         for stream, _epoch, plan in self.sampler.tick(int(self.clock() * 1000)):

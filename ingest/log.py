@@ -181,6 +181,10 @@ class MemoryLogConsumer:
         for p, off in _next_offsets(records).items():
             self._committed[p] = max(self._committed[p], off)
 
+    def lag(self) -> int:
+        """Records in the log this consumer has not fetched yet (a metric)."""
+        return sum(len(part) - pos for part, pos in zip(self._log._parts, self._position, strict=True))
+
 
 class KafkaLog:
     """The ``comments`` topic on a real Kafka cluster.
@@ -299,6 +303,7 @@ class KafkaLogConsumer:
         self.bootstrap = bootstrap
         self.topic = topic
         self.topic_id = ""
+        self._lag: dict[int, int] = {}  # partition -> records behind its high watermark at the last fetch
         owner = self
 
         class RefreshTopicId(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -335,7 +340,14 @@ class KafkaLogConsumer:
         for tp, msgs in batches.items():
             epoch = partition_epoch(self.topic, tp.partition, self.topic_id)
             out += (LogRecord(tp.partition, m.offset, m.key or b"", m.value or b"", epoch) for m in msgs)
+            high = self._consumer.highwater(tp)
+            if high is not None and msgs:
+                self._lag[tp.partition] = max(0, high - msgs[-1].offset - 1)
         return out
+
+    def lag(self) -> int | None:
+        """Records behind the high watermarks at the last fetch (a metric; None before one)."""
+        return sum(self._lag.values()) if self._lag else None
 
     def pause(self) -> None:
         self._consumer.pause(*self._consumer.assignment())

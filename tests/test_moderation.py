@@ -370,6 +370,7 @@ async def test_moderator_down_then_up_loses_nothing(cluster: Cluster) -> None:
         await viewer.wait_for(is_delete(cid), timeout=60)
     moderator = cluster.moderator.moderator
     assert moderator is not None and moderator.handled >= 3 and moderator.lag_ms >= 1000
+    assert moderator.consumer_lag() is not None
     await viewer.close()
 
 
