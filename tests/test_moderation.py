@@ -27,7 +27,8 @@ from typing import Any
 
 import pytest
 from clients import WebsocketsClient
-from test_e2e import make_config
+from test_e2e import TEST_KEY, make_config
+from test_processes import Proc
 
 from chorus.app import ALL_ROLES, App
 from chorus.auth import mint_token
@@ -57,11 +58,12 @@ async def http(port: int, method: str, path: str, token: str | None = None,
 
 
 class Cluster:
-    def __init__(self, config: Config, core: App, moderator: App, gateways: list[App]) -> None:
+    def __init__(self, config: Config, core: App, moderator: App, gateways: list[App], toml: Path) -> None:
         self.config = config
         self.core = core
-        self.moderator = moderator
+        self.moderator: App | None = moderator
         self.gateways = gateways
+        self.toml = toml  # the same config for `chorus` processes
         self.ports = [g.gateway.port for g in gateways]  # type: ignore[union-attr]
         self.store = SqliteStore(config.history_path)
 
@@ -143,16 +145,21 @@ async def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
                   kafka_bootstrap: str) -> AsyncIterator[Cluster]:
     tmp = tmp_path_factory.mktemp("moderation")
     config = make_config(tmp, "services", request, history__path=str(tmp / "history.sqlite3"))
+    toml = tmp / "chorus.toml"
+    toml.write_text(f'data_dir = "{tmp}"\n[auth]\nkey = "{TEST_KEY}"\n[kafka]\nbootstrap = "{kafka_bootstrap}"\n'
+                    f'[redis]\nurl = "{redis_url}"\nchannel_prefix = "{config.redis.channel_prefix}"\n'
+                    f'[history]\npath = "{config.history_path}"\n')
     core = await start_roles(config, {"coordinator", "archiver"})
     moderator = await start_roles(config, {"moderator"})
     gateways = [await start_roles(config, {"gateway"}) for _ in range(2)]
-    c = Cluster(config, core, moderator, gateways)
+    c = Cluster(config, core, moderator, gateways, toml)
     try:
         await warm_up(c)
         yield c
     finally:
         for app in (*c.gateways, c.moderator, c.core):
-            await app.stop()
+            if app is not None:
+                await app.stop()
         c.store.close()
 
 
@@ -300,6 +307,10 @@ async def test_the_review_queue_round_trips(cluster: Cluster) -> None:
     assert (item["text"], item["stage"], item["resolution"]) == (BORDERLINE, "model", None)
     assert 0.6 <= item["score"] < 0.9 and item["reason"].startswith("profanity-check: score")
     assert not any(e["t"] == "delete" for e in viewer.seen)  # flagged comments stay visible
+    assert cluster.moderator is not None and cluster.moderator.moderator is not None
+    metrics = cluster.moderator.moderator  # what /metrics reads
+    assert metrics.review_queue_depth(stream) == 2 and metrics.decisions["flag", "model"] >= 2
+    assert 0 <= metrics.lag_ms < 5000 and metrics.consumer_lag() is not None and metrics.handled > 0
 
     assert (await cluster.api(f"/mod/streams/{stream}/queue/{kept}", {"action": "keep"}))[0] == 200
     assert (await cluster.api(f"/mod/streams/{stream}/queue/{kept}", {"action": "keep"}))[0] == 404
@@ -341,6 +352,11 @@ async def test_pin_unpin_slow_mode_delete_and_clear_through_the_api(cluster: Clu
 
     assert (await cluster.api(f"/mod/streams/{stream}/comments/{first}/delete", {"reason": "off topic"}))[0] == 200
     await viewer.wait_for(is_delete(first), timeout=5)
+
+    async def archived() -> bool:  # the archiver's tombstone (the clear reads history too)
+        return [c["id"] for c in await cluster.history(stream)] == [second]
+
+    await eventually(archived, what="the tombstone of the deleted comment")
     status, answer = await cluster.api(f"/mod/streams/{stream}/users/{user}/clear")
     assert status == 200 and answer["deleted"] == [second]
     await viewer.wait_for(is_delete(second), timeout=5)
@@ -353,8 +369,12 @@ async def test_pin_unpin_slow_mode_delete_and_clear_through_the_api(cluster: Clu
         await c.close()
 
 
-async def test_moderator_down_then_up_loses_nothing(cluster: Cluster) -> None:
+async def test_moderator_down_then_up_loses_nothing(cluster: Cluster, tmp_path: Path) -> None:
+    """The in-process moderator stops; comments flow unmoderated; `chorus moderator` (a process,
+    as deployed) starts and catches up from the group's committed offset."""
+    assert cluster.moderator is not None
     await cluster.moderator.stop()
+    cluster.moderator = None
     stream = sid("down")
     viewer = await cluster.viewer(stream, 1)
     ids = []
@@ -365,13 +385,27 @@ async def test_moderator_down_then_up_loses_nothing(cluster: Cluster) -> None:
         await poster.close()
     await asyncio.sleep(1.0)
     assert not any(e["t"] == "delete" for e in viewer.seen)
-    cluster.moderator = await start_roles(cluster.config, {"moderator"})
-    for cid in ids:
-        await viewer.wait_for(is_delete(cid), timeout=60)
-    moderator = cluster.moderator.moderator
-    assert moderator is not None and moderator.handled >= 3 and moderator.lag_ms >= 1000
-    assert moderator.consumer_lag() is not None
+    process = Proc(["moderator", "--config", str(cluster.toml)], tmp_path / "moderator.log")
+    try:
+        for cid in ids:
+            await viewer.wait_for(is_delete(cid), timeout=60)
+    finally:
+        assert process.stop() == 0, process.output()
+    assert "Chorus moderator running" in process.output()
+    history = [c["id"] for c in await cluster.history(stream)]
+    assert not set(ids) & set(history)
     await viewer.close()
+
+
+def test_a_model_that_cannot_load_stops_the_moderator_at_start_up(tmp_path: Path) -> None:
+    toml = tmp_path / "chorus.toml"
+    toml.write_text(f'[auth]\nkey = "{TEST_KEY}"\n[kafka]\nbootstrap = "127.0.0.1:9"\n[redis]\n'
+                    f'url = "redis://127.0.0.1:9"\n[moderation]\nmodel = "no_such_package.models:load"\n'
+                    f'[history]\npath = "{tmp_path / "h.sqlite3"}"\n')
+    process = Proc(["moderator", "--config", str(toml)], tmp_path / "moderator.log")
+    assert process.popen.wait(60) == 2
+    process.stop()
+    assert "config key moderation.model: cannot import 'no_such_package.models'" in process.output()
 
 
 async def test_the_embedded_default_moderates_too(tmp_path: Path, request: pytest.FixtureRequest) -> None:
