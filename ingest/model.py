@@ -16,6 +16,10 @@ product cost little more for 2,000 texts than for one). ``moderation.model`` cho
 The moderator scores the text as written and, where it differs, the text normalised as for
 the blocklist (``sh1t`` -> ``shit``, accents and look-alike letters undone), and keeps the
 higher score: the classifier learnt plain spellings.
+
+Live chat repeats itself ("gg", "lol", "W", copied lines), so :class:`ScoreCache` scores each
+distinct text of a batch once and remembers the scores of recent texts (a model's score
+depends on the text alone).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from chorus.config import ConfigError
 
-__all__ = ["MODELS", "ModelUnavailable", "ProfanityCheckModel", "ToxicityModel", "load_model", "score_texts"]
+__all__ = ["MODELS", "ModelUnavailable", "ProfanityCheckModel", "ScoreCache", "ToxicityModel", "load_model",
+           "score_texts"]
 
 
 class ModelUnavailable(ConfigError):
@@ -108,3 +113,28 @@ def score_texts(model: ToxicityModel, texts: Sequence[str], normalised: Sequence
     for k, i in enumerate(extra):
         out[i] = max(out[i], scores[len(texts) + k])
     return out
+
+
+class ScoreCache:
+    """:func:`score_texts` for a batch, each distinct text once, the newest ``size`` texts' scores kept."""
+
+    def __init__(self, model: ToxicityModel, size: int = 50_000) -> None:
+        self.model = model
+        self.size = size
+        self._scores: dict[str, float] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def score(self, texts: Sequence[str], normalised: Sequence[str]) -> list[float]:
+        todo: dict[str, str] = {}  # distinct texts not cached -> their normalised form
+        for text, norm in zip(texts, normalised, strict=True):
+            if text not in self._scores:
+                todo.setdefault(text, norm)
+        self.misses += len(todo)
+        self.hits += len(texts) - len(todo)
+        if todo:
+            fresh = score_texts(self.model, list(todo), list(todo.values()))
+            if len(self._scores) + len(todo) > self.size:
+                self._scores.clear()  # cheaper than an LRU per text; refills with the chat's current phrases
+            self._scores.update(zip(todo, fresh, strict=True))
+        return [self._scores[t] for t in texts]

@@ -49,7 +49,7 @@ from typing import Any
 from chorus.config import ModerationConfig
 from chorus.ingest.consume import ConsumeLoop
 from chorus.ingest.log import CommentLog, LogRecord, append_many
-from chorus.ingest.model import ToxicityModel, score_texts
+from chorus.ingest.model import ScoreCache, ToxicityModel
 from chorus.ingest.records import Comment, Control, RecordError, decode_any, encode_control
 from chorus.ingest.reputation import Reputation
 from chorus.ingest.rules import Blocklist, SpamRules, deleet, fold, join_spaced
@@ -83,6 +83,7 @@ class Pipeline:
     def __init__(self, cfg: ModerationConfig, model: ToxicityModel | None) -> None:
         self.cfg = cfg
         self.model = model
+        self.scores = ScoreCache(model) if model is not None else None
         self.blocklist = Blocklist(cfg.blocklist, cfg.allowlist)
         self.spam = SpamRules(cfg.spam_repeats, cfg.spam_window_s, cfg.max_links, cfg.link_posts_per_window)
         self.exempt = frozenset(cfg.exempt_badges)
@@ -108,9 +109,9 @@ class Pipeline:
             else:
                 decided.append(None)
         todo = [i for i, d in enumerate(decided) if d is None]
-        if self.model is None:
+        if self.scores is None:
             return [d or Decision(c, "accept", "", None, "") for c, d in zip(comments, decided, strict=True)]
-        scores = score_texts(self.model, [comments[i].text for i in todo], [deleet(normalised[i]) for i in todo])
+        scores = self.scores.score([comments[i].text for i in todo], [deleet(normalised[i]) for i in todo])
         for i, score in zip(todo, scores, strict=True):
             decided[i] = self._by_score(comments[i], score)
         return [d for d in decided if d is not None]

@@ -171,7 +171,7 @@ def _comment(obj: dict[str, Any], epoch: str, offset: int) -> Comment:
         stream=str(obj["stream"]),
         user_id=str(user["id"]),
         user_name=str(user["name"]),
-        badges=tuple(str(b) for b in user.get("badges", ())),
+        badges=tuple(map(str, user["badges"])) if user.get("badges") else (),
         text=str(obj["text"]),
         ts=int(obj["ts"]),
         epoch=epoch,

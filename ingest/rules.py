@@ -88,6 +88,7 @@ _INVISIBLE = re.compile("[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\u
 _LEET_WORD = re.compile(r"[a-z0-9@$|+€]*(?:[a-z][0-9@$|+€]|[0-9@$|+€][a-z])[a-z0-9@$|+€]*")
 _DELEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b", "9": "g",
                          "@": "a", "$": "s", "!": "i", "|": "i", "+": "t", "€": "e"})
+_LEET_CHARS = frozenset("0123456789@$|+€")
 TOKEN_MEMO = 100_000  # words whose prefilter verdict is remembered
 _RUNS = re.compile(r"(.)\1+")
 _NON_WORD = re.compile(f"[^{_WORD_CHARS}!]+")
@@ -115,6 +116,8 @@ def normalise(text: str) -> str:
 def deleet(normalised: str) -> str:
     """Leetspeak spelt out in words that mix letters with digits or symbols (``y0u 1di0t`` ->
     ``you idiot``), for the model, which learnt plain spellings; numbers stay numbers."""
+    if _LEET_CHARS.isdisjoint(normalised):  # most comments: no scan
+        return normalised
     return _LEET_WORD.sub(lambda m: m.group(0).translate(_DELEET), normalised)
 
 
@@ -204,13 +207,17 @@ class Blocklist:
 
     def _candidate(self, normalised: str) -> bool:
         """The prefilter: False only if the expression cannot match."""
-        words = [self._token(t) for t in _TOKEN.findall(normalised)]
-        if any(hit for _, hit in words):
-            return True
+        memo = self._tokens
+        letters = []
+        for token in _TOKEN.findall(normalised):
+            known = memo.get(token) or self._token(token)
+            if known[1]:
+                return True
+            letters.append(known[0])
         if self._phrases:
             # Each word of a phrase shows in the text's letters with the separators taken out
             # (a run across two words collapses to a letter both words keep).
-            joined = "".join(w for w, _ in words)
+            joined = "".join(letters)
             return any(all(part in joined for part in phrase) for phrase in self._phrases)
         return False
 
