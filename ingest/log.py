@@ -47,6 +47,7 @@ class LogUnconfirmed(LogUnavailable):
 # flight that wait alone took most of a gateway's CPU. 512 KiB stays under the broker's default
 # message.max.bytes (1 MiB).
 PRODUCER_BATCH_BYTES = 512 * 1024
+FETCH_MIN_BYTES = 256 * 1024  # a consumer's fetch returns early once this much is there
 PARTITION_MEMO_MAX = 100_000  # keys (streams) whose partition a producer remembers
 
 
@@ -76,7 +77,10 @@ class CommentLog(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
     async def append(self, key: bytes, value: bytes) -> None: ...
-    def consumer(self, group: str) -> LogConsumer: ...
+    def consumer(self, group: str, max_wait_ms: int = 10) -> LogConsumer:
+        """A member of consumer group ``group``. ``max_wait_ms``: how long the log may hold a
+        fetch to fill it (Kafka's fetch.max.wait.ms), the latency a role trades for fewer fetches."""
+        ...
 
 
 async def append_many(comment_log: CommentLog, records: Sequence[tuple[bytes, bytes]]) -> list[Exception | None]:
@@ -134,7 +138,7 @@ class MemoryLog:
         part.append(LogRecord(p, len(part), key, value, self._epochs[p]))
         self._grew.set()
 
-    def consumer(self, group: str) -> MemoryLogConsumer:
+    def consumer(self, group: str, max_wait_ms: int = 10) -> MemoryLogConsumer:
         committed = self._committed.setdefault(group, [0] * len(self._parts))
         return MemoryLogConsumer(self, committed)
 
@@ -399,8 +403,8 @@ class KafkaLog:
             p = self._partition_of[key] = self._partitioner(key, partitions, partitions)
         return p
 
-    def consumer(self, group: str) -> KafkaLogConsumer:
-        return KafkaLogConsumer(self.bootstrap, self.topic, group)
+    def consumer(self, group: str, max_wait_ms: int = 10) -> KafkaLogConsumer:
+        return KafkaLogConsumer(self.bootstrap, self.topic, group, max_wait_ms)
 
 
 class KafkaLogConsumer:
@@ -410,15 +414,21 @@ class KafkaLogConsumer:
     are assigned (recreating the topic changes its metadata, which rebalances the group).
     """
 
-    def __init__(self, bootstrap: str, topic: str, group: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, group: str, max_wait_ms: int = 10) -> None:
         from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 
+        # The broker's CPU goes by requests, not records (~1-2 ms per request on this project's
+        # machines: BENCHMARKS.md, Pipeline). With aiokafka's fetch.min.bytes of 1 every consumer
+        # fetched again as soon as one producer batch landed; letting the broker hold a fetch
+        # for up to max_wait_ms until FETCH_MIN_BYTES arrived bounds each member's fetches.
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
             group_id=group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             client_id=f"chorus-{group}",
+            fetch_max_wait_ms=max_wait_ms,
+            fetch_min_bytes=FETCH_MIN_BYTES,
         )
         self.bootstrap = bootstrap
         self.topic = topic
