@@ -36,8 +36,9 @@ class Archiver:
         self.store = store
         self.written = 0
         self.controls = 0
-        self.loop = ConsumeLoop(comment_log.consumer(GROUP), self.handle, name="archiver", linger_ms=20,
-                                max_records=2000)
+        # History may trail live delivery by a moment: fewer, fuller fetches (the broker's CPU).
+        self.loop = ConsumeLoop(comment_log.consumer(GROUP, max_wait_ms=100), self.handle, name="archiver",
+                                linger_ms=20, max_records=2000)
 
     async def handle(self, records: Sequence[LogRecord]) -> None:
         streams, _bad = split_by_stream(records)

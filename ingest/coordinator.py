@@ -123,8 +123,8 @@ class Coordinator:
         self.throttle_events = 0
         self.control_events = 0  # control records applied (deletes, shadows, pins, unpins)
         self._publishing = asyncio.Lock()  # one stream's throttle events and batches stay in order
-        self.loop = ConsumeLoop(comment_log.consumer(GROUP), self.handle, name="coordinator",
-                                linger_ms=flush_interval_ms, max_records=max_batch)
+        self.loop = ConsumeLoop(comment_log.consumer(GROUP, max_wait_ms=flush_interval_ms), self.handle,
+                                name="coordinator", linger_ms=flush_interval_ms, max_records=max_batch)
 
     async def handle(self, records: Sequence[LogRecord]) -> None:
         streams, bad = split_by_stream(records)

@@ -148,7 +148,8 @@ class Moderator:
         self.reputation = reputation
         self.cfg = cfg
         self.pipeline = Pipeline(cfg, model)
-        self.consumer = comment_log.consumer(GROUP)
+        # Moderation may trail delivery by a moment: fuller fetches cost the broker less CPU.
+        self.consumer = comment_log.consumer(GROUP, max_wait_ms=50)
         self.loop = ConsumeLoop(self.consumer, self.handle, name="moderator", linger_ms=cfg.linger_ms,
                                 max_records=cfg.batch_size)
         self._decided: tuple[Sequence[LogRecord], list[Decision]] | None = None

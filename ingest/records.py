@@ -26,6 +26,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from chorus.protocol import json_compact
+
 __all__ = ["CONTROL_OPS", "Comment", "Control", "RecordError", "decode_any", "decode_record", "encode_control",
            "encode_record"]
 
@@ -106,7 +108,7 @@ class Control:
 
 
 def _dumps(value: dict[str, Any]) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    return json_compact(value).encode()
 
 
 def encode_control(c: Control) -> tuple[bytes, bytes]:
