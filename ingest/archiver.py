@@ -55,6 +55,9 @@ class Archiver:
         for c in controls:
             if c.op == "delete":
                 self.store.delete_comments(c.stream, [c.id])
+                pinned = self.store.pin(c.stream)
+                if pinned is not None and pinned.get("id") == c.id:  # as the coordinator: a deleted pin goes
+                    self.store.set_pin(c.stream, None)
             elif c.op == "shadow":
                 self.store.shadow_comments(c.stream, [c.id])
             elif c.op == "pin":
