@@ -74,6 +74,7 @@ USER_ID = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
 MAX_TIMEOUT_S = 14 * 86400
 DEFAULT_CLEAR_S = 3600
 CLEAR_MAX = 500  # comments one clear deletes at most
+STOP_TIMEOUT_S = 3.0
 _PATH = re.compile(r"^/mod/streams/(?P<stream>[^/]+)/(?P<rest>.+)$")
 # (method, pattern of the rest of the path, handler name)
 _ROUTES = [
@@ -150,7 +151,12 @@ class GatewayModeration:
         self.registry.start()
 
     async def stop(self) -> None:
-        await self.registry.stop()
+        """Remove this gateway from the registry (bounded: a stopping gateway must not hang on Redis)."""
+        try:
+            await asyncio.wait_for(self.registry.stop(), STOP_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("connection registry: not cleaned up within %.0f s; its keys expire on their own",
+                        STOP_TIMEOUT_S)
         if self._redis is not None:
             await self._redis.aclose()
 

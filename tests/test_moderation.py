@@ -392,8 +392,11 @@ async def test_moderator_down_then_up_loses_nothing(cluster: Cluster, tmp_path: 
     finally:
         assert process.stop() == 0, process.output()
     assert "Chorus moderator running" in process.output()
-    history = [c["id"] for c in await cluster.history(stream)]
-    assert not set(ids) & set(history)
+
+    async def tombstoned() -> bool:  # the archiver applies the deletes a moment later
+        return not set(ids) & {c["id"] for c in await cluster.history(stream)}
+
+    await eventually(tombstoned, what="the tombstones in history")
     await viewer.close()
 
 
