@@ -6,7 +6,8 @@ mentions, numbers, emoji and endings, so few texts repeat exactly), 5% blocklist
 in disguise (``sh1t``, ``f u c k``, ``fμck``...), 5% offensive sentences for the model, 3%
 repeated spam and 2% link floods, from 5,000 users on 20 streams.
 
-This process is pinned to one CPU (1; Kafka and Redis, when used, to CPU 0). Measured:
+This process is pinned to one CPU (1; Kafka and Redis, when used, to CPU 0) and tunes its
+garbage collector as ``chorus moderator`` does (``chorus.app.tune_gc``). Measured:
 
 1. **rules**: stage 1 alone (normalisation, blocklist, spam) over the mix in batches;
 2. **model**: stage 2 alone (``profanity-check`` on the written and normalised texts);
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import LOAD_CPU, ROOT, md_table
+from chorus.app import tune_gc
 from chorus.config import ModerationConfig
 from chorus.ingest.log import CommentLog, KafkaLog, MemoryLog, append_many
 from chorus.ingest.model import load_model, score_texts
@@ -204,6 +206,7 @@ def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     model = load_model("profanity-check")
     load_s = time.perf_counter() - t
     mix = make_mix(args.comments, args.seed)
+    tune_gc()  # as `chorus moderator` does once started (chorus/app.py)
     print(f"model loaded in {load_s:.1f} s; {len(mix):,} comments", flush=True)
     data: dict[str, Any] = {"comments": len(mix), "batch": args.batch, "model_load_s": round(load_s, 2),
                             "target_per_s": TARGET_PER_S, "stages": stages(mix, args.batch, model)}
