@@ -93,10 +93,12 @@ async def _set_ban(config: Config, stream: str, user: str, banned: bool, seconds
     from chorus.ingest.limits import ALL_STREAMS, RedisSanctions, redis_client
 
     client = redis_client(config.redis.url, 5000)
+    told = 0
     try:
         sanctions = RedisSanctions(client, config.redis.channel_prefix)
         if banned:
             await sanctions.ban(stream, user, seconds)
+            told = await _kick(config, client, stream, user, seconds)
         else:
             await sanctions.unban(stream, user)
     finally:
@@ -104,7 +106,25 @@ async def _set_ban(config: Config, stream: str, user: str, banned: bool, seconds
     where = "every stream" if stream == ALL_STREAMS else f"stream {stream}"
     if not banned:
         return f"user {user}: unbanned from {where}"
-    return f"user {user}: " + (f"timed out from {where} for {seconds:g} s" if seconds else f"banned from {where}")
+    done = f"timed out from {where} for {seconds:g} s" if seconds else f"banned from {where}"
+    return f"user {user}: {done}; {told} gateways told to close their connections"
+
+
+async def _kick(config: Config, client: Any, stream: str, user: str, seconds: float | None) -> int:
+    """Close the user's open connections on every gateway holding some (the connection registry)."""
+    from chorus.broker import RedisBroker
+    from chorus.codes import CloseCode
+    from chorus.gateway.modapi import publish_kick
+    from chorus.gateway.registry import ConnectionRegistry
+
+    gateways = await ConnectionRegistry("cli", client, config.redis.channel_prefix).gateways(user)
+    broker = RedisBroker(config.redis.url, config.redis.channel_prefix, sharded=config.redis.sharded_pubsub)
+    try:
+        code = CloseCode.BANNED if seconds is None else CloseCode.TIMED_OUT
+        await publish_kick(broker, gateways, user, stream, code, "banned" if seconds is None else "timed out")
+    finally:
+        await broker.stop()
+    return len(gateways)
 
 
 def _mode(args: argparse.Namespace) -> int:

@@ -65,7 +65,7 @@ from chorus.protocol import JSON, MSGPACK, ChannelMessage, encode_event, pack_ch
 if TYPE_CHECKING:
     from chorus.gateway.server import Gateway
 
-__all__ = ["CONTROL_PREFIX", "GatewayModeration"]
+__all__ = ["CONTROL_PREFIX", "GatewayModeration", "publish_kick"]
 
 log = logging.getLogger("chorus.modapi")
 
@@ -126,6 +126,14 @@ def _int_field(body: dict[str, Any], name: str, low: int, high: int, default: in
 def _reason(body: dict[str, Any]) -> str:
     reason = body.get("reason", "")
     return reason[:200] if isinstance(reason, str) else ""
+
+
+async def publish_kick(broker: Broker, gateways: list[str], user: str, stream: str, code: int, reason: str) -> None:
+    """Tell each gateway (instance ids, from the registry) to close ``user``'s connections to
+    ``stream`` ("*": every stream) with ``code``."""
+    message = json.dumps({"op": "kick", "user": user, "stream": stream, "code": int(code), "reason": reason})
+    for gateway in gateways:
+        await broker.publish(CONTROL_PREFIX + gateway, pack_channel_message(message.encode()))
 
 
 class GatewayModeration:
@@ -343,11 +351,9 @@ class GatewayModeration:
                            "the ban is stored but the connection registry did not answer; open connections "
                            "were not closed, try again") from None
         self.close_user(user, stream, code, reason)
-        message = json.dumps({"op": "kick", "user": user, "stream": stream, "code": int(code), "reason": reason})
-        for gateway in gateways:
-            if gateway != self.registry.instance:
-                await self.broker.publish(CONTROL_PREFIX + gateway, pack_channel_message(message.encode()))
-        return len(set(gateways) | {self.registry.instance})
+        others = [g for g in gateways if g != self.registry.instance]
+        await publish_kick(self.broker, others, user, stream, code, reason)
+        return len(others) + 1
 
     async def _clear(self, who: Identity, stream: str, args: dict[str, str], body: dict[str, Any]) -> Answer:
         user = args["user"]

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -287,6 +289,16 @@ async def test_a_ban_closes_the_user_on_both_gateways_and_refuses_new_connection
     assert status == 200 and answer["seconds"] == 60
     assert await back.wait_closed(timeout=2) == 4504
     assert (await cluster.api(f"/mod/streams/{stream}/users/{user}/timeout", {}))[0] == 400
+
+    # The operator's `chorus ban` closes open connections through the registry too.
+    other = f"cli-{uuid.uuid4().hex[:6]}"
+    victim = await cluster.viewer(stream, 1, cluster.token(other))
+    await asyncio.sleep(0.5)
+    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "chorus.cli", "ban", stream, other,
+                                                   "--config", str(cluster.toml)],
+                                  capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "1 gateways told" in out.stdout, out.stdout + out.stderr
+    assert await victim.wait_closed(timeout=5) == 4503
     await bystander.close()
 
 
