@@ -137,7 +137,7 @@ async def role(mix: list[Comment], batch: int, model: Any, comment_log: CommentL
     """The Moderator role over ``mix`` already in ``comment_log``, from the end of its first batch
     (consumer start and group join left out) to the end of its last."""
     store = SqliteStore(store_dir / "history.sqlite3")
-    moderator = Moderator(comment_log, store, reputation, ModerationConfig(batch_size=batch), model)
+    moderator = Moderator(comment_log, store, reputation, ModerationConfig(batch_size=batch), model, offload=False)
     task = asyncio.create_task(moderator.run())
     first: tuple[_Clock, int] | None = None
     try:

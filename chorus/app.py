@@ -95,7 +95,7 @@ class App:
         if roles & {"gateway", "archiver", "moderator"}:
             app.store = SqliteStore(config.history_path)
         if "moderator" in roles and config.moderation.enabled:
-            app.moderator = await _moderator(config, comment_log, app.store, app.reputation)
+            app.moderator = await _moderator(config, comment_log, app.store, app.reputation, "gateway" in roles)
         if "gateway" in roles:
             g = config.gateway
             node = Node(broker, g.unsubscribe_delay_ms)
@@ -188,14 +188,14 @@ def _reputation(config: Config) -> Reputation:
 
 
 async def _moderator(config: Config, comment_log: CommentLog, store: SqliteStore | None,
-                     reputation: Reputation) -> Moderator:
+                     reputation: Reputation, offload: bool) -> Moderator:
     """The moderator role, its model loaded first (seconds; in a thread): a model that cannot be
     loaded stops start-up with a ConfigError naming moderation.model."""
     from chorus.ingest.model import load_model
 
     model = await asyncio.to_thread(load_model, config.moderation.model)
     log.info("moderator: model %s", model.name if model is not None else "none (rules and reputation only)")
-    return Moderator(comment_log, store, reputation, config.moderation, model)
+    return Moderator(comment_log, store, reputation, config.moderation, model, offload)
 
 
 def tune_gc() -> None:

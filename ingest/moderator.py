@@ -25,9 +25,11 @@ them, and each is idempotent):
 - every decision but accept (and accepts too with ``record_accepts``) is written to
   ``moderation_actions`` with its stage, score and reason; flags enter the review queue.
 
-Stages 1 and 2 run in a worker thread (they are CPU work; on ``chorus run`` the gateway
-shares this event loop). A batch whose effects fail is retried with the decisions already
-made, so the spam rules' memory counts each comment once. Authors with an exempt badge
+Stages 1 and 2 are CPU work: where a gateway shares the event loop (``chorus run``) they run
+in a worker thread; a moderator process of its own (``chorus moderator``) runs them on the
+loop, which spares the handing of the GIL back and forth with the Kafka fetcher. A batch
+whose effects fail is retried with the decisions already made, so the spam rules' memory
+counts each comment once. Authors with an exempt badge
 (broadcaster, moderator) and comments already shadowed are not moderated.
 
 Metrics (attributes, read by /metrics): ``handled``, ``batches``, ``decisions`` (a Counter of
@@ -142,8 +144,9 @@ class Pipeline:
 
 class Moderator:
     def __init__(self, comment_log: CommentLog, store: SqliteStore | None, reputation: Reputation,
-                 cfg: ModerationConfig, model: ToxicityModel | None) -> None:
+                 cfg: ModerationConfig, model: ToxicityModel | None, offload: bool = True) -> None:
         self.log = comment_log
+        self.offload = offload  # classify in a worker thread (the event loop serves a gateway too)
         self.store = store
         self.reputation = reputation
         self.cfg = cfg
@@ -168,7 +171,12 @@ class Moderator:
         else:
             comments = self._comments(records)
             started = time.perf_counter()
-            decisions = await asyncio.to_thread(self.pipeline.classify, comments) if comments else []
+            if not comments:
+                decisions = []
+            elif self.offload:
+                decisions = await asyncio.to_thread(self.pipeline.classify, comments)
+            else:
+                decisions = self.pipeline.classify(comments)
             self.stage_seconds["classify"] += time.perf_counter() - started
             decisions = await self._settle(decisions)
             self._decided = (records, decisions)

@@ -37,6 +37,10 @@ from chorus.auth import mint_token
 from chorus.config import Config
 from chorus.ingest.store import SqliteStore
 
+# The cluster's set-up (the first test) waits for two consumer groups to join a broker that
+# may have just started, on a shared machine: more than the default 120 s may be needed.
+pytestmark = pytest.mark.timeout(300)
+
 DELETE_WITHIN_S = 2.0
 OFFENSIVE = "you are a f u c k i n g idiot"
 BORDERLINE = "hate this guy"  # the model scores it between flag_at and delete_at
