@@ -123,6 +123,8 @@ class _Stream:
     handle: int
     viewers: int = 0
     replay: deque[ChannelMessage] = field(default_factory=lambda: deque(maxlen=REPLAY_BATCHES))
+    # Control events (deletes, pins, modes) by arrival number, for viewers joining meanwhile.
+    controls: deque[tuple[int, ChannelMessage]] = field(default_factory=lambda: deque(maxlen=REPLAY_BATCHES))
 
 
 @dataclass(slots=True)
@@ -195,6 +197,7 @@ class Gateway:
         self._timer_at = 0.0
         self.started_at = time.time()
         self.moderation: GatewayModeration | None = None  # gateway/modapi.py; set by the app
+        self._controls_seen = 0  # control events delivered so far (numbers _Stream.controls)
         node.deliver = self.deliver
 
     # -- lifecycle --
@@ -296,6 +299,9 @@ class Gateway:
             return
         if message.offset is not None:
             s.replay.append(message)
+        else:
+            self._controls_seen += 1
+            s.controls.append((self._controls_seen, message))
         # variants() has a bit per (variant & 3): plain and deflated viewers of one encoding both
         # need that encoding's payload (the hub compresses it once for the deflated ones).
         mask = self.hub.variants(s.handle)
@@ -479,6 +485,7 @@ class Gateway:
             self._by_handle[s.handle] = s
             self._next_handle += 1
         s.viewers += 1
+        controls_before = self._controls_seen  # a delete or pin arriving from here on is replayed below
         epoch, offset = await self.state.position(up.stream)
         recent = await self.state.recent(up.stream, self.config.gateway.recent_on_welcome)
         mode = await self.state.get_mode(up.stream)
@@ -499,9 +506,10 @@ class Gateway:
             "user": {"id": up.who.user_id, "name": up.who.name} if up.who else None,
         }
         self.hub.send(conn, encode_event(welcome, up.wire))
-        for missed in (m for m in s.replay if m.offset is not None and m.offset > offset):
-            payload = missed.event_json if up.wire == JSON else msgpack.packb(json.loads(missed.event_json))
-            self.hub.send(conn, payload)
+        missed = [m for m in s.replay if m.offset is not None and m.offset > offset]
+        missed += [m for n, m in s.controls if n > controls_before]  # after the batches they may name
+        for m in missed:
+            self.hub.send(conn, m.event_json if up.wire == JSON else msgpack.packb(json.loads(m.event_json)))
         self.on_hub_ready()
 
     async def _release_when_sent(self, raw: asyncio.Transport) -> bool:
