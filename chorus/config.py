@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,8 +28,10 @@ __all__ = [
     "HistoryConfig",
     "KafkaConfig",
     "LimitsConfig",
+    "ReactionsConfig",
     "RedisConfig",
     "SamplingConfig",
+    "ViewersConfig",
     "load_config",
 ]
 
@@ -196,6 +199,49 @@ class FallbackConfig:
 
 
 @dataclass(frozen=True)
+class ReactionsConfig:
+    emoji: tuple[str, ...] = doc(
+        "Reactions viewers may send, by name (a-z 0-9 _); the page shows a glyph for the names it knows.",
+        ("heart", "fire", "laugh", "wow", "clap", "sad"),
+    )
+    user_per_second: int = doc(
+        "Reactions one viewer may send per second on a gateway, after a burst of as many (GCRA); past it "
+        "they are dropped and the viewer is told once (rate_limited). 0 turns the limit off.", 10
+    )
+    anonymous: bool = doc("Let viewers without a token react (limited per address instead of per user).", False)
+    flush_interval_ms: int = doc(
+        "Each gateway adds the reactions it counted into the stream's totals this often (in Redis: one "
+        "pipelined HINCRBY per stream and emoji, never one call per reaction).", 500
+    )
+    broadcast_interval_ms: int = doc(
+        "Viewers get the stream's reaction totals (a `reactions` event, when they changed) this often.", 1000
+    )
+    high_traffic_streams: tuple[str, ...] = doc(
+        "Streams in high-traffic mode ('*': every stream): their reactions flush and their totals go out every "
+        "high_traffic_interval_ms instead.", ()
+    )
+    high_traffic_interval_ms: int = doc("Flush and broadcast interval of high-traffic streams.", 100)
+    retention_s: int = doc("A stream's reaction totals are kept this long after its last reaction.", 7 * 86400)
+
+
+@dataclass(frozen=True)
+class ViewersConfig:
+    interval_ms: int = doc(
+        "Each gateway reports its live viewers per stream, and viewers get a `viewers` event when the "
+        "numbers changed, this often.", 1000
+    )
+    ttl_ms: int = doc(
+        "A gateway's report counts this long: one that stops reporting (killed) drops out of the counts "
+        "after it. At least twice interval_ms.", 5000
+    )
+    exact_unique_max: int = doc(
+        "Unique viewers are counted exactly (a set of ids) up to this many per stream, then estimated with "
+        "HyperLogLog (about 0.8% error, at most 12 KiB per stream).", 1000
+    )
+    retention_s: int = doc("A stream's unique-viewer count is kept this long after its last join.", 7 * 86400)
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: str = doc("Directory of the embedded default's files.", ".chorus")
     log_level: str = doc("Logging level: DEBUG, INFO, WARNING or ERROR.", "INFO")
@@ -208,6 +254,8 @@ class Config:
     limits: LimitsConfig = doc("", LimitsConfig)
     sampling: SamplingConfig = doc("", SamplingConfig)
     fallback: FallbackConfig = doc("", FallbackConfig)
+    reactions: ReactionsConfig = doc("", ReactionsConfig)
+    viewers: ViewersConfig = doc("", ViewersConfig)
 
     @property
     def embedded(self) -> bool:
@@ -248,6 +296,7 @@ class Config:
             ("limits.max_inflight_posts", self.limits.max_inflight_posts >= 1, "must be >= 1"),
             ("log_level", self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "unknown level"),
             *self._sampling_checks(),
+            *self._engagement_checks(),
         ]
         for key, ok, why in checks:
             if not ok:
@@ -280,6 +329,24 @@ class Config:
             ("fallback.probe_timeout_ms", 10 <= f.probe_timeout_ms <= 60_000, "must be 10-60000"),
             ("fallback.retry_after_s", f.retry_after_s > 0, "must be > 0"),
             ("fallback.rewind_ms", 0 <= f.rewind_ms <= 600_000, "must be 0-600000"),
+        ]
+
+    def _engagement_checks(self) -> list[tuple[str, bool, str]]:
+        """Checks of [reactions] and [viewers]."""
+        r, v = self.reactions, self.viewers
+        names = [e for e in r.emoji if re.fullmatch(r"[a-z0-9_]{1,32}", e)]
+        return [
+            ("reactions.emoji", 1 <= len(r.emoji) <= 64 and len(names) == len(set(r.emoji)),
+             "must name 1-64 distinct reactions of 1-32 characters a-z 0-9 _"),
+            ("reactions.user_per_second", 0 <= r.user_per_second <= 10_000, "must be 0-10000"),
+            ("reactions.flush_interval_ms", 10 <= r.flush_interval_ms <= 60_000, "must be 10-60000"),
+            ("reactions.broadcast_interval_ms", 10 <= r.broadcast_interval_ms <= 60_000, "must be 10-60000"),
+            ("reactions.high_traffic_interval_ms", 10 <= r.high_traffic_interval_ms <= 60_000, "must be 10-60000"),
+            ("reactions.retention_s", r.retention_s >= 60, "must be >= 60"),
+            ("viewers.interval_ms", 100 <= v.interval_ms <= 60_000, "must be 100-60000"),
+            ("viewers.ttl_ms", 2 * v.interval_ms <= v.ttl_ms <= 3_600_000, "must be at least 2 x viewers.interval_ms"),
+            ("viewers.exact_unique_max", 0 <= v.exact_unique_max <= 1_000_000, "must be 0-1000000"),
+            ("viewers.retention_s", v.retention_s >= 60, "must be >= 60"),
         ]
 
 

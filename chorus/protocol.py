@@ -11,6 +11,7 @@ Two encodings carry the same maps: ``chorus.json.v1`` (text frames, the default)
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,11 +22,13 @@ from chorus.codes import MAX_COMMENT_CHARS, MAX_NONCE_CHARS, ErrorCode
 __all__ = [
     "JSON",
     "MSGPACK",
+    "REACTION_NAME",
     "SUBPROTOCOLS",
     "BadMessage",
     "ChannelMessage",
     "ClientMessage",
     "PostComment",
+    "React",
     "Resume",
     "Wire",
     "choose_subprotocol",
@@ -42,6 +45,8 @@ Wire = Literal["json", "msgpack"]
 JSON: Wire = "json"
 MSGPACK: Wire = "msgpack"
 SUBPROTOCOLS: dict[str, Wire] = {"chorus.json.v1": JSON, "chorus.msgpack.v1": MSGPACK}
+# A reaction's name on the wire ("fire"): the page maps names to glyphs.
+REACTION_NAME = re.compile(r"^[a-z0-9_]{1,32}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,13 +62,20 @@ class Resume:
 
 
 @dataclass(frozen=True, slots=True)
+class React:
+    """A reaction: the emoji's name (whether it is in the configured set is the gateway's check)."""
+
+    emoji: str
+
+
+@dataclass(frozen=True, slots=True)
 class BadMessage:
     code: ErrorCode
     reason: str
     nonce: str | None = None
 
 
-ClientMessage = PostComment | Resume | BadMessage
+ClientMessage = PostComment | Resume | React | BadMessage
 
 
 def choose_subprotocol(offered: str | None) -> str | None:
@@ -123,6 +135,13 @@ def _parse_resume(obj: dict[str, Any]) -> ClientMessage:
     return Resume(epoch, offset)
 
 
+def _parse_react(obj: dict[str, Any]) -> ClientMessage:
+    emoji = obj.get("emoji")
+    if not isinstance(emoji, str) or not REACTION_NAME.match(emoji):
+        return BadMessage(ErrorCode.BAD_MESSAGE, "react needs an emoji name of 1-32 characters a-z 0-9 _")
+    return React(emoji)
+
+
 def parse_client_message(data: bytes, wire: Wire) -> ClientMessage:
     """Decode one whole client message (already UTF-8 checked for text frames)."""
     try:
@@ -136,6 +155,8 @@ def parse_client_message(data: bytes, wire: Wire) -> ClientMessage:
         return _parse_comment(obj)
     if kind == "resume":
         return _parse_resume(obj)
+    if kind == "react":
+        return _parse_react(obj)
     return BadMessage(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind[:32]!r}")
 
 

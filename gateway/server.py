@@ -35,7 +35,9 @@ from chorus.auth import AuthError, Identity, mint_token, verify_token
 from chorus.broker import StreamState
 from chorus.codes import CloseCode, ErrorCode, HttpErrorCode
 from chorus.config import Config
+from chorus.counters import Counters
 from chorus.extensions import DeflateParams, negotiate_deflate
+from chorus.gateway.engagement import Engagement, open_counters
 from chorus.gateway.handoff import RecordingProtocol, detach_socket, picows_protocol_factory
 from chorus.gateway.http import (
     STREAM_ID,
@@ -59,6 +61,7 @@ from chorus.protocol import (
     BadMessage,
     ChannelMessage,
     PostComment,
+    React,
     Resume,
     Wire,
     choose_subprotocol,
@@ -150,7 +153,7 @@ class Upgrader(WSListener):
 
 class Gateway:
     def __init__(self, config: Config, admission: Admission, node: Node, state: StreamState,
-                 store: HistoryStore | None) -> None:
+                 store: HistoryStore | None, counters: Counters | None = None) -> None:
         self.config = config
         self.admission = admission
         self.node = node
@@ -181,12 +184,16 @@ class Gateway:
         self._timer_at = 0.0
         self.started_at = time.time()
         node.deliver = self.deliver
+        # Reactions and viewer counts (gateway/engagement.py): its events reach local viewers as control events.
+        self.engagement = Engagement(config, counters or open_counters(config), self._local_viewers,
+                                     lambda stream, event: self.deliver(stream, ChannelMessage(event)))
 
     # -- lifecycle --
     async def start(self) -> None:
         g = self.config.gateway
         loop = asyncio.get_running_loop()
         await self.node.start()
+        self.engagement.start()
         loop.add_reader(self.hub.fileno(), self.on_hub_ready)
         picows_log = logging.getLogger("chorus.picows")
         if not picows_log.isEnabledFor(logging.DEBUG):
@@ -219,6 +226,7 @@ class Gateway:
         if self._timer is not None:
             self._timer.cancel()
         self.hub.shutdown()
+        await self.engagement.stop()
         await self.node.stop()
 
     def spawn(self, coro: Any) -> None:
@@ -320,6 +328,13 @@ class Gateway:
                 self.spawn(self.post(conn, s.name, who, msg, reply_wire, ip))
         elif isinstance(msg, Resume):
             self.spawn(self.resume(conn, s.name, msg, reply_wire))
+        elif isinstance(msg, React):
+            refused = self.engagement.react(s.name, who.user_id if who else None, ip, msg.emoji)
+            if refused is not None:
+                self.hub.send(conn, encode_event(refused, reply_wire))
+
+    def _local_viewers(self) -> dict[str, int]:
+        return {name: s.viewers for name, s in self._streams.items()}
 
     # -- routing (called by picows for every request) --
     def route(self, request: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
@@ -456,13 +471,15 @@ class Gateway:
         epoch, offset = await self.state.position(up.stream)
         recent = await self.state.recent(up.stream, self.config.gateway.recent_on_welcome)
         mode = await self.state.get_mode(up.stream)
+        self.engagement.joined(up.stream, up.who.user_id if up.who else None, ip)
+        counts = await self.engagement.welcome(up.stream)
         if raw.is_closing() or not await self._release_when_sent(raw):
             self._viewer_left(s.handle, ip)
             return
         conn = self.hub.adopt(detach_socket(raw), s.handle, up.variant(), leftover, tag)
         welcome = {
             "t": "welcome", "stream": up.stream, "epoch": epoch, "offset": offset, "recent": recent,
-            "pin": None, "reactions": {}, "viewers": {"now": s.viewers}, "mode": mode.to_wire(),
+            "pin": None, **counts, "mode": mode.to_wire(),
             "user": {"id": up.who.user_id, "name": up.who.name} if up.who else None,
         }
         self.hub.send(conn, encode_event(welcome, up.wire))
