@@ -178,8 +178,10 @@ class Engagement:
         self._hot_all = "*" in r.high_traffic_streams
         self._hot = frozenset(r.high_traffic_streams)
         now = clock()
-        self._timers = {NORMAL: _Timer(r.flush_interval_ms / 1000, r.broadcast_interval_ms / 1000, now),
-                        HOT: _Timer(r.high_traffic_interval_ms / 1000, r.high_traffic_interval_ms / 1000, now)}
+        self._timers = {NORMAL: _Timer(r.flush_interval_ms / 1000, r.broadcast_interval_ms / 1000, now)}
+        if self._hot:  # no 100 ms timer unless some stream needs it
+            hot_s = r.high_traffic_interval_ms / 1000
+            self._timers[HOT] = _Timer(hot_s, hot_s, now)
         self.viewers_interval_s = v.interval_ms / 1000
         self._totals: dict[str, dict[str, int]] = {}  # stream -> totals last sent (or welcomed with)
         self._viewers: dict[str, ViewerCount] = {}  # stream -> count last sent (or fetched)
