@@ -147,7 +147,7 @@ async def test_redis_unique_viewers_switch_from_exact_to_hyperloglog(redis_url: 
         assert found["s"] == ViewerCount(1, 100)  # exact up to the bound
         found = await c.report_viewers("gw", {"s": 1}, {"s": {f"u:{i}" for i in range(50, 5000)}})
         assert abs(found["s"].unique - 5000) / 5000 < 0.03
-        live, exact, hll = c.viewer_keys("s")
+        _live, exact, hll = c.viewer_keys("s")
         assert await raw.smembers(exact) == {b"!overflow"} and await raw.exists(hll)
     finally:
         await raw.aclose()
