@@ -261,6 +261,13 @@ class Engagement:
         self._totals[stream] = self._complete(totals)
         self._viewers.setdefault(stream, counted)
 
+    def live_streams(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The streams this gateway has viewers of, busiest first (the page's stream picker)."""
+        counts = [(max(n, self._viewers.get(stream, ViewerCount()).now), stream)
+                  for stream, n in self._local().items() if n > 0]
+        counts.sort(key=lambda c: (-c[0], c[1]))
+        return [{"id": stream, "viewers": n} for n, stream in counts[:limit]]
+
     # -- reactions --
     def mode(self, stream: str) -> str:
         return HOT if self._hot_all or stream in self._hot else NORMAL

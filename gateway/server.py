@@ -355,6 +355,10 @@ class Gateway:
             return static_response(req.path.removeprefix("/static/"))
         if req.path.startswith("/streams/") and req.path.endswith("/comments"):
             return self._history(req.path[len("/streams/") : -len("/comments")], req)
+        if req.path.startswith("/streams/") and "/" not in req.path[len("/streams/") :].rstrip("/"):
+            return static_response("index.html")  # the viewer page; it checks the id itself
+        if req.path == "/streams":
+            return json_response({"streams": self.engagement.live_streams()})
         if req.path == "/healthz":
             return text_response(HTTPStatus.OK, "ok")
         if req.path == "/readyz":

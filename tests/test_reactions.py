@@ -235,3 +235,19 @@ async def test_killed_gateway_drops_out_of_the_counts(tmp_path: Path, procs: lis
     for c in (stays, *doomed):
         await c.close()
     assert gateways[0].stop() == 0, gateways[0].output()
+
+
+async def test_page_routes_and_the_live_stream_list(env: Env) -> None:
+    from clients import aget_json, http_get
+
+    stream = f"p-{uuid.uuid4().hex[:6]}"
+    viewers = [await env.viewer(stream) for _ in range(2)]
+    for path in ("/", f"/streams/{stream}", f"/streams/{stream}/"):
+        status, page = await asyncio.to_thread(http_get, env.base + path)
+        assert status == 200 and b'id="viewer"' in page and b'id="picker"' in page, path
+    status, listing = await aget_json(f"{env.base}/streams")
+    assert status == 200 and {"id": stream, "viewers": 2} in listing["streams"]
+    status, _ = await asyncio.to_thread(http_get, f"{env.base}/streams/{stream}/nope")
+    assert status == 404
+    for v in viewers:
+        await v.close()
