@@ -1,8 +1,9 @@
 """``python -m bench <scenario> [options]``: run a scenario, print a Markdown table, write JSON.
 
 Scenarios: ``fanout`` (broadcast throughput and latency, every server side by side),
-``connections`` (memory per idle connection, projected to 1M) and ``pipeline`` (comments
-posted through Kafka and Redis to viewers: acceptance and delivery latency). Results go to
+``connections`` (memory per idle connection, projected to 1M), ``pipeline`` (comments
+posted through Kafka and Redis to viewers: acceptance and delivery latency) and ``reactions``
+(reactions/s one gateway counts into Redis). Results go to
 ``bench/out/<scenario>-<timestamp>.json`` (plus PNG plots if matplotlib is installed); the
 servers' and loadgens' stderr to ``bench/out/logs/<scenario>-<timestamp>/``.
 """
@@ -14,11 +15,11 @@ import signal
 import sys
 import time
 
-from bench import connections, fanout, pipeline
+from bench import connections, fanout, pipeline, reactions
 from bench.harness import OUT, floor_exe, loadgen_exe, machine_info, write_json
 from bench.plots import plot
 
-SCENARIOS = {"fanout": fanout, "connections": connections, "pipeline": pipeline}
+SCENARIOS = {"fanout": fanout, "connections": connections, "pipeline": pipeline, "reactions": reactions}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,7 @@ __all__ = [
     "decode_event",
     "encode_event",
     "error_event",
+    "fast_react",
     "pack_channel_message",
     "parse_client_message",
     "unpack_channel_message",
@@ -140,6 +141,17 @@ def _parse_react(obj: dict[str, Any]) -> ClientMessage:
     if not isinstance(emoji, str) or not REACTION_NAME.match(emoji):
         return BadMessage(ErrorCode.BAD_MESSAGE, "react needs an emoji name of 1-32 characters a-z 0-9 _")
     return React(emoji)
+
+
+# A react in the exact form the page and loadgens send: a gateway takes ~100k of these a second,
+# and a match here skips json.loads (anything else goes through parse_client_message).
+_FAST_REACT = re.compile(rb'\{"t":"react","emoji":"([a-z0-9_]{1,32})"\}')
+
+
+def fast_react(data: bytes) -> str | None:
+    """The emoji of a JSON ``react`` in canonical form, else None (then parse it in full)."""
+    m = _FAST_REACT.fullmatch(data)
+    return m.group(1).decode() if m else None
 
 
 def parse_client_message(data: bytes, wire: Wire) -> ClientMessage:

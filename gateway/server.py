@@ -67,6 +67,7 @@ from chorus.protocol import (
     choose_subprotocol,
     encode_event,
     error_event,
+    fast_react,
     parse_client_message,
 )
 
@@ -102,6 +103,15 @@ def _untag(tag: bytes) -> tuple[str, int, Identity | None]:
         return fields[0], fields[1], None
     ip, variant, user_id, name, scopes, role, expires_at = fields
     return ip, variant, Identity(user_id, name, frozenset(scopes), role, expires_at)
+
+
+def _reactor(tag: bytes) -> tuple[str | None, str]:
+    """(user id, ip) from a tag, without building an Identity: the reaction hot path. A user
+    whose token has expired reacts as an anonymous viewer."""
+    fields = msgpack.unpackb(tag)
+    if len(fields) == 2 or time.time() >= fields[6]:
+        return None, fields[0]
+    return fields[2], fields[0]
 
 
 @dataclass(slots=True)
@@ -246,6 +256,9 @@ class Gateway:
         self.hub.poll()
         posts: list[_Post] = []
         for kind, conn, handle, data, tag in self.hub.drain():
+            if kind == native.hub.MESSAGE_TEXT and handle in self._by_handle and (emoji := fast_react(data)):
+                self._react(conn, self._by_handle[handle].name, *_reactor(tag), emoji, JSON)
+                continue
             ip, variant, who = _untag(tag)
             if kind == native.hub.CLOSED:
                 self._viewer_left(handle, ip)
@@ -329,9 +342,13 @@ class Gateway:
         elif isinstance(msg, Resume):
             self.spawn(self.resume(conn, s.name, msg, reply_wire))
         elif isinstance(msg, React):
-            refused = self.engagement.react(s.name, who.user_id if who else None, ip, msg.emoji)
-            if refused is not None:
-                self.hub.send(conn, encode_event(refused, reply_wire))
+            user = who.user_id if who is not None and time.time() < who.expires_at else None
+            self._react(conn, s.name, user, ip, msg.emoji, reply_wire)
+
+    def _react(self, conn: int, stream: str, user: str | None, ip: str, emoji: str, wire: Wire) -> None:
+        refused = self.engagement.react(stream, user, ip, emoji)
+        if refused is not None:
+            self.hub.send(conn, encode_event(refused, wire))
 
     def _local_viewers(self) -> dict[str, int]:
         return {name: s.viewers for name, s in self._streams.items()}

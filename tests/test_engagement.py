@@ -13,7 +13,7 @@ from chorus.codes import ErrorCode
 from chorus.config import ConfigError, load_config
 from chorus.counters import HyperLogLog, MemoryCounters, UniqueCounter, ViewerCount
 from chorus.gateway.engagement import Engagement, ReactionAggregator, viewer_key
-from chorus.protocol import BadMessage, React, parse_client_message
+from chorus.protocol import BadMessage, React, fast_react, parse_client_message
 
 
 class Clock:
@@ -249,3 +249,16 @@ async def test_viewer_counts_report_and_go_out_when_they_change() -> None:
     await e.viewer_tick()  # the last local viewer left: this gateway's count is withdrawn
     assert (await e.counters.snapshot("s"))[1] == ViewerCount(0, 2)
     assert viewer_key(None, "10.1.1.1") == "ip:10.1.1.1" and viewer_key("7", "x") == "u:7"
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"t":"react","emoji":"fire"}', b'{"t": "react", "emoji": "fire"}', b'{"emoji":"fire","t":"react"}',
+    b'{"t":"react","emoji":"Fire"}', b'{"t":"react","emoji":"fire","x":1}', b'{"t":"react","emoji":""}',
+    b'{"t":"react","emoji":"fire"} ', b'{"t":"react","emoji":"f\\u0069re"}', b'{"t":"comment","text":"fire"}',
+])
+def test_fast_react_agrees_with_the_full_parser(raw: bytes) -> None:
+    """The fast path takes only the canonical form; whatever it takes, the full parser reads the same."""
+    fast = fast_react(raw)
+    if fast is not None:
+        assert parse_client_message(raw, "json") == React(fast)
+    assert (fast is not None) == (raw == b'{"t":"react","emoji":"fire"}')
