@@ -105,13 +105,15 @@ def _untag(tag: bytes) -> tuple[str, int, Identity | None]:
     return ip, variant, Identity(user_id, name, frozenset(scopes), role, expires_at)
 
 
-def _reactor(tag: bytes) -> tuple[str | None, str]:
-    """(user id, ip) from a tag, without building an Identity: the reaction hot path. A user
-    whose token has expired reacts as an anonymous viewer."""
+MAX_REACTORS = 100_000  # tags remembered by the reaction hot path (then it starts afresh)
+
+
+def _reactor(tag: bytes) -> tuple[str | None, str, float]:
+    """(user id, ip, token expiry) from a tag, without building an Identity."""
     fields = msgpack.unpackb(tag)
-    if len(fields) == 2 or time.time() >= fields[6]:
-        return None, fields[0]
-    return fields[2], fields[0]
+    if len(fields) == 2:
+        return None, fields[0], 0.0
+    return fields[2], fields[0], fields[6]
 
 
 @dataclass(slots=True)
@@ -182,6 +184,7 @@ class Gateway:
         )
         self.server: asyncio.Server | None = None
         self._recorders: dict[Any, RecordingProtocol] = {}
+        self._reactors: dict[bytes, tuple[str | None, str, float]] = {}  # tag -> (user, ip, expiry)
         self._streams: dict[str, _Stream] = {}
         self._by_handle: dict[int, _Stream] = {}
         self._next_handle = ECHO_HANDLE + 1
@@ -257,7 +260,7 @@ class Gateway:
         posts: list[_Post] = []
         for kind, conn, handle, data, tag in self.hub.drain():
             if kind == native.hub.MESSAGE_TEXT and handle in self._by_handle and (emoji := fast_react(data)):
-                self._react(conn, self._by_handle[handle].name, *_reactor(tag), emoji, JSON)
+                self._react_fast(conn, self._by_handle[handle].name, tag, emoji)
                 continue
             ip, variant, who = _untag(tag)
             if kind == native.hub.CLOSED:
@@ -344,6 +347,17 @@ class Gateway:
         elif isinstance(msg, React):
             user = who.user_id if who is not None and time.time() < who.expires_at else None
             self._react(conn, s.name, user, ip, msg.emoji, reply_wire)
+
+    def _react_fast(self, conn: int, stream: str, tag: bytes, emoji: str) -> None:
+        """A canonical JSON react: the viewer's tag is read once per connection, not per reaction."""
+        found = self._reactors.get(tag)
+        if found is None:
+            if len(self._reactors) >= MAX_REACTORS:
+                self._reactors.clear()
+            found = self._reactors[tag] = _reactor(tag)
+        user, ip, expires_at = found
+        # A user whose token has expired reacts as an anonymous viewer.
+        self._react(conn, stream, user if time.time() < expires_at else None, ip, emoji, JSON)
 
     def _react(self, conn: int, stream: str, user: str | None, ip: str, emoji: str, wire: Wire) -> None:
         refused = self.engagement.react(stream, user, ip, emoji)
