@@ -8,8 +8,9 @@
  * connection w mod N, so each connection writes at rate / (per_write x N) per second with
  * the connections' phases spread evenly.
  * Counts what comes back: `reactions` and `viewers` events, and `error` events by code.
- * Prints {"phase":"connected",...} when the connect phase ends and {"phase":"done",...} at
- * the end. When stdin is a pipe, its closing ends the run early.
+ * At the end each connection is half-closed (FIN) and read until the gateway closes it, so
+ * every reaction sent is read. Prints {"phase":"connected",...} when the connect phase ends
+ * and {"phase":"done",...} at the end. When stdin is a pipe, its closing ends the run early.
  * Build: cc -O2 reactgen.c.
  */
 #define _GNU_SOURCE
@@ -337,7 +338,12 @@ int main(int argc, char **argv) {
         poll_once(1);
     }
     double run_s = (double)(mono_ns() - t1) / 1e9;
-    for (int k = 0; k < 200; k++) poll_once(5);   /* the last totals and errors in flight */
+    /* Half-close and read until the gateway closes each connection: exiting with unread bytes
+     * would reset the sockets, and a reset drops what the gateway has not read yet. */
+    for (int i = 0; i < nconns; i++)
+        if (conns[i].state == OPEN) shutdown(conns[i].fd, SHUT_WR);
+    uint64_t drain_until = mono_ns() + 30000000000ull;
+    while (open_now > 0 && mono_ns() < drain_until) poll_once(5);
     printf("{\"phase\":\"done\",\"conns\":%d,\"connected\":%d,\"open\":%d,\"closed_by_server\":%d,"
            "\"run_s\":%.3f,\"sent\":%lld,\"writes\":%lld,\"blocked_writes\":%lld,\"per_write\":%d,"
            "\"reactions_events\":%lld,\"viewers_events\":%lld,\"errors_rate_limited\":%lld,\"errors_other\":%lld,"

@@ -503,9 +503,16 @@ class Gateway:
             self._by_handle[s.handle] = s
             self._next_handle += 1
         s.viewers += 1
-        epoch, offset = await self.state.position(up.stream)
-        recent = await self.state.recent(up.stream, self.config.gateway.recent_on_welcome)
-        mode = await self.state.get_mode(up.stream)
+        try:
+            epoch, offset = await self.state.position(up.stream)
+            recent = await self.state.recent(up.stream, self.config.gateway.recent_on_welcome)
+            mode = await self.state.get_mode(up.stream)
+        except Exception as exc:  # Redis refused or timed out: undo the join, the client retries
+            log.warning("welcome for %s failed: %s", up.stream, exc)
+            self._viewer_left(s.handle, ip)
+            raw.write(native.encode_close(CloseCode.TRY_AGAIN_LATER, "stream unavailable, try again"))
+            raw.close()
+            return
         self.engagement.joined(up.stream, up.who.user_id if up.who else None, ip)
         counts = await self.engagement.welcome(up.stream)
         if raw.is_closing() or not await self._release_when_sent(raw):
