@@ -6,8 +6,10 @@ step on a fresh stream: ``reactgen`` processes on CPU 1 open RATE / ``--user-rat
 connections, each a different user (JWTs minted with the run's key), spread over source
 addresses 127.0.0.2, .3, ... and over processes (the open-file limit is 20,000 per process),
 and send ``{"t":"react","emoji":...}`` at RATE in total, ``--per-write`` frames per write.
-The per-user limit stays the default (``reactions.user_per_second`` = 10) and
-``--user-rate`` (8) keeps each user under it, so refusals would mean a fault, not the limit.
+Each user sends ``--user-rate`` (8) a second against a limit of ``--user-limit`` (20; the
+default config has 10): a gateway that falls behind reads a user's spaced-out reactions
+together, and against a tight limit that burst is refused, which would measure the
+limiter's view of a backlog rather than throughput. Refusals are reported.
 
 Aggregated rate: the stream's totals hash in Redis is read every 100 ms over the measured
 ``--duration``; the rate is the least-squares slope of total over time, i.e. reactions the
@@ -58,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rates", type=_ints, default=[50_000, 100_000, 150_000], help="reactions/s sent (default "
                    "50000,100000,150000)")
     p.add_argument("--user-rate", type=float, default=8.0, help="reactions/s per connection (one user each)")
+    p.add_argument("--user-limit", type=int, default=20, help="reactions.user_per_second of the gateway (default 20)")
     p.add_argument("--per-write", type=int, default=1, help="reactions per write() (frames in one TCP segment)")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per step")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of sending before the measured window")
@@ -160,7 +163,8 @@ def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     steps: list[dict[str, Any]] = []
     with services(log_dir / "services") as (redis, kafka), Fleet(log_dir) as fleet:
         config = log_dir / "chorus.toml"
-        keys = write_config(config, redis.url, kafka.bootstrap, args.set)
+        keys = write_config(config, redis.url, kafka.bootstrap,
+                            [f"reactions.user_per_second={args.user_limit}", *args.set])
         port = free_port()
         gateway = chorus(fleet, "gateway", config, "gateway", "--port", str(port))
         wait_port(port, gateway)
@@ -178,9 +182,9 @@ def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
                   f"counted/sent {row['counted_of_sent']:.4f}, gateway CPU {row['gateway_cpu_pct']:.0f}% "
                   f"({time.monotonic() - t0:.0f} s)", flush=True)
         dead = [] if gateway.alive() else ["gateway"]
-    return {"rates": args.rates, "user_rate": args.user_rate, "per_write": args.per_write,
-            "duration_s": args.duration, "warmup_s": args.warmup, "config": keys, "exited_early": dead,
-            "reactgen": str(BENCH / "reactgen.c"), "steps": steps}
+    return {"rates": args.rates, "user_rate": args.user_rate, "user_limit": args.user_limit,
+            "per_write": args.per_write, "duration_s": args.duration, "warmup_s": args.warmup, "config": keys,
+            "exited_early": dead, "reactgen": str(BENCH / "reactgen.c"), "steps": steps}
 
 
 HEADERS = ["sent/s", "conns (users)", "aggregated/s", "counted / sent", "blocked writes", "rate_limited errors",
@@ -200,7 +204,8 @@ def report(data: dict[str, Any]) -> str:
                      f"{r['gateway_cpu_pct']:.0f}% / {r['gateway_wait_pct']:.0f}%", f"{r['cpu0_busy_pct']:.0f}%",
                      f"≥ {TARGET_PER_S:,}/s: {'yes' if ok else 'NO'}"])
     out = [f"### Reactions: one `chorus gateway` process (CPU 0) counting into Redis; {data['user_rate']:g} "
-           f"reactions/s per user, {data['per_write']} per write, {data['duration_s']:g} s measured per rate", "",
+           f"reactions/s per user (limit {data.get('user_limit', 10)}/s), {data['per_write']} per write, "
+           f"{data['duration_s']:g} s measured per rate", "",
            md_table(HEADERS, rows), "",
            "aggregated/s: slope of the stream's Redis totals over the measured window (what the gateway checked, "
            "counted and flushed with HINCRBY). counted / sent: totals after the senders stopped and a flush passed. "
