@@ -188,7 +188,8 @@ def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
 
 
 HEADERS = ["sent/s", "conns (users)", "aggregated/s", "counted / sent", "blocked writes", "rate_limited errors",
-           "other errors", "`reactions` events per conn per s", "gateway CPU / wait", "CPU 0 busy", "target"]
+           "other errors", "`reactions` events per conn per s", "gateway CPU / wait", "CPU 0 busy",
+           f"kept up with ≥ {TARGET_PER_S:,}/s"]
 
 
 def report(data: dict[str, Any]) -> str:
@@ -197,12 +198,15 @@ def report(data: dict[str, Any]) -> str:
         if "error" in r:
             rows.append([r["rate"], "", "failed", one_line(r["error"])] + [""] * (len(HEADERS) - 4))
             continue
-        ok = r["aggregated_per_s"] >= TARGET_PER_S and r["counted_of_sent"] > 0.999
+        # Met when at least the target was sent and the gateway kept up with it: the slope is within
+        # the sampling noise (3%) of the sent rate and every reaction sent was counted.
+        kept_up = r["aggregated_per_s"] >= 0.97 * r["sent_per_s"] and r["counted_of_sent"] > 0.999
+        ok = kept_up and r["sent_per_s"] >= 0.99 * TARGET_PER_S
         rows.append([f"{r['sent_per_s']:,.0f}", f"{r['connected']:,}/{r['conns']:,}", f"{r['aggregated_per_s']:,.0f}",
                      f"{r['counted']:,} / {r['sent']:,}", r["blocked_writes"], r["rate_limited_errors"],
                      r["other_errors"], f"{r['reactions_events_per_conn_s']:.2f}",
                      f"{r['gateway_cpu_pct']:.0f}% / {r['gateway_wait_pct']:.0f}%", f"{r['cpu0_busy_pct']:.0f}%",
-                     f"≥ {TARGET_PER_S:,}/s: {'yes' if ok else 'NO'}"])
+                     "yes" if ok else ("kept up, below the target" if kept_up else "NO")])
     out = [f"### Reactions: one `chorus gateway` process (CPU 0) counting into Redis; {data['user_rate']:g} "
            f"reactions/s per user (limit {data.get('user_limit', 10)}/s), {data['per_write']} per write, "
            f"{data['duration_s']:g} s measured per rate", "",
