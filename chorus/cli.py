@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -38,9 +37,10 @@ def _run_roles(args: argparse.Namespace, roles: frozenset[str]) -> int:
     import uvloop
 
     from chorus.app import run_app
+    from chorus.ops import configure_logging
 
     config = _config_from(args)
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(config)
     uvloop.run(run_app(config, roles))
     return 0
 

@@ -169,8 +169,11 @@ def error_event(code: ErrorCode, reason: str, nonce: str | None = None,
 # Pub/Sub channel messages: one header byte; for batches then the stream offset of their last
 # comment (8 bytes) and their comment count (4 bytes), big-endian; then the event's JSON. The
 # header lets a gateway order, replay and count batches without parsing JSON on the hot path.
-_BATCH, _CONTROL = b"B", b"C"
+# A timed batch ("T") also carries the publisher's wall clock in microseconds (8 bytes) after
+# the count: gateways measure Pub/Sub and delivery latency from it (chorus/metrics.py).
+_BATCH, _CONTROL, _TIMED_BATCH = b"B", b"C", b"T"
 _BATCH_HEADER = 13
+_TIMED_HEADER = 21
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,12 +181,17 @@ class ChannelMessage:
     event_json: bytes
     offset: int | None = None  # last offset of a batch; None for control events (deletes, pins, modes)
     count: int = 0  # comments in a batch
+    published_us: int = 0  # the coordinator's wall clock when it published (0: not stamped)
 
 
-def pack_channel_message(event_json: bytes, offset: int | None = None, count: int = 0) -> bytes:
+def pack_channel_message(event_json: bytes, offset: int | None = None, count: int = 0,
+                         published_us: int = 0) -> bytes:
     if offset is None:
         return _CONTROL + event_json
-    return _BATCH + offset.to_bytes(8, "big") + count.to_bytes(4, "big") + event_json
+    head = offset.to_bytes(8, "big") + count.to_bytes(4, "big")
+    if published_us > 0:
+        return _TIMED_BATCH + head + published_us.to_bytes(8, "big") + event_json
+    return _BATCH + head + event_json
 
 
 def unpack_channel_message(data: bytes) -> ChannelMessage:
@@ -191,6 +199,9 @@ def unpack_channel_message(data: bytes) -> ChannelMessage:
     if head == _BATCH and len(data) > _BATCH_HEADER:
         offset = int.from_bytes(data[1:9], "big")
         return ChannelMessage(data[_BATCH_HEADER:], offset, int.from_bytes(data[9:13], "big"))
+    if head == _TIMED_BATCH and len(data) > _TIMED_HEADER:
+        return ChannelMessage(data[_TIMED_HEADER:], int.from_bytes(data[1:9], "big"),
+                              int.from_bytes(data[9:13], "big"), int.from_bytes(data[13:21], "big"))
     if head == _CONTROL:
         return ChannelMessage(data[1:])
     raise ValueError("not a Chorus channel message")

@@ -70,12 +70,13 @@ def group_by_stream(records: Sequence[LogRecord]) -> tuple[dict[tuple[str, str],
     return streams, bad
 
 
-def batch_message(stream: str, epoch: str, comments: Sequence[Comment]) -> bytes:
-    """The Pub/Sub channel message of one ``batch`` event (JSON, encoded once for every gateway)."""
+def batch_message(stream: str, epoch: str, comments: Sequence[Comment], published_us: int = 0) -> bytes:
+    """The Pub/Sub channel message of one ``batch`` event (JSON, encoded once for every gateway);
+    ``published_us`` (wall clock) lets gateways measure Pub/Sub and delivery latency."""
     events = [c.to_event() for c in comments]
     last = comments[-1].offset
     batch = {"t": "batch", "stream": stream, "epoch": epoch, "offset": last, "comments": events}
-    return pack_channel_message(encode_event(batch, JSON), last, len(events))
+    return pack_channel_message(encode_event(batch, JSON), last, len(events), published_us)
 
 
 class Coordinator:
@@ -111,7 +112,7 @@ class Coordinator:
             await self._apply(stream, epoch, plan)
             if plan.kept:
                 await self.state.advance(stream, epoch, [c.to_event() for c in plan.kept], self.recent_size)
-                await self.broker.publish(stream, batch_message(stream, epoch, plan.kept))
+                await self.broker.publish(stream, batch_message(stream, epoch, plan.kept, time.time_ns() // 1000))
                 self.published_batches += 1
             self.sampled_out += plan.dropped
 

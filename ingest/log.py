@@ -66,6 +66,14 @@ class LogConsumer(Protocol):
 
     def resume(self) -> None: ...
 
+    def highwaters(self) -> dict[int, int]:
+        """Per assigned partition, the offset after its last record as last seen (for lag)."""
+        ...
+
+    async def positions(self) -> dict[int, int]:
+        """Per assigned partition, the offset of the next record to fetch (for lag)."""
+        ...
+
 
 class CommentLog(Protocol):
     async def start(self) -> None: ...
@@ -180,6 +188,12 @@ class MemoryLogConsumer:
     async def commit(self, records: Sequence[LogRecord]) -> None:
         for p, off in _next_offsets(records).items():
             self._committed[p] = max(self._committed[p], off)
+
+    def highwaters(self) -> dict[int, int]:
+        return {p: len(part) for p, part in enumerate(self._log._parts)}
+
+    async def positions(self) -> dict[int, int]:
+        return dict(enumerate(self._position))
 
 
 class KafkaLog:
@@ -349,6 +363,18 @@ class KafkaLogConsumer:
         offsets = {TopicPartition(self.topic, p): off for p, off in _next_offsets(records).items()}
         if offsets:
             await self._consumer.commit(offsets)
+
+    def highwaters(self) -> dict[int, int]:
+        """From the last fetch responses; a partition not fetched from yet is left out."""
+        out = {}
+        for tp in self._consumer.assignment():
+            hw = self._consumer.highwater(tp)
+            if hw is not None:
+                out[tp.partition] = int(hw)
+        return out
+
+    async def positions(self) -> dict[int, int]:
+        return {tp.partition: int(await self._consumer.position(tp)) for tp in self._consumer.assignment()}
 
 
 def open_log(bootstrap: str, topic: str, partitions: int, accept_timeout_ms: int, linger_ms: int) -> CommentLog:
