@@ -17,7 +17,7 @@ the process anyway).
 **Drain** (SIGTERM on a gateway, :func:`drain_gateway`): readiness goes 503 at once; after
 ``gateway.drain_delay_s`` (time for a load balancer polling /readyz to stop sending new
 viewers) the listener closes, so new connections go to the other gateways on the port
-(SO_REUSEPORT) or the host; posts that arrive from then on are refused with
+(SO_REUSEPORT) or the host; posts that arrive from then on (not during the delay) are refused with
 ``not_accepted`` (nothing posted; the client posts again after reconnecting); posts already
 in flight are answered, up to ``gateway.drain_timeout_s``; then the gateway closes every
 viewer with 1012 (service restart), which tells clients to reconnect and ``resume`` from the
@@ -190,6 +190,7 @@ async def drain_gateway(gw: Gateway) -> None:
     log.info("draining: not ready; closing the listener in %.1f s", g.drain_delay_s)
     if g.drain_delay_s > 0:
         await asyncio.sleep(g.drain_delay_s)
+    gw.refusing_posts = True
     if gw.server is not None:
         gw.server.close()
     deadline = time.monotonic() + g.drain_timeout_s

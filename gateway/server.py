@@ -191,7 +191,8 @@ class Gateway:
         self.metrics_page: Callable[[], bytes] | None = None
         self.clock: DeliveryClock | None = None
         self.posts_refused: Any = None
-        self.draining = False  # SIGTERM: not ready, no new viewers or posts
+        self.draining = False  # SIGTERM: not ready (still serving through gateway.drain_delay_s)
+        self.refusing_posts = False  # the drain is past its delay: new posts are refused, not_accepted
         self.drained = False  # the posts in flight are answered; viewers are closed next
         self._http_inflight = 0
 
@@ -218,6 +219,8 @@ class Gateway:
 
     async def stop(self, code: int = CloseCode.SERVICE_RESTART) -> None:
         """Drain (chorus/ops.py), close every viewer with ``code`` and let the close frames go out."""
+        if self.hub.fileno() < 0:
+            return  # stopped already
         await drain_gateway(self)
         self.hub.close_all(code, DRAIN_REASON if code == CloseCode.SERVICE_RESTART else "gateway stopping")
         self.on_hub_ready()
@@ -325,7 +328,7 @@ class Gateway:
             code = msg.code if isinstance(msg, BadMessage) else "bad_message"
             self.hub.send(conn, encode_event(error_event(code, reason, nonce), reply_wire))  # type: ignore[arg-type]
         elif isinstance(msg, PostComment):
-            if self.draining:
+            if self.refusing_posts:
                 self._refuse_draining(conn, msg, reply_wire)
             elif self._inflight + (len(posts) if posts is not None else 0) >= self.config.limits.max_inflight_posts:
                 if self.posts_refused is not None:
@@ -442,7 +445,7 @@ class Gateway:
         raw.pause_reading()
         peer = raw.get_extra_info("peername")
         ip = peer[0] if peer else ""
-        if self.draining:  # upgraded while the listener was closing: go elsewhere at once
+        if self.refusing_posts:  # upgraded while the listener was closing: go elsewhere at once
             transport.send_close(WSCloseCode.SERVICE_RESTART, DRAIN_REASON.encode())
             transport.disconnect()
             return
@@ -565,7 +568,7 @@ class Gateway:
         """``POST /streams/{id}/comments`` (clients without a WebSocket): the same admission as ``post``."""
         if not _origin_allowed(request.header("Origin"), request.header("Host"), self.config.gateway.allowed_origins):
             return error_response(HTTPStatus.FORBIDDEN, HttpErrorCode.FORBIDDEN, "origin not allowed")
-        if self.draining:
+        if self.refusing_posts:
             return error_response(HTTPStatus.SERVICE_UNAVAILABLE, ErrorCode.NOT_ACCEPTED,
                                   "this gateway is restarting; it was not posted: post again", 1000)
         self._http_inflight += 1
