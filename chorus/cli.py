@@ -126,6 +126,8 @@ def _format_toml(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, tuple):
         return "[" + ", ".join(_format_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_format_toml(k)} = {_format_toml(v)}" for k, v in value.items()) + "}"
     return repr(value)
 
 
@@ -145,6 +147,11 @@ def defaults_toml() -> str:
 def _config_cmd(args: argparse.Namespace) -> int:
     if args.defaults:
         sys.stdout.write(defaults_toml())
+        return 0
+    if args.reference:
+        from chorus.configdoc import reference_markdown
+
+        sys.stdout.write(reference_markdown())
         return 0
     config = _config_from(args)
     print(f"config OK ({'embedded default' if config.embedded else 'kafka + redis'})")
@@ -176,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="check a config file, or print every key with its default")
     _add_config_args(p)
     p.add_argument("--defaults", action="store_true", help="print a commented file of defaults")
+    p.add_argument("--reference", action="store_true", help="print the Markdown reference (docs/config.md)")
     p.set_defaults(func=_config_cmd)
     p = sub.add_parser("mode", help="set a stream's slow mode (needs Redis); live viewers are told")
     _add_config_args(p)

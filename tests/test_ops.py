@@ -230,6 +230,19 @@ def test_bad_ops_values_are_refused_naming_the_key(key: str, value: Any, why: st
     assert why in str(err.value)
 
 
+def test_config_reference_is_generated_and_current() -> None:
+    """docs/config.md is `chorus config --reference`; regenerate it when a key changes."""
+    from chorus.config import iter_defaults
+    from chorus.configdoc import reference_markdown
+
+    path = Path(__file__).resolve().parent.parent / "docs" / "config.md"
+    assert path.read_text() == reference_markdown(), \
+        "docs/config.md is stale: run `chorus config --reference > docs/config.md`"
+    for key, _default, text in iter_defaults():
+        assert text, f"config key {key} has no doc(...) text"
+        assert f"`CHORUS_{key.upper().replace('.', '__')}`" in path.read_text()
+
+
 # ---- processes on the real Redis and Kafka ----
 
 
