@@ -243,6 +243,25 @@ def test_config_reference_is_generated_and_current() -> None:
         assert f"`CHORUS_{key.upper().replace('.', '__')}`" in path.read_text()
 
 
+def test_deploy_configs_load(tmp_path: Path) -> None:
+    """The example TOML of deploy/ and the one in the Kubernetes ConfigMap are valid configs."""
+    deploy = Path(__file__).resolve().parent.parent / "deploy"
+    config = load_config(deploy / "chorus.toml", env={})
+    assert config.log_format == "json" and not config.embedded
+    lines = (deploy / "k8s" / "configmap.yaml").read_text().splitlines()
+    start = lines.index("  chorus.toml: |") + 1
+    block = []
+    for line in lines[start:]:
+        if line and not line.startswith("    "):
+            break
+        block.append(line[4:])
+    (tmp_path / "k8s.toml").write_text("\n".join(block))
+    k8s = load_config(tmp_path / "k8s.toml", env={"CHORUS_AUTH__KEY": "k" * 40})
+    assert (k8s.metrics.port, k8s.metrics.on_gateway_port, k8s.gateway.host) == (9100, False, "0.0.0.0")
+    unit = (deploy / "systemd" / "chorus-gateway@.service").read_text()
+    assert "LimitNOFILE=1048576" in unit and "CHORUS_METRICS__PORT=91%i" in unit
+
+
 # ---- processes on the real Redis and Kafka ----
 
 
