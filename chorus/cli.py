@@ -158,6 +158,19 @@ def _config_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    """``chorus bench ...`` is ``python -m bench ...`` in the source checkout (bench/ is not in the wheel).
+    ``main`` sends every argument after ``bench`` here untouched (``--help`` included)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "__main__.py").exists():
+        print("chorus: `chorus bench` runs bench/ of a source checkout; this install has none", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, "-m", "bench", *args.bench_args], cwd=root)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chorus", description="Live comments for live video.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,10 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "ban":
             p.add_argument("--seconds", type=float, metavar="N", help="a time-out of N seconds instead of a ban")
         p.set_defaults(func=_ban)
+    p = sub.add_parser("bench", help="run a benchmark scenario (python -m bench ...; see bench/README.md)",
+                       add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="SCENARIO [OPTIONS]")
+    p.set_defaults(func=_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # every option is the bench's, even --help
+        return _bench(argparse.Namespace(bench_args=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
