@@ -78,6 +78,7 @@ ECHO_HANDLE = 0  # the conformance echo endpoint's pseudo-stream
 REPLAY_BATCHES = 32  # recent batches per stream, for viewers joining between welcome and hub
 OVERLOADED_RETRY_MS = 1000  # retry_after_ms of ``overloaded``
 MAX_ADMIT_BATCH = 2000  # posts admitted together at most (one Redis pipeline)
+UNTAG_MEMO_MAX = 50_000  # decoded viewer tags kept (Identity is immutable, so sharing is safe)
 
 
 def _origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
@@ -97,11 +98,23 @@ def _tag(ip: str, variant: int, who: Identity | None) -> bytes:
 
 
 def _untag(tag: bytes) -> tuple[str, int, Identity | None]:
-    fields = msgpack.unpackb(tag)
-    if len(fields) == 2:
-        return fields[0], fields[1], None
-    ip, variant, user_id, name, scopes, role, expires_at = fields
-    return ip, variant, Identity(user_id, name, frozenset(scopes), role, expires_at)
+    """A viewer's tag back as (address, variant, identity); a connection's tag never changes,
+    so each is decoded once and remembered (a poster's messages all carry the same one)."""
+    found = _untagged.get(tag)
+    if found is None:
+        if len(_untagged) >= UNTAG_MEMO_MAX:
+            _untagged.clear()
+        fields = msgpack.unpackb(tag)
+        if len(fields) == 2:
+            found = (fields[0], fields[1], None)
+        else:
+            ip, variant, user_id, name, scopes, role, expires_at = fields
+            found = (ip, variant, Identity(user_id, name, frozenset(scopes), role, expires_at))
+        _untagged[tag] = found
+    return found
+
+
+_untagged: dict[bytes, tuple[str, int, Identity | None]] = {}
 
 
 @dataclass(slots=True)

@@ -96,8 +96,8 @@ class Coordinator:
         self.sampled_out = 0  # comments stored but not broadcast
         self.throttle_events = 0
         self._publishing = asyncio.Lock()  # one stream's throttle events and batches stay in order
-        self.loop = ConsumeLoop(comment_log.consumer(GROUP), self.handle, name="coordinator",
-                                linger_ms=flush_interval_ms, max_records=max_batch)
+        self.loop = ConsumeLoop(comment_log.consumer(GROUP, max_wait_ms=flush_interval_ms), self.handle,
+                                name="coordinator", linger_ms=flush_interval_ms, max_records=max_batch)
 
     async def handle(self, records: Sequence[LogRecord]) -> None:
         streams, bad = group_by_stream(records)
