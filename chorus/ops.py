@@ -151,7 +151,8 @@ class Operations:
             if loop is None or not hasattr(loop, "lag"):
                 continue
             try:
-                self.metrics.lag[group] = await loop.lag()
+                async with asyncio.timeout(self.config.metrics.probe_interval_s):
+                    self.metrics.lag[group] = await loop.lag()
             except Exception as exc:  # not started yet, or Kafka away: keep the last figures
                 log.debug("lag of %s not read: %s", group, exc)
 

@@ -34,7 +34,9 @@ from test_processes import Proc, wait_http
 from chorus.app import App
 from chorus.auth import mint_token
 from chorus.config import load_config
+from chorus.ingest.consume import ConsumeLoop
 from chorus.ingest.coordinator import batch_message
+from chorus.ingest.log import MemoryLog
 from chorus.ingest.records import Comment
 from chorus.ops import configure_logging
 from chorus.protocol import pack_channel_message, unpack_channel_message
@@ -200,6 +202,34 @@ def test_channel_message_carries_the_publish_stamp() -> None:
     assert unpack_channel_message(batch_message("s", "e", [c], 5)).published_us == 5
     with pytest.raises(ValueError):
         unpack_channel_message(b"T" + bytes(20))  # a timed header with no event
+
+
+async def test_consumer_lag_counts_records_not_yet_handled() -> None:
+    """chorus_kafka_consumer_lag: the log's end minus the fetch position plus what is in hand."""
+    log = MemoryLog(partitions=1)
+    for i in range(5):
+        await log.append(b"s", str(i).encode())
+    gate, handled = asyncio.Event(), []
+
+    async def handle(records: Any) -> None:
+        handled.extend(records)
+        await gate.wait()
+
+    loop = ConsumeLoop(log.consumer("g"), handle, name="lag-test", max_records=2)
+    task = asyncio.create_task(loop.run())
+    try:
+        while len(handled) < 2:
+            await asyncio.sleep(0.01)
+        assert await loop.lag() == {0: 5}  # two fetched but in hand, three not fetched
+        gate.set()
+        while loop.handled < 5:
+            await asyncio.sleep(0.01)
+        assert await loop.lag() == {0: 0}
+        await log.append(b"s", b"late")
+        assert await loop.lag() == {0: 1}
+    finally:
+        loop.stop()
+        await asyncio.wait_for(task, 5)
 
 
 def test_json_logs_are_one_object_per_line() -> None:
