@@ -2,9 +2,11 @@
 
 One run starts a real Redis and a single-node Kafka (``tests/services.py``), then ``chorus
 gateway`` (``--gateways``), ``chorus coordinator`` and ``chorus archiver`` as separate
-processes sharing one generated TOML (its own ``auth.key`` and ``redis.channel_prefix``), all
-on CPU 0; posters and viewers are loadgens on CPU 1. After a probe comment has gone all the
-way round, each rate is one step on a fresh stream:
+processes sharing one generated TOML (its own ``auth.key`` and ``redis.channel_prefix``).
+``--placement split`` (the default) gives the gateways CPU 0 to themselves, as on a gateway
+host, and puts Kafka, Redis, the coordinator, the archiver and the loadgens (posters and
+viewers) on CPU 1; ``shared`` puts every server process on CPU 0 and the loadgens on CPU 1.
+After a probe comment has gone all the way round, each rate is one step on a fresh stream:
 
 1. ``--viewers`` loadgen ``--recv`` connections (split over the gateways) join the stream;
 2. one loadgen ``--post RATE`` posts for ``--warmup-ms`` unmarked, then ``--duration`` s of
@@ -64,6 +66,9 @@ __all__ = ["add_arguments", "report", "run"]
 GENEROUS = {"limits.user_per_minute": 1_000_000, "limits.ip_per_minute": 1_000_000,
             "limits.stream_per_second": 1_000_000, "limits.global_per_second": 1_000_000}
 ACK_P95_TARGET_MS, E2E_P95_TARGET_MS, E2E_TARGET_RATE = 50.0, 500.0, 10_000
+# --quick: one small step through the whole pipeline (~1 min with Kafka's start): checks the machinery.
+QUICK = ("--rates", "200", "--viewers", "50", "--duration", "2", "--warmup-ms", "500", "--grace", "2")
+TIMEOUT_MIN = 30
 NOTE = ("Adaptive sampling is on (default: above 5,000 comments/s a stream broadcasts 20%): below the threshold "
         "every viewer should get every acked comment (delivered 1.0), less means the gateway skipped batches for "
         "viewers over their backlog (`skipped` events) or they arrived after the grace; above it viewers get a "
@@ -82,14 +87,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds of posting per step")
     p.add_argument("--warmup-ms", type=float, default=2000.0, help="posting before the measured comments")
     p.add_argument("--grace", type=float, default=5.0, help="seconds after the last post for acks and deliveries")
+    p.add_argument("--placement", choices=("split", "shared"), default="split",
+                   help="split (default): the gateways alone on CPU 0, as on a gateway host, and Kafka, Redis, "
+                        "coordinator, archiver and the loadgens on CPU 1; shared: every server process on CPU 0")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config key for every chorus process, e.g. coordinator.max_batch=500")
 
 
 # ---- services and chorus processes ----
+def backend_cpu(args: argparse.Namespace) -> int:
+    """The CPU of Kafka, Redis, the coordinator and the archiver."""
+    return LOAD_CPU if args.placement == "split" else SERVER_CPU
+
+
 @contextlib.contextmanager
-def services(data_dir: Path) -> Iterator[tuple[Any, Any]]:
-    """Redis and Kafka on CPU 0 (started while this process is pinned there); yields their
+def services(data_dir: Path, cpu: int = SERVER_CPU) -> Iterator[tuple[Any, Any]]:
+    """Redis and Kafka on ``cpu`` (started while this process is pinned there); yields their
     ``tests/services.py`` Service objects (``.url``, ``.bootstrap``, ``.pid``)."""
     if not list((ROOT / ".services" / "kafka" / "libs").glob("kafka_2.13-*.jar")):
         raise SystemExit("no Kafka jars in .services/kafka/libs: run `bash scripts/install-test-deps.sh`")
@@ -98,7 +111,7 @@ def services(data_dir: Path) -> Iterator[tuple[Any, Any]]:
     started: list[Any] = []
     mask = os.sched_getaffinity(0)
     try:
-        os.sched_setaffinity(0, {SERVER_CPU})  # children inherit it
+        os.sched_setaffinity(0, {cpu})  # children inherit it
         started.append(svc.start_redis(data_dir / "redis"))
         started.append(svc.start_kafka(data_dir / "kafka"))
         os.sched_setaffinity(0, mask)
@@ -136,9 +149,9 @@ def write_config(path: Path, redis_url: str, bootstrap: str, extra: list[str]) -
     return {**keys, "auth.key": "(random)"}
 
 
-def chorus(fleet: Fleet, role: str, config: Path, name: str, *extra: str) -> Proc:
+def chorus(fleet: Fleet, role: str, config: Path, name: str, *extra: str, cpu: int = SERVER_CPU) -> Proc:
     argv = [sys.executable, "-m", "chorus.cli", role, "--config", str(config), *extra]
-    return fleet.start(name, argv, SERVER_CPU, stdin=subprocess.DEVNULL)
+    return fleet.start(name, argv, cpu, stdin=subprocess.DEVNULL)
 
 
 def mint_tokens(config: Path, users: int) -> tuple[str, Path]:
@@ -254,14 +267,15 @@ def _step(fleet: Fleet, rate: int, ports: list[int], tokens: Path, servers: dict
 def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     log_dir.mkdir(parents=True, exist_ok=True)
     steps: list[dict[str, Any]] = []
-    with services(log_dir / "services") as (redis, kafka), Fleet(log_dir) as fleet:
+    backend = backend_cpu(args)
+    with services(log_dir / "services", backend) as (redis, kafka), Fleet(log_dir) as fleet:
         config = log_dir / "chorus.toml"
         keys = write_config(config, redis.url, kafka.bootstrap, args.set)
         ports = [free_port() for _ in range(args.gateways)]
         gateways = [chorus(fleet, "gateway", config, f"gateway{i}", "--port", str(p)) for i, p in enumerate(ports)]
         servers = {f"gateway{i}": g.pid for i, g in enumerate(gateways)}
-        servers["coordinator"] = chorus(fleet, "coordinator", config, "coordinator").pid
-        servers["archiver"] = chorus(fleet, "archiver", config, "archiver").pid
+        servers["coordinator"] = chorus(fleet, "coordinator", config, "coordinator", cpu=backend).pid
+        servers["archiver"] = chorus(fleet, "archiver", config, "archiver", cpu=backend).pid
         servers["redis"], servers["kafka"] = redis.pid, kafka.pid
         for port, g in zip(ports, gateways, strict=True):
             wait_port(port, g)
@@ -283,6 +297,7 @@ def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
                   f"CPU {_cpu_line(row)} ({time.monotonic() - t0:.0f} s)", flush=True)
         dead = [p.name for p in fleet.procs if p.name in servers and not p.alive()]
     return {"rates": args.rates, "viewers": args.viewers, "gateways": args.gateways, "user_rate": args.user_rate,
+            "placement": args.placement,
             "duration_s": args.duration, "warmup_ms": args.warmup_ms, "grace_s": args.grace, "config": keys,
             "ready_s": ready_s, "exited_early": dead, "note": NOTE, "steps": steps}
 
@@ -290,6 +305,13 @@ def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
 # ---- output ----
 def _cpu_line(row: dict[str, Any]) -> str:
     return ", ".join(f"{name} {pct:.0f}%" for name, pct in row["cpu_pct"].items())
+
+
+def _placement_line(placement: str) -> str:
+    if placement == "split":
+        return ("The gateway alone on CPU 0 (a gateway host); Kafka, Redis, coordinator, archiver, poster and viewers "
+                "share CPU 1 (CPU 0 busy is the gateway's core).")
+    return "Server processes (gateway, coordinator, archiver, Redis, Kafka) share CPU 0; poster and viewers CPU 1."
 
 
 def _mark(ok: bool) -> str:
@@ -335,8 +357,8 @@ def report(data: dict[str, Any]) -> str:
            md_table(HEADERS, rows), "", LEGEND, "", f"**{data['note']}**", "",
            "### CPU per process over the measured window (share of one core / run-queue wait)", "",
            md_table(["posts/s", *names, "CPU 0 busy", "viewers rx MB/s"], cpu_rows), "",
-           "Server processes (gateway, coordinator, archiver, Redis, Kafka) share CPU 0; poster and viewers CPU 1. "
-           "Wait is summed over a process's threads, so it can pass 100%."]
+           _placement_line(data.get("placement", "shared")) +
+           " Wait is summed over a process's threads, so it can pass 100%."]
     if any(r.get("throttle_events") for r in data["steps"]):
         out.append("Viewers received `throttle` events: sampling is active, so delivered < 1 is by design.")
     if data["exited_early"]:

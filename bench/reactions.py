@@ -44,7 +44,10 @@ from bench.harness import (
 from bench.harness import _read_json_line as read_json_line
 from bench.pipeline import chorus, mint_tokens, services, write_config
 
-__all__ = ["add_arguments", "report", "run"]
+__all__ = ["QUICK", "TIMEOUT_MIN", "add_arguments", "report", "run"]
+
+QUICK = ("--rates", "2000", "--duration", "2", "--warmup", "1")  # ~40 s: checks the machinery
+TIMEOUT_MIN = 20
 
 TARGET_PER_S = 100_000
 SAMPLE_S = 0.1
@@ -166,7 +169,7 @@ def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         keys = write_config(config, redis.url, kafka.bootstrap,
                             [f"reactions.user_per_second={args.user_limit}", *args.set])
         port = free_port()
-        gateway = chorus(fleet, "gateway", config, "gateway", "--port", str(port))
+        gateway = chorus(fleet, "gateway", config, "gateway0", "--port", str(port))  # --profile attaches to it
         wait_port(port, gateway)
         _, tokens = mint_tokens(config, max(math.ceil(r / args.user_rate) for r in args.rates))
         for rate in args.rates:
@@ -181,7 +184,7 @@ def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
             print(f"  rate {rate:>7,}/s over {row['conns']:,} conns: aggregated {row['aggregated_per_s']:,.0f}/s, "
                   f"counted/sent {row['counted_of_sent']:.4f}, gateway CPU {row['gateway_cpu_pct']:.0f}% "
                   f"({time.monotonic() - t0:.0f} s)", flush=True)
-        dead = [] if gateway.alive() else ["gateway"]
+        dead = [] if gateway.alive() else ["gateway0"]
     return {"rates": args.rates, "user_rate": args.user_rate, "user_limit": args.user_limit,
             "per_write": args.per_write, "duration_s": args.duration, "warmup_s": args.warmup, "config": keys,
             "exited_early": dead, "reactgen": str(BENCH / "reactgen.c"), "steps": steps}

@@ -25,6 +25,7 @@ from chorus.ingest.coordinator import Coordinator
 from chorus.ingest.limits import open_limits
 from chorus.ingest.log import CommentLog, open_log
 from chorus.ingest.store import SqliteStore
+from chorus.ops import Operations, drain_gateway
 
 __all__ = ["ALL_ROLES", "App", "run_app", "tune_gc"]
 
@@ -63,6 +64,7 @@ class App:
     coordinator: Coordinator | None = None
     archiver: Archiver | None = None
     fallback: PubSubFallback | None = None  # a gateway's Kafka delivery while Redis Pub/Sub is down
+    ops: Operations | None = None  # metrics, readiness, the metrics listener (chorus/ops.py)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _fallback_task: asyncio.Task[None] | None = None
 
@@ -103,9 +105,12 @@ class App:
         if "archiver" in roles:
             assert app.store is not None
             app.archiver = Archiver(comment_log, app.store)
+        app.ops = Operations(app)
         return app
 
     async def start(self) -> None:
+        if self.ops is not None:
+            await self.ops.start()
         await self.log.start()
         if self.coordinator is not None:
             self._tasks.append(asyncio.create_task(self.coordinator.run(), name="coordinator"))
@@ -118,6 +123,8 @@ class App:
             self._tasks.append(self._fallback_task)
 
     async def stop(self) -> None:
+        if self.gateway is not None:  # first, while every part still works (chorus/ops.py)
+            await drain_gateway(self.gateway)
         if self.fallback is not None and self._fallback_task is not None:  # first: it feeds the gateway's hub
             self.fallback.stop()
             await asyncio.wait([self._fallback_task], timeout=5)
@@ -140,6 +147,8 @@ class App:
             await close()
         if self.store is not None:
             self.store.close()
+        if self.ops is not None:
+            await self.ops.stop()
 
     def failed_role(self) -> BaseException | None:
         for task in self._tasks:

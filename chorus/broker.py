@@ -62,7 +62,7 @@ class StreamMode:
 
 
 def mode_key(prefix: str, stream: str) -> str:
-    """The Redis hash of a stream's mode; ingest/limits.py reads it inside its admission script."""
+    """The Redis hash of a stream's mode; ingest/limits.py's admission script builds the same key."""
     return f"{prefix}mode:{stream}"
 
 

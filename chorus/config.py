@@ -28,6 +28,7 @@ __all__ = [
     "HistoryConfig",
     "KafkaConfig",
     "LimitsConfig",
+    "MetricsConfig",
     "ReactionsConfig",
     "RedisConfig",
     "SamplingConfig",
@@ -80,6 +81,14 @@ class GatewayConfig:
     recent_on_welcome: int = doc("Recent comments sent in the welcome message.", 50)
     node_id: int = doc("Node part of comment ids (0-1023); -1 takes one from Redis or 0 embedded.", -1)
     echo_endpoint: bool = doc("Serve /echo (conformance testing only; never in production).", False)
+    drain_delay_s: float = doc(
+        "On SIGTERM: how long /readyz answers 503 while the gateway still serves, so a load balancer "
+        "polling it stops sending new viewers before the listener closes (Kubernetes: use a preStop hook).", 0.0
+    )
+    drain_timeout_s: float = doc(
+        "On SIGTERM: how long the gateway waits for posts in flight to be answered before it closes every "
+        "viewer with 1012 (service restart: reconnect elsewhere and resume).", 10.0
+    )
 
 
 @dataclass(frozen=True)
@@ -102,7 +111,10 @@ class KafkaConfig:
     topic: str = doc("Topic of comments, keyed by stream id.", "comments")
     partitions: int = doc("Partitions of the in-process log (Kafka's come from the topic).", 4)
     accept_timeout_ms: int = doc("How long a post waits for Kafka before it is refused.", 5000)
-    linger_ms: int = doc("Producer batching delay.", 2)
+    linger_ms: int = doc(
+        "Producer batching delay: a gateway's posts of this long share one produce request (the broker's "
+        "CPU goes by requests).", 5
+    )
 
 
 @dataclass(frozen=True)
@@ -199,6 +211,18 @@ class FallbackConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    host: str = doc("Address of the metrics listener (roles without a gateway, or to keep /metrics private).",
+                    "127.0.0.1")
+    port: int = doc(
+        "Port of a small HTTP listener serving /metrics, /healthz and /readyz (0: none). Coordinators, "
+        "archivers and moderators need it to be scraped; give each process on a host its own "
+        "(e.g. CHORUS_METRICS__PORT).", 0
+    )
+    on_gateway_port: bool = doc("Also serve /metrics on the gateway's own port.", True)
+    probe_interval_s: float = doc(
+        "How often /readyz's view of Redis and Kafka is refreshed (each probe is bounded by this too).", 2.0
+    )
 class ReactionsConfig:
     emoji: tuple[str, ...] = doc(
         "Reactions viewers may send, by name (a-z 0-9 _); the page shows a glyph for the names it knows.",
@@ -245,6 +269,8 @@ class ViewersConfig:
 class Config:
     data_dir: str = doc("Directory of the embedded default's files.", ".chorus")
     log_level: str = doc("Logging level: DEBUG, INFO, WARNING or ERROR.", "INFO")
+    log_format: str = doc('Log lines as "text" (human) or "json" (one object per line, for log collectors).',
+                          "text")
     gateway: GatewayConfig = doc("", GatewayConfig)
     auth: AuthConfig = doc("", AuthConfig)
     kafka: KafkaConfig = doc("", KafkaConfig)
@@ -254,6 +280,7 @@ class Config:
     limits: LimitsConfig = doc("", LimitsConfig)
     sampling: SamplingConfig = doc("", SamplingConfig)
     fallback: FallbackConfig = doc("", FallbackConfig)
+    metrics: MetricsConfig = doc("", MetricsConfig)
     reactions: ReactionsConfig = doc("", ReactionsConfig)
     viewers: ViewersConfig = doc("", ViewersConfig)
 
@@ -296,6 +323,7 @@ class Config:
             ("limits.max_inflight_posts", self.limits.max_inflight_posts >= 1, "must be >= 1"),
             ("log_level", self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "unknown level"),
             *self._sampling_checks(),
+            *self._ops_checks(),
             *self._engagement_checks(),
         ]
         for key, ok, why in checks:
@@ -329,6 +357,17 @@ class Config:
             ("fallback.probe_timeout_ms", 10 <= f.probe_timeout_ms <= 60_000, "must be 10-60000"),
             ("fallback.retry_after_s", f.retry_after_s > 0, "must be > 0"),
             ("fallback.rewind_ms", 0 <= f.rewind_ms <= 600_000, "must be 0-600000"),
+        ]
+
+    def _ops_checks(self) -> list[tuple[str, bool, str]]:
+        """Checks of logging, draining and [metrics]."""
+        g, m = self.gateway, self.metrics
+        return [
+            ("log_format", self.log_format in ("text", "json"), 'must be "text" or "json"'),
+            ("gateway.drain_delay_s", 0 <= g.drain_delay_s <= 600, "must be 0-600"),
+            ("gateway.drain_timeout_s", 0 <= g.drain_timeout_s <= 600, "must be 0-600"),
+            ("metrics.port", 0 <= m.port <= 65535, "must be between 0 and 65535"),
+            ("metrics.probe_interval_s", 0.1 <= m.probe_interval_s <= 60, "must be 0.1-60"),
         ]
 
     def _engagement_checks(self) -> list[tuple[str, bool, str]]:

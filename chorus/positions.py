@@ -36,6 +36,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from chorus.protocol import json_compact
+
 __all__ = ["KEEP_RATIOS_KEPT", "NO_EPOCH", "MemoryPositions", "RedisPositions", "StreamPositions"]
 
 NO_EPOCH = ""  # the epoch of a stream nothing was published to yet (its offset is -1)
@@ -189,7 +191,7 @@ class RedisPositions:
             return
         args: list[Any] = [epoch, keep]
         for c in comments:
-            args += [c["offset"], json.dumps(c, ensure_ascii=False, separators=(",", ":"))]
+            args += [c["offset"], json_compact(c)]
         if self._advance_script is None:
             self._advance_script = self._redis.register_script(_ADVANCE)
         await self._advance_script(keys=[self._meta(stream), self._recent_key(stream)], args=args)

@@ -36,6 +36,7 @@ __all__ = [
     "encode_event",
     "error_event",
     "fast_react",
+    "json_compact",
     "pack_channel_message",
     "parse_client_message",
     "unpack_channel_message",
@@ -48,6 +49,10 @@ MSGPACK: Wire = "msgpack"
 SUBPROTOCOLS: dict[str, Wire] = {"chorus.json.v1": JSON, "chorus.msgpack.v1": MSGPACK}
 # A reaction's name on the wire ("fire"): the page maps names to glyphs.
 REACTION_NAME = re.compile(r"^[a-z0-9_]{1,32}$")
+
+# Compact JSON (UTF-8 kept as is) with one encoder for every call: json.dumps with arguments
+# builds a new encoder each time, a measurable share of a busy gateway's per-post work.
+json_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +180,7 @@ def parse_client_message(data: bytes, wire: Wire) -> ClientMessage:
 def encode_event(event: dict[str, Any], wire: Wire) -> bytes:
     """One server event in the connection's encoding (the frame's payload)."""
     if wire == JSON:
-        return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+        return json_compact(event).encode()
     return msgpack.packb(event, use_bin_type=True)
 
 
@@ -202,8 +207,11 @@ def error_event(code: ErrorCode, reason: str, nonce: str | None = None,
 # Pub/Sub channel messages: one header byte; for batches then the stream offset of their last
 # comment (8 bytes) and their comment count (4 bytes), big-endian; then the event's JSON. The
 # header lets a gateway order, replay and count batches without parsing JSON on the hot path.
-_BATCH, _CONTROL = b"B", b"C"
+# A timed batch ("T") also carries the publisher's wall clock in microseconds (8 bytes) after
+# the count: gateways measure Pub/Sub and delivery latency from it (chorus/metrics.py).
+_BATCH, _CONTROL, _TIMED_BATCH = b"B", b"C", b"T"
 _BATCH_HEADER = 13
+_TIMED_HEADER = 21
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,12 +219,17 @@ class ChannelMessage:
     event_json: bytes
     offset: int | None = None  # last offset of a batch; None for control events (deletes, pins, modes)
     count: int = 0  # comments in a batch
+    published_us: int = 0  # the coordinator's wall clock when it published (0: not stamped)
 
 
-def pack_channel_message(event_json: bytes, offset: int | None = None, count: int = 0) -> bytes:
+def pack_channel_message(event_json: bytes, offset: int | None = None, count: int = 0,
+                         published_us: int = 0) -> bytes:
     if offset is None:
         return _CONTROL + event_json
-    return _BATCH + offset.to_bytes(8, "big") + count.to_bytes(4, "big") + event_json
+    head = offset.to_bytes(8, "big") + count.to_bytes(4, "big")
+    if published_us > 0:
+        return _TIMED_BATCH + head + published_us.to_bytes(8, "big") + event_json
+    return _BATCH + head + event_json
 
 
 def unpack_channel_message(data: bytes) -> ChannelMessage:
@@ -224,6 +237,9 @@ def unpack_channel_message(data: bytes) -> ChannelMessage:
     if head == _BATCH and len(data) > _BATCH_HEADER:
         offset = int.from_bytes(data[1:9], "big")
         return ChannelMessage(data[_BATCH_HEADER:], offset, int.from_bytes(data[9:13], "big"))
+    if head == _TIMED_BATCH and len(data) > _TIMED_HEADER:
+        return ChannelMessage(data[_TIMED_HEADER:], int.from_bytes(data[1:9], "big"),
+                              int.from_bytes(data[9:13], "big"), int.from_bytes(data[13:21], "big"))
     if head == _CONTROL:
         return ChannelMessage(data[1:])
     raise ValueError("not a Chorus channel message")

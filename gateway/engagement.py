@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -39,7 +38,7 @@ from typing import Any
 from chorus.codes import ErrorCode
 from chorus.config import Config
 from chorus.counters import Counters, MemoryCounters, RedisCounters, ViewerCount
-from chorus.protocol import error_event
+from chorus.protocol import error_event, json_compact
 
 __all__ = ["Engagement", "ReactionAggregator", "open_counters", "viewer_key"]
 
@@ -372,4 +371,4 @@ class Engagement:
 
 
 def _encode(event: dict[str, Any]) -> bytes:
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode()
+    return json_compact(event).encode()

@@ -146,5 +146,6 @@ async def answer_comment_post(request: HttpRequest, ip: str, auth: AuthConfig, a
     try:
         comment = await admission.post(who, stream, text, ip)
     except Refused as exc:
-        return error_response(REFUSAL_STATUS.get(exc.code, 400), exc.code, exc.reason, exc.retry_after_ms)
+        return error_response(REFUSAL_STATUS.get(exc.code, 400), exc.code, exc.reason, exc.retry_after_ms,
+                              exc.comment_id)
     return json_response_bytes(201, {"id": comment.id})

@@ -187,9 +187,13 @@ def json_response_bytes(status: int, body: Any, headers: dict[str, str] | None =
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data
 
 
-def error_response(status: int, code: str, reason: str, retry_after_ms: int | None = None) -> bytes:
-    """``{"error": code, "reason": ..., "retry_after_ms": ...}``, with ``Retry-After`` (whole seconds)."""
+def error_response(status: int, code: str, reason: str, retry_after_ms: int | None = None,
+                   comment_id: str | None = None) -> bytes:
+    """``{"error": code, "reason": ..., "retry_after_ms": ..., "id": ...}``, with ``Retry-After``
+    (whole seconds). ``id``: the comment's id when it may still appear (``unconfirmed``)."""
     body: dict[str, Any] = {"error": str(code), "reason": reason}
+    if comment_id is not None:
+        body["id"] = comment_id
     headers: dict[str, str] = {}
     if retry_after_ms is not None:
         body["retry_after_ms"] = retry_after_ms

@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -54,6 +55,8 @@ from chorus.gateway.recovery import Recovery
 from chorus.ingest.admission import Admission, Admitted, Refused
 from chorus.ingest.records import Comment
 from chorus.ingest.store import HistoryStore
+from chorus.metrics import CONTENT_TYPE, DeliveryClock
+from chorus.ops import DRAIN_REASON, drain_gateway
 from chorus.protocol import (
     JSON,
     MSGPACK,
@@ -79,6 +82,7 @@ ECHO_HANDLE = 0  # the conformance echo endpoint's pseudo-stream
 REPLAY_BATCHES = 32  # recent batches per stream, for viewers joining between welcome and hub
 OVERLOADED_RETRY_MS = 1000  # retry_after_ms of ``overloaded``
 MAX_ADMIT_BATCH = 2000  # posts admitted together at most (one Redis pipeline)
+UNTAG_MEMO_MAX = 50_000  # decoded viewer tags kept (Identity is immutable, so sharing is safe)
 
 
 def _origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
@@ -98,22 +102,23 @@ def _tag(ip: str, variant: int, who: Identity | None) -> bytes:
 
 
 def _untag(tag: bytes) -> tuple[str, int, Identity | None]:
-    fields = msgpack.unpackb(tag)
-    if len(fields) == 2:
-        return fields[0], fields[1], None
-    ip, variant, user_id, name, scopes, role, expires_at = fields
-    return ip, variant, Identity(user_id, name, frozenset(scopes), role, expires_at)
+    """A viewer's tag back as (address, variant, identity); a connection's tag never changes,
+    so each is decoded once and remembered (a poster's messages all carry the same one)."""
+    found = _untagged.get(tag)
+    if found is None:
+        if len(_untagged) >= UNTAG_MEMO_MAX:
+            _untagged.clear()
+        fields = msgpack.unpackb(tag)
+        if len(fields) == 2:
+            found = (fields[0], fields[1], None)
+        else:
+            ip, variant, user_id, name, scopes, role, expires_at = fields
+            found = (ip, variant, Identity(user_id, name, frozenset(scopes), role, expires_at))
+        _untagged[tag] = found
+    return found
 
 
-MAX_REACTORS = 100_000  # tags remembered by the reaction hot path (then it starts afresh)
-
-
-def _reactor(tag: bytes) -> tuple[str | None, str, float]:
-    """(user id, ip, token expiry) from a tag, without building an Identity."""
-    fields = msgpack.unpackb(tag)
-    if len(fields) == 2:
-        return None, fields[0], 0.0
-    return fields[2], fields[0], fields[6]
+_untagged: dict[bytes, tuple[str, int, Identity | None]] = {}
 
 
 @dataclass(slots=True)
@@ -184,7 +189,6 @@ class Gateway:
         )
         self.server: asyncio.Server | None = None
         self._recorders: dict[Any, RecordingProtocol] = {}
-        self._reactors: dict[bytes, tuple[str | None, str, float]] = {}  # tag -> (user, ip, expiry)
         self._streams: dict[str, _Stream] = {}
         self._by_handle: dict[int, _Stream] = {}
         self._next_handle = ECHO_HANDLE + 1
@@ -197,6 +201,17 @@ class Gateway:
         self._timer_at = 0.0
         self.started_at = time.time()
         node.deliver = self.deliver
+        # Operations (chorus/ops.py) sets these hooks: readiness and health, the /metrics page,
+        # the delivery-latency clock and the counter of posts refused before admission.
+        self.readiness: Callable[[], tuple[bool, dict[str, str]]] | None = None
+        self.health: Callable[[], tuple[bool, dict[str, str]]] | None = None
+        self.metrics_page: Callable[[], bytes] | None = None
+        self.clock: DeliveryClock | None = None
+        self.posts_refused: Any = None
+        self.draining = False  # SIGTERM: not ready (still serving through gateway.drain_delay_s)
+        self.refusing_posts = False  # the drain is past its delay: new posts are refused, not_accepted
+        self.drained = False  # the posts in flight are answered; viewers are closed next
+        self._http_inflight = 0
         # Reactions and viewer counts (gateway/engagement.py): its events reach local viewers as control events.
         self.engagement = Engagement(config, counters or open_counters(config), self._local_viewers,
                                      lambda stream, event: self.deliver(stream, ChannelMessage(event)))
@@ -223,11 +238,12 @@ class Gateway:
         assert self.server is not None
         return int(self.server.sockets[0].getsockname()[1])
 
-    async def stop(self, code: int = CloseCode.GOING_AWAY) -> None:
-        """Stop accepting, close every viewer with ``code`` and let the close frames go out."""
-        if self.server is not None:
-            self.server.close()
-        self.hub.close_all(code, "gateway stopping")
+    async def stop(self, code: int = CloseCode.SERVICE_RESTART) -> None:
+        """Drain (chorus/ops.py), close every viewer with ``code`` and let the close frames go out."""
+        if self.hub.fileno() < 0:
+            return  # stopped already
+        await drain_gateway(self)
+        self.hub.close_all(code, DRAIN_REASON if code == CloseCode.SERVICE_RESTART else "gateway stopping")
         self.on_hub_ready()
         deadline = time.monotonic() + 1.0
         while self.hub.connections() and time.monotonic() < deadline:
@@ -257,6 +273,8 @@ class Gateway:
         """The hub's epoll fd is readable (or its deadline passed): let it work, then react."""
         self._timer = None
         self.hub.poll()
+        if self.clock is not None:
+            self.clock.polled()
         posts: list[_Post] = []
         for kind, conn, handle, data, tag in self.hub.drain():
             if kind == native.hub.MESSAGE_TEXT and handle in self._by_handle and (emoji := fast_react(data)):
@@ -305,6 +323,8 @@ class Gateway:
         as_json = message.event_json if mask & json_bits else None
         as_msgpack = msgpack.packb(json.loads(message.event_json)) if mask & msgpack_bits else None
         self.hub.publish(s.handle, (as_json, as_msgpack), message.offset is None, message.count)
+        if message.published_us and self.clock is not None:
+            self.clock.published(s.handle, message.published_us)
         self._arm_timer()
 
     def _viewer_left(self, handle: int, ip: str) -> None:
@@ -333,7 +353,11 @@ class Gateway:
             code = msg.code if isinstance(msg, BadMessage) else "bad_message"
             self.hub.send(conn, encode_event(error_event(code, reason, nonce), reply_wire))  # type: ignore[arg-type]
         elif isinstance(msg, PostComment):
-            if self._inflight + (len(posts) if posts is not None else 0) >= self.config.limits.max_inflight_posts:
+            if self.refusing_posts:
+                self._refuse_draining(conn, msg, reply_wire)
+            elif self._inflight + (len(posts) if posts is not None else 0) >= self.config.limits.max_inflight_posts:
+                if self.posts_refused is not None:
+                    self.posts_refused.labels("overloaded").inc()
                 self.hub.send(conn, encode_event(error_event(
                     ErrorCode.OVERLOADED, "this gateway is taking too many comments right now; it was not posted",
                     msg.nonce, OVERLOADED_RETRY_MS), reply_wire))
@@ -349,15 +373,11 @@ class Gateway:
             self._react(conn, s.name, user, ip, msg.emoji, reply_wire)
 
     def _react_fast(self, conn: int, stream: str, tag: bytes, emoji: str) -> None:
-        """A canonical JSON react: the viewer's tag is read once per connection, not per reaction."""
-        found = self._reactors.get(tag)
-        if found is None:
-            if len(self._reactors) >= MAX_REACTORS:
-                self._reactors.clear()
-            found = self._reactors[tag] = _reactor(tag)
-        user, ip, expires_at = found
+        """A canonical JSON react (its tag decoded once per connection, by _untag's memo)."""
+        ip, _, who = _untag(tag)
         # A user whose token has expired reacts as an anonymous viewer.
-        self._react(conn, stream, user if time.time() < expires_at else None, ip, emoji, JSON)
+        user = who.user_id if who is not None and time.time() < who.expires_at else None
+        self._react(conn, stream, user, ip, emoji, JSON)
 
     def _react(self, conn: int, stream: str, user: str | None, ip: str, emoji: str, wire: Wire) -> None:
         refused = self.engagement.react(stream, user, ip, emoji)
@@ -390,12 +410,10 @@ class Gateway:
             return static_response("index.html")  # the viewer page; it checks the id itself
         if req.path == "/streams":
             return json_response({"streams": self.engagement.live_streams()})
-        if req.path == "/healthz":
-            return text_response(HTTPStatus.OK, "ok")
-        if req.path == "/readyz":
-            ready = self.server is not None
-            return text_response(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,
-                                 "ready" if ready else "starting")
+        if req.path in ("/healthz", "/readyz"):
+            return self._probe(req.path)
+        if req.path == "/metrics" and self.metrics_page is not None:
+            return WSUpgradeResponse.create_ok_response(self.metrics_page(), {"Content-Type": CONTENT_TYPE})
         if req.path == "/dev/token":
             return self._dev_token(req)
         if req.path == "/echo" and self.config.gateway.echo_endpoint:
@@ -474,6 +492,10 @@ class Gateway:
         raw.pause_reading()
         peer = raw.get_extra_info("peername")
         ip = peer[0] if peer else ""
+        if self.refusing_posts:  # upgraded while the listener was closing: go elsewhere at once
+            transport.send_close(WSCloseCode.SERVICE_RESTART, DRAIN_REASON.encode())
+            transport.disconnect()
+            return
         if self._per_ip.get(ip, 0) >= self.config.gateway.max_connections_per_ip:
             transport.send_close(WSCloseCode.TRY_AGAIN_LATER, b"too many connections from your address")
             transport.disconnect()
@@ -602,7 +624,14 @@ class Gateway:
         """``POST /streams/{id}/comments`` (clients without a WebSocket): the same admission as ``post``."""
         if not _origin_allowed(request.header("Origin"), request.header("Host"), self.config.gateway.allowed_origins):
             return error_response(HTTPStatus.FORBIDDEN, HttpErrorCode.FORBIDDEN, "origin not allowed")
-        return await answer_comment_post(request, ip, self.config.auth, self.admission)
+        if self.refusing_posts:
+            return error_response(HTTPStatus.SERVICE_UNAVAILABLE, ErrorCode.NOT_ACCEPTED,
+                                  "this gateway is restarting; it was not posted: post again", 1000)
+        self._http_inflight += 1
+        try:
+            return await answer_comment_post(request, ip, self.config.auth, self.admission)
+        finally:
+            self._http_inflight -= 1
 
     async def resume(self, conn: int, stream: str, msg: Resume, wire: Wire) -> None:
         """Send what the viewer missed (gateway/recovery.py) as batches in order, then ``resumed``.
@@ -622,3 +651,27 @@ class Gateway:
                 self.on_hub_ready()
         self.hub.send(conn, encode_event({"t": "resumed", "recovered": found.recovered}, wire))
         self.on_hub_ready()
+
+    # -- operations (chorus/ops.py) --
+    def posts_in_flight(self) -> int:
+        """WebSocket and HTTP posts between arrival and answer."""
+        return self._inflight + self._http_inflight
+
+    def _refuse_draining(self, conn: int, msg: PostComment, wire: Wire) -> None:
+        if self.posts_refused is not None:
+            self.posts_refused.labels("draining").inc()
+        self.hub.send(conn, encode_event(error_event(
+            ErrorCode.NOT_ACCEPTED, "this gateway is restarting; it was not posted: reconnect and post again",
+            msg.nonce, OVERLOADED_RETRY_MS), wire))
+
+    def _probe(self, path: str) -> WSUpgradeResponse:
+        check = self.readiness if path == "/readyz" else self.health
+        detail: dict[str, str] = {}
+        if check is None:  # no Operations attached (a bare Gateway in tests): listening is all
+            ok = (self.server is not None and not self.draining) if path == "/readyz" else True
+        else:
+            ok, detail = check()
+        if ok and path == "/healthz":
+            return text_response(HTTPStatus.OK, "ok")
+        detail.setdefault("status", "ready" if ok else "not ready")
+        return json_response(detail, HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE)

@@ -29,8 +29,9 @@ class Archiver:
     def __init__(self, comment_log: CommentLog, store: HistoryStore) -> None:
         self.store = store
         self.written = 0
-        self.loop = ConsumeLoop(comment_log.consumer(GROUP), self.handle, name="archiver", linger_ms=20,
-                                max_records=2000)
+        # History may trail live delivery by a moment: fewer, fuller fetches (the broker's CPU).
+        self.loop = ConsumeLoop(comment_log.consumer(GROUP, max_wait_ms=100), self.handle, name="archiver",
+                                linger_ms=20, max_records=2000)
 
     async def handle(self, records: Sequence[LogRecord]) -> None:
         streams, _bad = group_by_stream(records)

@@ -70,12 +70,13 @@ def group_by_stream(records: Sequence[LogRecord]) -> tuple[dict[tuple[str, str],
     return streams, bad
 
 
-def batch_message(stream: str, epoch: str, comments: Sequence[Comment]) -> bytes:
-    """The Pub/Sub channel message of one ``batch`` event (JSON, encoded once for every gateway)."""
+def batch_message(stream: str, epoch: str, comments: Sequence[Comment], published_us: int = 0) -> bytes:
+    """The Pub/Sub channel message of one ``batch`` event (JSON, encoded once for every gateway);
+    ``published_us`` (wall clock) lets gateways measure Pub/Sub and delivery latency."""
     events = [c.to_event() for c in comments]
     last = comments[-1].offset
     batch = {"t": "batch", "stream": stream, "epoch": epoch, "offset": last, "comments": events}
-    return pack_channel_message(encode_event(batch, JSON), last, len(events))
+    return pack_channel_message(encode_event(batch, JSON), last, len(events), published_us)
 
 
 class Coordinator:
@@ -95,8 +96,8 @@ class Coordinator:
         self.sampled_out = 0  # comments stored but not broadcast
         self.throttle_events = 0
         self._publishing = asyncio.Lock()  # one stream's throttle events and batches stay in order
-        self.loop = ConsumeLoop(comment_log.consumer(GROUP), self.handle, name="coordinator",
-                                linger_ms=flush_interval_ms, max_records=max_batch)
+        self.loop = ConsumeLoop(comment_log.consumer(GROUP, max_wait_ms=flush_interval_ms), self.handle,
+                                name="coordinator", linger_ms=flush_interval_ms, max_records=max_batch)
 
     async def handle(self, records: Sequence[LogRecord]) -> None:
         streams, bad = group_by_stream(records)
@@ -111,7 +112,7 @@ class Coordinator:
             await self._apply(stream, epoch, plan)
             if plan.kept:
                 await self.state.advance(stream, epoch, [c.to_event() for c in plan.kept], self.recent_size)
-                await self.broker.publish(stream, batch_message(stream, epoch, plan.kept))
+                await self.broker.publish(stream, batch_message(stream, epoch, plan.kept, time.time_ns() // 1000))
                 self.published_batches += 1
             self.sampled_out += plan.dropped
 

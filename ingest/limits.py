@@ -26,7 +26,6 @@ a ban and with one for a time-out.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -34,12 +33,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from chorus.broker import StreamState, mode_key
+from chorus.broker import StreamState
 from chorus.codes import ErrorCode
 from chorus.config import Config, LimitsConfig
 
 __all__ = [
-    "ADMIT_SCRIPT",
+    "ADMIT_MANY_SCRIPT",
     "ALL_STREAMS",
     "AdmissionLimits",
     "BackendUnavailable",
@@ -304,107 +303,119 @@ class MemorySanctions:
 
 # -- Redis -----------------------------------------------------------------------------------
 
-# One atomic admission step. Redis Cluster: the keys below live in different hash slots (the
-# user's, the address's, the stream's, the global one), and a script may only touch keys of
-# one slot, so limits need a single-node Redis (or one shard set aside for them).
+# Admission of a batch of posts in one EVALSHA, one post after the other (each sees what the
+# ones before it took), all on one reading of Redis's clock. The script builds every key from
+# the posts' fields, so a post costs the client four short arguments to pack, not six keys and
+# ten numbers (packing them was most of a gateway's Redis cost at thousands of posts/s). Redis
+# Cluster: a post's keys live in different hash slots (the user's, the address's, the
+# stream's, the global one) and are not declared, so limits need a single-node Redis (or one
+# shard set aside for them).
 #
-# KEYS[1..n]: GCRA keys; KEYS[n+1]: the stream's mode hash; KEYS[n+2]: the poster's slow-mode slot
-# ARGV[1]: n; ARGV[2i], ARGV[2i+1]: emission interval and window of key i (µs);
-# ARGV[2n+2]: "1" if slow mode applies to the poster
-# Returns {0, 0, s} when taken, else {i, wait_us, s}: i in 1..n names the limit, n+1 slow mode;
-# s is the stream's slow mode in seconds.
-ADMIT_SCRIPT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local n = tonumber(ARGV[1])
-local worst, worst_wait = 0, 0
-local tats = {}
-for i = 1, n do
-  local tat = tonumber(redis.call('GET', KEYS[i]) or 0) or 0
-  if tat < now then tat = now end
-  tats[i] = tat + tonumber(ARGV[2 * i])
-  local wait = tats[i] - tonumber(ARGV[2 * i + 1]) - now
-  if wait > worst_wait then worst, worst_wait = i, wait end
-end
-local slow_s = 0
-if ARGV[2 * n + 2] == '1' then
-  slow_s = math.floor(tonumber(redis.call('HGET', KEYS[n + 1], 'slow_mode_seconds') or 0) or 0)
-  if slow_s > 0 then
-    local left_us = redis.call('PTTL', KEYS[n + 2]) * 1000
-    if left_us > 0 and left_us >= worst_wait then worst, worst_wait = n + 1, left_us end
-  end
-end
-if worst > 0 then return {worst, worst_wait, slow_s} end
-for i = 1, n do
-  redis.call('SET', KEYS[i], string.format('%.0f', tats[i]), 'PX', math.ceil((tats[i] - now) / 1000))
-end
-if slow_s > 0 then redis.call('SET', KEYS[n + 2], '1', 'NX', 'PX', slow_s * 1000) end
-return {0, 0, slow_s}
-"""
-
-
-# ADMIT_SCRIPT for a batch of posts in one EVALSHA, one post after the other (each sees what
-# the ones before it took), all on one reading of Redis's clock.
-# ARGV[1]: m posts; then per post: n, n pairs (emission, window), the slow-mode flag.
-# KEYS: per post its n GCRA keys, its stream's mode hash, its slow-mode slot.
-# Returns 3 numbers per post, as ADMIT_SCRIPT.
+# ARGV[1]: the key prefix; ARGV[2]: L configured limits, then per limit its scope ("user",
+# "ip", "stream", "global"), emission interval and window (µs); then m posts, then per post
+# its user, address ("" skips the address limit), stream and "1" if slow mode applies to it.
+# Keys: <prefix>rl:<scope>:<id> (GCRA), <prefix>mode:<stream> (slow_mode_seconds),
+# <prefix>slow:<stream>:<user> (the slow-mode slot).
+# Returns 3 numbers per post: {0, 0, s} when taken, else {i, wait_us, s}: i in 1..L names the
+# limit, L+1 slow mode; s is the stream's slow mode in seconds.
 ADMIT_MANY_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local prefix = ARGV[1]
+local nlim = tonumber(ARGV[2])
+local scopes, emission, window = {}, {}, {}
+for i = 1, nlim do
+  scopes[i] = ARGV[3 * i]
+  emission[i] = tonumber(ARGV[3 * i + 1])
+  window[i] = tonumber(ARGV[3 * i + 2])
+end
+local a = 3 * nlim + 3
 local out = {}
-local a, k = 2, 0
-for _ = 1, tonumber(ARGV[1]) do
-  local n = tonumber(ARGV[a])
+for _ = 1, tonumber(ARGV[a]) do
+  local user, ip, stream, slow = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  a = a + 4
   local worst, worst_wait = 0, 0
-  local tats = {}
-  for i = 1, n do
-    local tat = tonumber(redis.call('GET', KEYS[k + i]) or 0) or 0
-    if tat < now then tat = now end
-    tats[i] = tat + tonumber(ARGV[a + 2 * i - 1])
-    local wait = tats[i] - tonumber(ARGV[a + 2 * i]) - now
-    if wait > worst_wait then worst, worst_wait = i, wait end
+  local keys, tats = {}, {}
+  for i = 1, nlim do
+    local id = nil
+    if scopes[i] == 'user' then id = user
+    elseif scopes[i] == 'ip' then if ip ~= '' then id = ip end
+    elseif scopes[i] == 'stream' then id = stream
+    else id = '' end
+    if id ~= nil then
+      local key = prefix .. 'rl:' .. scopes[i] .. ':' .. id
+      local tat = tonumber(redis.call('GET', key) or 0) or 0
+      if tat < now then tat = now end
+      tat = tat + emission[i]
+      local wait = tat - window[i] - now
+      if wait > worst_wait then worst, worst_wait = i, wait end
+      keys[#keys + 1] = key
+      tats[#tats + 1] = tat
+    end
   end
   local slow_s = 0
-  if ARGV[a + 2 * n + 1] == '1' then
-    slow_s = math.floor(tonumber(redis.call('HGET', KEYS[k + n + 1], 'slow_mode_seconds') or 0) or 0)
+  local slot = prefix .. 'slow:' .. stream .. ':' .. user
+  if slow == '1' then
+    slow_s = math.floor(tonumber(redis.call('HGET', prefix .. 'mode:' .. stream, 'slow_mode_seconds') or 0) or 0)
     if slow_s > 0 then
-      local left_us = redis.call('PTTL', KEYS[k + n + 2]) * 1000
-      if left_us > 0 and left_us >= worst_wait then worst, worst_wait = n + 1, left_us end
+      local left_us = redis.call('PTTL', slot) * 1000
+      if left_us > 0 and left_us >= worst_wait then worst, worst_wait = nlim + 1, left_us end
     end
   end
   if worst == 0 then
-    for i = 1, n do
-      redis.call('SET', KEYS[k + i], string.format('%.0f', tats[i]), 'PX', math.ceil((tats[i] - now) / 1000))
+    for j = 1, #keys do
+      redis.call('SET', keys[j], string.format('%.0f', tats[j]), 'PX', math.ceil((tats[j] - now) / 1000))
     end
-    if slow_s > 0 then redis.call('SET', KEYS[k + n + 2], '1', 'NX', 'PX', slow_s * 1000) end
+    if slow_s > 0 then redis.call('SET', slot, '1', 'NX', 'PX', slow_s * 1000) end
   end
   out[#out + 1] = worst
   out[#out + 1] = worst_wait
   out[#out + 1] = slow_s
-  a = a + 2 * n + 2
-  k = k + n + 2
 end
 return out
 """
 
-# Every key's PTTL, in one call: the sanctions of a batch of posts.
-PTTL_SCRIPT = "local out = {} for i = 1, #KEYS do out[i] = redis.call('PTTL', KEYS[i]) end return out"
+# The sanctions of a batch of posts in one call. ARGV[1]: the key prefix, then per post its
+# stream and user; returns per post the PTTL of <prefix>ban:<stream>:<user> and of
+# <prefix>ban:*:<user> (-2 no ban, -1 a ban, else the ms left of a time-out).
+SANCTIONS_SCRIPT = """
+local prefix, out = ARGV[1], {}
+for i = 2, #ARGV, 2 do
+  out[#out + 1] = redis.call('PTTL', prefix .. 'ban:' .. ARGV[i] .. ':' .. ARGV[i + 1])
+  out[#out + 1] = redis.call('PTTL', prefix .. 'ban:*:' .. ARGV[i + 1])
+end
+return out
+"""
 
 
-async def _run_script(redis: Any, shas: dict[str, str], script: str, keys: list[str], args: list[Any]) -> Any:
-    """EVALSHA ``script`` (SCRIPT LOAD first, and again after NOSCRIPT)."""
-    from redis.exceptions import NoScriptError
+class _Script:
+    """A Lua script run by its hash (EVALSHA): loaded (SCRIPT LOAD) on first use, and again
+    after a Redis restart or SCRIPT FLUSH (the server answers NOSCRIPT). Counts its calls."""
 
-    try:
-        sha = shas.get(script) or await redis.script_load(script)
-        shas[script] = sha
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha: str | None = None
+        self.round_trips = 0
+
+    async def run(self, redis: Any, args: list[Any]) -> Any:
+        from redis.exceptions import NoScriptError
+
         try:
-            return await redis.evalsha(sha, len(keys), *keys, *args)
-        except NoScriptError:  # Redis restarted or ran SCRIPT FLUSH: load it again
-            shas[script] = sha = await redis.script_load(script)
-            return await redis.evalsha(sha, len(keys), *keys, *args)
-    except _redis_errors() as exc:
-        raise BackendUnavailable(f"redis did not answer ({type(exc).__name__}: {exc})") from exc
+            if self.sha is None:
+                await self._load(redis)
+            try:
+                self.round_trips += 1
+                return await redis.evalsha(self.sha, 0, *args)
+            except NoScriptError:
+                await self._load(redis)
+                self.round_trips += 1
+                return await redis.evalsha(self.sha, 0, *args)
+        except _redis_errors() as exc:
+            raise BackendUnavailable(f"redis did not answer ({type(exc).__name__}: {exc})") from exc
+
+    async def _load(self, redis: Any) -> None:
+        self.round_trips += 1
+        self.sha = await redis.script_load(self.source)
 
 
 def _redis_errors() -> tuple[type[BaseException], ...]:
@@ -414,85 +425,47 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
 
 
 class RedisRateLimiter:
-    """The four limits and slow mode, shared by every gateway: :data:`ADMIT_SCRIPT` per post.
-
-    The script is loaded once (SCRIPT LOAD) and run by its hash (EVALSHA); after a Redis
-    restart or SCRIPT FLUSH the server answers NOSCRIPT, and it is loaded again.
-    """
+    """The four limits and slow mode, shared by every gateway: :data:`ADMIT_MANY_SCRIPT`, one
+    EVALSHA for a batch of posts (a single post is a batch of one)."""
 
     def __init__(self, redis: Any, prefix: str, limits: Sequence[Limit]) -> None:
         self._redis = redis
         self._prefix = prefix
         self.limits = tuple(limits)
-        self._sha: str | None = None
-        self._loading = asyncio.Lock()
-        self._shas: dict[str, str] = {}  # ADMIT_MANY_SCRIPT's hash
-        self.round_trips = 0
+        self._script = _Script(ADMIT_MANY_SCRIPT)
+        # The arguments every call starts with: the prefix and the configured limits.
+        self._head: list[Any] = [prefix, len(self.limits)]
+        for lim in self.limits:
+            self._head += [lim.scope, lim.emission_us, lim.window_us]
 
-    def _keys(self, poster: Poster) -> tuple[list[Limit], list[str]]:
-        used = [(lim, ident) for lim in self.limits if (ident := poster.id_for(lim.scope)) is not None]
-        keys = [f"{self._prefix}rl:{lim.scope}:{ident}" for lim, ident in used]
-        keys += [mode_key(self._prefix, poster.stream), f"{self._prefix}slow:{poster.stream}:{poster.user}"]
-        return [lim for lim, _ in used], keys
+    @property
+    def round_trips(self) -> int:
+        return self._script.round_trips
 
-    def _call(self, poster: Poster) -> tuple[list[Limit], list[str], list[int]]:
-        limits, keys = self._keys(poster)
-        args = [len(limits), *(x for lim in limits for x in (lim.emission_us, lim.window_us))]
-        args.append(0 if poster.slow_mode_exempt else 1)
-        return limits, keys, args
-
-    @staticmethod
-    def _verdict(limits: list[Limit], reply: list[Any]) -> Refusal | None:
-        which, wait_us, slow_mode_s = (int(x) for x in reply)
+    def _verdict(self, which: int, wait_us: int, slow_mode_s: int) -> Refusal | None:
         if which == 0:
             return None
-        if which == len(limits) + 1:
+        if which == len(self.limits) + 1:
             return slow_mode_refusal(slow_mode_s, wait_us)
-        return rate_refusal(limits[which - 1], wait_us)
+        return rate_refusal(self.limits[which - 1], wait_us)
 
     async def acquire(self, poster: Poster) -> Refusal | None:
-        limits, keys, args = self._call(poster)
-        return self._verdict(limits, await self._run(keys, args))
+        (verdict,) = await self.acquire_many([poster])
+        return verdict
 
     async def acquire_many(self, posters: Sequence[Poster]) -> list[Refusal | None]:
-        """:meth:`acquire` for each poster, in order, in one round trip (:data:`ADMIT_MANY_SCRIPT`).
+        """:meth:`acquire` for each poster, in order, in one round trip.
 
         The same verdicts as one call each: a post refused costs no budget, and each post
         sees what the ones before it took.
         """
         if not posters:
             return []
-        calls = [self._call(p) for p in posters]
-        keys = [key for _, ks, _ in calls for key in ks]
-        args: list[Any] = [len(calls)]
-        for _, _, a in calls:
-            args += a
-        self.round_trips += 1
-        flat = await _run_script(self._redis, self._shas, ADMIT_MANY_SCRIPT, keys, args)
-        return [self._verdict(limits, flat[3 * n : 3 * n + 3]) for n, (limits, _, _) in enumerate(calls)]
-
-    async def _run(self, keys: list[str], args: list[int]) -> list[Any]:
-        from redis.exceptions import NoScriptError
-
-        try:
-            sha = self._sha or await self._load(None)
-            try:
-                self.round_trips += 1
-                return await self._redis.evalsha(sha, len(keys), *keys, *args)
-            except NoScriptError:  # Redis restarted or ran SCRIPT FLUSH: load it again
-                sha = await self._load(sha)
-                self.round_trips += 1
-                return await self._redis.evalsha(sha, len(keys), *keys, *args)
-        except _redis_errors() as exc:
-            raise BackendUnavailable(f"redis did not answer ({type(exc).__name__}: {exc})") from exc
-
-    async def _load(self, stale: str | None) -> str:
-        """SCRIPT LOAD once, however many posts find the script missing at the same time."""
-        async with self._loading:
-            if self._sha is None or self._sha == stale:
-                self.round_trips += 1
-                self._sha = await self._redis.script_load(ADMIT_SCRIPT)
-            return self._sha
+        args = [*self._head, len(posters)]
+        for p in posters:
+            args += (p.user, p.ip, p.stream, "0" if p.slow_mode_exempt else "1")
+        flat = await self._script.run(self._redis, args)
+        return [self._verdict(int(flat[n]), int(flat[n + 1]), int(flat[n + 2])) for n in range(0, len(flat), 3)]
 
 
 class RedisSanctions:
@@ -505,15 +478,19 @@ class RedisSanctions:
     def __init__(self, redis: Any, prefix: str) -> None:
         self._redis = redis
         self._prefix = prefix
-        self._shas: dict[str, str] = {}  # PTTL_SCRIPT's hash
-        self.round_trips = 0
+        self._script = _Script(SANCTIONS_SCRIPT)
+        self._single_checks = 0
+
+    @property
+    def round_trips(self) -> int:
+        return self._script.round_trips + self._single_checks
 
     def key(self, stream: str, user: str) -> str:
         return f"{self._prefix}ban:{stream}:{user}"
 
     async def check(self, stream: str, user: str) -> Refusal | None:
         try:
-            self.round_trips += 1
+            self._single_checks += 1
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.pttl(self.key(stream, user))
                 pipe.pttl(self.key(ALL_STREAMS, user))
@@ -526,12 +503,13 @@ class RedisSanctions:
         return _strongest(found)
 
     async def check_many(self, pairs: Sequence[tuple[str, str]]) -> list[Refusal | None]:
-        """:meth:`check` for each (stream, user), in one round trip (:data:`PTTL_SCRIPT`)."""
+        """:meth:`check` for each (stream, user), in one round trip (:data:`SANCTIONS_SCRIPT`)."""
         if not pairs:
             return []
-        keys = [key for stream, user in pairs for key in (self.key(stream, user), self.key(ALL_STREAMS, user))]
-        self.round_trips += 1
-        got = await _run_script(self._redis, self._shas, PTTL_SCRIPT, keys, [])
+        args: list[Any] = [self._prefix]
+        for stream, user in pairs:
+            args += (stream, user)
+        got = await self._script.run(self._redis, args)
         out: list[Refusal | None] = []
         for n, (stream, _user) in enumerate(pairs):
             here, everywhere = got[2 * n], got[2 * n + 1]

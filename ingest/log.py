@@ -16,12 +16,16 @@ Kafka its group membership, as long as the caller keeps fetching).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 import zlib
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from aiokafka.partitioner import DefaultPartitioner
 
 from chorus.ingest.kafka_topic import partition_epoch, topic_id
 
@@ -43,6 +47,8 @@ class LogUnconfirmed(LogUnavailable):
 # flight that wait alone took most of a gateway's CPU. 512 KiB stays under the broker's default
 # message.max.bytes (1 MiB).
 PRODUCER_BATCH_BYTES = 512 * 1024
+FETCH_MIN_BYTES = 256 * 1024  # a consumer's fetch returns early once this much is there
+PARTITION_MEMO_MAX = 100_000  # keys (streams) whose partition a producer remembers
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,12 +72,23 @@ class LogConsumer(Protocol):
 
     def resume(self) -> None: ...
 
+    def highwaters(self) -> dict[int, int]:
+        """Per assigned partition, the offset after its last record as last seen (for lag)."""
+        ...
+
+    async def positions(self) -> dict[int, int]:
+        """Per assigned partition, the offset of the next record to fetch (for lag)."""
+        ...
+
 
 class CommentLog(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
     async def append(self, key: bytes, value: bytes) -> None: ...
-    def consumer(self, group: str) -> LogConsumer: ...
+    def consumer(self, group: str, max_wait_ms: int = 10) -> LogConsumer:
+        """A member of consumer group ``group``. ``max_wait_ms``: how long the log may hold a
+        fetch to fill it (Kafka's fetch.max.wait.ms), the latency a role trades for fewer fetches."""
+        ...
 
 
 async def append_many(comment_log: CommentLog, records: Sequence[tuple[bytes, bytes]]) -> list[Exception | None]:
@@ -129,7 +146,7 @@ class MemoryLog:
         part.append(LogRecord(p, len(part), key, value, self._epochs[p]))
         self._grew.set()
 
-    def consumer(self, group: str) -> MemoryLogConsumer:
+    def consumer(self, group: str, max_wait_ms: int = 10) -> MemoryLogConsumer:
         committed = self._committed.setdefault(group, [0] * len(self._parts))
         return MemoryLogConsumer(self, committed)
 
@@ -181,6 +198,92 @@ class MemoryLogConsumer:
         for p, off in _next_offsets(records).items():
             self._committed[p] = max(self._committed[p], off)
 
+    def highwaters(self) -> dict[int, int]:
+        return {p: len(part) for p, part in enumerate(self._log._parts)}
+
+    async def positions(self) -> dict[int, int]:
+        return dict(enumerate(self._position))
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+class _OpenBatch:
+    """A producer batch of one partition: filled while the batch before it is handed over."""
+
+    __slots__ = ("builder", "handed")
+
+    def __init__(self, builder: Any) -> None:
+        self.builder = builder
+        # The producer's delivery future once the batch is handed over; LogUnavailable if it never was.
+        self.handed: asyncio.Future[asyncio.Future[Any]] = asyncio.get_running_loop().create_future()
+        self.handed.add_done_callback(_retrieve)  # its waiters may have given up: no "never retrieved"
+
+    async def confirmed(self) -> None:
+        """Returns once Kafka confirmed the batch; raises if it was not handed over or not confirmed."""
+        delivery = await asyncio.shield(self.handed)
+        await asyncio.shield(delivery)
+
+
+class _PartitionSender:
+    """One partition's records on their way to the producer, in order.
+
+    aiokafka queues one batch per partition and makes a second ``send_batch`` wait until the
+    first is drained, so records appended meanwhile go into an open batch that one task
+    hands over next: under load batches grow instead of waiters.
+    """
+
+    def __init__(self, producer: Any, topic: str, partition: int) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.partition = partition
+        self._queue: deque[_OpenBatch] = deque()
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, key: bytes, value: bytes) -> _OpenBatch:
+        """Append a record to the open batch (a new one when full) and make sure it will be sent."""
+        batch = self._queue[-1] if self._queue else None
+        if batch is None or batch.builder.append(key=key, value=value, timestamp=None) is None:
+            batch = _OpenBatch(self.producer.create_batch())
+            if batch.builder.append(key=key, value=value, timestamp=None) is None:
+                raise ValueError(f"a record of {len(value)} bytes does not fit a producer batch")
+            self._queue.append(batch)
+        if self._task is None:
+            self._task = asyncio.create_task(self._hand_over(), name=f"kafka-send-{self.partition}")
+        return batch
+
+    async def _hand_over(self) -> None:
+        from aiokafka.errors import KafkaError
+
+        try:
+            while self._queue:
+                batch = self._queue.popleft()
+                try:
+                    fut = await self.producer.send_batch(batch.builder, self.topic, partition=self.partition)
+                except (KafkaError, TimeoutError) as exc:
+                    # Never handed over: not stored.
+                    batch.handed.set_exception(LogUnavailable(f"kafka did not take the record ({type(exc).__name__})"))
+                    continue
+                except asyncio.CancelledError:
+                    batch.handed.set_exception(LogUnconfirmed("the producer stopped while handing it over"))
+                    raise
+                fut.add_done_callback(_retrieve)
+                batch.handed.set_result(fut)
+        finally:
+            self._task = None
+            for batch in self._queue:  # cancelled (stopping): these never left
+                batch.handed.set_exception(LogUnavailable("the producer stopped"))
+            self._queue.clear()
+
+    async def close(self) -> None:
+        task = self._task
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
 
 class KafkaLog:
     """The ``comments`` topic on a real Kafka cluster.
@@ -197,6 +300,10 @@ class KafkaLog:
         self.linger_ms = linger_ms
         self._producer: object | None = None
         self._starting = asyncio.Lock()
+        self._partitioner = DefaultPartitioner()
+        self._partition_of: dict[bytes, int] = {}  # key -> partition, for the count below
+        self._partition_count = 0
+        self._senders: dict[int, _PartitionSender] = {}
 
     async def start(self) -> None:
         try:
@@ -205,6 +312,9 @@ class KafkaLog:
             log.warning("kafka producer not started yet: %s", exc)
 
     async def stop(self) -> None:
+        senders, self._senders = list(self._senders.values()), {}
+        for sender in senders:
+            await sender.close()
         producer, self._producer = self._producer, None
         if producer is not None:
             await producer.stop()  # type: ignore[attr-defined]
@@ -242,41 +352,73 @@ class KafkaLog:
     async def append_many(self, records: Sequence[tuple[bytes, bytes]]) -> list[Exception | None]:
         """Hand every record to the producer, then wait for all their confirmations in this one
         task: None per record Kafka confirmed, else :class:`LogUnavailable` (never left this
-        process: not stored) or :class:`LogUnconfirmed` (sent, not confirmed in time: may be stored)."""
+        process: not stored) or :class:`LogUnconfirmed` (sent, not confirmed in time: may be stored).
+
+        Records join their partition's open producer batch (:class:`_PartitionSender`), not
+        one ``send`` each: a ``send`` costs a future, a metadata check and the accumulator's
+        bookkeeping per record (~20 µs of a gateway's CPU, against ~1 µs for a batch append:
+        BENCHMARKS.md, Pipeline). The default partitioner's choice (murmur2 of the key) is
+        kept, so a stream's records land where any other producer's would, in order.
+        """
         from aiokafka.errors import KafkaError
 
         try:
             producer = await self._ensure_producer()
+            async with asyncio.timeout(self.accept_timeout_ms / 1000):
+                partitions = sorted(await producer.partitions_for(self.topic))  # type: ignore[attr-defined]
         except LogUnavailable as exc:
             return [exc] * len(records)
-        timeout_s = self.accept_timeout_ms / 1000
-        out: list[Exception | None] = [None] * len(records)
-        futures: dict[asyncio.Future[Any], int] = {}
-        sent = 0
-        try:
-            # send() returns once the record is in the producer's batch (it waits only for
-            # metadata or room in a full batch); failing here means the record never left.
-            async with asyncio.timeout(timeout_s):
-                for key, value in records:
-                    futures[await producer.send(self.topic, value, key=key)] = sent  # type: ignore[attr-defined]
-                    sent += 1
         except (KafkaError, TimeoutError) as exc:
-            refused = LogUnavailable(f"kafka did not take the record ({type(exc).__name__})")
-            out[sent:] = [refused] * (len(records) - sent)
-        if futures:
-            # The producer's own request timeout fails a batch it could not deliver; the outer
-            # bound is only a safety net.
-            done, pending = await asyncio.wait(futures, timeout=timeout_s + 2)
-            for fut in pending:
-                out[futures[fut]] = LogUnconfirmed("kafka did not confirm the record in time (timeout)")
-            for fut in done:
-                error = fut.exception()
-                if error is not None:
-                    out[futures[fut]] = LogUnconfirmed(f"kafka did not confirm the record ({type(error).__name__})")
+            why = f"kafka has no metadata for topic {self.topic} ({type(exc).__name__})"
+            return [LogUnavailable(why)] * len(records)
+        out: list[Exception | None] = [None] * len(records)
+        batches: dict[_OpenBatch, list[int]] = {}
+        for i, (key, value) in enumerate(records):
+            p = self._partition(key, partitions)
+            sender = self._senders.get(p)
+            if sender is None:
+                sender = self._senders[p] = _PartitionSender(producer, self.topic, p)
+            try:
+                batches.setdefault(sender.add(key, value), []).append(i)
+            except ValueError as exc:
+                out[i] = LogUnavailable(str(exc))
+        await self._wait_confirmed(batches, out)
         return out
 
-    def consumer(self, group: str) -> KafkaLogConsumer:
-        return KafkaLogConsumer(self.bootstrap, self.topic, group)
+    async def _wait_confirmed(self, batches: dict[_OpenBatch, list[int]], out: list[Exception | None]) -> None:
+        """Fill ``out`` for every record of ``batches`` once each batch is confirmed or failed."""
+        waits = {asyncio.ensure_future(b.confirmed()): members for b, members in batches.items()}
+        if not waits:
+            return
+        # The producer's own request timeout fails a batch it could not deliver; the outer
+        # bound is only a safety net.
+        done, pending = await asyncio.wait(waits, timeout=self.accept_timeout_ms / 1000 + 2)
+        for fut in pending:
+            fut.cancel()
+            for i in waits[fut]:
+                out[i] = LogUnconfirmed("kafka did not confirm the record in time (timeout)")
+        for fut in done:
+            error = fut.exception()
+            if error is not None:
+                for i in waits[fut]:
+                    out[i] = error if isinstance(error, LogUnavailable) else LogUnconfirmed(
+                        f"kafka did not confirm the record ({type(error).__name__})")
+
+    def _partition(self, key: bytes, partitions: list[int]) -> int:
+        """The default partitioner's choice, remembered per key (its murmur2 is pure Python)
+        until the topic's partition count changes."""
+        if len(partitions) != self._partition_count:
+            self._partition_of.clear()
+            self._partition_count = len(partitions)
+        p = self._partition_of.get(key)
+        if p is None:
+            if len(self._partition_of) >= PARTITION_MEMO_MAX:
+                self._partition_of.clear()
+            p = self._partition_of[key] = self._partitioner(key, partitions, partitions)
+        return p
+
+    def consumer(self, group: str, max_wait_ms: int = 10) -> KafkaLogConsumer:
+        return KafkaLogConsumer(self.bootstrap, self.topic, group, max_wait_ms)
 
 
 class KafkaLogConsumer:
@@ -286,15 +428,21 @@ class KafkaLogConsumer:
     are assigned (recreating the topic changes its metadata, which rebalances the group).
     """
 
-    def __init__(self, bootstrap: str, topic: str, group: str) -> None:
+    def __init__(self, bootstrap: str, topic: str, group: str, max_wait_ms: int = 10) -> None:
         from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 
+        # The broker's CPU goes by requests, not records (~1-2 ms per request on this project's
+        # machines: BENCHMARKS.md, Pipeline). With aiokafka's fetch.min.bytes of 1 every consumer
+        # fetched again as soon as one producer batch landed; letting the broker hold a fetch
+        # for up to max_wait_ms until FETCH_MIN_BYTES arrived bounds each member's fetches.
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
             group_id=group,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             client_id=f"chorus-{group}",
+            fetch_max_wait_ms=max_wait_ms,
+            fetch_min_bytes=FETCH_MIN_BYTES,
         )
         self.bootstrap = bootstrap
         self.topic = topic
@@ -349,6 +497,18 @@ class KafkaLogConsumer:
         offsets = {TopicPartition(self.topic, p): off for p, off in _next_offsets(records).items()}
         if offsets:
             await self._consumer.commit(offsets)
+
+    def highwaters(self) -> dict[int, int]:
+        """From the last fetch responses; a partition not fetched from yet is left out."""
+        out = {}
+        for tp in self._consumer.assignment():
+            hw = self._consumer.highwater(tp)
+            if hw is not None:
+                out[tp.partition] = int(hw)
+        return out
+
+    async def positions(self) -> dict[int, int]:
+        return {tp.partition: int(await self._consumer.position(tp)) for tp in self._consumer.assignment()}
 
 
 def open_log(bootstrap: str, topic: str, partitions: int, accept_timeout_ms: int, linger_ms: int) -> CommentLog:

@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from chorus.protocol import json_compact
+
 __all__ = ["Comment", "RecordError", "decode_record", "encode_record"]
 
 RECORD_VERSION = 1
@@ -60,7 +62,7 @@ def encode_record(c: Comment) -> tuple[bytes, bytes]:
         "text": c.text,
         "ts": c.ts,
     }
-    return c.stream.encode(), json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    return c.stream.encode(), json_compact(value).encode()
 
 
 def decode_record(value: bytes, epoch: str = "", offset: int = -1) -> Comment:

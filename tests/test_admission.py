@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -386,3 +388,23 @@ async def test_a_request_starting_like_post_still_reaches_picows(post_env: Env) 
     assert status == 400 and b"PUT" in body  # picows' own answer to a method it does not serve
     status, _, body = await http_exchange(post_env, b"GE", b"T /healthz HTTP/1.1\r\nHost: x\r\n\r\n", pause=0.02)
     assert (status, body) == (200, b"ok")
+
+
+@pytest.mark.services
+async def test_post_kafka_takes_but_does_not_confirm_is_504_unconfirmed_with_its_id(
+        launch: Launch, kafka_service: Any) -> None:
+    """A real stalled broker (SIGSTOP for a moment): the record left the gateway but no
+    confirmation came within kafka.accept_timeout_ms, so the answer is ``unconfirmed`` with the
+    comment's id (it may still appear), not ``not_accepted``."""
+    if kafka_service.external:
+        pytest.skip("the broker is not ours to pause")
+    env = await launch("services", kafka__accept_timeout_ms=1000)
+    path, tok = f"/streams/{sid('stall')}/comments", token(env, "patient")
+    assert (await http_exchange(env, request(path, text_body("the producer is connected"), tok)))[0] == 201
+    os.kill(kafka_service.pid, signal.SIGSTOP)
+    try:
+        status, headers, body = await http_exchange(env, request(path, text_body("into a stalled broker"), tok))
+    finally:
+        os.kill(kafka_service.pid, signal.SIGCONT)
+    assert (status, body["error"], headers["Retry-After"]) == (504, "unconfirmed", "2")
+    assert body["id"].isdigit() and "may still appear" in body["reason"]

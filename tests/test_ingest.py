@@ -170,3 +170,51 @@ async def test_kafka_records_carry_the_topic_id_and_a_recreated_topic_is_a_new_e
         await admin.delete_topics([topic])
     finally:
         await admin.close()
+
+
+@pytest.mark.services
+async def test_kafka_appends_from_many_tasks_land_once_on_the_default_partition_in_order(kafka_bootstrap: str) -> None:
+    """append_many from many tasks at once: every record confirmed once, on the partition the
+    default partitioner picks (the same as a plain producer's), each call's records in order."""
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    topic = f"batches-{uuid.uuid4().hex[:8]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, 3, 1)])
+    finally:
+        await admin.close()
+    log = KafkaLog(kafka_bootstrap, topic)
+    await log.start()
+    keys = [f"stream-{k}".encode() for k in range(5)]
+    calls = [[(keys[(c + n) % 5], f"{c}:{n}".encode()) for n in range(30)] for c in range(40)]
+    try:
+        results = await asyncio.gather(*(log.append_many(call) for call in calls))
+    finally:
+        await log.stop()
+    assert all(r is None for call in results for r in call)
+    plain = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)  # where a plain producer puts each key
+    await plain.start()
+    try:
+        expected = {k: (await (await plain.send(topic, b"probe", key=k))).partition for k in keys}
+    finally:
+        await plain.stop()
+    consumer = log.consumer(f"g-{uuid.uuid4().hex[:6]}")
+    await consumer.start()
+    got: list[LogRecord] = []
+    try:
+        async with asyncio.timeout(30):
+            while len([r for r in got if r.value != b"probe"]) < 40 * 30:
+                got += await consumer.fetch(500, 2000)
+    finally:
+        await consumer.stop()
+    records = [r for r in got if r.value != b"probe"]
+    assert sorted(r.value for r in records) == sorted(v for call in calls for _, v in call)  # each once
+    assert all(r.partition == expected[r.key] for r in records)
+    for c in range(40):
+        for key in keys:
+            mine = [r for r in sorted(records, key=lambda r: r.offset) if r.key == key
+                    and r.value.startswith(f"{c}:".encode())]
+            assert [int(r.value.split(b":")[1]) for r in mine] == sorted(int(r.value.split(b":")[1]) for r in mine)
