@@ -223,6 +223,9 @@ class MetricsConfig:
     probe_interval_s: float = doc(
         "How often /readyz's view of Redis and Kafka is refreshed (each probe is bounded by this too).", 2.0
     )
+
+
+@dataclass(frozen=True)
 class ReactionsConfig:
     emoji: tuple[str, ...] = doc(
         "Reactions viewers may send, by name (a-z 0-9 _); the page shows a glyph for the names it knows.",
