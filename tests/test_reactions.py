@@ -51,7 +51,13 @@ async def test_reactions_reach_every_viewer_as_totals(env: Env) -> None:
     welcome = await late.wait_for(lambda e: e["t"] == "welcome")
     assert welcome["reactions"] == want
     assert welcome["viewers"]["now"] == 4
-    for v in (alice, bob, watcher, late):
+    # A msgpack viewer reacts through the full parser and gets the totals in msgpack.
+    packed = await WebsocketsClient.connect(env.ws_url(stream), env.token("mia"), wire="msgpack")
+    await packed.wait_for(lambda e: e["t"] == "welcome")
+    await packed.send_json({"t": "react", "emoji": "clap"})
+    await packed.wait_for(lambda e: e["t"] == "reactions" and e["totals"]["clap"] == 1, timeout=5)
+    await watcher.wait_for(lambda e: e["t"] == "reactions" and e["totals"]["clap"] == 1, timeout=5)
+    for v in (alice, bob, watcher, late, packed):
         await v.close()
 
 
