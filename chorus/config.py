@@ -147,6 +147,10 @@ class HistoryConfig:
 class CoordinatorConfig:
     flush_interval_ms: int = doc("Batch a stream's comments for this long before publishing.", 10)
     max_batch: int = doc("Publish a stream's batch early at this many comments.", 100)
+    hot_flush_interval_ms: int = doc(
+        "While a stream is sampled (it is hot), batch for this long instead: every batch is a frame to every "
+        "viewer, so fewer, fuller batches make a hot stream's fan-out cheaper.", 50
+    )
     recent_size: int = doc("Recent comments kept per stream (in Redis) for welcome and recovery.", 1000)
 
 
@@ -317,6 +321,9 @@ class Config:
             ("coordinator.recent_size", self.coordinator.recent_size >= 1, "must be >= 1"),
             ("coordinator.flush_interval_ms", 1 <= self.coordinator.flush_interval_ms <= 1000, "must be 1-1000"),
             ("coordinator.max_batch", self.coordinator.max_batch >= 1, "must be >= 1"),
+            ("coordinator.hot_flush_interval_ms",
+             self.coordinator.flush_interval_ms <= self.coordinator.hot_flush_interval_ms <= 1000,
+             "must be flush_interval_ms-1000"),
             ("limits.user_per_minute", 0 <= self.limits.user_per_minute <= 1_000_000, "must be 0-1000000"),
             ("limits.ip_per_minute", 0 <= self.limits.ip_per_minute <= 1_000_000, "must be 0-1000000"),
             ("limits.stream_per_second", 0 <= self.limits.stream_per_second <= 1_000_000, "must be 0-1000000"),

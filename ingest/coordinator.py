@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
@@ -45,6 +46,7 @@ __all__ = ["Coordinator", "batch_message", "group_by_stream"]
 log = logging.getLogger("chorus.coordinator")
 
 GROUP = "chorus-coordinator"
+MAX_GATHER = 5000  # log records one step handles at most
 
 # Sets (True) or lifts (False) a stream's automatic slow mode.
 SlowModeSetter = Callable[[str, bool], Awaitable[None]]
@@ -82,11 +84,14 @@ def batch_message(stream: str, epoch: str, comments: Sequence[Comment], publishe
 class Coordinator:
     def __init__(self, comment_log: CommentLog, broker: Broker, state: StreamState, *,
                  flush_interval_ms: int = 10, max_batch: int = 100, recent_size: int = 1000,
-                 sampling: SamplingConfig | None = None, set_slow_mode: SlowModeSetter | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 hot_flush_interval_ms: int = 50, sampling: SamplingConfig | None = None,
+                 set_slow_mode: SlowModeSetter | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.broker = broker
         self.state = state
         self.recent_size = recent_size
+        self.flush_interval_ms = flush_interval_ms
+        self.hot_flush_interval_ms = max(flush_interval_ms, hot_flush_interval_ms)
+        self.max_batch = max_batch
         self.sampling = sampling or SamplingConfig()
         self.sampler = Sampler(self.sampling)
         self.set_slow_mode = set_slow_mode or self._set_slow_mode
@@ -104,6 +109,24 @@ class Coordinator:
         self.skipped_records += bad
         for (stream, epoch), comments in streams.items():
             await self.publish_stream(stream, epoch, comments)
+        self._pace_gathering()
+
+    def _pace_gathering(self) -> None:
+        """While a stream is sampled, gather the log for ``hot_flush_interval_ms`` and enough
+        records for a full ``max_batch`` of what is kept.
+
+        Every batch published is a frame written to every viewer of the stream; a stream hot
+        enough to be sampled would otherwise get one per ``flush_interval_ms`` (100/s at 10 ms)
+        with a few comments each, which is the gateways' largest cost (BENCHMARKS.md, Pipeline).
+        Fewer, fuller batches keep the delivery latency within the hot interval.
+        """
+        sampled = self.sampler.sampled()
+        if sampled:
+            self.loop.linger_ms = self.hot_flush_interval_ms
+            self.loop.max_records = min(MAX_GATHER, math.ceil(self.max_batch / min(sampled.values())))
+        else:
+            self.loop.linger_ms = self.flush_interval_ms
+            self.loop.max_records = self.max_batch
 
     async def publish_stream(self, stream: str, epoch: str, comments: list[Comment]) -> None:
         """Sample, cache, then publish: a viewer resuming right after the batch finds it in the cache."""
@@ -112,8 +135,10 @@ class Coordinator:
             await self._apply(stream, epoch, plan)
             if plan.kept:
                 await self.state.advance(stream, epoch, [c.to_event() for c in plan.kept], self.recent_size)
-                await self.broker.publish(stream, batch_message(stream, epoch, plan.kept, time.time_ns() // 1000))
-                self.published_batches += 1
+                for i in range(0, len(plan.kept), self.max_batch):
+                    chunk = plan.kept[i : i + self.max_batch]
+                    await self.broker.publish(stream, batch_message(stream, epoch, chunk, time.time_ns() // 1000))
+                    self.published_batches += 1
             self.sampled_out += plan.dropped
 
     async def _apply(self, stream: str, epoch: str, plan: Plan) -> None:
@@ -152,6 +177,7 @@ class Coordinator:
                     await self._apply(stream, epoch, plan)
                 except Exception as exc:  # pending still: tried again on the next tick
                     log.warning("stream %s: throttle event not published: %s", stream, exc)
+            self._pace_gathering()
 
     async def _tick_loop(self) -> None:
         period_s = max(self.sampling.bucket_ms, self.sampling.window_ms // 4) / 1000
