@@ -19,11 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import Fleet, kernel_memory, md_table, one_line, rss_bytes, run_loadgens, slab_growth, start_server
+from bench.progress import Progress
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["QUICK", "TIMEOUT_MIN", "add_arguments", "report", "run"]
 
 TARGETS = ("chorus", "picows", "websockets", "floor")
 MILLION = 1_000_000
+QUICK = ("--conns", "200,1000", "--servers", "1", "--settle", "0.5")  # ~1 min: checks the machinery
+TIMEOUT_MIN = 30
 
 
 def _ints(text: str) -> list[int]:
@@ -82,22 +85,20 @@ def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     if max(args.conns) > 19_900:
         raise SystemExit("--conns: one server process can hold at most ~19,900 (fd limit 20,000)")
     rows: list[dict[str, Any]] = []
-    total, done = len(targets) * len(args.conns), 0
+    progress = Progress(len(targets) * len(args.conns))
     for kind in targets:
         for n in args.conns:
-            t0 = time.monotonic()
-            done += 1
-            try:
-                row = step(kind, n, args, log_dir)
-            except Exception as exc:
-                print(f"[{done}/{total}] {kind} conns={n} failed: {exc}", flush=True)
-                rows.append({"server": kind, "conns_per_server": n, "servers": args.servers, "error": str(exc)})
-                continue
-            rows.append(row)
-            print(f"[{done}/{total}] {kind:<11} {args.servers} x {n:<6} open {row['open']:>6}  "
-                  f"user {row['user_bytes_per_conn']:>8,.0f} B/conn  kernel (pair) "
-                  f"{row['slab_bytes_per_pair'] + row['tcp_mem_bytes_per_pair']:>7,.0f} B  "
-                  f"({time.monotonic() - t0:.1f} s)", flush=True)
+            with progress.step(f"{kind} {args.servers} x {n}"):
+                try:
+                    row = step(kind, n, args, log_dir)
+                except Exception as exc:
+                    progress.done(f"{kind} conns={n} failed: {one_line(str(exc))}")
+                    rows.append({"server": kind, "conns_per_server": n, "servers": args.servers, "error": str(exc)})
+                    continue
+                rows.append(row)
+                progress.done(f"{kind:<11} {args.servers} x {n:<6} open {row['open']:>6}  "
+                              f"user {row['user_bytes_per_conn']:>8,.0f} B/conn  kernel (pair) "
+                              f"{row['slab_bytes_per_pair'] + row['tcp_mem_bytes_per_pair']:>7,.0f} B")
     return {"conns": args.conns, "servers_per_kind": args.servers, "rows": rows}
 
 

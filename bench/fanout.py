@@ -21,11 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import SERVERS, Fleet, cpu_sample, cpu_usage, md_table, one_line, run_loadgens, start_server
+from bench.progress import Progress
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["QUICK", "TIMEOUT_MIN", "add_arguments", "report", "run"]
 
 QUICK_VIEWERS, QUICK_RATES = (1000, 5000), (10, 100)
 FULL_VIEWERS, FULL_RATES = (1000, 5000, 15000), (10, 100, 1000)
+# --quick: every server, two small steps each and a tiny burst (~1-2 min): checks the runner,
+# the plots and --profile, not a result.
+QUICK = ("--viewers", "200", "--rates", "10,50", "--duration", "1", "--warmup-ms", "300", "--burst", "10",
+         "--burst-repeat", "1", "--burst-timeout", "5")
+TIMEOUT_MIN = 45  # --full takes 10-15 min on an idle machine
 
 
 def _ints(text: str) -> list[int]:
@@ -99,8 +105,33 @@ def repeated_burst(kind: str, viewers: int, args: argparse.Namespace, log_dir: P
 
 
 def _failed(kind: str, viewers: int, rate: int | None, exc: Exception) -> dict[str, Any]:
-    print(f"    {kind} failed: {exc}", flush=True)
     return {"server": kind, "viewers": viewers, "rate": rate, "error": str(exc)}
+
+
+def _steady_or_failed(kind: str, n: int, rate: int, args: argparse.Namespace, log_dir: Path,
+                      progress: Progress) -> dict[str, Any]:
+    try:
+        row = steady_step(kind, n, rate, args, log_dir)
+    except Exception as exc:
+        progress.done(f"{kind} viewers={n} rate={rate} failed: {one_line(str(exc))}")
+        return _failed(kind, n, rate, exc)
+    progress.done(f"{kind:<15} viewers={n:<6} rate={rate:<5} {row['deliveries_per_s']:>11,.0f}/s of {n * rate:>9,}/s  "
+                  f"p50 {row['p50_ms']:.1f} p99 {row['p99_ms']:.1f} ms  connected {row['connected']}  "
+                  f"server CPU {row['server_cpu_pct']:.0f}%, waited {row['server_wait_pct']:.0f}%")
+    return row
+
+
+def _burst_or_failed(kind: str, n: int, args: argparse.Namespace, log_dir: Path,
+                     progress: Progress) -> dict[str, Any]:
+    try:
+        row = repeated_burst(kind, n, args, log_dir)
+    except Exception as exc:
+        progress.done(f"{kind} viewers={n} burst failed: {one_line(str(exc))}")
+        return _failed(kind, n, None, exc)
+    progress.done(f"{kind:<15} viewers={n:<6} burst {args.burst}: {row['deliveries']:,}/{row['expected']:,} in "
+                  f"{row['burst_ms']:.0f} ms (runs {', '.join(f'{ms:.0f}' for ms in row['runs_ms'])}) = "
+                  f"{row['burst_deliveries_per_s']:,.0f}/s")
+    return row
 
 
 def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
@@ -110,41 +141,19 @@ def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     unknown = set(servers) - set(SERVERS)
     if unknown:
         raise SystemExit(f"unknown servers: {', '.join(sorted(unknown))}")
-    steps, bursts = [], []
-    total = len(viewers) * (len(rates) + (1 if args.burst else 0)) * len(servers)
-    done = 0
+    steps: list[dict[str, Any]] = []
+    bursts: list[dict[str, Any]] = []
+    progress = Progress(len(viewers) * (len(rates) + (1 if args.burst else 0)) * len(servers))
     for n in viewers:
         for rate in rates:
             for kind in servers:
-                t0 = time.monotonic()
-                try:
-                    row = steady_step(kind, n, rate, args, log_dir)
-                    steps.append(row)
-                    done += 1
-                    print(f"[{done}/{total}] {kind:<15} viewers={n:<6} rate={rate:<5} "
-                          f"{row['deliveries_per_s']:>11,.0f}/s of {n * rate:>9,}/s  "
-                          f"p50 {row['p50_ms']:.1f} p99 {row['p99_ms']:.1f} ms  "
-                          f"connected {row['connected']}  server CPU {row['server_cpu_pct']:.0f}%, "
-                          f"waited {row['server_wait_pct']:.0f}%  "
-                          f"({time.monotonic() - t0:.1f} s)", flush=True)
-                except Exception as exc:
-                    done += 1
-                    steps.append(_failed(kind, n, rate, exc))
+                with progress.step(f"{kind} viewers={n} rate={rate}"):
+                    steps.append(_steady_or_failed(kind, n, rate, args, log_dir, progress))
         if not args.burst:
             continue
         for kind in servers:
-            t0 = time.monotonic()
-            try:
-                row = repeated_burst(kind, n, args, log_dir)
-                bursts.append(row)
-                done += 1
-                print(f"[{done}/{total}] {kind:<15} viewers={n:<6} burst {args.burst}: "
-                      f"{row['deliveries']:,}/{row['expected']:,} in {row['burst_ms']:.0f} ms "
-                      f"(runs {', '.join(f'{ms:.0f}' for ms in row['runs_ms'])}) = "
-                      f"{row['burst_deliveries_per_s']:,.0f}/s  ({time.monotonic() - t0:.1f} s)", flush=True)
-            except Exception as exc:
-                done += 1
-                bursts.append(_failed(kind, n, None, exc))
+            with progress.step(f"{kind} viewers={n} burst {args.burst}"):
+                bursts.append(_burst_or_failed(kind, n, args, log_dir, progress))
     _add_ratios(steps, ("viewers", "rate"), "deliveries_per_s")
     _add_ratios(bursts, ("viewers",), "burst_deliveries_per_s")
     for row in steps + bursts:

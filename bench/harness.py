@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from bench.progress import Profiler
+
 __all__ = [
     "BENCH",
     "OUT",
@@ -46,6 +48,7 @@ OUT = BENCH / "out"
 SERVER_CPU, LOAD_CPU = 0, 1
 FDS_PER_LOADGEN = 19_000   # the open-file limit is 20,000 per process and cannot be raised
 SERVERS = ("floor-single", "floor-coalesce", "picows", "websockets", "chorus")
+PROFILER: Profiler | None = None  # set by ``--profile`` (bench/__main__.py)
 
 
 # ---- building the C programs ----
@@ -78,6 +81,8 @@ class Proc:
                  stdin: int | IO[Any] = subprocess.PIPE, stdout: int | IO[Any] = subprocess.DEVNULL) -> None:
         self.name = name
         self.log = log
+        self.stop_signal = signal.SIGTERM  # py-spy takes SIGINT, then writes its flame graph
+        self.grace_s = 3.0
         with open(log, "ab") as err:
             self.popen = subprocess.Popen(
                 argv, cwd=ROOT, stdin=stdin, stdout=stdout, stderr=err,
@@ -99,13 +104,13 @@ class Proc:
         self.popen.stdin.write(line.encode())
         self.popen.stdin.flush()
 
-    def stop(self, grace_s: float = 3.0) -> None:
-        """SIGTERM, then SIGKILL if it is still there after ``grace_s``."""
+    def stop(self, grace_s: float | None = None) -> None:
+        """``stop_signal`` (SIGTERM), then SIGKILL if it is still there after ``grace_s``."""
         if self.alive():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
+                os.kill(self.pid, self.stop_signal)
             try:
-                self.popen.wait(grace_s)
+                self.popen.wait(self.grace_s if grace_s is None else grace_s)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.pid, signal.SIGKILL)
@@ -128,12 +133,25 @@ class Fleet:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.procs: list[Proc] = []
+        self.profiled = False
 
     def start(self, name: str, argv: list[str], cpu: int, **kw: Any) -> Proc:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         proc = Proc(name, argv, cpu, self.log_dir / f"{name}.log", **kw)
         self.procs.append(proc)
+        if PROFILER is not None and not self.profiled and PROFILER.wants(name):
+            self._profile(proc)
         return proc
+
+    def _profile(self, proc: Proc) -> None:
+        """py-spy on the load CPU, recording ``proc`` until the step ends (bench/progress.py)."""
+        assert PROFILER is not None
+        self.profiled = True
+        svg = PROFILER.svg_for(self.log_dir, OUT / "logs", proc.name)
+        spy = Proc(f"py-spy-{proc.name}", PROFILER.argv(proc.pid, svg), LOAD_CPU,
+                   self.log_dir / f"py-spy-{proc.name}.log", stdin=subprocess.DEVNULL)
+        spy.stop_signal, spy.grace_s = signal.SIGINT, 60.0
+        self.procs.append(spy)
 
     def __enter__(self) -> Fleet:
         return self
@@ -355,9 +373,10 @@ def machine_info() -> dict[str, Any]:
             "loadavg": os.getloadavg()}
 
 
-def write_json(scenario: str, data: dict[str, Any]) -> Path:
+def write_json(scenario: str, data: dict[str, Any], stamp: str | None = None) -> Path:
+    """bench/out/<scenario>-<stamp>.json (the run's start stamp, shared by its logs and profiles)."""
     OUT.mkdir(exist_ok=True)
-    path = OUT / f"{scenario}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = OUT / f"{scenario}-{stamp or time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(data, indent=1, default=str))
     return path
 

@@ -45,8 +45,10 @@ from chorus.ingest.reputation import MemoryReputation, RedisReputation, Reputati
 from chorus.ingest.rules import deleet, normalise
 from chorus.ingest.store import SqliteStore
 
-__all__ = ["add_arguments", "make_mix", "report", "run"]
+__all__ = ["QUICK", "TIMEOUT_MIN", "add_arguments", "make_mix", "report", "run"]
 
+QUICK = ("--comments", "5000")  # ~15 s: checks the machinery
+TIMEOUT_MIN = 15
 TARGET_PER_S = 10_000
 LABELLED = ROOT / "tests" / "data" / "moderation_labelled.tsv"
 DISGUISED = ["sh1t", "f u c k this", "fμck", "what the fuuuck", "$h!t stream", "k y s", "ｆｕｃｋ", "bullsh1t ref",

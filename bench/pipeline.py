@@ -66,6 +66,9 @@ __all__ = ["add_arguments", "report", "run"]
 GENEROUS = {"limits.user_per_minute": 1_000_000, "limits.ip_per_minute": 1_000_000,
             "limits.stream_per_second": 1_000_000, "limits.global_per_second": 1_000_000}
 ACK_P95_TARGET_MS, E2E_P95_TARGET_MS, E2E_TARGET_RATE = 50.0, 500.0, 10_000
+# --quick: one small step through the whole pipeline (~1 min with Kafka's start): checks the machinery.
+QUICK = ("--rates", "200", "--viewers", "50", "--duration", "2", "--warmup-ms", "500", "--grace", "2")
+TIMEOUT_MIN = 30
 NOTE = ("Adaptive sampling is on (default: above 5,000 comments/s a stream broadcasts 20%): below the threshold "
         "every viewer should get every acked comment (delivered 1.0), less means the gateway skipped batches for "
         "viewers over their backlog (`skipped` events) or they arrived after the grace; above it viewers get a "

@@ -29,6 +29,7 @@ from chorus.ingest.log import CommentLog, open_log
 from chorus.ingest.moderator import Moderator
 from chorus.ingest.reputation import MemoryReputation, RedisReputation, Reputation
 from chorus.ingest.store import SqliteStore
+from chorus.ops import Operations, drain_gateway
 
 __all__ = ["ALL_ROLES", "App", "run_app", "tune_gc"]
 
@@ -69,6 +70,7 @@ class App:
     fallback: PubSubFallback | None = None  # a gateway's Kafka delivery while Redis Pub/Sub is down
     moderator: Moderator | None = None
     reputation: Reputation | None = None  # offence scores and shadow-bans (moderator, admission, API)
+    ops: Operations | None = None  # metrics, readiness, the metrics listener (chorus/ops.py)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _fallback_task: asyncio.Task[None] | None = None
 
@@ -111,13 +113,17 @@ class App:
         if "coordinator" in roles:
             c = config.coordinator
             app.coordinator = Coordinator(comment_log, broker, state, flush_interval_ms=c.flush_interval_ms,
-                                          max_batch=c.max_batch, recent_size=c.recent_size, sampling=config.sampling)
+                                          max_batch=c.max_batch, recent_size=c.recent_size,
+                                          hot_flush_interval_ms=c.hot_flush_interval_ms, sampling=config.sampling)
         if "archiver" in roles:
             assert app.store is not None
             app.archiver = Archiver(comment_log, app.store)
+        app.ops = Operations(app)
         return app
 
     async def start(self) -> None:
+        if self.ops is not None:
+            await self.ops.start()
         await self.log.start()
         if self.coordinator is not None:
             self._tasks.append(asyncio.create_task(self.coordinator.run(), name="coordinator"))
@@ -132,6 +138,8 @@ class App:
             self._tasks.append(self._fallback_task)
 
     async def stop(self) -> None:
+        if self.gateway is not None:  # first, while every part still works (chorus/ops.py)
+            await drain_gateway(self.gateway)
         if self.fallback is not None and self._fallback_task is not None:  # first: it feeds the gateway's hub
             self.fallback.stop()
             await asyncio.wait([self._fallback_task], timeout=5)
@@ -157,6 +165,8 @@ class App:
             await rep_close()
         if self.store is not None:
             self.store.close()
+        if self.ops is not None:
+            await self.ops.stop()
 
     def failed_role(self) -> BaseException | None:
         for task in self._tasks:

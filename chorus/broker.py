@@ -324,7 +324,10 @@ class RedisStreamState(RedisPositions):
     def __init__(self, url: str, prefix: str = "chorus:") -> None:
         import redis.asyncio as aioredis
 
-        self._redis = aioredis.Redis.from_url(url)
+        # A blocking pool: a burst of joins (each reads position, recent comments and mode)
+        # waits for a connection instead of failing with "Too many connections" past 100.
+        self._redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(url, max_connections=100,
+                                                                                        timeout=5))
         self._prefix = prefix
 
     async def close(self) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -38,9 +37,10 @@ def _run_roles(args: argparse.Namespace, roles: frozenset[str]) -> int:
     import uvloop
 
     from chorus.app import run_app
+    from chorus.ops import configure_logging
 
     config = _config_from(args)
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(config)
     uvloop.run(run_app(config, roles))
     return 0
 
@@ -152,6 +152,8 @@ def _format_toml(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, tuple):
         return "[" + ", ".join(_format_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_format_toml(k)} = {_format_toml(v)}" for k, v in value.items()) + "}"
     return repr(value)
 
 
@@ -172,9 +174,27 @@ def _config_cmd(args: argparse.Namespace) -> int:
     if args.defaults:
         sys.stdout.write(defaults_toml())
         return 0
+    if args.reference:
+        from chorus.configdoc import reference_markdown
+
+        sys.stdout.write(reference_markdown())
+        return 0
     config = _config_from(args)
     print(f"config OK ({'embedded default' if config.embedded else 'kafka + redis'})")
     return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """``chorus bench ...`` is ``python -m bench ...`` in the source checkout (bench/ is not in the wheel).
+    ``main`` sends every argument after ``bench`` here untouched (``--help`` included)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "__main__.py").exists():
+        print("chorus: `chorus bench` runs bench/ of a source checkout; this install has none", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, "-m", "bench", *args.bench_args], cwd=root)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="check a config file, or print every key with its default")
     _add_config_args(p)
     p.add_argument("--defaults", action="store_true", help="print a commented file of defaults")
+    p.add_argument("--reference", action="store_true", help="print the Markdown reference (docs/config.md)")
     p.set_defaults(func=_config_cmd)
     p = sub.add_parser("mode", help="set a stream's slow mode (needs Redis); live viewers are told")
     _add_config_args(p)
@@ -221,10 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "ban":
             p.add_argument("--seconds", type=float, metavar="N", help="a time-out of N seconds instead of a ban")
         p.set_defaults(func=_ban)
+    p = sub.add_parser("bench", help="run a benchmark scenario (python -m bench ...; see bench/README.md)",
+                       add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="SCENARIO [OPTIONS]")
+    p.set_defaults(func=_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # every option is the bench's, even --help
+        return _bench(argparse.Namespace(bench_args=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -68,6 +68,8 @@ class ErrorCode(StrEnum):
     SLOW_MODE = "slow_mode"  # the stream allows one comment per user every N seconds
     BANNED = "banned"  # banned from this stream (or every stream) until an operator lifts it
     TIMED_OUT = "timed_out"  # banned for a while: ``retry_after_ms`` says how long is left
+    # A ``react`` naming a reaction outside the configured set (reactions.emoji).
+    UNKNOWN_REACTION = "unknown_reaction"
 
 
 class HttpErrorCode(StrEnum):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,9 +28,12 @@ __all__ = [
     "HistoryConfig",
     "KafkaConfig",
     "LimitsConfig",
+    "MetricsConfig",
     "ModerationConfig",
+    "ReactionsConfig",
     "RedisConfig",
     "SamplingConfig",
+    "ViewersConfig",
     "load_config",
 ]
 
@@ -78,6 +82,14 @@ class GatewayConfig:
     recent_on_welcome: int = doc("Recent comments sent in the welcome message.", 50)
     node_id: int = doc("Node part of comment ids (0-1023); -1 takes one from Redis or 0 embedded.", -1)
     echo_endpoint: bool = doc("Serve /echo (conformance testing only; never in production).", False)
+    drain_delay_s: float = doc(
+        "On SIGTERM: how long /readyz answers 503 while the gateway still serves, so a load balancer "
+        "polling it stops sending new viewers before the listener closes (Kubernetes: use a preStop hook).", 0.0
+    )
+    drain_timeout_s: float = doc(
+        "On SIGTERM: how long the gateway waits for posts in flight to be answered before it closes every "
+        "viewer with 1012 (service restart: reconnect elsewhere and resume).", 10.0
+    )
 
 
 @dataclass(frozen=True)
@@ -136,6 +148,10 @@ class HistoryConfig:
 class CoordinatorConfig:
     flush_interval_ms: int = doc("Batch a stream's comments for this long before publishing.", 10)
     max_batch: int = doc("Publish a stream's batch early at this many comments.", 100)
+    hot_flush_interval_ms: int = doc(
+        "While a stream is sampled (it is hot), batch for this long instead: every batch is a frame to every "
+        "viewer, so fewer, fuller batches make a hot stream's fan-out cheaper.", 50
+    )
     recent_size: int = doc("Recent comments kept per stream (in Redis) for welcome and recovery.", 1000)
 
 
@@ -200,7 +216,7 @@ class FallbackConfig:
 
 
 # Words of the default blocklist, matched after normalisation (ingest/rules.py): a plain word
-# matches the whole word with common endings (s, es, ed, er, ers, ing, in, y); "word*" any word
+# matches the whole word with common endings (s, es, ed, er, ers, ing, in); "word*" any word
 # starting with it; "*word*" anywhere, even inside another word (use sparingly: Scunthorpe).
 DEFAULT_BLOCKLIST = (
     "*fuck*", "shit*", "bullshit*", "cunt*", "motherfuck*", "asshole*", "bitch*", "bastard", "dickhead*",
@@ -238,7 +254,7 @@ class ModerationConfig:
     offence_half_life_s: float = doc("Offence scores halve every this many seconds.", 3600.0)
     shadow_ban_s: int = doc("How long a shadow-ban lasts (s); the author's comments reach only the author.", 86400)
     spam_repeats: int = doc("The same message from one user this many times within spam_window_s is spam "
-                            "(deleted from the second copy on); 0 turns it off.", 3)
+                            "(deleted from that copy on); 0 turns it off.", 3)
     spam_window_s: float = doc("The window of the spam rules.", 30.0)
     max_links: int = doc("A comment with more links than this is spam (0: any link is).", 2)
     link_posts_per_window: int = doc("Comments with links one user may post within spam_window_s (0: off).", 3)
@@ -250,9 +266,69 @@ class ModerationConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    host: str = doc("Address of the metrics listener (roles without a gateway, or to keep /metrics private).",
+                    "127.0.0.1")
+    port: int = doc(
+        "Port of a small HTTP listener serving /metrics, /healthz and /readyz (0: none). Coordinators, "
+        "archivers and moderators need it to be scraped; give each process on a host its own "
+        "(e.g. CHORUS_METRICS__PORT).", 0
+    )
+    on_gateway_port: bool = doc("Also serve /metrics on the gateway's own port.", True)
+    probe_interval_s: float = doc(
+        "How often /readyz's view of Redis and Kafka is refreshed (each probe is bounded by this too).", 2.0
+    )
+
+
+@dataclass(frozen=True)
+class ReactionsConfig:
+    emoji: tuple[str, ...] = doc(
+        "Reactions viewers may send, by name (a-z 0-9 _); the page shows a glyph for the names it knows.",
+        ("heart", "fire", "laugh", "wow", "clap", "sad"),
+    )
+    user_per_second: int = doc(
+        "Reactions one viewer may send per second on a gateway, after a burst of as many (GCRA); past it "
+        "they are dropped and the viewer is told once (rate_limited). 0 turns the limit off.", 10
+    )
+    anonymous: bool = doc("Let viewers without a token react (limited per address instead of per user).", False)
+    flush_interval_ms: int = doc(
+        "Each gateway adds the reactions it counted into the stream's totals this often (in Redis: one "
+        "pipelined HINCRBY per stream and emoji, never one call per reaction).", 500
+    )
+    broadcast_interval_ms: int = doc(
+        "Viewers get the stream's reaction totals (a `reactions` event, when they changed) this often.", 1000
+    )
+    high_traffic_streams: tuple[str, ...] = doc(
+        "Streams in high-traffic mode ('*': every stream): their reactions flush and their totals go out every "
+        "high_traffic_interval_ms instead.", ()
+    )
+    high_traffic_interval_ms: int = doc("Flush and broadcast interval of high-traffic streams.", 100)
+    retention_s: int = doc("A stream's reaction totals are kept this long after its last reaction.", 7 * 86400)
+
+
+@dataclass(frozen=True)
+class ViewersConfig:
+    interval_ms: int = doc(
+        "Each gateway reports its live viewers per stream, and viewers get a `viewers` event when the "
+        "numbers changed, this often.", 1000
+    )
+    ttl_ms: int = doc(
+        "A gateway's report counts this long: one that stops reporting (killed) drops out of the counts "
+        "after it. At least twice interval_ms.", 5000
+    )
+    exact_unique_max: int = doc(
+        "Unique viewers are counted exactly (a set of ids) up to this many per stream, then estimated with "
+        "HyperLogLog (about 0.8% error, at most 12 KiB per stream).", 1000
+    )
+    retention_s: int = doc("A stream's unique-viewer count is kept this long after its last join.", 7 * 86400)
+
+
+@dataclass(frozen=True)
 class Config:
     data_dir: str = doc("Directory of the embedded default's files.", ".chorus")
     log_level: str = doc("Logging level: DEBUG, INFO, WARNING or ERROR.", "INFO")
+    log_format: str = doc('Log lines as "text" (human) or "json" (one object per line, for log collectors).',
+                          "text")
     gateway: GatewayConfig = doc("", GatewayConfig)
     auth: AuthConfig = doc("", AuthConfig)
     kafka: KafkaConfig = doc("", KafkaConfig)
@@ -262,6 +338,9 @@ class Config:
     limits: LimitsConfig = doc("", LimitsConfig)
     sampling: SamplingConfig = doc("", SamplingConfig)
     fallback: FallbackConfig = doc("", FallbackConfig)
+    metrics: MetricsConfig = doc("", MetricsConfig)
+    reactions: ReactionsConfig = doc("", ReactionsConfig)
+    viewers: ViewersConfig = doc("", ViewersConfig)
     moderation: ModerationConfig = doc("", ModerationConfig)
 
     @property
@@ -294,6 +373,9 @@ class Config:
             ("coordinator.recent_size", self.coordinator.recent_size >= 1, "must be >= 1"),
             ("coordinator.flush_interval_ms", 1 <= self.coordinator.flush_interval_ms <= 1000, "must be 1-1000"),
             ("coordinator.max_batch", self.coordinator.max_batch >= 1, "must be >= 1"),
+            ("coordinator.hot_flush_interval_ms",
+             self.coordinator.flush_interval_ms <= self.coordinator.hot_flush_interval_ms <= 1000,
+             "must be flush_interval_ms-1000"),
             ("limits.user_per_minute", 0 <= self.limits.user_per_minute <= 1_000_000, "must be 0-1000000"),
             ("limits.ip_per_minute", 0 <= self.limits.ip_per_minute <= 1_000_000, "must be 0-1000000"),
             ("limits.stream_per_second", 0 <= self.limits.stream_per_second <= 1_000_000, "must be 0-1000000"),
@@ -303,6 +385,8 @@ class Config:
             ("limits.max_inflight_posts", self.limits.max_inflight_posts >= 1, "must be >= 1"),
             ("log_level", self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "unknown level"),
             *self._sampling_checks(),
+            *self._ops_checks(),
+            *self._engagement_checks(),
             *self._moderation_checks(),
         ]
         for key, ok, why in checks:
@@ -338,6 +422,34 @@ class Config:
             ("fallback.rewind_ms", 0 <= f.rewind_ms <= 600_000, "must be 0-600000"),
         ]
 
+    def _ops_checks(self) -> list[tuple[str, bool, str]]:
+        """Checks of logging, draining and [metrics]."""
+        g, m = self.gateway, self.metrics
+        return [
+            ("log_format", self.log_format in ("text", "json"), 'must be "text" or "json"'),
+            ("gateway.drain_delay_s", 0 <= g.drain_delay_s <= 600, "must be 0-600"),
+            ("gateway.drain_timeout_s", 0 <= g.drain_timeout_s <= 600, "must be 0-600"),
+            ("metrics.port", 0 <= m.port <= 65535, "must be between 0 and 65535"),
+            ("metrics.probe_interval_s", 0.1 <= m.probe_interval_s <= 60, "must be 0.1-60"),
+        ]
+
+    def _engagement_checks(self) -> list[tuple[str, bool, str]]:
+        """Checks of [reactions] and [viewers]."""
+        r, v = self.reactions, self.viewers
+        names = [e for e in r.emoji if re.fullmatch(r"[a-z0-9_]{1,32}", e)]
+        return [
+            ("reactions.emoji", 1 <= len(r.emoji) <= 64 and len(names) == len(set(r.emoji)),
+             "must name 1-64 distinct reactions of 1-32 characters a-z 0-9 _"),
+            ("reactions.user_per_second", 0 <= r.user_per_second <= 10_000, "must be 0-10000"),
+            ("reactions.flush_interval_ms", 10 <= r.flush_interval_ms <= 60_000, "must be 10-60000"),
+            ("reactions.broadcast_interval_ms", 10 <= r.broadcast_interval_ms <= 60_000, "must be 10-60000"),
+            ("reactions.high_traffic_interval_ms", 10 <= r.high_traffic_interval_ms <= 60_000, "must be 10-60000"),
+            ("reactions.retention_s", r.retention_s >= 60, "must be >= 60"),
+            ("viewers.interval_ms", 100 <= v.interval_ms <= 60_000, "must be 100-60000"),
+            ("viewers.ttl_ms", 2 * v.interval_ms <= v.ttl_ms <= 3_600_000, "must be at least 2 x viewers.interval_ms"),
+            ("viewers.exact_unique_max", 0 <= v.exact_unique_max <= 1_000_000, "must be 0-1000000"),
+            ("viewers.retention_s", v.retention_s >= 60, "must be >= 60"),
+        ]
 
     def _moderation_checks(self) -> list[tuple[str, bool, str]]:
         m = self.moderation
@@ -356,6 +468,7 @@ class Config:
             ("moderation.batch_size", 1 <= m.batch_size <= 100_000, "must be 1-100000"),
             ("moderation.linger_ms", 0 <= m.linger_ms <= 1000, "must be 0-1000"),
         ]
+
 
 T = TypeVar("T")
 

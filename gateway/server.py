@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -35,7 +36,9 @@ from chorus.auth import AuthError, Identity, mint_token, verify_token
 from chorus.broker import StreamState
 from chorus.codes import CloseCode, ErrorCode, HttpErrorCode
 from chorus.config import Config
+from chorus.counters import Counters
 from chorus.extensions import DeflateParams, negotiate_deflate
+from chorus.gateway.engagement import Engagement, open_counters
 from chorus.gateway.handoff import RecordingProtocol, detach_socket, picows_protocol_factory
 from chorus.gateway.http import (
     STREAM_ID,
@@ -53,6 +56,8 @@ from chorus.gateway.recovery import Recovery
 from chorus.ingest.admission import Admission, Admitted, Refused
 from chorus.ingest.records import Comment
 from chorus.ingest.store import HistoryStore
+from chorus.metrics import CONTENT_TYPE, DeliveryClock
+from chorus.ops import DRAIN_REASON, drain_gateway
 from chorus.protocol import (
     JSON,
     MSGPACK,
@@ -60,11 +65,13 @@ from chorus.protocol import (
     BadMessage,
     ChannelMessage,
     PostComment,
+    React,
     Resume,
     Wire,
     choose_subprotocol,
     encode_event,
     error_event,
+    fast_react,
     parse_client_message,
 )
 
@@ -75,6 +82,9 @@ log = logging.getLogger("chorus.gateway")
 ECHO_HANDLE = 0  # the conformance echo endpoint's pseudo-stream
 REPLAY_BATCHES = 32  # recent batches per stream, for viewers joining between welcome and hub
 OVERLOADED_RETRY_MS = 1000  # retry_after_ms of ``overloaded``
+# Control events a viewer joining meanwhile must not miss (not the periodic counts: the next
+# one comes anyway). Every event is compact JSON starting with its type.
+REPLAYED_CONTROLS = (b'{"t":"delete"', b'{"t":"pin"', b'{"t":"unpin"', b'{"t":"mode"')
 MAX_ADMIT_BATCH = 2000  # posts admitted together at most (one Redis pipeline)
 UNTAG_MEMO_MAX = 50_000  # decoded viewer tags kept (Identity is immutable, so sharing is safe)
 
@@ -166,7 +176,7 @@ class Upgrader(WSListener):
 
 class Gateway:
     def __init__(self, config: Config, admission: Admission, node: Node, state: StreamState,
-                 store: HistoryStore | None) -> None:
+                 store: HistoryStore | None, counters: Counters | None = None) -> None:
         self.config = config
         self.admission = admission
         self.node = node
@@ -199,6 +209,20 @@ class Gateway:
         self.moderation: GatewayModeration | None = None  # gateway/modapi.py; set by the app
         self._controls_seen = 0  # control events delivered so far (numbers _Stream.controls)
         node.deliver = self.deliver
+        # Operations (chorus/ops.py) sets these hooks: readiness and health, the /metrics page,
+        # the delivery-latency clock and the counter of posts refused before admission.
+        self.readiness: Callable[[], tuple[bool, dict[str, str]]] | None = None
+        self.health: Callable[[], tuple[bool, dict[str, str]]] | None = None
+        self.metrics_page: Callable[[], bytes] | None = None
+        self.clock: DeliveryClock | None = None
+        self.posts_refused: Any = None
+        self.draining = False  # SIGTERM: not ready (still serving through gateway.drain_delay_s)
+        self.refusing_posts = False  # the drain is past its delay: new posts are refused, not_accepted
+        self.drained = False  # the posts in flight are answered; viewers are closed next
+        self._http_inflight = 0
+        # Reactions and viewer counts (gateway/engagement.py): its events reach local viewers as control events.
+        self.engagement = Engagement(config, counters or open_counters(config), self._local_viewers,
+                                     lambda stream, event: self.deliver(stream, ChannelMessage(event)))
 
     # -- lifecycle --
     async def start(self) -> None:
@@ -207,6 +231,7 @@ class Gateway:
         await self.node.start()
         if self.moderation is not None:
             await self.moderation.start()
+        self.engagement.start()
         loop.add_reader(self.hub.fileno(), self.on_hub_ready)
         picows_log = logging.getLogger("chorus.picows")
         if not picows_log.isEnabledFor(logging.DEBUG):
@@ -223,11 +248,12 @@ class Gateway:
         assert self.server is not None
         return int(self.server.sockets[0].getsockname()[1])
 
-    async def stop(self, code: int = CloseCode.GOING_AWAY) -> None:
-        """Stop accepting, close every viewer with ``code`` and let the close frames go out."""
-        if self.server is not None:
-            self.server.close()
-        self.hub.close_all(code, "gateway stopping")
+    async def stop(self, code: int = CloseCode.SERVICE_RESTART) -> None:
+        """Drain (chorus/ops.py), close every viewer with ``code`` and let the close frames go out."""
+        if self.hub.fileno() < 0:
+            return  # stopped already
+        await drain_gateway(self)
+        self.hub.close_all(code, DRAIN_REASON if code == CloseCode.SERVICE_RESTART else "gateway stopping")
         self.on_hub_ready()
         deadline = time.monotonic() + 1.0
         while self.hub.connections() and time.monotonic() < deadline:
@@ -241,6 +267,7 @@ class Gateway:
         self.hub.shutdown()
         if self.moderation is not None:
             await self.moderation.stop()
+        await self.engagement.stop()
         await self.node.stop()
 
     def spawn(self, coro: Any) -> None:
@@ -258,8 +285,13 @@ class Gateway:
         """The hub's epoll fd is readable (or its deadline passed): let it work, then react."""
         self._timer = None
         self.hub.poll()
+        if self.clock is not None:
+            self.clock.polled()
         posts: list[_Post] = []
         for kind, conn, handle, data, tag in self.hub.drain():
+            if kind == native.hub.MESSAGE_TEXT and handle in self._by_handle and (emoji := fast_react(data)):
+                self._react_fast(conn, self._by_handle[handle].name, tag, emoji)
+                continue
             ip, variant, who = _untag(tag)
             if kind == native.hub.CLOSED:
                 self._viewer_left(handle, ip)
@@ -299,7 +331,7 @@ class Gateway:
             return
         if message.offset is not None:
             s.replay.append(message)
-        else:
+        elif message.event_json.startswith(REPLAYED_CONTROLS):
             self._controls_seen += 1
             s.controls.append((self._controls_seen, message))
         # variants() has a bit per (variant & 3): plain and deflated viewers of one encoding both
@@ -310,6 +342,8 @@ class Gateway:
         as_json = message.event_json if mask & json_bits else None
         as_msgpack = msgpack.packb(json.loads(message.event_json)) if mask & msgpack_bits else None
         self.hub.publish(s.handle, (as_json, as_msgpack), message.offset is None, message.count)
+        if message.published_us and self.clock is not None:
+            self.clock.published(s.handle, message.published_us)
         self._arm_timer()
 
     def _viewer_left(self, handle: int, ip: str) -> None:
@@ -338,7 +372,11 @@ class Gateway:
             code = msg.code if isinstance(msg, BadMessage) else "bad_message"
             self.hub.send(conn, encode_event(error_event(code, reason, nonce), reply_wire))  # type: ignore[arg-type]
         elif isinstance(msg, PostComment):
-            if self._inflight + (len(posts) if posts is not None else 0) >= self.config.limits.max_inflight_posts:
+            if self.refusing_posts:
+                self._refuse_draining(conn, msg, reply_wire)
+            elif self._inflight + (len(posts) if posts is not None else 0) >= self.config.limits.max_inflight_posts:
+                if self.posts_refused is not None:
+                    self.posts_refused.labels("overloaded").inc()
                 self.hub.send(conn, encode_event(error_event(
                     ErrorCode.OVERLOADED, "this gateway is taking too many comments right now; it was not posted",
                     msg.nonce, OVERLOADED_RETRY_MS), reply_wire))
@@ -349,6 +387,24 @@ class Gateway:
                 self.spawn(self.post(conn, s.name, who, msg, reply_wire, ip))
         elif isinstance(msg, Resume):
             self.spawn(self.resume(conn, s.name, msg, reply_wire))
+        elif isinstance(msg, React):
+            user = who.user_id if who is not None and time.time() < who.expires_at else None
+            self._react(conn, s.name, user, ip, msg.emoji, reply_wire)
+
+    def _react_fast(self, conn: int, stream: str, tag: bytes, emoji: str) -> None:
+        """A canonical JSON react (its tag decoded once per connection, by _untag's memo)."""
+        ip, _, who = _untag(tag)
+        # A user whose token has expired reacts as an anonymous viewer.
+        user = who.user_id if who is not None and time.time() < who.expires_at else None
+        self._react(conn, stream, user, ip, emoji, JSON)
+
+    def _react(self, conn: int, stream: str, user: str | None, ip: str, emoji: str, wire: Wire) -> None:
+        refused = self.engagement.react(stream, user, ip, emoji)
+        if refused is not None:
+            self.hub.send(conn, encode_event(refused, wire))
+
+    def _local_viewers(self) -> dict[str, int]:
+        return {name: s.viewers for name, s in self._streams.items()}
 
     # -- routing (called by picows for every request) --
     def route(self, request: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
@@ -371,12 +427,14 @@ class Gateway:
             return self._history(req.path[len("/streams/") : -len("/comments")], req, request)
         if req.path.startswith("/mod/") and self.moderation is not None:
             return self.moderation.get(request, req)
-        if req.path == "/healthz":
-            return text_response(HTTPStatus.OK, "ok")
-        if req.path == "/readyz":
-            ready = self.server is not None
-            return text_response(HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE,
-                                 "ready" if ready else "starting")
+        if req.path.startswith("/streams/") and "/" not in req.path[len("/streams/") :].rstrip("/"):
+            return static_response("index.html")  # the viewer page; it checks the id itself
+        if req.path == "/streams":
+            return json_response({"streams": self.engagement.live_streams()})
+        if req.path in ("/healthz", "/readyz"):
+            return self._probe(req.path)
+        if req.path == "/metrics" and self.metrics_page is not None:
+            return WSUpgradeResponse.create_ok_response(self.metrics_page(), {"Content-Type": CONTENT_TYPE})
         if req.path == "/dev/token":
             return self._dev_token(req)
         if req.path == "/echo" and self.config.gateway.echo_endpoint:
@@ -456,6 +514,10 @@ class Gateway:
         raw.pause_reading()
         peer = raw.get_extra_info("peername")
         ip = peer[0] if peer else ""
+        if self.refusing_posts:  # upgraded while the listener was closing: go elsewhere at once
+            transport.send_close(WSCloseCode.SERVICE_RESTART, DRAIN_REASON.encode())
+            transport.disconnect()
+            return
         if self._per_ip.get(ip, 0) >= self.config.gateway.max_connections_per_ip:
             transport.send_close(WSCloseCode.TRY_AGAIN_LATER, b"too many connections from your address")
             transport.disconnect()
@@ -486,15 +548,27 @@ class Gateway:
             self._next_handle += 1
         s.viewers += 1
         controls_before = self._controls_seen  # a delete or pin arriving from here on is replayed below
-        epoch, offset = await self.state.position(up.stream)
-        recent = await self.state.recent(up.stream, self.config.gateway.recent_on_welcome)
-        mode = await self.state.get_mode(up.stream)
-        pin = await self.state.get_pin(up.stream)
+        try:
+            epoch, offset = await self.state.position(up.stream)
+            recent = await self.state.recent(up.stream, self.config.gateway.recent_on_welcome)
+            mode = await self.state.get_mode(up.stream)
+            pin = await self.state.get_pin(up.stream)
+        except Exception as exc:  # Redis refused or timed out: undo the join, the client retries
+            log.warning("welcome for %s failed: %s", up.stream, exc)
+            self._viewer_left(s.handle, ip)
+            raw.write(native.encode_close(CloseCode.TRY_AGAIN_LATER, "stream unavailable, try again"))
+            raw.close()
+            return
         refused = await self.moderation.refusal(up.who, up.stream) if self.moderation is not None else None
-        if raw.is_closing() or not await self._release_when_sent(raw) or refused is not None:
-            if refused is not None and not raw.is_closing():  # banned or timed out: 4503 / 4504
+        if refused is not None:  # banned or timed out (gateway/modapi.py): 4503 / 4504, after the 101
+            self._viewer_left(s.handle, ip)
+            if not raw.is_closing():
                 raw.write(native.encode_close(*refused))
                 raw.close()
+            return
+        self.engagement.joined(up.stream, up.who.user_id if up.who else None, ip)
+        counts = await self.engagement.welcome(up.stream)
+        if raw.is_closing() or not await self._release_when_sent(raw):
             self._viewer_left(s.handle, ip)
             return
         conn = self.hub.adopt(detach_socket(raw), s.handle, up.variant(), leftover, tag)
@@ -502,7 +576,7 @@ class Gateway:
             self.moderation.on_join(up.who, conn, up.stream, up.wire == MSGPACK)
         welcome = {
             "t": "welcome", "stream": up.stream, "epoch": epoch, "offset": offset, "recent": recent,
-            "pin": pin, "reactions": {}, "viewers": {"now": s.viewers}, "mode": mode.to_wire(),
+            "pin": pin, **counts, "mode": mode.to_wire(),
             "user": {"id": up.who.user_id, "name": up.who.name} if up.who else None,
         }
         self.hub.send(conn, encode_event(welcome, up.wire))
@@ -590,7 +664,14 @@ class Gateway:
             return error_response(HTTPStatus.FORBIDDEN, HttpErrorCode.FORBIDDEN, "origin not allowed")
         if request.target.startswith("/mod/") and self.moderation is not None:
             return await self.moderation.post(request)
-        return await answer_comment_post(request, ip, self.config.auth, self.admission)
+        if self.refusing_posts:
+            return error_response(HTTPStatus.SERVICE_UNAVAILABLE, ErrorCode.NOT_ACCEPTED,
+                                  "this gateway is restarting; it was not posted: post again", 1000)
+        self._http_inflight += 1
+        try:
+            return await answer_comment_post(request, ip, self.config.auth, self.admission)
+        finally:
+            self._http_inflight -= 1
 
     async def resume(self, conn: int, stream: str, msg: Resume, wire: Wire) -> None:
         """Send what the viewer missed (gateway/recovery.py) as batches in order, then ``resumed``.
@@ -610,3 +691,27 @@ class Gateway:
                 self.on_hub_ready()
         self.hub.send(conn, encode_event({"t": "resumed", "recovered": found.recovered}, wire))
         self.on_hub_ready()
+
+    # -- operations (chorus/ops.py) --
+    def posts_in_flight(self) -> int:
+        """WebSocket and HTTP posts between arrival and answer."""
+        return self._inflight + self._http_inflight
+
+    def _refuse_draining(self, conn: int, msg: PostComment, wire: Wire) -> None:
+        if self.posts_refused is not None:
+            self.posts_refused.labels("draining").inc()
+        self.hub.send(conn, encode_event(error_event(
+            ErrorCode.NOT_ACCEPTED, "this gateway is restarting; it was not posted: reconnect and post again",
+            msg.nonce, OVERLOADED_RETRY_MS), wire))
+
+    def _probe(self, path: str) -> WSUpgradeResponse:
+        check = self.readiness if path == "/readyz" else self.health
+        detail: dict[str, str] = {}
+        if check is None:  # no Operations attached (a bare Gateway in tests): listening is all
+            ok = (self.server is not None and not self.draining) if path == "/readyz" else True
+        else:
+            ok, detail = check()
+        if ok and path == "/healthz":
+            return text_response(HTTPStatus.OK, "ok")
+        detail.setdefault("status", "ready" if ok else "not ready")
+        return json_response(detail, HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE)

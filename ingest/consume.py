@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 
 from chorus.ingest.log import LogConsumer, LogRecord
@@ -41,6 +42,7 @@ class ConsumeLoop:
         self.paused = False
         self.pauses = 0  # times the downstream failed and the consumer was paused
         self._carried: list[LogRecord] = []  # fetched while paused, handled next
+        self._in_hand: Sequence[LogRecord] = ()  # fetched, being handled, not committed yet
         self._stopping = asyncio.Event()
 
     async def _gather(self) -> list[LogRecord]:
@@ -100,11 +102,21 @@ class ConsumeLoop:
                 records = await self._gather()
                 if not records:
                     continue
+                self._in_hand = records
                 await self._handle_until_done(records)
                 await self._commit(records)
+                self._in_hand = ()
                 self.handled += len(records)
         finally:
             await self.consumer.stop()
+
+    async def lag(self) -> dict[int, int]:
+        """Records per assigned partition not handled and committed yet: the log's end minus the
+        fetch position, plus what was fetched but is still in hand (chorus_kafka_consumer_lag)."""
+        ends = self.consumer.highwaters()
+        positions = await self.consumer.positions()
+        held = Counter(r.partition for r in (*self._in_hand, *self._carried))
+        return {p: max(0, end - positions.get(p, end) + held[p]) for p, end in ends.items()}
 
     def stop(self) -> None:
         self._stopping.set()

@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
@@ -54,6 +55,7 @@ __all__ = ["Coordinator", "batch_message", "control_message", "group_by_stream",
 log = logging.getLogger("chorus.coordinator")
 
 GROUP = "chorus-coordinator"
+MAX_GATHER = 5000  # log records one step handles at most
 
 # Sets (True) or lifts (False) a stream's automatic slow mode.
 SlowModeSetter = Callable[[str, bool], Awaitable[None]]
@@ -97,22 +99,26 @@ def control_message(control: Control) -> bytes | None:
     return None if event is None else pack_channel_message(encode_event(event, JSON))
 
 
-def batch_message(stream: str, epoch: str, comments: Sequence[Comment]) -> bytes:
-    """The Pub/Sub channel message of one ``batch`` event (JSON, encoded once for every gateway)."""
+def batch_message(stream: str, epoch: str, comments: Sequence[Comment], published_us: int = 0) -> bytes:
+    """The Pub/Sub channel message of one ``batch`` event (JSON, encoded once for every gateway);
+    ``published_us`` (wall clock) lets gateways measure Pub/Sub and delivery latency."""
     events = [c.to_event() for c in comments]
     last = comments[-1].offset
     batch = {"t": "batch", "stream": stream, "epoch": epoch, "offset": last, "comments": events}
-    return pack_channel_message(encode_event(batch, JSON), last, len(events))
+    return pack_channel_message(encode_event(batch, JSON), last, len(events), published_us)
 
 
 class Coordinator:
     def __init__(self, comment_log: CommentLog, broker: Broker, state: StreamState, *,
                  flush_interval_ms: int = 10, max_batch: int = 100, recent_size: int = 1000,
-                 sampling: SamplingConfig | None = None, set_slow_mode: SlowModeSetter | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 hot_flush_interval_ms: int = 50, sampling: SamplingConfig | None = None,
+                 set_slow_mode: SlowModeSetter | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.broker = broker
         self.state = state
         self.recent_size = recent_size
+        self.flush_interval_ms = flush_interval_ms
+        self.hot_flush_interval_ms = max(flush_interval_ms, hot_flush_interval_ms)
+        self.max_batch = max_batch
         self.sampling = sampling or SamplingConfig()
         self.sampler = Sampler(self.sampling)
         self.set_slow_mode = set_slow_mode or self._set_slow_mode
@@ -142,6 +148,7 @@ class Coordinator:
                 await self.apply_control(item)
             if run:
                 await self.publish_stream(stream, epoch, run)
+        self._pace_gathering()
 
     async def apply_control(self, control: Control) -> None:
         """Store the control record's effect, then send its event (see the module docstring)."""
@@ -162,6 +169,23 @@ class Coordinator:
                 await self.broker.publish(stream, message)
             self.control_events += 1
 
+    def _pace_gathering(self) -> None:
+        """While a stream is sampled, gather the log for ``hot_flush_interval_ms`` and enough
+        records for a full ``max_batch`` of what is kept.
+
+        Every batch published is a frame written to every viewer of the stream; a stream hot
+        enough to be sampled would otherwise get one per ``flush_interval_ms`` (100/s at 10 ms)
+        with a few comments each, which is the gateways' largest cost (BENCHMARKS.md, Pipeline).
+        Fewer, fuller batches keep the delivery latency within the hot interval.
+        """
+        sampled = self.sampler.sampled()
+        if sampled:
+            self.loop.linger_ms = self.hot_flush_interval_ms
+            self.loop.max_records = min(MAX_GATHER, math.ceil(self.max_batch / min(sampled.values())))
+        else:
+            self.loop.linger_ms = self.flush_interval_ms
+            self.loop.max_records = self.max_batch
+
     async def publish_stream(self, stream: str, epoch: str, comments: list[Comment]) -> None:
         """Sample, cache, then publish: a viewer resuming right after the batch finds it in the cache."""
         async with self._publishing:
@@ -169,8 +193,10 @@ class Coordinator:
             await self._apply(stream, epoch, plan)
             if plan.kept:
                 await self.state.advance(stream, epoch, [c.to_event() for c in plan.kept], self.recent_size)
-                await self.broker.publish(stream, batch_message(stream, epoch, plan.kept))
-                self.published_batches += 1
+                for i in range(0, len(plan.kept), self.max_batch):
+                    chunk = plan.kept[i : i + self.max_batch]
+                    await self.broker.publish(stream, batch_message(stream, epoch, chunk, time.time_ns() // 1000))
+                    self.published_batches += 1
             self.sampled_out += plan.dropped
 
     async def _apply(self, stream: str, epoch: str, plan: Plan) -> None:
@@ -209,6 +235,7 @@ class Coordinator:
                     await self._apply(stream, epoch, plan)
                 except Exception as exc:  # pending still: tried again on the next tick
                     log.warning("stream %s: throttle event not published: %s", stream, exc)
+            self._pace_gathering()
 
     async def _tick_loop(self) -> None:
         period_s = max(self.sampling.bucket_ms, self.sampling.window_ms // 4) / 1000

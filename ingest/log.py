@@ -72,6 +72,14 @@ class LogConsumer(Protocol):
 
     def resume(self) -> None: ...
 
+    def highwaters(self) -> dict[int, int]:
+        """Per assigned partition, the offset after its last record as last seen (for lag)."""
+        ...
+
+    async def positions(self) -> dict[int, int]:
+        """Per assigned partition, the offset of the next record to fetch (for lag)."""
+        ...
+
 
 class CommentLog(Protocol):
     async def start(self) -> None: ...
@@ -190,9 +198,11 @@ class MemoryLogConsumer:
         for p, off in _next_offsets(records).items():
             self._committed[p] = max(self._committed[p], off)
 
-    def lag(self) -> int:
-        """Records in the log this consumer has not fetched yet (a metric)."""
-        return sum(len(part) - pos for part, pos in zip(self._log._parts, self._position, strict=True))
+    def highwaters(self) -> dict[int, int]:
+        return {p: len(part) for p, part in enumerate(self._log._parts)}
+
+    async def positions(self) -> dict[int, int]:
+        return dict(enumerate(self._position))
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:
@@ -437,7 +447,6 @@ class KafkaLogConsumer:
         self.bootstrap = bootstrap
         self.topic = topic
         self.topic_id = ""
-        self._lag: dict[int, int] = {}  # partition -> records behind its high watermark at the last fetch
         owner = self
 
         class RefreshTopicId(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -474,14 +483,7 @@ class KafkaLogConsumer:
         for tp, msgs in batches.items():
             epoch = partition_epoch(self.topic, tp.partition, self.topic_id)
             out += (LogRecord(tp.partition, m.offset, m.key or b"", m.value or b"", epoch) for m in msgs)
-            high = self._consumer.highwater(tp)
-            if high is not None and msgs:
-                self._lag[tp.partition] = max(0, high - msgs[-1].offset - 1)
         return out
-
-    def lag(self) -> int | None:
-        """Records behind the high watermarks at the last fetch (a metric; None before one)."""
-        return sum(self._lag.values()) if self._lag else None
 
     def pause(self) -> None:
         self._consumer.pause(*self._consumer.assignment())
@@ -495,6 +497,18 @@ class KafkaLogConsumer:
         offsets = {TopicPartition(self.topic, p): off for p, off in _next_offsets(records).items()}
         if offsets:
             await self._consumer.commit(offsets)
+
+    def highwaters(self) -> dict[int, int]:
+        """From the last fetch responses; a partition not fetched from yet is left out."""
+        out = {}
+        for tp in self._consumer.assignment():
+            hw = self._consumer.highwater(tp)
+            if hw is not None:
+                out[tp.partition] = int(hw)
+        return out
+
+    async def positions(self) -> dict[int, int]:
+        return {tp.partition: int(await self._consumer.position(tp)) for tp in self._consumer.assignment()}
 
 
 def open_log(bootstrap: str, topic: str, partitions: int, accept_timeout_ms: int, linger_ms: int) -> CommentLog:

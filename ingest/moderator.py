@@ -32,10 +32,13 @@ whose effects fail is retried with the decisions already made, so the spam rules
 counts each comment once. Authors with an exempt badge
 (broadcaster, moderator) and comments already shadowed are not moderated.
 
-Metrics (attributes, read by /metrics): ``handled``, ``batches``, ``decisions`` (a Counter of
-(action, stage)), ``lag_ms`` (how old the newest moderated comment was when its batch was
-done), :meth:`consumer_lag` (records not yet read, when the log can tell),
-:meth:`review_queue_depth`, ``stage_seconds`` (time spent in rules+model, and effects).
+Metrics (attributes, read by /metrics, chorus/metrics.py): ``lag_s`` (the age of the oldest
+comment of the batch being moderated, else how old the newest moderated comment was when its
+batch was done: ``chorus_moderation_lag_seconds``), ``queue_depth`` (flagged comments waiting
+in the review queue: ``chorus_moderation_queue_depth``), ``handled``, ``batches``,
+``decisions`` (a Counter of (action, stage)), ``stage_seconds`` (rules+model, effects), and
+:meth:`consumer_lag` (records of the log not yet moderated; /metrics has it per partition as
+``chorus_kafka_consumer_lag{group="chorus-moderator"}``).
 """
 
 from __future__ import annotations
@@ -46,7 +49,6 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from chorus.config import ModerationConfig
 from chorus.ingest.consume import ConsumeLoop
@@ -163,6 +165,8 @@ class Moderator:
         self.decisions: Counter[tuple[str, str]] = Counter()
         self.lag_ms = 0  # age of the newest comment of the last batch when its effects were done
         self.last_comment_ts = 0
+        self._oldest_in_hand_ts = 0  # ts of the oldest comment of the batch being moderated (0: none)
+        self._depth: tuple[float, int] = (0.0, 0)  # (when read, open review items)
         self.stage_seconds: dict[str, float] = {"classify": 0.0, "effects": 0.0}
 
     async def handle(self, records: Sequence[LogRecord]) -> None:
@@ -170,6 +174,7 @@ class Moderator:
             decisions = self._decided[1]  # a retry: the same decisions, the spam rules' memory untouched
         else:
             comments = self._comments(records)
+            self._oldest_in_hand_ts = min((c.ts for c in comments), default=0)
             started = time.perf_counter()
             if not comments:
                 decisions = []
@@ -184,6 +189,7 @@ class Moderator:
         await self._apply(decisions)
         self.stage_seconds["effects"] += time.perf_counter() - started
         self._decided = None
+        self._oldest_in_hand_ts = 0
         self._count(decisions)
 
     def _comments(self, records: Sequence[LogRecord]) -> list[Comment]:
@@ -244,10 +250,24 @@ class Moderator:
             self.last_comment_ts = max(d.comment.ts for d in decisions)
             self.lag_ms = max(0, time.time_ns() // 1_000_000 - self.last_comment_ts)
 
-    def consumer_lag(self) -> int | None:
-        """Records in the log not yet read by this moderator, if the log can tell."""
-        lag: Any = getattr(self.consumer, "lag", None)
-        return lag() if callable(lag) else None
+    @property
+    def lag_s(self) -> float:
+        """How far moderation trails posting, in seconds (see the module docstring)."""
+        if self._oldest_in_hand_ts:
+            return max(0.0, time.time() - self._oldest_in_hand_ts / 1000)
+        return self.lag_ms / 1000
+
+    @property
+    def queue_depth(self) -> int:
+        """Flagged comments waiting for review, read from the store at most once a second."""
+        now = time.monotonic()
+        if now - self._depth[0] >= 1.0:
+            self._depth = (now, self.review_queue_depth())
+        return self._depth[1]
+
+    async def consumer_lag(self) -> int:
+        """Records of the log not yet moderated (fetched and in hand, or not fetched yet)."""
+        return sum((await self.loop.lag()).values())
 
     def review_queue_depth(self, stream: str | None = None) -> int:
         return self.store.open_reviews(stream) if self.store is not None else 0

@@ -208,6 +208,10 @@ class Sampler:
         s = self._streams.get(stream)
         return s.announced if s is not None else 1.0
 
+    def sampled(self) -> dict[str, float]:
+        """The announced ratio of every stream being sampled (ratio < 1; the metrics read it)."""
+        return {name: s.announced for name, s in self._streams.items() if s.announced < 1.0}
+
     def _update(self, s: _Stream, now_ms: int) -> float:
         rate = s.window.rate(now_ms)
         s.tier = self._tier(rate, s.tier)

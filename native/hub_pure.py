@@ -169,6 +169,7 @@ class _FlushFrames:
         self._hub = hub
         self._events = events
         self._built: dict[tuple[int, bool], bytes | None] = {}
+        self.frames: dict[tuple[int, bool], int] = {}  # events in each built buffer (stats: messages_out)
         self._deflated: dict[tuple[int, int], bytes] = {}  # (variant, event index) -> compressed
 
     def get(self, variant: int, control_only: bool) -> bytes | None:
@@ -186,6 +187,7 @@ class _FlushFrames:
             # an encoding published as None: no viewer used it then, one that joined since skips it
             if e.payloads[variant & 1] is not None and (e.control or not control_only)
         ]
+        self.frames[variant, control_only] = len(frames)
         if not frames:
             return None
         self._hub._stats["frames_built"] += 1
@@ -242,7 +244,7 @@ class Hub:
         self._stats = dict.fromkeys(
             ("flushes", "writes", "drain_writes", "bytes_out", "frames_built", "deflate_calls", "skipped",
              "slow_closed", "pings_sent", "timeouts", "protocol_errors", "partial_writes", "bytes_in",
-             "messages_in", "inflate_calls"), 0)
+             "messages_in", "inflate_calls", "messages_out", "comments_out"), 0)
         self._ep = select.epoll()
 
     def __del__(self) -> None:
@@ -263,6 +265,11 @@ class Hub:
     def viewer_count(self, stream: int) -> int:
         s = self._streams.get(stream)
         return len(s.viewers) if s else 0
+
+    def pending(self, stream: int) -> int:
+        """Events of ``stream`` waiting for its next flush (0: everything published went out)."""
+        s = self._streams.get(stream)
+        return len(s.pending) if s else 0
 
     def variants(self, stream: int) -> int:
         s = self._streams.get(stream)
@@ -540,6 +547,7 @@ class Hub:
         conn = self._find(conn_id)
         if conn is None:
             return False
+        self._stats["messages_out"] += 1
         self._enqueue(conn, [self._frame_for(conn.variant, bytes(payload), binary)])
         return True
 
@@ -600,7 +608,10 @@ class Hub:
         data = frames.get(conn.variant, False)
         if data is None:
             return  # nothing in this viewer's encoding
+        self._stats["messages_out"] += frames.frames[conn.variant, False]
+        self._stats["comments_out"] += comments
         if conn.skipped:
+            self._stats["messages_out"] += 1  # the skipped marker
             marker = self._skipped_marker(conn.variant, conn.skipped)
             conn.skipped = 0
             self._enqueue(conn, [marker, data])
@@ -618,6 +629,7 @@ class Hub:
         self._stats["skipped"] += comments
         control = frames.get(conn.variant, True)
         if control is not None:
+            self._stats["messages_out"] += frames.frames[conn.variant, True]
             self._enqueue(conn, [control])
 
     # -- reading --

@@ -340,6 +340,28 @@ def test_flush_early_at_max_messages(harness: Callable[..., Harness]) -> None:
     assert h.stat("flushes") == 2
 
 
+def test_messages_out_comments_out_and_pending(harness: Callable[..., Harness]) -> None:
+    """The counters behind chorus_messages_out_total and the delivery-latency clock: every event
+    handed to each viewer, the comments in them, and a stream's events still waiting."""
+    h = harness(flush_interval_ms=60_000)
+    viewers = [h.connect(stream=1) for _ in range(3)]
+    assert h.hub.pending(1) == 0 and h.hub.pending(99) == 0  # an unknown stream has nothing waiting
+    h.hub.publish(1, batch(1), False, 4)
+    assert h.hub.pending(1) == 1
+    h.hub.poll()  # leading edge: out at the next poll
+    assert h.hub.pending(1) == 0
+    h.hub.publish(1, batch(2), False, 2)
+    h.hub.publish(1, control("pin"), True, 0)
+    assert h.hub.pending(1) == 2  # behind the interval
+    h.hub.flush()
+    assert h.hub.pending(1) == 0
+    h.pump(lambda: all(len(v.read()) == 3 for v in viewers))
+    assert h.stat("messages_out") == 3 * 3  # three events to each of three viewers
+    assert h.stat("comments_out") == 3 * (4 + 2)
+    assert h.hub.send(viewers[0].conn, b'{"t":"ack"}')
+    assert h.stat("messages_out") == 10 and h.stat("comments_out") == 18  # send() is a message, no comments
+
+
 def test_json_and_msgpack_viewers_get_their_encoding(harness: Callable[..., Harness]) -> None:
     h = harness(flush_interval_ms=5)
     text, binary = h.connect(variant=JSON), h.connect(variant=MSGPACK)

@@ -282,6 +282,35 @@ async def test_the_coordinator_throttles_caches_the_broadcast_and_records_ratios
         store.close()
 
 
+async def test_a_sampled_stream_gets_fewer_fuller_batches() -> None:
+    """While a stream is sampled the coordinator gathers for hot_flush_interval_ms, so its
+    viewers get a frame per hot interval rather than per flush_interval_ms; max_batch still
+    bounds every batch."""
+    log, broker, state = MemoryLog(partitions=1), RecordingBroker(), MemoryStreamState()
+    coordinator = Coordinator(log, broker, state, flush_interval_ms=10, hot_flush_interval_ms=200, max_batch=40,
+                              sampling=replace(POLICY, tiers=((50, 0.5),)))
+    task = asyncio.create_task(coordinator.run())
+    stream = f"s-{uuid.uuid4().hex[:6]}"
+    batches_while_sampled = []
+    try:
+        for i in range(600):  # ~400/s for ~1.5 s, eight times the threshold
+            await log.append(*encode_record(Comment(str(8_100_000 + i), stream, f"u{i}", "U", (), f"c{i}", 0)))
+            if i % 4 == 3:
+                await asyncio.sleep(0.01)
+            if i == 300:
+                assert coordinator.loop.linger_ms == 200 and coordinator.loop.max_records == 80
+                mark = len(broker.events)
+        batches_while_sampled = [e for e in broker.events[mark:] if e["t"] == "batch"]
+        await _until(lambda: {"t": "throttle", "keep_ratio": 1.0} in broker.events, 5)
+    finally:
+        coordinator.stop()
+        await asyncio.wait_for(task, 5)
+    assert coordinator.loop.linger_ms == 10 and coordinator.loop.max_records == 40  # calm again
+    sizes = [len(e["comments"]) for e in batches_while_sampled]  # type: ignore[arg-type]
+    # ~0.75 s of sampled posting: a batch per 200 ms (or per 80 records gathered), not per 10 ms
+    assert 2 <= len(sizes) <= 12 and max(sizes) <= 40, sizes
+
+
 async def test_automatic_slow_mode_goes_through_the_mode_api() -> None:
     log, broker, state = MemoryLog(partitions=1), RecordingBroker(), MemoryStreamState()
     policy = replace(POLICY, slow_mode_above_per_s=50, slow_mode_after_s=0.3, slow_mode_seconds=7)

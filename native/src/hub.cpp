@@ -79,10 +79,18 @@ public:
 
     // Null when no event of the flush has a frame for this viewer. The reference stays valid
     // for the whole flush (a deque does not move its elements on push_back).
-    const Buffer& get(uint8_t variant, bool control_only) {
+    // `frames` (optional) gets how many events the buffer holds (stats: messages_out).
+    const Buffer& get(uint8_t variant, bool control_only, uint64_t* frames = nullptr) {
         for (const Built& b : built_)
-            if (b.variant == variant && b.control_only == control_only) return b.buf;
-        built_.push_back(Built{variant, control_only, build(variant, control_only)});
+            if (b.variant == variant && b.control_only == control_only) {
+                if (frames != nullptr) *frames = b.frames;
+                return b.buf;
+            }
+        uint64_t n = 0;
+        for (const OutboundEvent& e : events_)
+            if (selected(e, variant, control_only)) ++n;
+        built_.push_back(Built{variant, control_only, build(variant, control_only), n});
+        if (frames != nullptr) *frames = n;
         return built_.back().buf;
     }
 
@@ -91,6 +99,7 @@ private:
         uint8_t variant;
         bool control_only;
         Buffer buf;
+        uint64_t frames;
     };
     struct Deflated {
         uint8_t variant;
@@ -680,6 +689,7 @@ bool Hub::send(uint64_t conn, const std::string& payload, int binary) {
     if (c == nullptr) return false;
     tick();
     const Buffer frame = frame_for(c->variant, payload, binary);
+    ++stats_.messages_out;
     enqueue(int(conn & 0xFFFFFFFFu), &frame, 1);
     return true;
 }
@@ -768,13 +778,21 @@ void Hub::deliver(int fd, FlushFrames& frames, uint32_t comments) {
         }
         c.skipped = saturating_add(c.skipped, comments);
         stats_.skipped += comments;
-        const Buffer& control = frames.get(c.variant, true);
-        if (control) enqueue(fd, &control, 1);
+        uint64_t n = 0;
+        const Buffer& control = frames.get(c.variant, true, &n);
+        if (control) {
+            stats_.messages_out += n;
+            enqueue(fd, &control, 1);
+        }
         return;
     }
-    const Buffer& all = frames.get(c.variant, false);
+    uint64_t n = 0;
+    const Buffer& all = frames.get(c.variant, false, &n);
     if (!all) return;  // nothing in this viewer's encoding
+    stats_.messages_out += n;
+    stats_.comments_out += comments;
     if (c.skipped) {
+        ++stats_.messages_out;  // the skipped marker
         const Buffer both[2] = {skipped_marker(c.variant, c.skipped), all};
         c.skipped = 0;
         enqueue(fd, both, 2);
@@ -886,6 +904,11 @@ size_t Hub::viewer_count(uint32_t stream) const {
     return it == streams_.end() ? 0 : it->second.viewers.size();
 }
 
+size_t Hub::pending(uint32_t stream) const {
+    auto it = streams_.find(stream);
+    return it == streams_.end() ? 0 : it->second.pending.size();
+}
+
 uint32_t Hub::variants(uint32_t stream) const {
     auto it = streams_.find(stream);
     if (it == streams_.end()) return 0;
@@ -913,6 +936,8 @@ std::vector<std::pair<const char*, uint64_t>> Hub::stats() const {
         {"bytes_in", s.bytes_in},
         {"messages_in", s.messages_in},
         {"inflate_calls", s.inflate_calls},
+        {"messages_out", s.messages_out},
+        {"comments_out", s.comments_out},
         {"connections", open_},
         {"closing", closing_},
         {"streams", streams_.size()},

@@ -93,6 +93,8 @@ struct HubStats {
     uint64_t bytes_in = 0;
     uint64_t messages_in = 0;  // text and binary messages queued for drain()
     uint64_t inflate_calls = 0;
+    uint64_t messages_out = 0;  // events handed to viewers: one per viewer per event (and per send())
+    uint64_t comments_out = 0;  // comments in the batches handed to viewers (one per viewer per comment)
 };
 
 class Hub {
@@ -118,6 +120,7 @@ public:
     void flush_all();
     std::vector<InboundEvent> drain();
     size_t viewer_count(uint32_t stream) const;
+    size_t pending(uint32_t stream) const;  // events of the stream waiting for its next flush
     size_t connections() const { return open_; }
     std::vector<std::pair<const char*, uint64_t>> stats() const;
     void shutdown();  // close every socket now (CLOSED 1006 for open ones) and the epoll fd

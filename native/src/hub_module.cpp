@@ -187,6 +187,7 @@ PYBIND11_MODULE(_hub, m) {
         .def("flush", &Hub::flush_all, py::call_guard<py::gil_scoped_release>())
         .def("drain", &drain)
         .def("viewer_count", &Hub::viewer_count, py::arg("stream"))
+        .def("pending", &Hub::pending, py::arg("stream"))
         .def("connections", &Hub::connections)
         .def("stats", &stats)
         .def(
