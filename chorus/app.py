@@ -114,7 +114,8 @@ class App:
             c = config.coordinator
             app.coordinator = Coordinator(comment_log, broker, state, flush_interval_ms=c.flush_interval_ms,
                                           max_batch=c.max_batch, recent_size=c.recent_size,
-                                          hot_flush_interval_ms=c.hot_flush_interval_ms, sampling=config.sampling)
+                                          hot_flush_interval_ms=c.hot_flush_interval_ms,
+                                          busy_above_per_s=c.busy_above_per_s, sampling=config.sampling)
         if "archiver" in roles:
             assert app.store is not None
             app.archiver = Archiver(comment_log, app.store)

@@ -149,8 +149,12 @@ class CoordinatorConfig:
     flush_interval_ms: int = doc("Batch a stream's comments for this long before publishing.", 10)
     max_batch: int = doc("Publish a stream's batch early at this many comments.", 100)
     hot_flush_interval_ms: int = doc(
-        "While a stream is sampled (it is hot), batch for this long instead: every batch is a frame to every "
-        "viewer, so fewer, fuller batches make a hot stream's fan-out cheaper.", 50
+        "While the coordinator is busy (busy_above_per_s) or a stream is sampled, batch for this long instead: "
+        "every batch is a frame to every viewer, so fewer, fuller batches make busy streams' fan-out cheaper.", 50
+    )
+    busy_above_per_s: int = doc(
+        "Comments/s (every stream of this coordinator together) above which it batches over "
+        "hot_flush_interval_ms; 0: always.", 500
     )
     recent_size: int = doc("Recent comments kept per stream (in Redis) for welcome and recovery.", 1000)
 
@@ -376,6 +380,7 @@ class Config:
             ("coordinator.hot_flush_interval_ms",
              self.coordinator.flush_interval_ms <= self.coordinator.hot_flush_interval_ms <= 1000,
              "must be flush_interval_ms-1000"),
+            ("coordinator.busy_above_per_s", self.coordinator.busy_above_per_s >= 0, "must be >= 0"),
             ("limits.user_per_minute", 0 <= self.limits.user_per_minute <= 1_000_000, "must be 0-1000000"),
             ("limits.ip_per_minute", 0 <= self.limits.ip_per_minute <= 1_000_000, "must be 0-1000000"),
             ("limits.stream_per_second", 0 <= self.limits.stream_per_second <= 1_000_000, "must be 0-1000000"),

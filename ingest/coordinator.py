@@ -47,7 +47,7 @@ from chorus.config import SamplingConfig
 from chorus.ingest.consume import ConsumeLoop
 from chorus.ingest.log import CommentLog, LogRecord
 from chorus.ingest.records import Comment, Control, RecordError, decode_any
-from chorus.ingest.sampling import Plan, Sampler, throttle_event
+from chorus.ingest.sampling import Plan, RateWindow, Sampler, throttle_event
 from chorus.protocol import JSON, encode_event, pack_channel_message
 
 __all__ = ["Coordinator", "batch_message", "control_message", "group_by_stream", "split_by_stream"]
@@ -111,14 +111,17 @@ def batch_message(stream: str, epoch: str, comments: Sequence[Comment], publishe
 class Coordinator:
     def __init__(self, comment_log: CommentLog, broker: Broker, state: StreamState, *,
                  flush_interval_ms: int = 10, max_batch: int = 100, recent_size: int = 1000,
-                 hot_flush_interval_ms: int = 50, sampling: SamplingConfig | None = None,
-                 set_slow_mode: SlowModeSetter | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 hot_flush_interval_ms: int = 50, busy_above_per_s: int = 500,
+                 sampling: SamplingConfig | None = None, set_slow_mode: SlowModeSetter | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.broker = broker
         self.state = state
         self.recent_size = recent_size
         self.flush_interval_ms = flush_interval_ms
         self.hot_flush_interval_ms = max(flush_interval_ms, hot_flush_interval_ms)
         self.max_batch = max_batch
+        self.busy_above_per_s = busy_above_per_s
+        self._records_rate = RateWindow()  # log records handled per second, every stream together
         self.sampling = sampling or SamplingConfig()
         self.sampler = Sampler(self.sampling)
         self.set_slow_mode = set_slow_mode or self._set_slow_mode
@@ -133,6 +136,7 @@ class Coordinator:
                                 name="coordinator", linger_ms=flush_interval_ms, max_records=max_batch)
 
     async def handle(self, records: Sequence[LogRecord]) -> None:
+        self._records_rate.add(self._now_ms(), len(records))
         streams, bad = split_by_stream(records)
         self.skipped_records += bad
         for (stream, epoch), items in streams.items():
@@ -170,18 +174,20 @@ class Coordinator:
             self.control_events += 1
 
     def _pace_gathering(self) -> None:
-        """While a stream is sampled, gather the log for ``hot_flush_interval_ms`` and enough
-        records for a full ``max_batch`` of what is kept.
+        """While busy (over ``busy_above_per_s`` records a second) or while a stream is sampled,
+        gather the log for ``hot_flush_interval_ms`` and enough records for a full ``max_batch``
+        of what is kept; otherwise for ``flush_interval_ms``.
 
-        Every batch published is a frame written to every viewer of the stream; a stream hot
-        enough to be sampled would otherwise get one per ``flush_interval_ms`` (100/s at 10 ms)
-        with a few comments each, which is the gateways' largest cost (BENCHMARKS.md, Pipeline).
-        Fewer, fuller batches keep the delivery latency within the hot interval.
+        Every batch published is a frame written to every viewer of its stream. A busy stream
+        would otherwise get one per ``flush_interval_ms`` (100/s at 10 ms) holding a few
+        comments each, and those writes were the gateways' largest cost (BENCHMARKS.md,
+        Pipeline). A quiet stream keeps the short window: its frames are few anyway.
         """
         sampled = self.sampler.sampled()
-        if sampled:
+        if sampled or self._records_rate.rate(self._now_ms()) >= self.busy_above_per_s:
             self.loop.linger_ms = self.hot_flush_interval_ms
-            self.loop.max_records = min(MAX_GATHER, math.ceil(self.max_batch / min(sampled.values())))
+            keep = min(sampled.values(), default=1.0)
+            self.loop.max_records = min(MAX_GATHER, math.ceil(self.max_batch / keep))
         else:
             self.loop.linger_ms = self.flush_interval_ms
             self.loop.max_records = self.max_batch

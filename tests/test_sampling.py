@@ -288,7 +288,7 @@ async def test_a_sampled_stream_gets_fewer_fuller_batches() -> None:
     bounds every batch."""
     log, broker, state = MemoryLog(partitions=1), RecordingBroker(), MemoryStreamState()
     coordinator = Coordinator(log, broker, state, flush_interval_ms=10, hot_flush_interval_ms=200, max_batch=40,
-                              sampling=replace(POLICY, tiers=((50, 0.5),)))
+                              busy_above_per_s=100_000, sampling=replace(POLICY, tiers=((50, 0.5),)))
     task = asyncio.create_task(coordinator.run())
     stream = f"s-{uuid.uuid4().hex[:6]}"
     batches_while_sampled = []
@@ -309,6 +309,37 @@ async def test_a_sampled_stream_gets_fewer_fuller_batches() -> None:
     sizes = [len(e["comments"]) for e in batches_while_sampled]  # type: ignore[arg-type]
     # ~0.75 s of sampled posting: a batch per 200 ms (or per 80 records gathered), not per 10 ms
     assert 2 <= len(sizes) <= 12 and max(sizes) <= 40, sizes
+
+
+async def test_a_busy_coordinator_batches_longer_and_a_quiet_one_at_once() -> None:
+    """Past busy_above_per_s (every stream together) batches gather for hot_flush_interval_ms;
+    once the rate has fallen, the short window again: a lone comment goes out in ~10 ms."""
+    log, broker, state = MemoryLog(partitions=1), RecordingBroker(), MemoryStreamState()
+    coordinator = Coordinator(log, broker, state, flush_interval_ms=10, hot_flush_interval_ms=200, max_batch=100,
+                              busy_above_per_s=200, sampling=replace(POLICY, enabled=False))
+    task = asyncio.create_task(coordinator.run())
+    stream = f"s-{uuid.uuid4().hex[:6]}"
+    mark: int | None = None  # batches published before the coordinator found itself busy
+    try:
+        for i in range(600):  # ~400/s for ~1.5 s
+            await log.append(*encode_record(Comment(str(8_200_000 + i), stream, f"u{i}", "U", (), f"c{i}", 0)))
+            if i % 4 == 3:
+                await asyncio.sleep(0.01)
+            if mark is None and coordinator.loop.linger_ms == 200:
+                mark, busy_from = len(broker.events), i
+        assert mark is not None and busy_from < 400 and coordinator.loop.max_records == 100
+        await _until(lambda: sum(len(e["comments"]) for e in broker.events if e["t"] == "batch") == 600)  # type: ignore[arg-type]
+        busy_batches = len(broker.events) - mark
+        # (600 - busy_from) comments at ~400/s, a batch per 200 ms or 100 comments, not per 10 ms
+        assert busy_batches <= (600 - busy_from) / 400 / 0.2 + 3, (busy_batches, busy_from)
+        busy_batches = len(broker.events)
+        await asyncio.sleep(1.5)  # the rate window empties; the ticker re-paces
+        assert coordinator.loop.linger_ms == 10
+        await log.append(*encode_record(Comment("8300000", stream, "u", "U", (), "alone", 0)))
+        await _until(lambda: len(broker.events) > busy_batches, 0.5)
+    finally:
+        coordinator.stop()
+        await asyncio.wait_for(task, 5)
 
 
 async def test_automatic_slow_mode_goes_through_the_mode_api() -> None:

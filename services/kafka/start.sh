@@ -98,7 +98,9 @@ fi
 
 # The broker. Its stdin/stdout/stderr are detached from the caller so that a caller that
 # captures this script's output (subprocess.run) returns when the script exits.
-"$JAVA" -Xms256m -Xmx512m -XX:+UseSerialGC -Djava.awt.headless=true \
+# $CHORUS_KAFKA_JVM_OPTS adds JVM options (word-split), e.g. -XX:TieredStopAtLevel=1.
+# shellcheck disable=SC2086
+"$JAVA" -Xms256m -Xmx512m -XX:+UseSerialGC -Djava.awt.headless=true ${CHORUS_KAFKA_JVM_OPTS:-} \
     "$LOG4J" -cp "$CP" kafka.Kafka "$PROPS" </dev/null >>"$LOG_FILE" 2>&1 &
 BROKER_PID=$!
 echo "$BROKER_PID" >"$PID_FILE"
