@@ -1,7 +1,8 @@
 """Admission of a viewer's comment: checked, numbered, and appended to the log.
 
 Every post, over a WebSocket or ``POST /streams/{id}/comments``, goes through
-:meth:`Admission.post`, in this order (the first refusal wins):
+:meth:`Admission.post_many` (:meth:`Admission.post` is a batch of one), in this order (the
+first refusal wins):
 
 1. the token: scope ``write:comments`` (or ``write``), not expired;
 2. the text: what the protocol forbids (empty, too long);
@@ -16,14 +17,14 @@ Every post, over a WebSocket or ``POST /streams/{id}/comments``, goes through
 If Redis does not answer (steps 5-6) the post is let through on the local limits alone
 (fail open): comments keep flowing through a Redis outage, and Kafka still refuses clearly.
 
-Alongside step 5, concurrently (no extra wait), ``shadowed`` says which authors are
-shadow-banned (ingest/reputation.py); their comments are admitted like any other but marked
-``shadow`` in the log: stored, shown only to the author.
+With step 5 (in the same Redis call, or concurrently on the embedded default), ``shadowed``
+says which authors are shadow-banned (ingest/reputation.py); their comments are admitted like
+any other but marked ``shadow`` in the log: stored, shown only to the author.
 
-Posts that arrive together (one ``hub.drain()`` of a gateway) go through :meth:`Admission.post_many`:
-the same steps and verdicts, but steps 5 and 6 each take one Redis round trip for the whole
-batch (pipelines; each post is still its own atomic script run) and step 7 hands every record
-to the producer and waits for Kafka's confirmations in one task.
+Posts that arrive together (one ``hub.drain()`` of a gateway) go together: with Redis, steps 5
+and 6 and the shadow-ban check are one script call for the whole batch (each post still
+decided atomically, in order: ingest/limits.py), and step 7 hands every record to the
+producer and waits for Kafka's confirmations in one task.
 
 The log's two failures are told apart: a record that never left the gateway (Kafka
 unreachable, no metadata) is ``not_accepted``, "it was not posted"; one handed to Kafka but not
@@ -103,18 +104,10 @@ class Admission:
 
     async def post(self, who: Identity | None, stream: str, text: str, ip: str = "") -> Comment:
         """Append the comment to the log and return it, or raise :class:`Refused`."""
-        try:
-            who, clean = self._check(who, text)
-            poster = Poster(stream, who.user_id, ip, slow_mode_exempt=bool(who.badges()))
-            self._admit_locally(poster)
-            shadow = self._shadow_check([who.user_id])
-            await self._admit(poster)
-            comment = await self._append(who, stream, clean, who.user_id in await self._shadowed_of(shadow))
-        except Refused:
-            self.refused += 1
-            raise
-        self.accepted += 1
-        return comment
+        (result,) = await self.post_many([(who, stream, text, ip)])
+        if isinstance(result, Refused):
+            raise result
+        return result
 
     def _comment(self, who: Identity, stream: str, text: str, shadow: bool = False) -> Comment:
         return Comment(
@@ -146,15 +139,6 @@ class Admission:
                            retry_after_ms=2000, comment_id=comment.id)
         return Refused(ErrorCode.NOT_ACCEPTED, f"comment not accepted: {exc}; it was not posted", retry_after_ms=2000)
 
-    async def _append(self, who: Identity, stream: str, text: str, shadow: bool = False) -> Comment:
-        comment = self._comment(who, stream, text, shadow)
-        key, value = encode_record(comment)
-        try:
-            await self.log.append(key, value)
-        except LogUnavailable as exc:
-            raise self._log_refusal(comment, exc) from exc
-        return comment
-
     async def post_many(self, posts: Sequence[tuple[Identity | None, str, str, str]]) -> list[Comment | Refused]:
         """:meth:`post` for each (who, stream, text, ip): per post the comment or its refusal.
 
@@ -176,6 +160,8 @@ class Admission:
                 results[i] = exc
                 continue
             todo.append((i, ident, clean, poster))
+        if todo and self.limits.one_call:
+            return await self._admit_in_one_call(todo, results)
         shadow = self._shadow_check([ident.user_id for _, ident, _, _ in todo])
         if todo:
             sanctions = self.limits.sanctions
@@ -194,6 +180,25 @@ class Admission:
         shadowed = await self._shadowed_of(shadow)
         return Admitted(results, [(i, self._comment(ident, p.stream, clean, ident.user_id in shadowed))
                                   for i, ident, clean, p in todo])
+
+    async def _admit_in_one_call(self, todo: list[tuple[int, Identity, str, Poster]],
+                                 results: list[Comment | Refused | None]) -> Admitted:
+        """Steps 5-6 and the shadow-ban check in one Redis call (limits, bans and shadow-bans
+        all in Redis); if Redis does not answer, every post passes, shown as usual."""
+        decisions = await self._ask(self.limits.decide_many([p for *_, p in todo], self.shadowed is not None),
+                                    len(todo))
+        comments = []
+        for n, (i, ident, clean, poster) in enumerate(todo):
+            decision = decisions[n] if decisions is not None else None
+            if decision is not None and decision.sanction is not None:
+                self._remember(poster, decision.sanction)
+                results[i] = Refused.of(decision.sanction)
+            elif decision is not None and decision.limit is not None:
+                results[i] = Refused.of(decision.limit)
+            else:
+                shadow = decision is not None and decision.shadowed
+                comments.append((i, self._comment(ident, poster.stream, clean, shadow)))
+        return Admitted(results, comments)
 
     async def append_admitted(self, admitted: Admitted) -> list[Comment | Refused]:
         """Step 7 of :meth:`post_many`: append what :meth:`admit_many` let through."""
@@ -237,17 +242,6 @@ class Admission:
             refusal = self.limits.precheck.take(poster)
             if refusal is not None:
                 raise Refused.of(refusal)
-
-    async def _admit(self, poster: Poster) -> None:
-        """Steps 5-6: the shared store's sanctions and limits."""
-        limits = self.limits
-        refusal = await self._ask(limits.sanctions.check(poster.stream, poster.user))
-        if refusal is not None:
-            self._remember(poster, refusal)
-            raise Refused.of(refusal)
-        refusal = await self._ask(limits.limiter.acquire(poster))
-        if refusal is not None:
-            raise Refused.of(refusal)
 
     async def _ask(self, answer: Awaitable[Any], posts: int = 1) -> Any:
         """The shared store's answer, or None (let it through) if it did not answer."""

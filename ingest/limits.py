@@ -42,6 +42,7 @@ __all__ = [
     "ALL_STREAMS",
     "AdmissionLimits",
     "BackendUnavailable",
+    "Decision",
     "Limit",
     "MemoryRateLimiter",
     "MemorySanctions",
@@ -304,73 +305,89 @@ class MemorySanctions:
 # -- Redis -----------------------------------------------------------------------------------
 
 # Admission of a batch of posts in one EVALSHA, one post after the other (each sees what the
-# ones before it took), all on one reading of Redis's clock. The script builds every key from
-# the posts' fields, so a post costs the client four short arguments to pack, not six keys and
-# ten numbers (packing them was most of a gateway's Redis cost at thousands of posts/s). Redis
-# Cluster: a post's keys live in different hash slots (the user's, the address's, the
-# stream's, the global one) and are not declared, so limits need a single-node Redis (or one
-# shard set aside for them).
+# ones before it took), all on one reading of Redis's clock: per post its sanctions (bans and
+# time-outs), whether its author is shadow-banned, and the rate limits and slow mode. The
+# script builds every key from the posts' fields, so a post costs the client four short
+# arguments to pack; and a batch costs one call, where three (sanctions, shadow-bans, limits)
+# had been most of a busy gateway's Redis cost. Redis Cluster: a post's keys live in
+# different hash slots (the user's, the address's, the stream's, the global one) and are not
+# declared, so limits need a single-node Redis (or one shard set aside for them).
 #
-# ARGV[1]: the key prefix; ARGV[2]: L configured limits, then per limit its scope ("user",
-# "ip", "stream", "global"), emission interval and window (µs); then m posts, then per post
-# its user, address ("" skips the address limit), stream and "1" if slow mode applies to it.
-# Keys: <prefix>rl:<scope>:<id> (GCRA), <prefix>mode:<stream> (slow_mode_seconds),
-# <prefix>slow:<stream>:<user> (the slow-mode slot).
-# Returns 3 numbers per post: {0, 0, s} when taken, else {i, wait_us, s}: i in 1..L names the
-# limit, L+1 slow mode; s is the stream's slow mode in seconds.
+# ARGV[1]: the key prefix of limits and modes; ARGV[2]: the prefix of ban keys ("" checks no
+# sanctions); ARGV[3]: the prefix of shadow-ban keys ("" checks none); ARGV[4]: L configured
+# limits, then per limit its scope ("user", "ip", "stream", "global"), emission interval and
+# window (µs); then m posts, then per post its user, address ("" skips the address limit),
+# stream and "1" if slow mode applies to it.
+# Keys: <ban prefix><stream>:<user> and <ban prefix>*:<user> (PTTL: -2 none, -1 a ban, else
+# the ms left of a time-out), <shadow prefix><user>, <prefix>rl:<scope>:<id> (GCRA),
+# <prefix>mode:<stream> (slow_mode_seconds), <prefix>slow:<stream>:<user> (the slot).
+# Returns 6 numbers per post: the two PTTLs, the limit verdict {i, wait_us, s} ({0, 0, s}
+# when taken; i in 1..L names the limit, L+1 slow mode; s the stream's slow mode in seconds;
+# a sanctioned post takes nothing and its verdict is {0, 0, 0}), and 1 if shadow-banned.
 ADMIT_MANY_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local prefix = ARGV[1]
-local nlim = tonumber(ARGV[2])
+local prefix, banp, shadowp = ARGV[1], ARGV[2], ARGV[3]
+local nlim = tonumber(ARGV[4])
 local scopes, emission, window = {}, {}, {}
 for i = 1, nlim do
-  scopes[i] = ARGV[3 * i]
-  emission[i] = tonumber(ARGV[3 * i + 1])
-  window[i] = tonumber(ARGV[3 * i + 2])
+  scopes[i] = ARGV[3 * i + 2]
+  emission[i] = tonumber(ARGV[3 * i + 3])
+  window[i] = tonumber(ARGV[3 * i + 4])
 end
-local a = 3 * nlim + 3
+local a = 3 * nlim + 5
 local out = {}
 for _ = 1, tonumber(ARGV[a]) do
   local user, ip, stream, slow = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   a = a + 4
-  local worst, worst_wait = 0, 0
-  local keys, tats = {}, {}
-  for i = 1, nlim do
-    local id = nil
-    if scopes[i] == 'user' then id = user
-    elseif scopes[i] == 'ip' then if ip ~= '' then id = ip end
-    elseif scopes[i] == 'stream' then id = stream
-    else id = '' end
-    if id ~= nil then
-      local key = prefix .. 'rl:' .. scopes[i] .. ':' .. id
-      local tat = tonumber(redis.call('GET', key) or 0) or 0
-      if tat < now then tat = now end
-      tat = tat + emission[i]
-      local wait = tat - window[i] - now
-      if wait > worst_wait then worst, worst_wait = i, wait end
-      keys[#keys + 1] = key
-      tats[#tats + 1] = tat
+  local here, everywhere = -2, -2
+  if banp ~= '' then
+    here = redis.call('PTTL', banp .. stream .. ':' .. user)
+    everywhere = redis.call('PTTL', banp .. '*:' .. user)
+  end
+  local shadow = 0
+  if shadowp ~= '' and redis.call('EXISTS', shadowp .. user) == 1 then shadow = 1 end
+  local worst, worst_wait, slow_s = 0, 0, 0
+  if here == -2 and everywhere == -2 then
+    local keys, tats = {}, {}
+    for i = 1, nlim do
+      local id = nil
+      if scopes[i] == 'user' then id = user
+      elseif scopes[i] == 'ip' then if ip ~= '' then id = ip end
+      elseif scopes[i] == 'stream' then id = stream
+      else id = '' end
+      if id ~= nil then
+        local key = prefix .. 'rl:' .. scopes[i] .. ':' .. id
+        local tat = tonumber(redis.call('GET', key) or 0) or 0
+        if tat < now then tat = now end
+        tat = tat + emission[i]
+        local wait = tat - window[i] - now
+        if wait > worst_wait then worst, worst_wait = i, wait end
+        keys[#keys + 1] = key
+        tats[#tats + 1] = tat
+      end
+    end
+    local slot = prefix .. 'slow:' .. stream .. ':' .. user
+    if slow == '1' then
+      slow_s = math.floor(tonumber(redis.call('HGET', prefix .. 'mode:' .. stream, 'slow_mode_seconds') or 0) or 0)
+      if slow_s > 0 then
+        local left_us = redis.call('PTTL', slot) * 1000
+        if left_us > 0 and left_us >= worst_wait then worst, worst_wait = nlim + 1, left_us end
+      end
+    end
+    if worst == 0 then
+      for j = 1, #keys do
+        redis.call('SET', keys[j], string.format('%.0f', tats[j]), 'PX', math.ceil((tats[j] - now) / 1000))
+      end
+      if slow_s > 0 then redis.call('SET', slot, '1', 'NX', 'PX', slow_s * 1000) end
     end
   end
-  local slow_s = 0
-  local slot = prefix .. 'slow:' .. stream .. ':' .. user
-  if slow == '1' then
-    slow_s = math.floor(tonumber(redis.call('HGET', prefix .. 'mode:' .. stream, 'slow_mode_seconds') or 0) or 0)
-    if slow_s > 0 then
-      local left_us = redis.call('PTTL', slot) * 1000
-      if left_us > 0 and left_us >= worst_wait then worst, worst_wait = nlim + 1, left_us end
-    end
-  end
-  if worst == 0 then
-    for j = 1, #keys do
-      redis.call('SET', keys[j], string.format('%.0f', tats[j]), 'PX', math.ceil((tats[j] - now) / 1000))
-    end
-    if slow_s > 0 then redis.call('SET', slot, '1', 'NX', 'PX', slow_s * 1000) end
-  end
+  out[#out + 1] = here
+  out[#out + 1] = everywhere
   out[#out + 1] = worst
   out[#out + 1] = worst_wait
   out[#out + 1] = slow_s
+  out[#out + 1] = shadow
 end
 return out
 """
@@ -424,19 +441,29 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
     return (RedisError, OSError, TimeoutError)
 
 
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Redis's verdict on one post in :meth:`RedisRateLimiter.decide_many`."""
+
+    sanction: Refusal | None  # banned or timed out (then no limit was taken)
+    limit: Refusal | None  # over a rate limit or in its slow-mode slot
+    shadowed: bool  # the author is shadow-banned (asked only when a shadow prefix is given)
+
+
 class RedisRateLimiter:
     """The four limits and slow mode, shared by every gateway: :data:`ADMIT_MANY_SCRIPT`, one
-    EVALSHA for a batch of posts (a single post is a batch of one)."""
+    EVALSHA for a batch of posts (a single post is a batch of one); :meth:`decide_many` also
+    checks sanctions and shadow-bans in the same call."""
 
     def __init__(self, redis: Any, prefix: str, limits: Sequence[Limit]) -> None:
         self._redis = redis
         self._prefix = prefix
         self.limits = tuple(limits)
         self._script = _Script(ADMIT_MANY_SCRIPT)
-        # The arguments every call starts with: the prefix and the configured limits.
-        self._head: list[Any] = [prefix, len(self.limits)]
+        # The configured limits, as every call passes them after the three prefixes.
+        self._limit_args: list[Any] = [len(self.limits)]
         for lim in self.limits:
-            self._head += [lim.scope, lim.emission_us, lim.window_us]
+            self._limit_args += [lim.scope, lim.emission_us, lim.window_us]
 
     @property
     def round_trips(self) -> int:
@@ -459,13 +486,26 @@ class RedisRateLimiter:
         The same verdicts as one call each: a post refused costs no budget, and each post
         sees what the ones before it took.
         """
+        return [d.limit for d in await self.decide_many(posters)]
+
+    async def decide_many(self, posters: Sequence[Poster], ban_prefix: str = "",
+                          shadow_prefix: str = "") -> list[Decision]:
+        """Per poster, in order and in one round trip: its sanctions (keys under ``ban_prefix``,
+        :class:`RedisSanctions`; "" checks none), then the limits (all or nothing, none taken by
+        a sanctioned post), and whether its author is shadow-banned (keys under ``shadow_prefix``)."""
         if not posters:
             return []
-        args = [*self._head, len(posters)]
+        args = [self._prefix, ban_prefix, shadow_prefix, *self._limit_args, len(posters)]
         for p in posters:
             args += (p.user, p.ip, p.stream, "0" if p.slow_mode_exempt else "1")
         flat = await self._script.run(self._redis, args)
-        return [self._verdict(int(flat[n]), int(flat[n + 1]), int(flat[n + 2])) for n in range(0, len(flat), 3)]
+        out = []
+        for n, p in enumerate(posters):
+            here, everywhere, which, wait_us, slow_s, shadow = (int(x) for x in flat[6 * n : 6 * n + 6])
+            found = [(where, None if ms == -1 else ms) for where, ms in ((p.stream, here), (ALL_STREAMS, everywhere))
+                     if ms != -2]
+            out.append(Decision(_strongest(found), self._verdict(which, wait_us, slow_s), shadow == 1))
+        return out
 
 
 class RedisSanctions:
@@ -485,8 +525,13 @@ class RedisSanctions:
     def round_trips(self) -> int:
         return self._script.round_trips + self._single_checks
 
+    @property
+    def key_prefix(self) -> str:
+        """What every ban key starts with (the admission script builds them from it)."""
+        return f"{self._prefix}ban:"
+
     def key(self, stream: str, user: str) -> str:
-        return f"{self._prefix}ban:{stream}:{user}"
+        return f"{self.key_prefix}{stream}:{user}"
 
     async def check(self, stream: str, user: str) -> Refusal | None:
         try:
@@ -547,6 +592,19 @@ class AdmissionLimits:
     precheck: MemoryRateLimiter | None = None  # with Redis: the local user/address pre-check
     sanction_memo_s: float = 0.0  # how long a gateway remembers a ban it was told about
     redis: Any = None  # the client the Redis parts share; closed by close()
+    shadow_prefix: str = ""  # with Redis: what shadow-ban keys start with (ingest/reputation.py)
+
+    @property
+    def one_call(self) -> bool:
+        """Sanctions, shadow-bans and limits are all in Redis: :meth:`decide_many` asks at once."""
+        return isinstance(self.limiter, RedisRateLimiter) and isinstance(self.sanctions, RedisSanctions)
+
+    async def decide_many(self, posters: Sequence[Poster], shadows: bool) -> list[Decision]:
+        """A batch's sanctions, limits and (if ``shadows``) shadow-bans in one Redis call; only
+        when :attr:`one_call`."""
+        assert isinstance(self.limiter, RedisRateLimiter) and isinstance(self.sanctions, RedisSanctions)
+        return await self.limiter.decide_many(posters, self.sanctions.key_prefix,
+                                              self.shadow_prefix if shadows else "")
 
     @classmethod
     def in_memory(cls, cfg: LimitsConfig, modes: StreamState | None,
@@ -569,5 +627,7 @@ def open_limits(config: Config, modes: StreamState) -> AdmissionLimits:
     prefix = config.redis.channel_prefix
     local = MemoryRateLimiter([lim for lim in limits if lim.scope in ("user", "ip")], None,
                               max_keys=cfg.local_max_keys)
+    from chorus.ingest.reputation import shadow_key
+
     return AdmissionLimits(RedisRateLimiter(client, prefix, limits), RedisSanctions(client, prefix), local,
-                           SANCTION_MEMO_S, client)
+                           SANCTION_MEMO_S, client, shadow_key(prefix, ""))

@@ -397,3 +397,25 @@ async def test_post_many_matches_posting_one_by_one() -> None:
     assert (admission.accepted, admission.refused) == (2, 4)
     got = await Admission(UnsureLog(), IdGenerator(1)).post_many([(writer("ann"), "s1", "a", "")])
     assert isinstance(got[0], Refused) and got[0].code == ErrorCode.UNCONFIRMED and got[0].comment_id
+
+
+async def test_one_call_decides_sanctions_shadow_bans_and_limits(redis: Any, prefix: str) -> None:
+    from chorus.ingest.reputation import RedisReputation, shadow_key
+
+    lim = RedisRateLimiter(redis, prefix, [Limit("user", 2, 60), Limit("stream", 1000, 1)])
+    sanctions = RedisSanctions(redis, prefix)
+    await sanctions.ban("s1", "troll")
+    await sanctions.ban(ALL_STREAMS, "quiet", seconds=30)
+    await RedisReputation(redis, prefix, 3600).shadow_ban(["sly"], 600)
+    posters = [Poster("s1", "troll"), Poster("s1", "quiet"), Poster("s1", "sly"), Poster("s1", "sly"),
+               Poster("s1", "sly")]
+    got = await lim.decide_many(posters, sanctions.key_prefix, shadow_key(prefix, ""))
+    assert [d.sanction.code if d.sanction else None for d in got] == [
+        ErrorCode.BANNED, ErrorCode.TIMED_OUT, None, None, None]
+    assert 29_000 < (got[1].sanction.retry_after_ms or 0) <= 30_000  # type: ignore[union-attr]
+    assert [d.limit is None for d in got] == [True, True, True, True, False]  # sly's third is over 2/min
+    assert [d.shadowed for d in got] == [False, False, True, True, True]
+    assert await redis.get(f"{prefix}rl:user:troll") is None  # a sanctioned post takes no budget
+    assert lim.round_trips == 2  # SCRIPT LOAD, then one EVALSHA for everything
+    plain = await lim.decide_many([Poster("s1", "troll")])  # no prefixes: limits only
+    assert plain[0].sanction is None and plain[0].limit is None and not plain[0].shadowed
