@@ -8,19 +8,20 @@ host, and puts Kafka, Redis, the coordinator, the archiver and the loadgens (pos
 viewers) on CPU 1; ``shared`` puts every server process on CPU 0 and the loadgens on CPU 1.
 After a probe comment has gone all the way round, each rate is one step on a fresh stream:
 
-1. ``--viewers`` loadgen ``--recv`` connections (split over the gateways) join the stream;
+1. ``--viewers`` connections are on the stream: the posters of step 2 and, for the rest,
+   loadgen ``--recv`` connections (split over the gateways) that only watch;
 2. one loadgen ``--post RATE`` posts for ``--warmup-ms`` unmarked, then ``--duration`` s of
    comments whose text carries ``bt=<due time> k=<seq>``, and waits up to ``--grace`` s for
    the last answers. It posts over RATE / ``--user-rate`` connections to the first gateway,
    each a different user (JWTs minted with the run's key, as ``chorus token`` does): admission
    takes one user's posts one at a time (ordering), so a few users could not carry the rate.
-   Those connections are on the stream too, so they receive every batch like the viewers;
+   Those connections are viewers too: they receive every batch like the watchers;
 3. ``--grace`` s after the last comment was due, the viewers stop.
 
 Acceptance latency: a comment's due time to its ``ack`` (sent only after Kafka acked it,
-acks=all). Delivery latency: due time to receipt by a viewer. Delivered: distinct marked
-comments each viewer got / (viewers x marked comments acked); a comment that reaches a
-viewer later than the grace counts as not delivered. Per-process CPU is read from /proc over
+acks=all). Delivery latency: due time to receipt by a watcher. Delivered: distinct marked
+comments each watcher got / (watchers x marked comments acked); a comment that reaches a
+watcher later than the grace counts as not delivered. Per-process CPU is read from /proc over
 the measured ``--duration``.
 """
 
@@ -81,7 +82,8 @@ def _ints(text: str) -> list[int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rates", type=_ints, default=[1000, 10_000], help="comments/s posted (default 1000,10000)")
-    p.add_argument("--viewers", type=int, default=1000, help="viewer connections")
+    p.add_argument("--viewers", type=int, default=1000,
+                   help="connections on the stream, the posters among them (the rest only watch and are measured)")
     p.add_argument("--gateways", type=int, default=1, choices=(1, 2), help="gateway processes (posts go to the first)")
     p.add_argument("--user-rate", type=float, default=20.0, help="posts/s per poster connection (one user each)")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds of posting per step")
@@ -215,15 +217,16 @@ def _step(fleet: Fleet, rate: int, ports: list[int], tokens: Path, servers: dict
           args: argparse.Namespace) -> dict[str, Any]:
     stream = f"bench-{rate}-{secrets.token_hex(3)}"
     posting_s = args.warmup_ms / 1000 + args.duration
+    posters = poster_conns(rate, args)
+    watchers = max(1, args.viewers - posters)  # the posters are viewers of the stream too
     viewers = []
     for i, port in enumerate(ports):
-        share = args.viewers // len(ports) + (1 if i < args.viewers % len(ports) else 0)
+        share = watchers // len(ports) + (1 if i < watchers % len(ports) else 0)
         viewers.append(_loadgen(fleet, f"viewers{i}-{rate}", ["--recv"], port, stream, share,
                                 posting_s + args.grace + 60, 0, 2 + 4 * i, 4))
     for v in viewers:
         read_json_line(v)  # connected
     time.sleep(0.5)  # the gateway finishes joining them to the hub
-    posters = poster_conns(rate, args)
     poster = _loadgen(fleet, f"poster-{rate}", ["--post", str(rate), "--token-file", str(tokens),
                                                "--grace", str(args.grace)],
                       ports[0], stream, posters, args.duration, args.warmup_ms, 2 + 4 * len(ports), 1)
@@ -243,7 +246,7 @@ def _step(fleet: Fleet, rate: int, ports: list[int], tokens: Path, servers: dict
     recv = merge_results(got)
     expected = recv["connected"] * post["marked_acked"]
     return {
-        "rate": rate, "stream": stream, "viewers": args.viewers, "connected": recv["connected"],
+        "rate": rate, "stream": stream, "viewers": args.viewers, "watchers": watchers, "connected": recv["connected"],
         "poster_conns": posters, "posters_connected": post["connected"],
         "posted": post["posted"], "marked": post["marked_posted"], "acked": post["marked_acked"],
         "refused": post["marked_refused"], "rate_limited": post["marked_rate_limited"],
@@ -321,11 +324,11 @@ def _mark(ok: bool) -> str:
 HEADERS = ["posts/s", "posters", "acked", "refused (rate_limited)", "unanswered", "ack p50", "ack p95", "ack p99",
            "e2e p50", "e2e p95", "e2e p99", "delivered", "least-served viewer", "skipped events", "targets"]
 LEGEND = ("Latencies in ms from the comment's due time (the poster's schedule). ack: the gateway's `ack` (after Kafka "
-          "acks=all). e2e: receipt by a viewer, over the comments that arrived within the grace. delivered: distinct "
-          "comments per viewer / comments acked (mean; least-served: the worst viewer). posters: connections, one "
-          "user each, that also receive the stream's batches (receivers besides the viewers). delivered above 1: "
-          "comments answered with an error (e.g. `not_accepted` after kafka.accept_timeout_ms) reached the viewers "
-          "anyway.")
+          "acks=all). e2e: receipt by a watcher, over the comments that arrived within the grace. delivered: distinct "
+          "comments per watcher / comments acked (mean; least-served: the worst watcher). posters: viewers, one user "
+          "each, that post (and receive the stream's batches like the rest); watchers: the other viewers, which are "
+          "measured. delivered above 1: comments answered with an error (e.g. `not_accepted` after "
+          "kafka.accept_timeout_ms) reached the viewers anyway.")
 
 
 def _targets(r: dict[str, Any]) -> str:
