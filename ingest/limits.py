@@ -335,21 +335,46 @@ for i = 1, nlim do
   emission[i] = tonumber(ARGV[3 * i + 3])
   window[i] = tonumber(ARGV[3 * i + 4])
 end
+-- A key's TAT is read once per call and written once at the end: the posts of a batch share
+-- their stream's, the global and often an address's key (the same result as GET/SET each time).
+local tats, dirty = {}, {}
+local function tat_of(key)
+  local v = tats[key]
+  if v == nil then
+    v = tonumber(redis.call('GET', key) or 0) or 0
+    tats[key] = v
+  end
+  return v
+end
+local modes = {}
+local function slow_mode_of(stream)
+  local v = modes[stream]
+  if v == nil then
+    v = math.floor(tonumber(redis.call('HGET', prefix .. 'mode:' .. stream, 'slow_mode_seconds') or 0) or 0)
+    modes[stream] = v
+  end
+  return v
+end
 local a = 3 * nlim + 5
 local out = {}
 for _ = 1, tonumber(ARGV[a]) do
   local user, ip, stream, slow = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
   a = a + 4
-  local here, everywhere = -2, -2
-  if banp ~= '' then
-    here = redis.call('PTTL', banp .. stream .. ':' .. user)
-    everywhere = redis.call('PTTL', banp .. '*:' .. user)
+  local here, everywhere, shadow = -2, -2, 0
+  if banp ~= '' or shadowp ~= '' then
+    local keys = {}
+    if banp ~= '' then keys = {banp .. stream .. ':' .. user, banp .. '*:' .. user} end
+    if shadowp ~= '' then keys[#keys + 1] = shadowp .. user end
+    local got = redis.call('MGET', unpack(keys))
+    if banp ~= '' then
+      if got[1] then here = redis.call('PTTL', keys[1]) end
+      if got[2] then everywhere = redis.call('PTTL', keys[2]) end
+    end
+    if shadowp ~= '' and got[#keys] then shadow = 1 end
   end
-  local shadow = 0
-  if shadowp ~= '' and redis.call('EXISTS', shadowp .. user) == 1 then shadow = 1 end
   local worst, worst_wait, slow_s = 0, 0, 0
   if here == -2 and everywhere == -2 then
-    local keys, tats = {}, {}
+    local keys, new = {}, {}
     for i = 1, nlim do
       local id = nil
       if scopes[i] == 'user' then id = user
@@ -358,18 +383,18 @@ for _ = 1, tonumber(ARGV[a]) do
       else id = '' end
       if id ~= nil then
         local key = prefix .. 'rl:' .. scopes[i] .. ':' .. id
-        local tat = tonumber(redis.call('GET', key) or 0) or 0
+        local tat = tat_of(key)
         if tat < now then tat = now end
         tat = tat + emission[i]
         local wait = tat - window[i] - now
         if wait > worst_wait then worst, worst_wait = i, wait end
         keys[#keys + 1] = key
-        tats[#tats + 1] = tat
+        new[#new + 1] = tat
       end
     end
     local slot = prefix .. 'slow:' .. stream .. ':' .. user
     if slow == '1' then
-      slow_s = math.floor(tonumber(redis.call('HGET', prefix .. 'mode:' .. stream, 'slow_mode_seconds') or 0) or 0)
+      slow_s = slow_mode_of(stream)
       if slow_s > 0 then
         local left_us = redis.call('PTTL', slot) * 1000
         if left_us > 0 and left_us >= worst_wait then worst, worst_wait = nlim + 1, left_us end
@@ -377,7 +402,8 @@ for _ = 1, tonumber(ARGV[a]) do
     end
     if worst == 0 then
       for j = 1, #keys do
-        redis.call('SET', keys[j], string.format('%.0f', tats[j]), 'PX', math.ceil((tats[j] - now) / 1000))
+        tats[keys[j]] = new[j]
+        dirty[keys[j]] = true
       end
       if slow_s > 0 then redis.call('SET', slot, '1', 'NX', 'PX', slow_s * 1000) end
     end
@@ -388,6 +414,9 @@ for _ = 1, tonumber(ARGV[a]) do
   out[#out + 1] = worst_wait
   out[#out + 1] = slow_s
   out[#out + 1] = shadow
+end
+for key in pairs(dirty) do
+  redis.call('SET', key, string.format('%.0f', tats[key]), 'PX', math.ceil((tats[key] - now) / 1000))
 end
 return out
 """
