@@ -2,7 +2,7 @@
  *
  * Opens N client connections from one epoll loop, spreading source addresses over
  * 127.0.0.<base> ... 127.0.0.<base+count-1> so one box can go past the ~28k ephemeral ports a
- * single (source, destination) pair allows. Two modes:
+ * single (source, destination) pair allows. Modes:
  *   --hold  connect, stay idle until --seconds pass or a stdin pipe closes, report how many
  *           are still open;
  *   --recv  connect, wait --start-after ms, then for --seconds count deliveries: each
@@ -10,6 +10,8 @@
  *           CLOCK_MONOTONIC, which is system-wide on Linux) kept in a log-linear histogram.
  *           A `bt=<ns> k=<seq>` marker inside a comment's text counts too, once per
  *           connection and seq (repeats are `duplicates`);
+ *   --sink  connect and read every message (answering pings and closes) without inflating or
+ *           parsing it: many viewers' load on the server at little cost here;
  *   --post RATE  post comments at RATE/s over the N connections (round robin, on a 1 ms
  *           tick) with --token T (or --token-file F: one per line, connection i uses line
  *           i mod lines, so each connection can be a different user): comment k is due at t0 + k/RATE and sent as
@@ -44,6 +46,8 @@
 #define IP_BIND_ADDRESS_NO_PORT 24
 #endif
 
+#define MAX_ANSWER_DEFLATED 512  /* bytes: larger compressed messages are batches, never answers */
+
 enum { CONNECTING = 1, HANDSHAKE, OPEN, CLOSED };
 
 struct conn {
@@ -62,7 +66,7 @@ struct conn {
 
 /* ---- options ---- */
 static const char *host = "127.0.0.1", *path = "/";
-static int port, nconns = 1, src_base = 2, src_count = 1, hold, want_proto, want_deflate;
+static int port, nconns = 1, src_base = 2, src_count = 1, hold, sink, want_proto, want_deflate;
 static double seconds = 5, start_after_ms = 1000, connect_rate = 20000, connect_timeout = 60;
 static int max_inflight = 100;
 static long long expect;       /* --recv: stop once this many deliveries were counted */
@@ -263,6 +267,11 @@ static void on_answer(const uint8_t *p, size_t n) {
 static void on_message(struct conn *c, int rsv1, const uint8_t *p, size_t n) {
     messages++;
     rx_bytes += (long long)n;
+    if (sink) return;  /* a sink only reads: the load of many viewers without their measuring */
+    /* A poster reads only its answers (ack, error: a few dozen bytes compressed); inflating
+     * every batch it also receives as a viewer would cost the load generator more than the
+     * posting itself. */
+    if (post_rate > 0 && rsv1 && n > MAX_ANSWER_DEFLATED) return;
     if (rsv1) {
         if (!c->deflate || !(p = inflate_msg(p, n, &n))) { errors++; return; }
     }
@@ -520,7 +529,7 @@ static uint64_t run_delay_ns(void) {
 }
 
 static void usage(void) {
-    fprintf(stderr, "usage: loadgen --port P (--hold|--recv|--post RATE) [--host H] [--path /ws] [--conns N]\n"
+    fprintf(stderr, "usage: loadgen --port P (--hold|--recv|--sink|--post RATE) [--host H] [--path /ws] [--conns N]\n"
                     "  [--seconds S] [--start-after MS] [--expect D] [--src-base B] [--src-count K]\n"
                     "  [--subprotocol] [--deflate] [--connect-rate R] [--max-inflight M]\n"
                     "  [--token JWT | --token-file F] [--grace S]\n");
@@ -549,6 +558,7 @@ int main(int argc, char **argv) {
 #define OPT(name) (strcmp(a, name) == 0 && v && ++i)
         if (strcmp(a, "--hold") == 0) hold = 1;
         else if (strcmp(a, "--recv") == 0) recv_mode = 1;
+        else if (strcmp(a, "--sink") == 0) sink = 1;
         else if (strcmp(a, "--subprotocol") == 0) want_proto = 1;
         else if (strcmp(a, "--deflate") == 0) want_deflate = 1;
         else if (OPT("--host")) host = v;
@@ -569,7 +579,7 @@ int main(int argc, char **argv) {
         else if (OPT("--grace")) grace_s = atof(v);
         else usage();
     }
-    if (!port || hold + recv_mode + (post_rate > 0) != 1 || nconns < 1 || src_count < 1 || src_base + src_count > 255)
+    if (!port || hold + recv_mode + sink + (post_rate > 0) != 1 || nconns < 1 || src_count < 1 || src_base + src_count > 255)
         usage();
 
     struct rlimit rl;
@@ -658,7 +668,7 @@ int main(int argc, char **argv) {
            "\"connect_ms\":%.1f,\"window_s\":%.3f,\"messages\":%lld,\"rx_bytes\":%lld,"
            "\"deliveries\":%lld,\"deliveries_per_s\":%.1f,\"p50_ms\":%.3f,\"p95_ms\":%.3f,"
            "\"p99_ms\":%.3f,\"max_ms\":%.3f,\"cpu_pct\":%.1f,\"wait_pct\":%.1f,\"hist\":[",
-           hold ? "hold" : recv_mode ? "recv" : "post", nconns, connected, failed, open_now, closed_by_server, deflate_conns,
+           hold ? "hold" : recv_mode ? "recv" : sink ? "sink" : "post", nconns, connected, failed, open_now, closed_by_server, deflate_conns,
            errors, inflate_errors, connect_ms, win_s, messages, rx_bytes, deliveries,
            win_s > 0 ? (double)deliveries / win_s : 0.0, percentile_ms(0.50), percentile_ms(0.95),
            percentile_ms(0.99), (double)lat_max_us / 1000.0, win_s > 0 ? 100.0 * cpu_s / win_s : 0.0,

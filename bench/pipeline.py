@@ -9,7 +9,11 @@ viewers) on CPU 1; ``shared`` puts every server process on CPU 0 and the loadgen
 After a probe comment has gone all the way round, each rate is one step on a fresh stream:
 
 1. ``--viewers`` connections are on the stream: the posters of step 2 and, for the rest,
-   loadgen ``--recv`` connections (split over the gateways) that only watch;
+   watchers (split over the gateways) that only watch: ``--probes`` of them loadgen ``--recv``
+   connections that measure every comment, the others ``--sink`` connections that read and
+   drop what they get (each watcher inflates and scans every comment otherwise, and the load
+   generator, not the server, limited the run). They negotiate permessage-deflate as
+   browsers do (``--no-deflate``: plain frames);
 2. one loadgen ``--post RATE`` posts for ``--warmup-ms`` unmarked, then ``--duration`` s of
    comments whose text carries ``bt=<due time> k=<seq>``, and waits up to ``--grace`` s for
    the last answers. It posts over RATE / ``--user-rate`` connections to the first gateway,
@@ -89,6 +93,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds of posting per step")
     p.add_argument("--warmup-ms", type=float, default=2000.0, help="posting before the measured comments")
     p.add_argument("--grace", type=float, default=5.0, help="seconds after the last post for acks and deliveries")
+    p.add_argument("--probes", type=int, default=100,
+                   help="watchers that measure each comment (the rest read and drop what they get, so the load "
+                        "generator's own CPU does not limit the run); 0: every watcher measures")
+    p.add_argument("--deflate", action=argparse.BooleanOptionalAction, default=True,
+                   help="viewers negotiate permessage-deflate, as browsers do (default; --no-deflate: plain frames)")
     p.add_argument("--placement", choices=("split", "shared"), default="split",
                    help="split (default): the gateways alone on CPU 0, as on a gateway host, and Kafka, Redis, "
                         "coordinator, archiver and the loadgens on CPU 1; shared: every server process on CPU 0")
@@ -199,10 +208,10 @@ def poster_conns(rate: int, args: argparse.Namespace) -> int:
 
 
 def _loadgen(fleet: Fleet, name: str, mode: list[str], port: int, stream: str, conns: int, seconds: float,
-             start_after_ms: float, src_base: int, src_count: int) -> Proc:
+             start_after_ms: float, src_base: int, src_count: int, deflate: bool) -> Proc:
     argv = [str(loadgen_exe()), *mode, "--port", str(port), "--path", f"/ws?stream={stream}", "--conns", str(conns),
             "--seconds", str(seconds), "--start-after", str(start_after_ms),
-            "--src-base", str(src_base), "--src-count", str(src_count)]
+            "--src-base", str(src_base), "--src-count", str(src_count), *(["--deflate"] if deflate else [])]
     return fleet.start(name, argv, LOAD_CPU, stdout=subprocess.PIPE)
 
 
@@ -219,34 +228,41 @@ def _step(fleet: Fleet, rate: int, ports: list[int], tokens: Path, servers: dict
     posting_s = args.warmup_ms / 1000 + args.duration
     posters = poster_conns(rate, args)
     watchers = max(1, args.viewers - posters)  # the posters are viewers of the stream too
-    viewers = []
+    probes = min(watchers, args.probes) if args.probes > 0 else watchers
+    viewers: list[Proc] = []
+    sinks: list[Proc] = []
     for i, port in enumerate(ports):
-        share = watchers // len(ports) + (1 if i < watchers % len(ports) else 0)
-        viewers.append(_loadgen(fleet, f"viewers{i}-{rate}", ["--recv"], port, stream, share,
-                                posting_s + args.grace + 60, 0, 2 + 4 * i, 4))
-    for v in viewers:
+        for kind, total, out in (("viewers", probes, viewers), ("sinks", watchers - probes, sinks)):
+            share = total // len(ports) + (1 if i < total % len(ports) else 0)
+            if share:
+                out.append(_loadgen(fleet, f"{kind}{i}-{rate}", ["--recv" if kind == "viewers" else "--sink"], port,
+                                    stream, share, posting_s + args.grace + 60, 0, 2 + 4 * i, 4, args.deflate))
+    for v in viewers + sinks:
         read_json_line(v)  # connected
     time.sleep(0.5)  # the gateway finishes joining them to the hub
     poster = _loadgen(fleet, f"poster-{rate}", ["--post", str(rate), "--token-file", str(tokens),
                                                "--grace", str(args.grace)],
-                      ports[0], stream, posters, args.duration, args.warmup_ms, 2 + 4 * len(ports), 1)
+                      ports[0], stream, posters, args.duration, args.warmup_ms, 2 + 4 * len(ports), 1, args.deflate)
     read_json_line(poster)  # connected: posting starts now
     t_post = time.monotonic()
-    pids = {**servers, "poster": poster.pid, **{f"viewers{i}": v.pid for i, v in enumerate(viewers)}}
+    pids = {**servers, "poster": poster.pid, **{f"viewers{i}": v.pid for i, v in enumerate(viewers)},
+            **{f"sinks{i}": v.pid for i, v in enumerate(sinks)}}
     time.sleep(args.warmup_ms / 1000)
     before = {name: cpu_sample(pid) for name, pid in pids.items()}
     time.sleep(args.duration)
     cpu = {name: cpu_usage(before[name], cpu_sample(pid)) for name, pid in pids.items()}
     post = read_json_line(poster)
     time.sleep(max(0.0, t_post + posting_s + args.grace - time.monotonic()))  # the last deliveries
-    for v in viewers:
+    for v in viewers + sinks:
         assert v.popen.stdin is not None
         v.popen.stdin.close()
     got = [read_json_line(v) for v in viewers]
+    sunk = [read_json_line(v) for v in sinks]
     recv = merge_results(got)
-    expected = recv["connected"] * post["marked_acked"]
+    expected = recv["connected"] * post["marked_acked"]  # over the probes, which measure
     return {
-        "rate": rate, "stream": stream, "viewers": args.viewers, "watchers": watchers, "connected": recv["connected"],
+        "rate": rate, "stream": stream, "viewers": args.viewers, "watchers": watchers, "probes": probes,
+        "connected": recv["connected"] + sum(g["connected"] for g in sunk),
         "poster_conns": posters, "posters_connected": post["connected"],
         "posted": post["posted"], "marked": post["marked_posted"], "acked": post["marked_acked"],
         "refused": post["marked_refused"], "rate_limited": post["marked_rate_limited"],
@@ -259,8 +275,10 @@ def _step(fleet: Fleet, rate: int, ports: list[int], tokens: Path, servers: dict
         "delivered_of_posted": recv["deliveries"] / (recv["connected"] * post["marked_posted"] or 1),
         "least_served": min(g["conn_min"] for g in got) / post["marked_acked"] if post["marked_acked"] else 0.0,
         "duplicates": sum(g["duplicates"] for g in got), "skipped_events": sum(g["skipped_events"] for g in got),
-        "throttle_events": sum(g["throttle_events"] for g in got), "closed_by_server": recv["closed_by_server"],
-        "rx_mb_per_s": recv["rx_bytes"] / 1e6 / recv["window_s"] if recv["window_s"] else 0.0,
+        "throttle_events": sum(g["throttle_events"] for g in got),
+        "closed_by_server": recv["closed_by_server"] + sum(g["closed_by_server"] for g in sunk),
+        "rx_mb_per_s": (recv["rx_bytes"] + sum(g["rx_bytes"] for g in sunk)) / 1e6 / recv["window_s"]
+        if recv["window_s"] else 0.0,
         "cpu_pct": {name: round(u["server_cpu_pct"], 1) for name, u in cpu.items()},
         "wait_pct": {name: round(u["server_wait_pct"], 1) for name, u in cpu.items()},
         "cpu0_busy_pct": round(next(iter(cpu.values()))["cpu0_busy_pct"], 1),
@@ -300,7 +318,7 @@ def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
                   f"CPU {_cpu_line(row)} ({time.monotonic() - t0:.0f} s)", flush=True)
         dead = [p.name for p in fleet.procs if p.name in servers and not p.alive()]
     return {"rates": args.rates, "viewers": args.viewers, "gateways": args.gateways, "user_rate": args.user_rate,
-            "placement": args.placement,
+            "placement": args.placement, "deflate": args.deflate,
             "duration_s": args.duration, "warmup_ms": args.warmup_ms, "grace_s": args.grace, "config": keys,
             "ready_s": ready_s, "exited_early": dead, "note": NOTE, "steps": steps}
 

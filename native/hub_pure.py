@@ -31,6 +31,13 @@ from . import codec_pure as codec  # the twin of the C++ hub's own parser (relat
 __all__ = ["CLOSED", "DEFLATE", "JSON", "MESSAGE_BINARY", "MESSAGE_TEXT", "MSGPACK", "Hub"]
 
 JSON, MSGPACK, DEFLATE = 0, 1, 2
+# HUB.md "permessage-deflate": smaller messages go uncompressed (RFC 7692 6 leaves it to the
+# sender) since compressing an ack or a count costs more than the bytes it saves.
+DEFLATE_MIN_BYTES = 256
+
+
+def _compressed(variant: int, size: int) -> bool:
+    return bool(variant & DEFLATE) and size >= DEFLATE_MIN_BYTES
 MESSAGE_TEXT, MESSAGE_BINARY, CLOSED = 1, 2, 3
 
 READ_CHUNK = 65536  # one recv per ready socket per poll
@@ -182,7 +189,8 @@ class _FlushFrames:
     def _build(self, variant: int, control_only: bool) -> bytes | None:
         opcode = codec.OP_BINARY if variant & 1 else codec.OP_TEXT
         frames = [
-            codec.encode_frame(opcode, self._payload(i, variant), rsv1=bool(variant & DEFLATE))
+            codec.encode_frame(opcode, self._payload(i, variant),
+                               rsv1=_compressed(variant, len(e.payloads[variant & 1] or b"")))
             for i, e in enumerate(self._events)
             # an encoding published as None: no viewer used it then, one that joined since skips it
             if e.payloads[variant & 1] is not None and (e.control or not control_only)
@@ -196,7 +204,7 @@ class _FlushFrames:
     def _payload(self, i: int, variant: int) -> bytes:
         raw = self._events[i].payloads[variant & 1]
         assert raw is not None
-        if not variant & DEFLATE:
+        if not _compressed(variant, len(raw)):
             return raw
         if (variant, i) not in self._deflated:
             self._deflated[variant, i] = self._hub._deflate(variant, raw)
@@ -528,7 +536,7 @@ class Hub:
         """One data frame for one viewer; ``binary`` overrides the variant's opcode."""
         as_binary = bool(variant & 1) if binary is None else bool(binary)
         opcode = codec.OP_BINARY if as_binary else codec.OP_TEXT
-        if variant & DEFLATE:
+        if _compressed(variant, len(payload)):
             return codec.encode_frame(opcode, self._deflate(variant, payload), rsv1=True)  # RFC 7692 6
         return codec.encode_frame(opcode, payload)
 

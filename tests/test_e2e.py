@@ -100,8 +100,9 @@ async def test_comment_reaches_every_viewer_of_its_stream_only(env: Env) -> None
         assert (c["id"], c["text"], c["user"]["name"], c["stream"]) == (ack["id"], "hello A", "Alice", a)
         assert isinstance(c["offset"], int) and batch["offset"] == c["offset"]
     await asyncio.sleep(0.3)
-    for v in viewers_b:
-        assert v.events.empty(), "a viewer of stream B got a comment of stream A"
+    for v in viewers_b:  # counts of their own stream's viewers may come; comments of A must not
+        got = [v.events.get_nowait() for _ in range(v.events.qsize())]
+        assert not [e for e in got if e["t"] == "batch"], f"a viewer of stream B got a comment of stream A: {got}"
 
     status, page = await _wait_history(env, a, 1)
     assert status == 200

@@ -414,9 +414,22 @@ def test_deflate_viewer_messages_are_inflated(harness: Callable[..., Harness]) -
     v.send(client_frame(OP_CONT, b""))  # RSV1 only on the first frame (RFC 7692 6.1)
     h.pump(lambda: len(h.messages(v)) == 2)
     assert h.messages(v) == [(MESSAGE_TEXT, text), (MESSAGE_BINARY, b"\x00" * 1000)]
-    assert h.hub.send(v.conn, msgpack.packb({"t": "ack"}))
-    h.pump(lambda: v.read())
-    assert v.opcodes() == [OP_BINARY | COMPRESSED] and v.events() == [{"t": "ack"}]
+    big = {"t": "batch", "comments": ["κόσμε " * 60]}
+    assert h.hub.send(v.conn, msgpack.packb({"t": "ack"})) and h.hub.send(v.conn, msgpack.packb(big))
+    h.pump(lambda: len(v.read()) == 2)
+    # RFC 7692 6: compressing is the sender's choice per message; under DEFLATE_MIN_BYTES it does not pay
+    assert v.opcodes() == [OP_BINARY, OP_BINARY | COMPRESSED] and v.events() == [{"t": "ack"}, big]
+
+
+def test_small_events_of_a_flush_go_uncompressed(harness: Callable[..., Harness]) -> None:
+    h = harness(flush_interval_ms=5)
+    v = h.connect(variant=JSON | DEFLATE)
+    small, large = b'{"t":"viewers","now":3}', json.dumps({"t": "batch", "text": "hi there " * 40}).encode()
+    h.hub.publish(1, (small, None), True, 0)
+    h.hub.publish(1, (large, None), False, 1)
+    h.pump(lambda: len(v.read()) == 2)
+    assert v.opcodes() == [OP_TEXT, OP_TEXT | COMPRESSED] and v.data() == [small, large]
+    assert h.hub.stats()["deflate_calls"] == 1
 
 
 # --- reading ---

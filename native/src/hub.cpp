@@ -122,7 +122,7 @@ private:
 // Event i as it goes on the wire for `variant`: as published, or compressed once.
 const std::string& Hub::FlushFrames::payload(size_t i, uint8_t variant) {
     const std::string& raw = events_[i].payload[variant & 1];
-    if (!(variant & DEFLATE)) return raw;
+    if (!compressed(variant, raw.size())) return raw;
     Deflated* d = nullptr;
     for (Deflated& x : deflated_)
         if (x.variant == variant) d = &x;
@@ -152,7 +152,7 @@ Hub::Buffer Hub::FlushFrames::build(uint8_t variant, bool control_only) {
         if (!selected(events_[i], variant, control_only)) continue;
         const std::string& p = payload(i, variant);
         // RFC 7692 6: RSV1 marks each compressed message (each event is one message).
-        ws::append_frame(out, opcode, p.data(), p.size(), (variant & DEFLATE) != 0);
+        ws::append_frame(out, opcode, p.data(), p.size(), compressed(variant, events_[i].payload[variant & 1].size()));
     }
     ++hub_.stats_.frames_built;
     return std::make_shared<const std::string>(std::move(out));
@@ -652,7 +652,7 @@ Hub::Buffer Hub::frame_for(uint8_t variant, const std::string& payload, int bina
     const bool as_binary = binary < 0 ? (variant & 1) != 0 : binary != 0;
     const uint8_t opcode = as_binary ? ws::OP_BINARY : ws::OP_TEXT;
     std::string out;
-    if (variant & DEFLATE) {
+    if (compressed(variant, payload.size())) {
         const std::string z = deflate(variant, payload);
         ws::append_frame(out, opcode, z.data(), z.size(), true);  // RFC 7692 6: RSV1
     } else {

@@ -131,6 +131,10 @@ public:
     static constexpr int MAX_EVENTS = 1024;  // sockets handled per poll
     static constexpr int MAX_IOV = 64;  // slices per sendmsg
     static constexpr uint64_t HARD_BACKLOG_FACTOR = 8;  // over 8x backlog_limit: close 4008 now
+    // HUB.md "permessage-deflate": smaller messages go uncompressed (RFC 7692 6 leaves it to the
+    // sender) since compressing an ack or a count costs more than the bytes it saves.
+    static constexpr size_t DEFLATE_MIN_BYTES = 256;
+    static bool compressed(uint8_t variant, size_t size) { return (variant & DEFLATE) && size >= DEFLATE_MIN_BYTES; }
 
 private:
     struct Slice {
