@@ -33,6 +33,7 @@ __all__ = [
     "Wire",
     "choose_subprotocol",
     "decode_event",
+    "encode_ack",
     "encode_event",
     "error_event",
     "fast_react",
@@ -182,6 +183,18 @@ def encode_event(event: dict[str, Any], wire: Wire) -> bytes:
     if wire == JSON:
         return json_compact(event).encode()
     return msgpack.packb(event, use_bin_type=True)
+
+
+def encode_ack(comment_id: str, nonce: str | None, wire: Wire) -> bytes:
+    """``{"t":"ack","id":...,"nonce":...}`` in the connection's encoding: one per accepted post,
+    so the JSON one is put together directly (the same bytes as :func:`encode_event`)."""
+    if wire == JSON:
+        tail = b"}" if nonce is None else b',"nonce":' + json_compact(nonce).encode() + b"}"
+        return b'{"t":"ack","id":' + json_compact(comment_id).encode() + tail
+    ack = {"t": "ack", "id": comment_id}
+    if nonce is not None:
+        ack["nonce"] = nonce
+    return encode_event(ack, wire)
 
 
 def decode_event(data: bytes, wire: Wire = JSON) -> dict[str, Any]:

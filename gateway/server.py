@@ -69,6 +69,7 @@ from chorus.protocol import (
     Resume,
     Wire,
     choose_subprotocol,
+    encode_ack,
     encode_event,
     error_event,
     fast_react,
@@ -608,10 +609,7 @@ class Gateway:
             return
         finally:
             self._inflight -= 1
-        ack: dict[str, Any] = {"t": "ack", "id": comment.id}
-        if msg.nonce is not None:
-            ack["nonce"] = msg.nonce
-        self.hub.send(conn, encode_event(ack, wire))
+        self.hub.send(conn, encode_ack(comment.id, msg.nonce, wire))
         if comment.shadow and self.moderation is not None:
             self.moderation.echo_shadow(comment)
         self.on_hub_ready()
@@ -651,10 +649,7 @@ class Gateway:
                 self.hub.send(p.conn, encode_event(error_event(result.code, result.reason, p.msg.nonce,
                                                                result.retry_after_ms, result.comment_id), p.wire))
             elif result is not None:
-                ack: dict[str, Any] = {"t": "ack", "id": result.id}
-                if p.msg.nonce is not None:
-                    ack["nonce"] = p.msg.nonce
-                self.hub.send(p.conn, encode_event(ack, p.wire))
+                self.hub.send(p.conn, encode_ack(result.id, p.msg.nonce, p.wire))
                 if result.shadow and self.moderation is not None:
                     self.moderation.echo_shadow(result)
 

@@ -7,12 +7,16 @@ import pytest
 
 from chorus.codes import MAX_COMMENT_CHARS, ErrorCode
 from chorus.protocol import (
+    JSON,
+    MSGPACK,
     BadMessage,
     ChannelMessage,
     PostComment,
     Resume,
+    Wire,
     choose_subprotocol,
     decode_event,
+    encode_ack,
     encode_event,
     pack_channel_message,
     parse_client_message,
@@ -79,3 +83,12 @@ def test_channel_messages() -> None:
     assert unpack_channel_message(control) == ChannelMessage(b'{"t":"delete","id":"1"}', None, 0)
     with pytest.raises(ValueError):
         unpack_channel_message(b"hello")
+
+
+@pytest.mark.parametrize("nonce", [None, "c1", 'quo"te\\ κόσμε 😀', ""])
+@pytest.mark.parametrize("wire", [JSON, MSGPACK])
+def test_encode_ack_is_encode_event_of_the_ack(nonce: str | None, wire: Wire) -> None:
+    ack = {"t": "ack", "id": "7261000000000000001"}
+    if nonce is not None:
+        ack["nonce"] = nonce
+    assert encode_ack("7261000000000000001", nonce, wire) == encode_event(ack, wire)
