@@ -121,6 +121,9 @@ def services(data_dir: Path, cpu: int = SERVER_CPU) -> Iterator[tuple[Any, Any]]
     svc = importlib.import_module("services")
     started: list[Any] = []
     mask = os.sched_getaffinity(0)
+    # A fresh broker spends its first minute or two compiling (C2) on the same core as the
+    # run; the client compiler alone settles in seconds (services/kafka/start.sh reads this).
+    os.environ.setdefault("CHORUS_KAFKA_JVM_OPTS", "-XX:TieredStopAtLevel=1")
     try:
         os.sched_setaffinity(0, {cpu})  # children inherit it
         started.append(svc.start_redis(data_dir / "redis"))
