@@ -36,6 +36,7 @@ class Identity:
     expires_at: float = float("inf")
     # Claim ``streams``: the streams a broadcaster owns, or the only ones a moderator may moderate.
     streams: frozenset[str] = field(default_factory=frozenset)
+    verified: bool = False  # claim ``verified``: the issuer vouches for the account (a badge, a priority lane)
 
     @property
     def can_write(self) -> bool:
@@ -43,7 +44,10 @@ class Identity:
         return not POST_SCOPES.isdisjoint(self.scopes) and time.time() < self.expires_at
 
     def badges(self) -> list[str]:
-        return [self.role] if self.role in ("moderator", "broadcaster") else []
+        """The role's badge (moderator, broadcaster) and ``verified``: shown with each comment,
+        and the priority lanes that sampling never drops (ingest/sampling.py)."""
+        out = [self.role] if self.role in ("moderator", "broadcaster") else []
+        return [*out, "verified"] if self.verified else out
 
     def may_moderate(self, stream: str) -> bool:
         """The moderator API: a moderator (role, or scope ``moderate``) on every stream unless the
@@ -56,7 +60,7 @@ class Identity:
 
 
 def mint_token(cfg: AuthConfig, user_id: str, name: str, scopes: list[str], role: str = "viewer",
-               ttl_s: int | None = None, streams: list[str] | None = None) -> str:
+               ttl_s: int | None = None, streams: list[str] | None = None, verified: bool = False) -> str:
     now = int(time.time())
     claims = {
         "sub": user_id,
@@ -70,6 +74,8 @@ def mint_token(cfg: AuthConfig, user_id: str, name: str, scopes: list[str], role
     }
     if streams:
         claims["streams"] = list(streams)
+    if verified:
+        claims["verified"] = True
     return jwt.encode(claims, cfg.key, algorithm=cfg.algorithm)
 
 
@@ -93,6 +99,9 @@ def verify_token(cfg: AuthConfig, token: str) -> Identity:
     streams = claims.get("streams", [])
     if not isinstance(streams, list) or not all(isinstance(s, str) for s in streams):
         raise AuthError("the streams claim must be a list of stream ids")
+    verified = claims.get("verified", False)
+    if not isinstance(verified, bool):
+        raise AuthError("the verified claim must be true or false")
     return Identity(
         user_id=str(claims["sub"]),
         name=name[:64],
@@ -100,4 +109,5 @@ def verify_token(cfg: AuthConfig, token: str) -> Identity:
         role=str(claims.get("role", "viewer")),
         expires_at=float(claims["exp"]),
         streams=frozenset(streams),
+        verified=verified,
     )

@@ -56,7 +56,8 @@ def _token(args: argparse.Namespace) -> int:
 
     config = _config_from(args)
     scopes = args.scope or ["read"]
-    print(mint_token(config.auth, args.user, args.name or args.user, scopes, args.role, args.ttl, args.stream))
+    print(mint_token(config.auth, args.user, args.name or args.user, scopes, args.role, args.ttl, args.stream,
+                     args.verified))
     return 0
 
 
@@ -221,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", type=int, help="lifetime in seconds (default auth.token_ttl_s)")
     p.add_argument("--stream", action="append", metavar="STREAM",
                    help="repeatable: the streams a broadcaster owns (or the only ones a moderator may moderate)")
+    p.add_argument("--verified", action="store_true",
+                   help="a verified account: a badge on its comments, never sampled out on a hot stream")
     p.set_defaults(func=_token)
     p = sub.add_parser("config", help="check a config file, or print every key with its default")
     _add_config_args(p)

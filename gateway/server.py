@@ -103,7 +103,8 @@ def _tag(ip: str, variant: int, who: Identity | None) -> bytes:
     """What the hub keeps for a viewer and returns with its messages."""
     if who is None:
         return msgpack.packb([ip, variant])
-    return msgpack.packb([ip, variant, who.user_id, who.name, sorted(who.scopes), who.role, who.expires_at])
+    return msgpack.packb([ip, variant, who.user_id, who.name, sorted(who.scopes), who.role, who.expires_at,
+                          who.verified])
 
 
 def _untag(tag: bytes) -> tuple[str, int, Identity | None]:
@@ -117,8 +118,8 @@ def _untag(tag: bytes) -> tuple[str, int, Identity | None]:
         if len(fields) == 2:
             found = (fields[0], fields[1], None)
         else:
-            ip, variant, user_id, name, scopes, role, expires_at = fields
-            found = (ip, variant, Identity(user_id, name, frozenset(scopes), role, expires_at))
+            ip, variant, user_id, name, scopes, role, expires_at, verified = fields
+            found = (ip, variant, Identity(user_id, name, frozenset(scopes), role, expires_at, verified=verified))
         _untagged[tag] = found
     return found
 
@@ -554,6 +555,7 @@ class Gateway:
             recent = await self.state.recent(up.stream, self.config.gateway.recent_on_welcome)
             mode = await self.state.get_mode(up.stream)
             pin = await self.state.get_pin(up.stream)
+            ratios = await self.state.keep_ratios(up.stream, epoch) if epoch else []
         except Exception as exc:  # Redis refused or timed out: undo the join, the client retries
             log.warning("welcome for %s failed: %s", up.stream, exc)
             self._viewer_left(s.handle, ip)
@@ -578,6 +580,7 @@ class Gateway:
         welcome = {
             "t": "welcome", "stream": up.stream, "epoch": epoch, "offset": offset, "recent": recent,
             "pin": pin, **counts, "mode": mode.to_wire(),
+            "keep_ratio": ratios[-1][1] if ratios else 1.0,  # a sampled stream: as the last `throttle` said
             "user": {"id": up.who.user_id, "name": up.who.name} if up.who else None,
         }
         self.hub.send(conn, encode_event(welcome, up.wire))

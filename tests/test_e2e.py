@@ -156,6 +156,22 @@ async def test_welcome_carries_recent_comments_and_position(env: Env) -> None:
         await c.close()
 
 
+async def test_a_verified_token_badges_its_comments(env: Env) -> None:
+    stream = f"v-{uuid.uuid4().hex[:6]}"
+    verified = mint_token(env.app.config.auth, "vera", "Vera", ["read", "write:comments"], verified=True)
+    poster = await env.viewer(stream, verified)
+    plain = await env.viewer(stream, env.token("paul"))
+    await poster.send_json({"t": "comment", "text": "checked", "nonce": "v"})
+    await plain.send_json({"t": "comment", "text": "unchecked", "nonce": "p"})
+    seen: dict[str, list[str]] = {}
+    while len(seen) < 2:
+        batch = await plain.wait_for(lambda e: e["t"] == "batch")
+        seen.update({c["text"]: c["user"]["badges"] for c in batch["comments"]})
+    assert seen == {"checked": ["verified"], "unchecked": []}
+    for c in (poster, plain):
+        await c.close()
+
+
 async def test_msgpack_viewers_get_the_same_maps(env: Env) -> None:
     stream = f"m-{uuid.uuid4().hex[:6]}"
     mp = await WebsocketsClient.connect(env.ws_url(stream), env.token("dave"), wire="msgpack")

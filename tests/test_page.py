@@ -23,7 +23,9 @@ from typing import Any
 import pytest
 from test_browser import CHROMIUM, FLAGS
 from test_e2e import Env, make_config, started_app
+from test_moderation import http
 
+from chorus.auth import mint_token
 from chorus.codes import CloseCode
 from chorus.protocol import pack_channel_message
 
@@ -82,8 +84,17 @@ def comment(page: Any, text: str) -> Any:
     return page.locator("#comments li.comment", has_text=text)
 
 
+async def moderate(env: Env, path: str, body: dict[str, Any] | None = None) -> Any:
+    """The moderator HTTP API (gateway/modapi.py) with a moderator's token: 200 and its answer."""
+    token = mint_token(env.app.config.auth, "mod-1", "Mod", ["read"], "moderator")
+    status, answer = await http(env.port, "POST", path, token, body)
+    assert status == 200, (status, answer)
+    return answer
+
+
 async def publish_control(env: Env, stream: str, event: dict[str, Any]) -> None:
-    """A control event on the stream's channel, as the moderation side publishes pins and deletes."""
+    """A control event on the stream's channel: for ``throttle``, which only the coordinator's
+    sampling sends (no API sets it)."""
     await env.app.broker.publish(stream, pack_channel_message(json.dumps(event).encode()))
 
 
@@ -119,15 +130,13 @@ async def test_two_viewers_post_react_pause_pin_delete_and_reconnect(env: Env, b
     await ben.click("#pause")
     await expect(comment(ben, "while Ben pauses")).to_have_count(2)
 
-    # Pin and delete (control events on the stream's channel): both viewers show them live.
+    # A moderator pins and sets slow mode through the API: both viewers show them live.
     first_id = await comment(ana, "hello from Ana").get_attribute("data-id")
-    pinned = {"id": first_id, "stream": stream, "offset": 0, "text": "hello from Ana", "ts": 0,
-              "user": {"id": "dev-ana", "name": "Ana", "badges": ["broadcaster"]}}
-    await publish_control(env, stream, {"t": "pin", "comment": pinned})
+    await moderate(env, f"/mod/streams/{stream}/comments/{first_id}/pin")
     for page in (ana, ben):
         await expect(page.locator("#pin .pin-text")).to_have_text("hello from Ana", timeout=WAIT_MS)
-        await expect(page.locator("#pin .badge")).to_have_text("broadcaster")
-    await publish_control(env, stream, {"t": "mode", "slow_mode_seconds": 30})
+        await expect(page.locator("#pin .author")).to_have_text("Ana")
+    await moderate(env, f"/mod/streams/{stream}/slow_mode", {"seconds": 30})
     await publish_control(env, stream, {"t": "throttle", "keep_ratio": 0.2})
     for page in (ana, ben):
         await expect(page.locator("#banner")).to_have_text(
@@ -140,7 +149,7 @@ async def test_two_viewers_post_react_pause_pin_delete_and_reconnect(env: Env, b
         (ROOT / "docs" / "screenshots").mkdir(exist_ok=True)
         shutil.copy(shot, ROOT / "docs" / "screenshots" / "viewer.png")
 
-    await publish_control(env, stream, {"t": "delete", "id": first_id})
+    await moderate(env, f"/mod/streams/{stream}/comments/{first_id}/delete", {"reason": "test"})
     for page in (ana, ben):
         await expect(page.locator(f'li.comment[data-id="{first_id}"]')).to_have_class(re.compile(r"\bdeleted\b"),
                                                                                timeout=WAIT_MS)

@@ -168,6 +168,18 @@ def test_replayed_comments_are_not_counted_twice() -> None:
     assert plan.throttle is None and len(plan.kept) == 40
 
 
+def test_a_backlog_read_at_once_counts_at_its_posting_rate() -> None:
+    """A coordinator catching up reads seconds of comments in one go: counted at their ``ts``,
+    300/s stays under a 500/s threshold; the same comments counted on arrival would not."""
+    posted = [Comment(str(7_500_000 + i), "s", "u", "U", (), "x", 1_000_000 + i * 1000 // 300, E, i + 1)
+              for i in range(900)]  # 3 s of 300/s, ending at ~1,003,000 ms
+    calm = Sampler(replace(POLICY, tiers=((500, 0.2),)))
+    assert calm.plan("s", E, posted, 1_003_100).throttle is None
+    untimed = [replace(c, ts=0) for c in posted]  # no usable ts: counted now, a 900-comment burst
+    burst = Sampler(replace(POLICY, tiers=((500, 0.2),)))
+    assert burst.plan("s", E, untimed, 1_003_100).throttle == 0.2
+
+
 def test_sampling_can_be_turned_off() -> None:
     feed = Feed(Sampler(replace(POLICY, enabled=False)))
     plans = feed.run(1000, 2.0)
@@ -388,8 +400,13 @@ async def test_a_hot_stream_is_throttled_end_to_end(tmp_path: Path, request: pyt
         clients += [viewer, fan, *vips]  # type: ignore[list-item]
         ids = IdGenerator(321)
         verified = [Comment(ids.next(), stream, "v", "Vera", ("verified",), f"verified {i}", 0) for i in range(5)]
+        joined_while_sampled: list[float] = []
         for i in range(400):  # 2 s at 200/s
             await fan.send_json({"t": "comment", "text": f"fan {i}"})
+            if i == 300:  # ~1.5 s in, the stream is sampled: a viewer joining now is told in its welcome
+                mid = await env.viewer(stream)
+                clients.append(mid)  # type: ignore[arg-type]
+                joined_while_sampled.append(next(e for e in mid.seen if e["t"] == "welcome")["keep_ratio"])
             if i % 40 == 0:
                 for vip in vips:
                     await vip.send_json({"t": "comment", "text": f"vip {i}"})
@@ -403,7 +420,7 @@ async def test_a_hot_stream_is_throttled_end_to_end(tmp_path: Path, request: pyt
         throttled = [e["keep_ratio"] for e in viewer.seen if e["t"] == "throttle"]
         live = [c for e in viewer.seen if e["t"] == "batch" for c in e["comments"]]
         total = 400 + 2 * 10 + 5
-        assert throttled == [0.2, 1.0]
+        assert throttled == [0.2, 1.0] and joined_while_sampled == [0.2]
         assert len(live) < total / 2, f"{len(live)} of {total} broadcast"
         priority = [c for c in live if c["user"]["badges"]]
         assert len(priority) == 2 * 10 + 5  # every broadcaster, moderator and verified comment

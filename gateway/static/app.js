@@ -228,6 +228,7 @@
         renderPin(m.pin || null);
         if (m.viewers) handlers.viewers(m.viewers);
         if (m.mode) handlers.mode(m.mode);
+        if (typeof m.keep_ratio === "number") handlers.throttle({ keep_ratio: m.keep_ratio });
         if (m.reactions) handlers.reactions({ totals: m.reactions });
         addComments(m.recent || []);
         updateSend();
