@@ -292,7 +292,7 @@ class PubSubFallback:
             return
         streams, _bad = split_by_stream(records)
         wanted = set(self.node.subscribed_streams())
-        now_ms = self.wall_ms()  # the sampler counts comments at their ts (wall clock)
+        now_ms = int(self.clock() * 1000)
         for (stream, epoch), items in streams.items():
             seen = self.node.last_offsets.get(stream, -1)
             fresh = [c for c in items if c.offset > seen] if stream in wanted else []
@@ -311,7 +311,7 @@ class PubSubFallback:
                     self.node.on_message(stream, message, "kafka")
 
     def _tick(self) -> None:
-        for stream, _epoch, plan in self.sampler.tick(self.wall_ms()):
+        for stream, _epoch, plan in self.sampler.tick(int(self.clock() * 1000)):
             if plan.throttle is not None:
                 self._announce(stream, plan.throttle)
 

@@ -113,7 +113,7 @@ class Coordinator:
                  flush_interval_ms: int = 10, max_batch: int = 100, recent_size: int = 1000,
                  hot_flush_interval_ms: int = 50, busy_above_per_s: int = 500,
                  sampling: SamplingConfig | None = None, set_slow_mode: SlowModeSetter | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.broker = broker
         self.state = state
         self.recent_size = recent_size

@@ -3,8 +3,7 @@
 Everything is stored (the archiver reads the log, not this); sampling only thins what goes
 out live. The coordinator asks a :class:`Sampler` about each stream's batch and publishes
 what it says; a gateway consuming Kafka while Redis is down (gateway/fallback.py) asks its
-own. No clock, no I/O here: the caller passes ``now_ms``, wall-clock ms like the comments'
-``ts`` (tests use a fake clock).
+own. No clock, no I/O here: the caller passes ``now_ms`` (tests use a fake clock).
 
 Per stream, the state machine::
 
@@ -116,15 +115,9 @@ class RateWindow:
             self._counts[b % n] = 0
         self._head = bucket
 
-    def add(self, at_ms: int, count: int = 1) -> None:
-        """Count ``count`` events at ``at_ms``: now, or a moment ago (its bucket, if the window
-        still holds it; older ones are past and count for nothing)."""
-        bucket = at_ms // self.bucket_ms
-        if bucket > self._head:
-            self._advance(at_ms)
-        elif self._head - bucket >= len(self._counts):
-            return
-        self._counts[bucket % len(self._counts)] += count
+    def add(self, now_ms: int, count: int = 1) -> None:
+        self._advance(now_ms)
+        self._counts[self._head % len(self._counts)] += count
 
     def rate(self, now_ms: int) -> float:
         """Per second over the full buckets plus the elapsed part of the newest one."""
@@ -176,21 +169,13 @@ class Sampler:
             s.epoch, s.last_offset = epoch, -1
         new = [c for c in comments if c.offset > s.last_offset]
         if new:
-            self._count(s.window, new, now_ms)
+            s.window.add(now_ms, len(new))
             s.last_offset = new[-1].offset
             s.last_seen_ms = now_ms
         ratio = self._update(s, now_ms)
         kept = [c for c in comments if ratio >= 1.0 or is_priority(c.badges) or keeps(c.id, ratio)]
         first = new[0].offset if new else s.last_offset + 1
         return Plan(kept, ratio, *self._pending(s, first), dropped=len(comments) - len(kept))
-
-    @staticmethod
-    def _count(window: RateWindow, comments: Sequence[Comment], now_ms: int) -> None:
-        """Count each comment at the time it was posted (its ``ts``, wall clock ms), so a
-        coordinator that catches up on a backlog measures the rate posted, not the burst it
-        reads; a comment without a usable ``ts`` (0, or ahead of this clock) counts now."""
-        for c in comments:
-            window.add(c.ts if 0 < c.ts <= now_ms else now_ms)
 
     def tick(self, now_ms: int) -> list[tuple[str, str, Plan]]:
         """(stream, epoch, plan) of streams whose state changed without comments (the rate

@@ -168,18 +168,6 @@ def test_replayed_comments_are_not_counted_twice() -> None:
     assert plan.throttle is None and len(plan.kept) == 40
 
 
-def test_a_backlog_read_at_once_counts_at_its_posting_rate() -> None:
-    """A coordinator catching up reads seconds of comments in one go: counted at their ``ts``,
-    300/s stays under a 500/s threshold; the same comments counted on arrival would not."""
-    posted = [Comment(str(7_500_000 + i), "s", "u", "U", (), "x", 1_000_000 + i * 1000 // 300, E, i + 1)
-              for i in range(900)]  # 3 s of 300/s, ending at ~1,003,000 ms
-    calm = Sampler(replace(POLICY, tiers=((500, 0.2),)))
-    assert calm.plan("s", E, posted, 1_003_100).throttle is None
-    untimed = [replace(c, ts=0) for c in posted]  # no usable ts: counted now, a 900-comment burst
-    burst = Sampler(replace(POLICY, tiers=((500, 0.2),)))
-    assert burst.plan("s", E, untimed, 1_003_100).throttle == 0.2
-
-
 def test_sampling_can_be_turned_off() -> None:
     feed = Feed(Sampler(replace(POLICY, enabled=False)))
     plans = feed.run(1000, 2.0)
