@@ -55,7 +55,8 @@ PROFILER: Profiler | None = None  # set by ``--profile`` (bench/__main__.py)
 def build(name: str, libs: tuple[str, ...] = ()) -> Path:
     """Compile bench/<name>.c into bench/out/, once per source version (cached by hash)."""
     src = BENCH / f"{name}.c"
-    digest = hashlib.sha256(src.read_bytes() + " ".join(libs).encode()).hexdigest()[:12]
+    headers = b"".join(h.read_bytes() for h in sorted(BENCH.glob("*.h")))  # what the sources include
+    digest = hashlib.sha256(src.read_bytes() + headers + " ".join(libs).encode()).hexdigest()[:12]
     exe = OUT / f"{name}-{digest}"
     if not exe.exists():
         OUT.mkdir(exist_ok=True)

@@ -42,6 +42,8 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#include "wsclient.h"
+
 #ifndef IP_BIND_ADDRESS_NO_PORT
 #define IP_BIND_ADDRESS_NO_PORT 24
 #endif
@@ -90,12 +92,6 @@ static char first_refusal[64];
 static volatile sig_atomic_t stop_flag;
 static uint64_t now_ns, win_start, win_end;
 
-static uint64_t mono_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 /* ---- latency histogram: exact µs below 1024, then 512 sub-buckets per power of two
  * (relative error under 0.2%), clamped at 60 s ---- */
 #define SUB 512
@@ -130,16 +126,6 @@ static double percentile_ms(double q) {
 }
 
 /* ---- small helpers ---- */
-static void *grow(void *p, uint32_t *cap, uint32_t need) {
-    if (need <= *cap) return p;
-    uint32_t c = *cap ? *cap : 512;
-    while (c < need) c *= 2;
-    p = realloc(p, c);
-    if (!p) { perror("realloc"); exit(2); }
-    *cap = c;
-    return p;
-}
-
 static void base64(const uint8_t *in, int n, char *out) {
     static const char t[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     int o = 0;
@@ -219,11 +205,6 @@ static uint64_t parse_u64(const uint8_t **pp, const uint8_t *end) {
 }
 
 /* A server event's type: the payload starts {"t":"<type>" (the gateway puts t first). */
-static int is_event(const uint8_t *p, size_t n, const char *type) {
-    size_t tn = strlen(type);
-    return n > 7 + tn && memcmp(p, "{\"t\":\"", 6) == 0 && memcmp(p + 6, type, tn) == 0 && p[6 + tn] == '"';
-}
-
 /* First receipt of comment seq k on this connection? (k < 0: no seq, always first.) */
 static int first_receipt(struct conn *c, long long k) {
     if (k < 0) return 1;
@@ -324,19 +305,11 @@ static void on_frame(struct conn *c, int fin, int rsv1, int op, const uint8_t *p
 /* Parse whole server frames (unmasked, RFC 6455 5.2) from p; returns the bytes consumed. */
 static size_t parse_frames(struct conn *c, const uint8_t *p, size_t n) {
     size_t off = 0;
-    while (n - off >= 2 && c->state == OPEN) {
+    while (c->state == OPEN) {
         const uint8_t *f = p + off;
-        uint64_t len = f[1] & 0x7f;
-        size_t hdr = 2;
-        if (len == 126) {
-            if (n - off < 4) break;
-            len = (uint64_t)f[2] << 8 | f[3]; hdr = 4;
-        } else if (len == 127) {
-            if (n - off < 10) break;
-            len = 0;
-            for (int i = 0; i < 8; i++) len = len << 8 | f[2 + i];
-            hdr = 10;
-        }
+        uint64_t len;
+        size_t hdr;
+        if (!frame_header(f, n - off, &hdr, &len)) break;
         if (f[1] & 0x80) { close_conn(c, 1); break; }       /* servers must not mask */
         if (n - off < hdr + len) break;
         on_frame(c, f[0] & 0x80, (f[0] & 0x40) != 0, f[0] & 0x0f, f + hdr, (size_t)len);
@@ -538,19 +511,6 @@ static void usage(void) {
 
 static void on_signal(int sig) { (void)sig; stop_flag = 1; }
 
-static void read_tokens(const char *file) {
-    FILE *f = fopen(file, "r");
-    if (!f) { perror(file); exit(2); }
-    char line[2048];
-    while (fgets(line, sizeof line, f)) {
-        line[strcspn(line, "\r\n")] = 0;
-        if (!line[0]) continue;
-        tokens = realloc(tokens, sizeof *tokens * (size_t)(ntokens + 1));
-        if (!tokens || !(tokens[ntokens++] = strdup(line))) { perror("token"); exit(2); }
-    }
-    fclose(f);
-}
-
 int main(int argc, char **argv) {
     int recv_mode = 0;
     for (int i = 1; i < argc; i++) {
@@ -575,7 +535,7 @@ int main(int argc, char **argv) {
         else if (OPT("--connect-timeout")) connect_timeout = atof(v);
         else if (OPT("--post")) post_rate = atof(v);
         else if (OPT("--token")) token = v;
-        else if (OPT("--token-file")) read_tokens(v);
+        else if (OPT("--token-file")) read_lines(v, &tokens, &ntokens);
         else if (OPT("--grace")) grace_s = atof(v);
         else usage();
     }

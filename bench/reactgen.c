@@ -29,6 +29,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "wsclient.h"
+
 #ifndef IP_BIND_ADDRESS_NO_PORT
 #define IP_BIND_ADDRESS_NO_PORT 24
 #endif
@@ -58,22 +60,6 @@ static char first_error[96];
 static uint8_t frames[16][64];
 static int frame_len[16], nframes;
 
-static uint64_t mono_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
-static void *grow(void *p, uint32_t *cap, uint32_t need) {
-    if (need <= *cap) return p;
-    uint32_t c = *cap ? *cap : 512;
-    while (c < need) c *= 2;
-    p = realloc(p, c);
-    if (!p) { perror("realloc"); exit(2); }
-    *cap = c;
-    return p;
-}
-
 static void build_frames(void) {
     static const uint8_t mask[4] = {0x37, 0xfa, 0x21, 0x3d};
     char *list = strdup(emoji_list), *save = NULL;
@@ -90,22 +76,6 @@ static void build_frames(void) {
     }
     free(list);
     if (!nframes) { fprintf(stderr, "reactgen: --emoji is empty\n"); exit(2); }
-}
-
-static void read_tokens(const char *file) {
-    FILE *f = fopen(file, "r");
-    if (!f) { perror(file); exit(2); }
-    char *line = NULL;
-    size_t cap = 0;
-    ssize_t n;
-    while ((n = getline(&line, &cap, f)) > 0) {
-        while (n && (line[n - 1] == '\n' || line[n - 1] == '\r')) line[--n] = 0;
-        if (!n) continue;
-        tokens = realloc(tokens, sizeof *tokens * (size_t)(ntokens + 1));
-        tokens[ntokens++] = strdup(line);
-    }
-    free(line);
-    fclose(f);
 }
 
 static void close_conn(struct conn *c) {
@@ -129,12 +99,6 @@ static void send_control(struct conn *c, int op, const uint8_t *p, size_t n) {
     (void)!send(c->fd, f, 6 + n, MSG_NOSIGNAL | MSG_DONTWAIT);
 }
 
-/* The gateway writes "t" first: {"t":"<type>",... */
-static int is_event(const uint8_t *p, size_t n, const char *type) {
-    size_t tn = strlen(type);
-    return n > 7 + tn && memcmp(p, "{\"t\":\"", 6) == 0 && memcmp(p + 6, type, tn) == 0 && p[6 + tn] == '"';
-}
-
 static void on_message(const uint8_t *p, size_t n) {
     if (is_event(p, n, "reactions")) { reactions_events++; return; }
     if (is_event(p, n, "viewers")) { viewers_events++; return; }
@@ -147,19 +111,11 @@ static void on_message(const uint8_t *p, size_t n) {
 /* Whole server frames (unmasked; the gateway sends no fragments to this client). */
 static size_t parse_frames(struct conn *c, const uint8_t *p, size_t n) {
     size_t off = 0;
-    while (n - off >= 2 && c->state == OPEN) {
+    while (c->state == OPEN) {
         const uint8_t *f = p + off;
-        uint64_t len = f[1] & 0x7f;
-        size_t hdr = 2;
-        if (len == 126) {
-            if (n - off < 4) break;
-            len = (uint64_t)f[2] << 8 | f[3]; hdr = 4;
-        } else if (len == 127) {
-            if (n - off < 10) break;
-            len = 0;
-            for (int i = 0; i < 8; i++) len = len << 8 | f[2 + i];
-            hdr = 10;
-        }
+        uint64_t len;
+        size_t hdr;
+        if (!frame_header(f, n - off, &hdr, &len)) break;
         if (n - off < hdr + len) break;
         int op = f[0] & 0x0f;
         if (op == 0x9) send_control(c, 0xA, f + hdr, (size_t)len);
@@ -299,7 +255,7 @@ int main(int argc, char **argv) {
         else if (OPT("--per-write")) per_write = atoi(v);
         else if (OPT("--seconds")) seconds = atof(v);
         else if (OPT("--start-after")) start_after_ms = atof(v);
-        else if (OPT("--token-file")) read_tokens(v);
+        else if (OPT("--token-file")) read_lines(v, &tokens, &ntokens);
         else if (OPT("--emoji")) emoji_list = v;
         else if (OPT("--src-base")) src_base = atoi(v);
         else if (OPT("--src-count")) src_count = atoi(v);
