@@ -551,10 +551,10 @@ class Gateway:
         s.viewers += 1
         controls_before = self._controls_seen  # a delete or pin arriving from here on is replayed below
         try:
-            epoch, offset = await self.state.position(up.stream)
-            recent = await self.state.recent(up.stream, self.config.gateway.recent_on_welcome)
-            mode = await self.state.get_mode(up.stream)
-            pin = await self.state.get_pin(up.stream)
+            # Concurrent reads (a reconnect storm joins thousands at once); the ratios need the epoch.
+            (epoch, offset), recent, mode, pin = await asyncio.gather(
+                self.state.position(up.stream), self.state.recent(up.stream, self.config.gateway.recent_on_welcome),
+                self.state.get_mode(up.stream), self.state.get_pin(up.stream))
             ratios = await self.state.keep_ratios(up.stream, epoch) if epoch else []
         except Exception as exc:  # Redis refused or timed out: undo the join, the client retries
             log.warning("welcome for %s failed: %s", up.stream, exc)
