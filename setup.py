@@ -62,7 +62,7 @@ def cpp_extensions() -> list[Extension]:
     return [
         Pybind11Extension(
             "chorus.native._hub",
-            ["native/src/hub_module.cpp", "native/src/hub.cpp", "native/src/wsframe.cpp"],
+            ["native/src/hub_module.cpp", "native/src/hub.cpp", "native/src/hub_flush.cpp", "native/src/wsframe.cpp"],
             include_dirs=["native/src"],
             cxx_std=17,
             extra_compile_args=["-O2", "-fvisibility=hidden"],
