@@ -185,7 +185,8 @@ def _gateway_moderation(config: Config, gateway: Gateway, comment_log: CommentLo
 
         redis = redis_client(config.redis.url, 2000)
     return GatewayModeration(gateway, comment_log, broker, reputation, f"{node_id}-{uuid.uuid4().hex[:8]}", redis,
-                             config.redis.channel_prefix, config.moderation.shadow_ban_s)
+                             config.redis.channel_prefix, config.moderation.shadow_ban_s,
+                             config.gateway.registry_ttl_s)
 
 
 def _reputation(config: Config) -> Reputation:

@@ -80,6 +80,10 @@ class GatewayConfig:
     slow_close_after_s: float = doc("A viewer over the backlog limit this long is closed with 4008.", 10.0)
     unsubscribe_delay_ms: int = doc("Keep a stream's channel this long after its last local viewer.", 2000)
     recent_on_welcome: int = doc("Recent comments sent in the welcome message.", 50)
+    registry_ttl_s: float = doc(
+        "A gateway's entries in the connection registry (conn:user:<user>, for bans across gateways) outlive "
+        "its last refresh (every third of this) by this long: a killed gateway's entries vanish after it.", 90.0
+    )
     node_id: int = doc("Node part of comment ids (0-1023); -1 takes one from Redis or 0 embedded.", -1)
     echo_endpoint: bool = doc("Serve /echo (conformance testing only; never in production).", False)
     drain_delay_s: float = doc(
@@ -368,6 +372,7 @@ class Config:
             ("gateway.flush_max_messages", self.gateway.flush_max_messages >= 1, "must be >= 1"),
             ("gateway.backlog_limit_bytes", self.gateway.backlog_limit_bytes >= 4096, "must be >= 4096"),
             ("gateway.node_id", -1 <= self.gateway.node_id <= 1023, "must be -1 or 0-1023"),
+            ("gateway.registry_ttl_s", 0.5 <= self.gateway.registry_ttl_s <= 86_400, "must be 0.5-86400"),
             ("auth.algorithm", self.auth.algorithm in ("HS256", "HS384", "HS512"), "must be HS256, HS384 or HS512"),
             ("auth.key", len(self.auth.key) >= 32, "must be at least 32 characters"),
             ("kafka.partitions", self.kafka.partitions >= 1, "must be >= 1"),

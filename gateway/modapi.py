@@ -140,12 +140,13 @@ class GatewayModeration:
     """One per gateway: the API, the connection registry and this gateway's control channel."""
 
     def __init__(self, gateway: Gateway, comment_log: CommentLog, broker: Broker, reputation: Reputation,
-                 instance: str, redis: Any = None, prefix: str = "chorus:", shadow_ban_s: int = 86400) -> None:
+                 instance: str, redis: Any = None, prefix: str = "chorus:", shadow_ban_s: int = 86400,
+                 registry_ttl_s: float = 90.0) -> None:
         self.gateway = gateway
         self.log = comment_log
         self.broker = broker
         self.reputation = reputation
-        self.registry = ConnectionRegistry(instance, redis, prefix)
+        self.registry = ConnectionRegistry(instance, redis, prefix, registry_ttl_s)
         self.channel = CONTROL_PREFIX + instance
         self.shadow_ban_s = shadow_ban_s
         self._redis = redis

@@ -4,14 +4,18 @@ Each gateway keeps, in memory, the connections of its signed-in viewers by user
 (user -> {connection id: (stream, encoding)}; anonymous viewers cost nothing here), and mirrors how many
 each user has into Redis (DESIGN.md 4)::
 
-    <prefix>conn:user:<user>   hash   field: gateway instance id   value: open connections
+    <prefix>conn:user:<user>   hash   field: gateway instance id
+                                      value: "<open connections>:<expires at, ms on Redis's clock>"
 
 A change marks the user dirty; every ``FLUSH_INTERVAL_S`` the gateway writes its dirty
-users in one pipeline (``HSET`` of the count and ``EXPIRE`` of the key, or ``HDEL`` at 0), so
-a burst of joins costs one round trip. The count is absolute, not a delta, so a lost or
-repeated write corrects itself. Every ``REFRESH_INTERVAL_S`` every user with connections is
-written again, which keeps the keys alive while ``TTL_S`` lets a crashed gateway's entries
-vanish on their own. A stopping gateway removes its fields.
+users in one script call (:data:`WRITE_SCRIPT`: the count with its expiry, and the key's
+``PEXPIRE``, or ``HDEL`` at 0), so a burst of joins costs one round trip. The count is
+absolute, not a delta, so a lost or repeated write corrects itself. Every third of the TTL
+(``gateway.registry_ttl_s``) every user with connections is written again. A killed
+gateway's entries expire on their own, each by itself: the key's TTL alone would keep a dead
+gateway's field alive for as long as another gateway refreshes the same user's key, so each
+field carries its expiry and a lookup (:data:`READ_SCRIPT`) skips and deletes the expired
+ones. A stopping gateway removes its fields.
 
 A moderator's ban looks up the user's hash, and tells each gateway named there through its
 control channel (gateway/modapi.py) to close that user's connections. The gateway's instance
@@ -27,21 +31,62 @@ import logging
 import time
 from typing import Any
 
-__all__ = ["FLUSH_INTERVAL_S", "REFRESH_INTERVAL_S", "TTL_S", "ConnectionRegistry"]
+__all__ = ["FLUSH_INTERVAL_S", "READ_SCRIPT", "TTL_S", "WRITE_SCRIPT", "ConnectionRegistry"]
 
 log = logging.getLogger("chorus.registry")
 
 FLUSH_INTERVAL_S = 0.1  # how often dirty users are written
-REFRESH_INTERVAL_S = 30.0  # how often every connected user's entry is written again
-TTL_S = 90  # a registry key outlives its last refresh by this much
-CHUNK = 1000  # users per pipeline
+TTL_S = 90.0  # default gateway.registry_ttl_s: an entry outlives its last refresh by this much
+CHUNK = 1000  # users per script call
+
+# KEYS: users' hashes. ARGV[1]: this gateway's instance id; ARGV[2]: TTL (ms); ARGV[2 + i]: the
+# open connections for KEYS[i] (0: remove this gateway's field).
+WRITE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+for i = 1, #KEYS do
+  local n = tonumber(ARGV[i + 2])
+  if n > 0 then
+    redis.call('HSET', KEYS[i], ARGV[1], string.format('%d:%d', n, now + ttl))
+    redis.call('PEXPIRE', KEYS[i], ttl)
+  else
+    redis.call('HDEL', KEYS[i], ARGV[1])
+  end
+end
+return #KEYS
+"""
+
+# KEYS[1]: a user's hash. Returns the instances whose entry is live (a count above 0, not
+# expired) and deletes the expired entries.
+READ_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local all = redis.call('HGETALL', KEYS[1])
+local out = {}
+for i = 1, #all, 2 do
+  local n, expires = string.match(all[i + 1], '^(%d+):(%d+)$')
+  if n == nil then  -- a bare count (an older gateway's): live while the key lives
+    n, expires = tonumber(all[i + 1]) or 0, now
+  end
+  if tonumber(expires) < now then
+    redis.call('HDEL', KEYS[1], all[i])
+  elseif tonumber(n) > 0 then
+    out[#out + 1] = all[i]
+  end
+end
+return out
+"""
 
 
 class ConnectionRegistry:
-    def __init__(self, instance: str, redis: Any = None, prefix: str = "chorus:") -> None:
+    def __init__(self, instance: str, redis: Any = None, prefix: str = "chorus:", ttl_s: float = TTL_S) -> None:
         self.instance = instance
         self._redis = redis
         self._prefix = prefix
+        self.ttl_s = ttl_s
+        self._write = redis.register_script(WRITE_SCRIPT) if redis is not None else None
+        self._read = redis.register_script(READ_SCRIPT) if redis is not None else None
         self._by_user: dict[str, dict[int, tuple[str, bool]]] = {}  # user -> {conn: (stream, msgpack?)}
         self._dirty: set[str] = set()
         self._task: asyncio.Task[None] | None = None
@@ -79,19 +124,14 @@ class ConnectionRegistry:
     # -- the shared registry ------------------------------------------------------------------
     async def gateways(self, user: str) -> list[str]:
         """The instances holding connections of ``user`` (this one only, without Redis)."""
-        if self._redis is None:
+        if self._read is None:
             return [self.instance] if user in self._by_user else []
-        found = await self._redis.hgetall(self.key(user))
-        out = []
-        for field, count in found.items():
-            name = field.decode() if isinstance(field, bytes) else str(field)
-            if int(count) > 0:
-                out.append(name)
-        return out
+        found = await self._read(keys=[self.key(user)])
+        return [f.decode() if isinstance(f, bytes) else str(f) for f in found]
 
     async def flush(self, users: set[str] | None = None) -> None:
         """Write the counts of ``users`` (default: the dirty ones) in pipelines."""
-        if self._redis is None:
+        if self._write is None:
             self._dirty.clear()
             return
         todo = list(users if users is not None else self._dirty)
@@ -100,15 +140,9 @@ class ConnectionRegistry:
         for i in range(0, len(todo), CHUNK):
             chunk = todo[i : i + CHUNK]
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for user in chunk:
-                        count = len(self._by_user.get(user, ()))
-                        if count:
-                            pipe.hset(self.key(user), self.instance, count)
-                            pipe.expire(self.key(user), TTL_S)
-                        else:
-                            pipe.hdel(self.key(user), self.instance)
-                    await pipe.execute()
+                counts = [len(self._by_user.get(user, ())) for user in chunk]
+                await self._write(keys=[self.key(user) for user in chunk],
+                                  args=[self.instance, max(1, int(self.ttl_s * 1000)), *counts])
                 self.writes += 1
             except Exception as exc:  # written again on the next flush
                 self.failures += 1
@@ -119,7 +153,7 @@ class ConnectionRegistry:
         refreshed = time.monotonic()
         while True:
             await asyncio.sleep(FLUSH_INTERVAL_S)
-            if time.monotonic() - refreshed >= REFRESH_INTERVAL_S:
+            if time.monotonic() - refreshed >= self.ttl_s / 3:
                 refreshed = time.monotonic()
                 self._dirty.update(self._by_user)
             if self._dirty:

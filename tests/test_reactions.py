@@ -21,6 +21,8 @@ from test_processes import KEY, Proc, wait_http
 from chorus.auth import mint_token
 from chorus.config import load_config
 from chorus.counters import RedisCounters, ViewerCount
+from chorus.gateway.registry import ConnectionRegistry
+from chorus.ingest.limits import redis_client
 from services import Service, free_port, start_redis
 
 # Short intervals keep the tests quick; the defaults (500 / 1000 / 1000 ms) behave the same.
@@ -206,7 +208,7 @@ def _config_file(tmp_path: Path, redis_url: str, kafka_bootstrap: str) -> Path:
         f'data_dir = "{tmp_path}"\n[auth]\nkey = "{KEY}"\n[kafka]\nbootstrap = "{kafka_bootstrap}"\n'
         f'[redis]\nurl = "{redis_url}"\nchannel_prefix = "g{uuid.uuid4().hex[:6]}:"\n'
         "[reactions]\nflush_interval_ms = 100\nbroadcast_interval_ms = 200\n"
-        "[viewers]\ninterval_ms = 200\nttl_ms = 1500\n"
+        "[viewers]\ninterval_ms = 200\nttl_ms = 1500\n[gateway]\nregistry_ttl_s = 1.5\n"
     )
     return cfg
 
@@ -233,12 +235,30 @@ async def test_killed_gateway_drops_out_of_the_counts(tmp_path: Path, procs: lis
     await doomed[0].send_json({"t": "react", "emoji": "clap"})
     await stays.wait_for(lambda e: e["t"] == "reactions" and e["totals"]["clap"] == 1, timeout=5)
 
+    # One user on both gateways: the connection registry names both.
+    both = [await WebsocketsClient.connect(url.format(p), mint_token(auth, "both", "Both", ["read"])) for p in ports]
+    for c in both:
+        await c.wait_for(lambda e: e["t"] == "welcome")
+    config = load_config(cfg, env={})
+    client = redis_client(redis_url, 2000)
+    registry = ConnectionRegistry("probe", client, config.redis.channel_prefix)
+    async with asyncio.timeout(5):
+        while len(await registry.gateways("both")) < 2:
+            await asyncio.sleep(0.05)
+
     os.kill(gateways[1].popen.pid, signal.SIGKILL)  # no goodbye: its report must expire
     killed = time.monotonic()
-    event = await stays.wait_for(lambda e: e["t"] == "viewers" and e["now"] == 1, timeout=10)
-    assert event["unique"] == 4
+    event = await stays.wait_for(lambda e: e["t"] == "viewers" and e["now"] == 2, timeout=10)
+    assert event["unique"] == 5
     assert time.monotonic() - killed < 1.5 + 1.0  # ttl_ms, plus a report interval or two of slack
-    for c in (stays, *doomed):
+    # The dead gateway's registry entry expires too, although the live one keeps the user's key fresh.
+    async with asyncio.timeout(1.5 + 2.0):
+        while len(await registry.gateways("both")) != 1:
+            await asyncio.sleep(0.1)
+    await asyncio.sleep(1.0)  # past another TTL: the live gateway's entry stays (it refreshes it)
+    assert len(await registry.gateways("both")) == 1
+    await client.aclose()
+    for c in (stays, *doomed, *both):
         await c.close()
     assert gateways[0].stop() == 0, gateways[0].output()
 
