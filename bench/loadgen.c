@@ -44,9 +44,6 @@
 
 #include "wsclient.h"
 
-#ifndef IP_BIND_ADDRESS_NO_PORT
-#define IP_BIND_ADDRESS_NO_PORT 24
-#endif
 
 #define MAX_ANSWER_DEFLATED 512  /* bytes: larger compressed messages are batches, never answers */
 
@@ -373,23 +370,12 @@ static int ep;
 
 static void start_connect(int i) {
     struct conn *c = &conns[i];
-    c->fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
-    if (c->fd < 0) { perror("socket"); failed++; errors++; c->state = CLOSED; return; }
-    /* Pick the port at connect() time from the full 4-tuple, not at bind() time per address. */
-    int one = 1;
-    setsockopt(c->fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
-    setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    struct sockaddr_in src = {.sin_family = AF_INET};
-    src.sin_addr.s_addr = htonl(0x7f000000u | (uint32_t)(src_base + i % src_count));
-    struct sockaddr_in dst = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    inet_pton(AF_INET, host, &dst.sin_addr);
+    int sock_failed;
+    c->fd = connect_from(host, port, src_base + i % src_count, &sock_failed);
+    if (sock_failed) { perror("socket"); failed++; errors++; c->state = CLOSED; return; }
     c->state = CONNECTING;
     inflight++;
-    if (bind(c->fd, (struct sockaddr *)&src, sizeof src) < 0 ||
-        (connect(c->fd, (struct sockaddr *)&dst, sizeof dst) < 0 && errno != EINPROGRESS)) {
-        close_conn(c, 1);
-        return;
-    }
+    if (c->fd < 0) { close_conn(c, 1); return; }
     struct epoll_event ev = {.events = EPOLLOUT | EPOLLIN, .data.u32 = (uint32_t)i};
     epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev);
 }

@@ -6,11 +6,21 @@
 #ifndef CHORUS_BENCH_WSCLIENT_H
 #define CHORUS_BENCH_WSCLIENT_H
 
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
+
+#ifndef IP_BIND_ADDRESS_NO_PORT
+#define IP_BIND_ADDRESS_NO_PORT 24
+#endif
 
 static uint64_t mono_ns(void) {
     struct timespec ts;
@@ -52,6 +62,29 @@ static int frame_header(const uint8_t *f, size_t avail, size_t *hdr, uint64_t *l
         *hdr = 10;
     }
     return 1;
+}
+
+/* A non-blocking TCP connect to host:port from 127.0.0.<src> (loopback source addresses
+ * spread the connections past one address's ~28k ephemeral ports); the socket, or -1 when
+ * it could not be made, bound or started (*sock_failed: the socket call itself failed). */
+static int connect_from(const char *host, int port, int src, int *sock_failed) {
+    *sock_failed = 0;
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    if (fd < 0) { *sock_failed = 1; return -1; }
+    /* Pick the port at connect() time from the full 4-tuple, not at bind() time per address. */
+    int one = 1;
+    setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    struct sockaddr_in from = {.sin_family = AF_INET};
+    from.sin_addr.s_addr = htonl(0x7f000000u | (uint32_t)src);
+    struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    inet_pton(AF_INET, host, &to.sin_addr);
+    if (bind(fd, (struct sockaddr *)&from, sizeof from) < 0 ||
+        (connect(fd, (struct sockaddr *)&to, sizeof to) < 0 && errno != EINPROGRESS)) {
+        close(fd);
+        return -1;
+    }
+    return fd;
 }
 
 /* The non-empty lines of `file` (one token each) appended to *lines; exits if unreadable. */
