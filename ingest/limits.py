@@ -421,18 +421,6 @@ end
 return out
 """
 
-# The sanctions of a batch of posts in one call. ARGV[1]: the key prefix, then per post its
-# stream and user; returns per post the PTTL of <prefix>ban:<stream>:<user> and of
-# <prefix>ban:*:<user> (-2 no ban, -1 a ban, else the ms left of a time-out).
-SANCTIONS_SCRIPT = """
-local prefix, out = ARGV[1], {}
-for i = 2, #ARGV, 2 do
-  out[#out + 1] = redis.call('PTTL', prefix .. 'ban:' .. ARGV[i] .. ':' .. ARGV[i + 1])
-  out[#out + 1] = redis.call('PTTL', prefix .. 'ban:*:' .. ARGV[i + 1])
-end
-return out
-"""
-
 
 class _Script:
     """A Lua script run by its hash (EVALSHA): loaded (SCRIPT LOAD) on first use, and again
@@ -547,12 +535,7 @@ class RedisSanctions:
     def __init__(self, redis: Any, prefix: str) -> None:
         self._redis = redis
         self._prefix = prefix
-        self._script = _Script(SANCTIONS_SCRIPT)
-        self._single_checks = 0
-
-    @property
-    def round_trips(self) -> int:
-        return self._script.round_trips + self._single_checks
+        self.round_trips = 0
 
     @property
     def key_prefix(self) -> str:
@@ -564,7 +547,7 @@ class RedisSanctions:
 
     async def check(self, stream: str, user: str) -> Refusal | None:
         try:
-            self._single_checks += 1
+            self.round_trips += 1
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.pttl(self.key(stream, user))
                 pipe.pttl(self.key(ALL_STREAMS, user))
@@ -575,21 +558,6 @@ class RedisSanctions:
         found = [(where, None if ms == -1 else int(ms)) for where, ms in ((stream, here), (ALL_STREAMS, everywhere))
                  if ms != -2]
         return _strongest(found)
-
-    async def check_many(self, pairs: Sequence[tuple[str, str]]) -> list[Refusal | None]:
-        """:meth:`check` for each (stream, user), in one round trip (:data:`SANCTIONS_SCRIPT`)."""
-        if not pairs:
-            return []
-        args: list[Any] = [self._prefix]
-        for stream, user in pairs:
-            args += (stream, user)
-        got = await self._script.run(self._redis, args)
-        out: list[Refusal | None] = []
-        for n, (stream, _user) in enumerate(pairs):
-            here, everywhere = got[2 * n], got[2 * n + 1]
-            out.append(_strongest([(where, None if ms == -1 else int(ms))
-                                   for where, ms in ((stream, here), (ALL_STREAMS, everywhere)) if ms != -2]))
-        return out
 
     async def ban(self, stream: str, user: str, seconds: float | None = None) -> None:
         px = None if seconds is None else max(1, int(seconds * 1000))

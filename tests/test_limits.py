@@ -350,9 +350,11 @@ async def test_redis_batch_calls_give_the_same_verdicts_in_one_round_trip(redis:
     sanctions = RedisSanctions(redis, prefix)
     await sanctions.ban("s1", "troll")
     await sanctions.ban(ALL_STREAMS, "meanie", seconds=60)
-    found = await sanctions.check_many([("s1", "troll"), ("s1", "a"), ("s2", "meanie")])
-    assert [r.code if r else None for r in found] == [ErrorCode.BANNED, None, ErrorCode.TIMED_OUT]
-    assert sanctions.round_trips == 2  # SCRIPT LOAD, then one EVALSHA for the three
+    trips = lim.round_trips
+    found = await lim.decide_many([Poster("s1", "troll"), Poster("s1", "a"), Poster("s2", "meanie")],
+                                  sanctions.key_prefix)
+    assert [d.sanction.code if d.sanction else None for d in found] == [ErrorCode.BANNED, None, ErrorCode.TIMED_OUT]
+    assert lim.round_trips == trips + 1  # the three posts' bans in one EVALSHA
 
 
 class UnsureLog(MemoryLog):
