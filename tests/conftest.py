@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -155,3 +156,13 @@ def redis_url(redis_service: Service) -> str:
 @pytest.fixture(scope="session")
 def kafka_bootstrap(kafka_service: Service) -> str:
     return kafka_service.bootstrap
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Any]]:
+    """`chorus` processes a test starts (tests/test_processes.py Proc): each stopped by its PID
+    at the end, however the test ends."""
+    started: list[Any] = []
+    yield started
+    for p in started:
+        p.stop()

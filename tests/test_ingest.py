@@ -177,15 +177,9 @@ async def test_kafka_appends_from_many_tasks_land_once_on_the_default_partition_
     """append_many from many tasks at once: every record confirmed once, on the partition the
     default partitioner picks (the same as a plain producer's), each call's records in order."""
     from aiokafka import AIOKafkaProducer
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from test_delivery import create_topic
 
-    topic = f"batches-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, 3, 1)])
-    finally:
-        await admin.close()
+    topic = await create_topic(kafka_bootstrap, partitions=3)
     log = KafkaLog(kafka_bootstrap, topic)
     await log.start()
     keys = [f"stream-{k}".encode() for k in range(5)]

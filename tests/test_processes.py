@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -67,12 +66,6 @@ def wait_http(url: str, proc: Proc, timeout: float = 20) -> None:
     raise AssertionError(f"{url} not up in {timeout}s:\n{proc.output()}")
 
 
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop()
 
 
 async def test_chorus_run_embedded_default(tmp_path: Path, procs: list[Proc]) -> None:

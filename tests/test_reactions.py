@@ -9,7 +9,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -194,12 +194,6 @@ async def test_counts_kept_while_redis_is_down_are_flushed_after(tmp_path: Path)
 
 # -- separate gateway processes --
 
-@pytest.fixture
-def procs() -> Iterator[list[Proc]]:
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop()
 
 
 def _config_file(tmp_path: Path, redis_url: str, kafka_bootstrap: str) -> Path:
