@@ -1,8 +1,9 @@
 """The gateway: HTTP and the WebSocket upgrade on picows + uvloop, then viewers in the hub.
 
-One ``Gateway`` per process. picows parses each request and calls :meth:`Gateway.route`,
-which answers plain HTTP (page, history, health) or accepts a WebSocket after checking the
-stream id, the Origin and the token. Right after the 101 the socket goes to the hub
+One ``Gateway`` per process. picows parses each request and calls the gateway's routes
+(gateway/routes.py), which answer plain HTTP (page, history, health) or come back to
+:meth:`Gateway.upgrade` to accept a WebSocket after checking the stream id, the Origin and
+the token. Right after the 101 the socket goes to the hub
 (``chorus.native.Hub``, see native/HUB.md) with its identity as a small tag: from then on the
 gateway holds no Python object per viewer. The gateway reacts to the hub's inbound events
 in batches and feeds it each stream's events from the broker.
@@ -32,31 +33,23 @@ from picows import (
 )
 
 from chorus import native
-from chorus.auth import AuthError, Identity, mint_token, verify_token
+from chorus.auth import Identity
 from chorus.broker import StreamState
-from chorus.codes import CloseCode, ErrorCode, HttpErrorCode
+from chorus.codes import CloseCode, ErrorCode
 from chorus.config import Config
 from chorus.counters import Counters
 from chorus.extensions import DeflateParams, negotiate_deflate
 from chorus.gateway.engagement import Engagement, open_counters
 from chorus.gateway.handoff import RecordingProtocol, detach_socket, picows_protocol_factory
-from chorus.gateway.http import (
-    STREAM_ID,
-    Request,
-    answer_comment_post,
-    json_response,
-    parse_request,
-    static_response,
-    text_response,
-)
-from chorus.gateway.httpreq import HttpRequest, error_response
+from chorus.gateway.http import STREAM_ID, Request, text_response
 from chorus.gateway.modapi import GatewayModeration
 from chorus.gateway.node import Node
 from chorus.gateway.recovery import Recovery
+from chorus.gateway.routes import HttpRoutes, authenticate, origin_allowed
 from chorus.ingest.admission import Admission, Admitted, Refused
 from chorus.ingest.records import Comment
 from chorus.ingest.store import HistoryStore
-from chorus.metrics import CONTENT_TYPE, DeliveryClock
+from chorus.metrics import DeliveryClock
 from chorus.ops import DRAIN_REASON, drain_gateway
 from chorus.protocol import (
     JSON,
@@ -88,15 +81,6 @@ OVERLOADED_RETRY_MS = 1000  # retry_after_ms of ``overloaded``
 REPLAYED_CONTROLS = (b'{"t":"delete"', b'{"t":"pin"', b'{"t":"unpin"', b'{"t":"mode"')
 MAX_ADMIT_BATCH = 2000  # posts admitted together at most (one Redis pipeline)
 UNTAG_MEMO_MAX = 50_000  # decoded viewer tags kept (Identity is immutable, so sharing is safe)
-
-
-def _origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
-    """Non-browser clients send no Origin; browsers must come from our host or the allowlist."""
-    if origin is None:
-        return True
-    if "*" in allowed or origin in allowed:
-        return True
-    return host is not None and origin in (f"http://{host}", f"https://{host}")
 
 
 def _tag(ip: str, variant: int, who: Identity | None) -> bytes:
@@ -221,10 +205,10 @@ class Gateway:
         self.draining = False  # SIGTERM: not ready (still serving through gateway.drain_delay_s)
         self.refusing_posts = False  # the drain is past its delay: new posts are refused, not_accepted
         self.drained = False  # the posts in flight are answered; viewers are closed next
-        self._http_inflight = 0
         # Reactions and viewer counts (gateway/engagement.py): its events reach local viewers as control events.
         self.engagement = Engagement(config, counters or open_counters(config), self._local_viewers,
                                      lambda stream, event: self.deliver(stream, ChannelMessage(event)))
+        self.routes = HttpRoutes(self)  # HTTP: page, history, probes, dev tokens, POSTs (gateway/routes.py)
 
     # -- lifecycle --
     async def start(self) -> None:
@@ -238,12 +222,16 @@ class Gateway:
         picows_log = logging.getLogger("chorus.picows")
         if not picows_log.isEnabledFor(logging.DEBUG):
             picows_log.setLevel(logging.WARNING)  # it logs every accepted connection at INFO
-        factory = picows_protocol_factory(self.route, self._recorders, handshake_timeout_s=g.handshake_timeout_s,
+        factory = picows_protocol_factory(self.routes.route, self._recorders, handshake_timeout_s=g.handshake_timeout_s,
                                           max_frame_size=g.max_message_bytes, logger=picows_log,
-                                          post_handler=self.post_http)
+                                          post_handler=self.routes.post)
         self.server = await loop.create_server(factory, g.host, g.port, reuse_port=True, backlog=4096)
         log.info("gateway listening on %s (hub: %s)", ", ".join(str(s.getsockname()) for s in self.server.sockets),
                  native.HUB_IMPLEMENTATION)
+
+    @property
+    def listening(self) -> bool:
+        return self.server is not None
 
     @property
     def port(self) -> int:
@@ -408,65 +396,24 @@ class Gateway:
     def _local_viewers(self) -> dict[str, int]:
         return {name: s.viewers for name, s in self._streams.items()}
 
-    # -- routing (called by picows for every request) --
-    def route(self, request: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
-        answer = self._route(request)
-        if isinstance(answer, WSUpgradeResponse):
-            return WSUpgradeResponseWithListener(answer, None)
-        return answer
-
-    def _route(self, request: WSUpgradeRequest) -> WSUpgradeResponse | WSUpgradeResponseWithListener:
-        req = parse_request(request.path)
-        if request.method != b"GET":
-            return text_response(HTTPStatus.METHOD_NOT_ALLOWED, "only GET is served here")
-        if req.path == "/ws":
-            return self._upgrade(request, req)
-        if req.path in ("/", "/index.html"):
-            return static_response("index.html")
-        if req.path.startswith("/static/"):
-            return static_response(req.path.removeprefix("/static/"))
-        if req.path.startswith("/streams/") and req.path.endswith("/comments"):
-            return self._history(req.path[len("/streams/") : -len("/comments")], req, request)
-        if req.path.startswith("/mod/") and self.moderation is not None:
-            return self.moderation.get(request, req)
-        if req.path.startswith("/streams/") and "/" not in req.path[len("/streams/") :].rstrip("/"):
-            return static_response("index.html")  # the viewer page; it checks the id itself
-        if req.path == "/streams":
-            return json_response({"streams": self.engagement.live_streams()})
-        if req.path in ("/healthz", "/readyz"):
-            return self._probe(req.path)
-        if req.path == "/metrics" and self.metrics_page is not None:
-            return WSUpgradeResponse.create_ok_response(self.metrics_page(), {"Content-Type": CONTENT_TYPE})
-        if req.path == "/dev/token":
-            return self._dev_token(req)
-        if req.path == "/echo" and self.config.gateway.echo_endpoint:
-            return self._accept(request, "", None, JSON)
-        return text_response(HTTPStatus.NOT_FOUND, "not found")
-
-    def _authenticate(self, request: WSUpgradeRequest, req: Request) -> Identity | WSUpgradeResponse | None:
-        header = request.headers.get("Authorization", "")
-        token = header[7:].strip() if header.lower().startswith("bearer ") else req.arg("access_token")
-        if not token:
-            if self.config.auth.anonymous_read:
-                return None
-            return text_response(HTTPStatus.UNAUTHORIZED, "a token is required")
-        try:
-            return verify_token(self.config.auth, token)
-        except AuthError as exc:
-            return text_response(HTTPStatus.UNAUTHORIZED, f"invalid token: {exc}")
-
-    def _upgrade(self, request: WSUpgradeRequest, req: Request) -> WSUpgradeResponse | WSUpgradeResponseWithListener:
+    # -- the upgrade (HTTP routing: gateway/routes.py) --
+    def upgrade(self, request: WSUpgradeRequest, req: Request) -> WSUpgradeResponse | WSUpgradeResponseWithListener:
         stream = req.arg("stream") or ""
         if not STREAM_ID.match(stream):
             return text_response(HTTPStatus.BAD_REQUEST, "stream must be 1-64 characters of A-Z a-z 0-9 _ . : -")
-        if not _origin_allowed(request.headers.get("Origin"), request.headers.get("Host"),
+        if not origin_allowed(request.headers.get("Origin"), request.headers.get("Host"),
                                self.config.gateway.allowed_origins):
             return text_response(HTTPStatus.FORBIDDEN, "origin not allowed")
-        who = self._authenticate(request, req)
+        who = authenticate(self.config, request, req)
         if isinstance(who, WSUpgradeResponse):
             return who
         chosen = choose_subprotocol(request.headers.get("Sec-WebSocket-Protocol"))
         return self._accept(request, stream, who, SUBPROTOCOLS[chosen] if chosen else JSON, chosen)
+
+    def accept_echo(self, request: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
+        """The conformance echo endpoint (``gateway.echo_endpoint``): a socket in the hub that
+        gets its own frames back."""
+        return self._accept(request, "", None, JSON)
 
     def _accept(self, request: WSUpgradeRequest, stream: str, who: Identity | None, wire: Wire,
                 subprotocol: str | None = None) -> WSUpgradeResponseWithListener:
@@ -480,33 +427,6 @@ class Gateway:
                 headers["Sec-WebSocket-Extensions"] = deflate.response_header(15)
         listener = Upgrader(self, stream, who, wire, deflate)
         return WSUpgradeResponseWithListener(WSUpgradeResponse.create_101_response(headers or None), listener)
-
-    def _history(self, stream: str, req: Request, request: WSUpgradeRequest) -> WSUpgradeResponse:
-        if not STREAM_ID.match(stream):
-            return json_response({"error": "bad stream id"}, HTTPStatus.BAD_REQUEST)
-        if self.store is None:
-            return json_response({"error": "no history store on this gateway"}, HTTPStatus.NOT_FOUND)
-        try:
-            before = int(req.arg("before") or 0) or None
-            limit = int(req.arg("limit") or 50)
-        except ValueError:
-            return json_response({"error": "before and limit must be integers"}, HTTPStatus.BAD_REQUEST)
-        if not 1 <= limit <= self.config.history.page_max:
-            return json_response({"error": f"limit must be 1-{self.config.history.page_max}"}, HTTPStatus.BAD_REQUEST)
-        who = self._authenticate(request, req)  # the author also sees their own shadowed comments
-        comments = self.store.page(stream, before, limit, who.user_id if isinstance(who, Identity) else None)
-        next_before = comments[-1]["id"] if len(comments) == limit else None
-        return json_response({"stream": stream, "comments": comments, "next_before": next_before})
-
-    def _dev_token(self, req: Request) -> WSUpgradeResponse:
-        if not (self.config.auth.dev_login and self.config.embedded):
-            return text_response(HTTPStatus.NOT_FOUND, "dev login is off")
-        name = (req.arg("name") or "").strip()[:32]
-        if not name:
-            return json_response({"error": "name is required"}, HTTPStatus.BAD_REQUEST)
-        user_id = "dev-" + "".join(ch for ch in name.lower() if ch.isalnum())[:24]
-        token = mint_token(self.config.auth, user_id, name, ["read", "write"])
-        return json_response({"token": token, "user": {"id": user_id, "name": name}})
 
     # -- the hand-off --
     def hand_off(self, up: Upgrader, transport: WSTransport) -> None:
@@ -656,21 +576,6 @@ class Gateway:
                 if result.shadow and self.moderation is not None:
                     self.moderation.echo_shadow(result)
 
-    async def post_http(self, request: HttpRequest, ip: str) -> bytes:
-        """``POST /streams/{id}/comments`` (clients without a WebSocket): the same admission as ``post``."""
-        if not _origin_allowed(request.header("Origin"), request.header("Host"), self.config.gateway.allowed_origins):
-            return error_response(HTTPStatus.FORBIDDEN, HttpErrorCode.FORBIDDEN, "origin not allowed")
-        if request.target.startswith("/mod/") and self.moderation is not None:
-            return await self.moderation.post(request)
-        if self.refusing_posts:
-            return error_response(HTTPStatus.SERVICE_UNAVAILABLE, ErrorCode.NOT_ACCEPTED,
-                                  "this gateway is restarting; it was not posted: post again", 1000)
-        self._http_inflight += 1
-        try:
-            return await answer_comment_post(request, ip, self.config.auth, self.admission)
-        finally:
-            self._http_inflight -= 1
-
     async def resume(self, conn: int, stream: str, msg: Resume, wire: Wire) -> None:
         """Send what the viewer missed (gateway/recovery.py) as batches in order, then ``resumed``.
 
@@ -693,7 +598,7 @@ class Gateway:
     # -- operations (chorus/ops.py) --
     def posts_in_flight(self) -> int:
         """WebSocket and HTTP posts between arrival and answer."""
-        return self._inflight + self._http_inflight
+        return self._inflight + self.routes.http_inflight
 
     def _refuse_draining(self, conn: int, msg: PostComment, wire: Wire) -> None:
         if self.posts_refused is not None:
@@ -701,15 +606,3 @@ class Gateway:
         self.hub.send(conn, encode_event(error_event(
             ErrorCode.NOT_ACCEPTED, "this gateway is restarting; it was not posted: reconnect and post again",
             msg.nonce, OVERLOADED_RETRY_MS), wire))
-
-    def _probe(self, path: str) -> WSUpgradeResponse:
-        check = self.readiness if path == "/readyz" else self.health
-        detail: dict[str, str] = {}
-        if check is None:  # no Operations attached (a bare Gateway in tests): listening is all
-            ok = (self.server is not None and not self.draining) if path == "/readyz" else True
-        else:
-            ok, detail = check()
-        if ok and path == "/healthz":
-            return text_response(HTTPStatus.OK, "ok")
-        detail.setdefault("status", "ready" if ok else "not ready")
-        return json_response(detail, HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE)
