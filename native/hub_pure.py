@@ -279,6 +279,11 @@ class Hub:
         s = self._streams.get(stream)
         return len(s.pending) if s else 0
 
+    def backlog(self, conn_id: int) -> int:
+        """Unsent bytes of one open connection; -1 for an unknown, stale or closing id."""
+        conn = self._find(conn_id)
+        return conn.backlog_bytes if conn is not None else -1
+
     def variants(self, stream: int) -> int:
         s = self._streams.get(stream)
         mask = 0

@@ -685,6 +685,25 @@ def test_backlog_far_over_the_limit_closes_4008_at_once(harness: Callable[..., H
     assert h.closed(stuck) == 4008 and stuck.close_code() == 4008
 
 
+def test_backlog_is_per_connection(harness: Callable[..., Harness]) -> None:
+    """backlog(conn) reads one viewer's unsent bytes, so a resume paces by its own viewer, not
+    by every slow viewer of the gateway (stats()["backlog_bytes"] is the sum)."""
+    limit = 16384
+    h = harness(flush_max_messages=1, backlog_limit_bytes=limit, slow_close_after_ms=60_000)
+    slow = h.connect(small_buffers=True)
+    fine = h.connect(stream=2)
+    assert h.hub.backlog(slow.conn) == 0 and h.hub.backlog(fine.conn) == 0
+    fill_backlog(h, 1, limit)
+    assert h.hub.backlog(slow.conn) == h.stat("backlog_bytes") > limit
+    assert h.hub.send(fine.conn, b'{"t":"ack","nonce":"1"}')
+    assert h.hub.backlog(fine.conn) == 0  # the kernel took it whole
+    h.pump(lambda: fine.read())
+    assert h.hub.backlog(12345 << 32 | 99999) == -1  # unknown
+    h.hub.close(slow.conn, 1000)
+    assert h.hub.backlog(slow.conn) == -1  # closing: gone for Python
+    h.pump(lambda: h.closed(slow) == 1000)
+
+
 # --- heartbeat ---
 
 

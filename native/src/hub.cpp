@@ -670,6 +670,14 @@ size_t Hub::pending(uint32_t stream) const {
     return it == streams_.end() ? 0 : it->second.pending.size();
 }
 
+int64_t Hub::backlog(uint64_t conn) const {
+    const uint64_t fd = conn & 0xFFFFFFFFu;
+    if (fd >= conns_.size()) return -1;
+    const Conn& c = conns_[fd];
+    if (c.state != OPEN || c.generation != uint32_t(conn >> 32)) return -1;
+    return c.out ? int64_t(c.out->bytes) : 0;
+}
+
 uint32_t Hub::variants(uint32_t stream) const {
     auto it = streams_.find(stream);
     if (it == streams_.end()) return 0;

@@ -121,6 +121,7 @@ public:
     std::vector<InboundEvent> drain();
     size_t viewer_count(uint32_t stream) const;
     size_t pending(uint32_t stream) const;  // events of the stream waiting for its next flush
+    int64_t backlog(uint64_t conn) const;  // unsent bytes of an open connection; -1: unknown, stale, closing
     size_t connections() const { return open_; }
     std::vector<std::pair<const char*, uint64_t>> stats() const;
     void shutdown();  // close every socket now (CLOSED 1006 for open ones) and the epoll fd

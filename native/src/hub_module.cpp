@@ -188,6 +188,7 @@ PYBIND11_MODULE(_hub, m) {
         .def("drain", &drain)
         .def("viewer_count", &Hub::viewer_count, py::arg("stream"))
         .def("pending", &Hub::pending, py::arg("stream"))
+        .def("backlog", &Hub::backlog, py::arg("conn"))
         .def("connections", &Hub::connections)
         .def("stats", &stats)
         .def(
