@@ -70,6 +70,10 @@ class ErrorCode(StrEnum):
     TIMED_OUT = "timed_out"  # banned for a while: ``retry_after_ms`` says how long is left
     # A ``react`` naming a reaction outside the configured set (reactions.emoji).
     UNKNOWN_REACTION = "unknown_reaction"
+    # The gateway failed while handling this message (a bug, or input it could not encode);
+    # only this message is lost: the connection stays open and nothing was posted unless the
+    # event carries the comment's ``id``.
+    INTERNAL_ERROR = "internal_error"
 
 
 class HttpErrorCode(StrEnum):
