@@ -1,19 +1,23 @@
 """One frozen, typed config tree, loaded from a TOML file plus ``CHORUS_*`` environment overrides.
 
-Every key has a default, so no file is needed for the embedded default. An environment
-variable ``CHORUS_<SECTION>__<KEY>`` (for example ``CHORUS_GATEWAY__PORT=8081``) overrides
-the file. Values are checked at start-up and a bad one is refused with a message naming the
-key, never silently replaced.
+Every key has a default, so no file is needed for the embedded default. Precedence, lowest
+first: the file, an environment variable ``CHORUS_<SECTION>__<KEY>`` (for example
+``CHORUS_GATEWAY__PORT=8081``), the command line (``--port``). Values are checked at start-up
+and refused with a message naming the key, never silently replaced: strictly typed (``port =
+"8080"`` is a string, not a port), in range, enumerations listing their values, and a
+``CHORUS_*`` variable that names no key is an error (with the nearest key's name). Every
+problem of a file is listed at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
@@ -34,16 +38,28 @@ __all__ = [
     "RedisConfig",
     "SamplingConfig",
     "ViewersConfig",
+    "env_name",
     "load_config",
 ]
 
 # Development signing key of the embedded default. A deployment that points at Kafka or Redis
 # must set its own (checked in ``Config.validate``).
 DEV_KEY = "chorus-development-key-change-me-0123456789"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 class ConfigError(ValueError):
-    """A config value is missing, of the wrong type or out of range; the message names the key."""
+    """Config values missing, of the wrong type or out of range; each problem names its key.
+
+    ``problems`` lists them all (a file with three mistakes reports three, not the first).
+    """
+
+    def __init__(self, problems: str | list[str]) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            super().__init__(self.problems[0])
+        else:
+            super().__init__(f"{len(self.problems)} problems in the config:\n  " + "\n  ".join(self.problems))
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
@@ -360,7 +376,8 @@ class Config:
     def history_path(self) -> Path:
         return Path(self.history.path) if self.history.path else Path(self.data_dir) / "history.sqlite3"
 
-    def validate(self) -> Config:
+    def problems(self) -> list[str]:
+        """Every value out of range or inconsistent with another, each naming its key."""
         checks: list[tuple[str, bool, str]] = [
             ("gateway.port", 0 <= self.gateway.port <= 65535, "must be between 0 and 65535"),
             ("gateway.max_message_bytes", self.gateway.max_message_bytes >= 1024, "must be >= 1024"),
@@ -393,17 +410,23 @@ class Config:
             ("limits.local_max_keys", self.limits.local_max_keys >= 100, "must be >= 100"),
             ("limits.redis_timeout_ms", 10 <= self.limits.redis_timeout_ms <= 10_000, "must be 10-10000"),
             ("limits.max_inflight_posts", self.limits.max_inflight_posts >= 1, "must be >= 1"),
-            ("log_level", self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "unknown level"),
+            ("log_level", self.log_level.upper() in LOG_LEVELS, f"must be one of {', '.join(LOG_LEVELS)}"),
             *self._sampling_checks(),
             *self._ops_checks(),
+            *self._timing_checks(),
             *self._engagement_checks(),
             *self._moderation_checks(),
         ]
-        for key, ok, why in checks:
-            if not ok:
-                raise ConfigError(f"config key {key}: {why}")
+        problems = [f"config key {key}: {why}" for key, ok, why in checks if not ok]
         if not self.embedded and self.auth.key == DEV_KEY:
-            raise ConfigError("config key auth.key: set a key of your own when using Kafka or Redis")
+            problems.append("config key auth.key: set a key of your own when using Kafka or Redis")
+        return problems
+
+    def validate(self) -> Config:
+        """This config, or a ConfigError listing every value out of range."""
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
         return self
 
     def _sampling_checks(self) -> list[tuple[str, bool, str]]:
@@ -430,6 +453,27 @@ class Config:
             ("fallback.probe_timeout_ms", 10 <= f.probe_timeout_ms <= 60_000, "must be 10-60000"),
             ("fallback.retry_after_s", f.retry_after_s > 0, "must be > 0"),
             ("fallback.rewind_ms", 0 <= f.rewind_ms <= 600_000, "must be 0-600000"),
+        ]
+
+    def _timing_checks(self) -> list[tuple[str, bool, str]]:
+        """Times, sizes and names that have no meaning at zero, negative or empty."""
+        g, a, k = self.gateway, self.auth, self.kafka
+        return [
+            ("gateway.host", bool(g.host.strip()), 'must name an address (e.g. "127.0.0.1" or "0.0.0.0")'),
+            ("gateway.handshake_timeout_s", 0 < g.handshake_timeout_s <= 600, "must be in (0, 600]"),
+            ("gateway.heartbeat_interval_s", 0 < g.heartbeat_interval_s <= 3600, "must be in (0, 3600]"),
+            ("gateway.heartbeat_timeout_s", 0 < g.heartbeat_timeout_s <= 3600, "must be in (0, 3600]"),
+            ("gateway.slow_close_after_s", 0 < g.slow_close_after_s <= 3600, "must be in (0, 3600]"),
+            ("gateway.unsubscribe_delay_ms", 0 <= g.unsubscribe_delay_ms <= 600_000, "must be 0-600000"),
+            ("gateway.recent_on_welcome", 0 <= g.recent_on_welcome <= 1000, "must be 0-1000"),
+            ("auth.issuer", bool(a.issuer), "must not be empty"),
+            ("auth.audience", bool(a.audience), "must not be empty"),
+            ("auth.leeway_s", 0 <= a.leeway_s <= 3600, "must be 0-3600"),
+            ("auth.token_ttl_s", a.token_ttl_s >= 1, "must be >= 1"),
+            ("kafka.topic", bool(re.fullmatch(r"[A-Za-z0-9._-]{1,249}", k.topic)),
+             "must be 1-249 letters, digits, '.', '_' or '-' (Kafka's topic names)"),
+            ("kafka.linger_ms", 0 <= k.linger_ms <= 1000, "must be 0-1000"),
+            ("metrics.host", bool(self.metrics.host.strip()), "must name an address"),
         ]
 
     def _ops_checks(self) -> list[tuple[str, bool, str]]:
@@ -482,11 +526,40 @@ class Config:
 
 T = TypeVar("T")
 
+# CHORUS_* variables of the project's tooling, not config keys (scripts/, services/, tests/):
+# every other CHORUS_* variable must name a key, so a misspelt override is an error, not ignored.
+TOOL_ENV = frozenset({
+    "CHORUS_PURE", "CHORUS_BUILD_NATIVE", "CHORUS_EXPECT_IMPL", "CHORUS_REINSTALL", "CHORUS_SCREENSHOT",
+    "CHORUS_FUZZ_CASES", "CHORUS_TEST_REDIS_URL", "CHORUS_TEST_KAFKA", "CHORUS_KAFKA_PARENT_PID",
+    "CHORUS_KAFKA_TOPIC", "CHORUS_KAFKA_PARTITIONS", "CHORUS_KAFKA_LIBS", "CHORUS_KAFKA_READY_TIMEOUT",
+    "CHORUS_KAFKA_JVM_OPTS",
+})
+_TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str"}
 
-def _coerce(key: str, kind: Any, value: Any) -> Any:
-    """Turn a TOML or environment value into ``kind``, or raise ConfigError naming ``key``."""
-    from_env = isinstance(value, str) and kind is not str
+
+def env_name(key: str) -> str:
+    """The environment variable overriding a dotted key: gateway.port -> CHORUS_GATEWAY__PORT."""
+    return "CHORUS_" + key.upper().replace(".", "__")
+
+
+def _did_you_mean(name: str, candidates: Iterable[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+def _given(value: Any) -> str:
+    """What a wrong value was, for the message: its repr and, when it helps, its TOML type."""
+    kind = {bool: "a boolean", str: "a string", int: "an integer", float: "a number", list: "a list",
+            dict: "a table"}.get(type(value))
+    return f"{value!r} ({kind})" if kind else repr(value)
+
+
+def _coerce(key: str, kind: Any, value: Any, from_env: bool) -> Any:
+    """Turn a TOML value (strictly typed: "8080" is not an int) or an environment string into
+    ``kind``, or raise ConfigError naming ``key``."""
     try:
+        if from_env and kind is not str and not isinstance(value, str):
+            raise ValueError(value)
         if kind is bool:
             if from_env:
                 low = value.strip().lower()
@@ -497,11 +570,15 @@ def _coerce(key: str, kind: Any, value: Any) -> Any:
                 raise ValueError(value)
             return value
         if kind is int:
-            if isinstance(value, bool | float):
+            if from_env:
+                return int(value.strip())
+            if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(value)
-            return int(value)
+            return value
         if kind is float:
-            if isinstance(value, bool):
+            if from_env:
+                return float(value.strip())
+            if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(value)
             return float(value)
         if kind is str:
@@ -518,8 +595,8 @@ def _coerce(key: str, kind: Any, value: Any) -> Any:
                 raise ValueError(value)
             return tuple(items)
     except ValueError:
-        name = getattr(kind, "__name__", str(kind))
-        raise ConfigError(f"config key {key}: expected {name}, got {value!r}") from None
+        name = _TYPE_NAMES.get(kind, getattr(kind, "__name__", str(kind)))
+        raise ConfigError(f"config key {key}: expected {name}, got {_given(value)}") from None
     raise ConfigError(f"config key {key}: unsupported type {kind}")
 
 
@@ -544,12 +621,24 @@ def _str_int_map(value: Any) -> dict[str, int]:
     return dict(value)
 
 
-def _build(cls: type[T], prefix: str, data: Mapping[str, Any], env: Mapping[str, str]) -> T:
+@dataclass
+class _Sources:
+    """Where values come from, lowest precedence first: the file, the environment, the command line."""
+
+    file: Mapping[str, Any]
+    env: Mapping[str, str]
+    cli: Mapping[str, Any]  # dotted key -> value
+    problems: list[str] = field(default_factory=list)
+
+
+def _build(cls: type[T], prefix: str, data: Mapping[str, Any], src: _Sources) -> T:
+    """``cls`` from its table of the file, overridden by the environment, then the command line.
+    A value that is wrong keeps its default and adds a problem, so every problem is reported at once."""
     hints = get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     for name in data:
         if name not in known:
-            raise ConfigError(f"config key {prefix}{name}: unknown key")
+            src.problems.append(f"config key {prefix}{name}: unknown key{_did_you_mean(name, known, prefix)}")
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         kind = hints[f.name]
@@ -557,39 +646,62 @@ def _build(cls: type[T], prefix: str, data: Mapping[str, Any], env: Mapping[str,
         if dataclasses.is_dataclass(kind):
             section = data.get(f.name, {})
             if not isinstance(section, dict):
-                raise ConfigError(f"config key {key}: expected a table")
-            values[f.name] = _build(kind, f"{key}.", section, env)  # type: ignore[arg-type]
+                src.problems.append(f"config key {key}: expected a table, got {_given(section)}")
+                section = {}
+            values[f.name] = _build(kind, f"{key}.", section, src)  # type: ignore[arg-type]
             continue
-        env_name = "CHORUS_" + key.upper().replace(".", "__")
-        if env_name in env:
-            values[f.name] = _coerce(f"{key} (from {env_name})", kind, env[env_name])
-        elif f.name in data:
-            values[f.name] = _coerce(key, kind, data[f.name])
+        try:
+            if key in src.cli:
+                values[f.name] = _coerce(f"{key} (from the command line)", kind, src.cli[key], False)
+            elif env_name(key) in src.env:
+                values[f.name] = _coerce(f"{key} (from {env_name(key)})", kind, src.env[env_name(key)], True)
+            elif f.name in data:
+                values[f.name] = _coerce(key, kind, data[f.name], False)
+        except ConfigError as exc:
+            src.problems.append(str(exc))
     return cls(**values)
 
 
+def _unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """CHORUS_* variables that name no config key (nor the tooling's own, TOOL_ENV)."""
+    keys = {env_name(key) for key, _default, _doc in iter_defaults()}
+    return [f"environment variable {name}: not a config key{_did_you_mean(name, keys)}"
+            for name in sorted(env) if name.startswith("CHORUS_") and name not in keys and name not in TOOL_ENV]
+
+
+def _unknown_overrides(cli: Mapping[str, Any]) -> list[str]:
+    keys = [key for key, _default, _doc in iter_defaults()]
+    return [f"config key {key} (from the command line): unknown key{_did_you_mean(key, keys)}"
+            for key in cli if key not in keys]
+
+
+def _read_file(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path}: is a directory") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+
+
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
-    """Load the config file (if any), apply ``CHORUS_*`` variables, then ``overrides``.
+    """Load the config file (if any), apply ``CHORUS_*`` variables, then ``overrides`` (the
+    command line): each wins over the one before. Every problem found is listed in one ConfigError.
 
     ``overrides`` are dotted keys with underscores for dots, as the CLI passes them
     (``gateway__port=8081``).
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path}: not found") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path}: {exc}") from None
-    for dotted, value in overrides.items():
-        *sections, name = dotted.split("__")
-        table = data
-        for section in sections:
-            table = table.setdefault(section, {})
-        table[name] = value
-    return _build(Config, "", data, os.environ if env is None else env).validate()
+    data = _read_file(path) if path is not None else {}
+    src = _Sources(data, os.environ if env is None else env, {k.replace("__", "."): v for k, v in overrides.items()})
+    src.problems += _unknown_variables(src.env) + _unknown_overrides(src.cli)
+    config = _build(Config, "", data, src)
+    problems = src.problems + config.problems()
+    if problems:
+        raise ConfigError(problems)
+    return config
 
 
 def iter_defaults(cls: type[Any] = Config, prefix: str = "") -> list[tuple[str, Any, str]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from chorus.config import iter_defaults
+from chorus.config import env_name, iter_defaults
 
 __all__ = ["env_name", "reference_markdown", "toml_value"]
 
@@ -24,9 +24,13 @@ Every role reads one TOML file (`--config FILE`); every key has a default, so th
 default needs no file at all. `chorus config --defaults` prints a commented file with every key
 below. An environment variable `CHORUS_<SECTION>__<KEY>` overrides a key of the file (shown
 in each row; a list of strings is comma-separated, other lists and tables are JSON, booleans
-`true`/`false`/`1`/`0`). A bad value is
-refused at start-up with a message naming the key, e.g. `chorus: config key gateway.port: must
-be between 0 and 65535`; `chorus config --config FILE` checks a file without starting anything.
+`true`/`false`/`1`/`0`), and a command-line flag (`--host`, `--port`, `--data-dir`) overrides
+both. A `CHORUS_*` variable that names no key is an error (with the nearest key's name).
+
+Values are strictly typed (`port = "8080"` is a string and is refused, like `port = true`) and
+checked at start-up; every problem is reported at once, each naming its key, e.g. `chorus: config
+key gateway.port: must be between 0 and 65535`. `chorus config --config FILE` checks a file
+(and loads the moderation model it names) without starting anything.
 """
 
 
@@ -41,10 +45,6 @@ def toml_value(value: Any) -> str:
     if isinstance(value, dict):
         return "{" + ", ".join(f"{toml_value(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
     return repr(value)
-
-
-def env_name(key: str) -> str:
-    return "CHORUS_" + key.upper().replace(".", "__")
 
 
 def _cell(text: str) -> str:
