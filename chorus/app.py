@@ -29,9 +29,10 @@ from chorus.ingest.log import CommentLog, open_log
 from chorus.ingest.moderator import Moderator
 from chorus.ingest.reputation import MemoryReputation, RedisReputation, Reputation
 from chorus.ingest.store import SqliteStore
+from chorus.localkey import needs_own_key
 from chorus.ops import Operations, drain_gateway
 
-__all__ = ["ALL_ROLES", "App", "run_app", "tune_gc"]
+__all__ = ["ALL_ROLES", "App", "run_app", "tune_gc", "warn_if_pure"]
 
 log = logging.getLogger("chorus.app")
 
@@ -81,6 +82,10 @@ class App:
                               "or set kafka.bootstrap and redis.url to run roles apart")
         if bool(config.kafka.bootstrap) != bool(config.redis.url):
             raise ConfigError("config keys kafka.bootstrap and redis.url go together: set both or neither")
+        if "gateway" in roles and needs_own_key(config):
+            raise ConfigError(f"config key gateway.host: {config.gateway.host} is beyond loopback, and the embedded "
+                              "default's development key is public (anyone could mint a moderator token): set "
+                              "auth.key, or start with `chorus run`, which keeps a random key in the data dir")
         k = config.kafka
         comment_log = open_log(k.bootstrap, k.topic, k.partitions, k.accept_timeout_ms, k.linger_ms)
         broker: Broker
@@ -225,8 +230,25 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
+def warn_if_pure(roles: frozenset[str]) -> str | None:
+    """A gateway on the pure-Python hub or codec works, at a fraction of the native speed: say so
+    at start (an install without a compiler falls back silently; pip hides setup.py's warning)."""
+    from chorus.native import CODEC_IMPLEMENTATION, HUB_IMPLEMENTATION, NATIVE_IMPORT_ERROR
+
+    if "gateway" not in roles or (HUB_IMPLEMENTATION, CODEC_IMPLEMENTATION) == ("native", "native"):
+        return None
+    why = ("CHORUS_PURE is set" if NATIVE_IMPORT_ERROR is None
+           else f"the native build did not load: {NATIVE_IMPORT_ERROR}")
+    text = (f"pure-Python hub={HUB_IMPLEMENTATION} codec={CODEC_IMPLEMENTATION} loaded ({why}): the gateway works "
+            "but serves far fewer viewers per core; reinstall with a C/C++ compiler and the Python headers "
+            "(CHORUS_BUILD_NATIVE=always makes a failed build an error)")
+    log.warning("%s", text)
+    return text
+
+
 async def run_app(config: Config, roles: frozenset[str], announce: Any = print) -> None:
     """Run until SIGINT/SIGTERM, then stop every part."""
+    warn_if_pure(roles)
     app = await App.build(config, roles)
     await app.start()
     tune_gc()

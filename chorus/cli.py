@@ -22,7 +22,12 @@ def _add_config_args(p: argparse.ArgumentParser, listen: bool = False) -> None:
         p.add_argument("--port", type=int, help="port to listen on (default 8080)")
 
 
-def _config_from(args: argparse.Namespace) -> Config:
+def _config_from(args: argparse.Namespace, listening: bool = False) -> Config:
+    """The config of file, environment and flags (flags win), signing with the data dir's own key
+    when the embedded default has one (chorus/localkey.py); ``listening`` (``chorus run``) makes
+    that key when the gateway listens beyond loopback."""
+    from chorus.localkey import needs_own_key, with_local_key
+
     overrides: dict[str, Any] = {}
     if getattr(args, "host", None):
         overrides["gateway__host"] = args.host
@@ -30,7 +35,14 @@ def _config_from(args: argparse.Namespace) -> Config:
         overrides["gateway__port"] = args.port
     if getattr(args, "data_dir", None):
         overrides["data_dir"] = args.data_dir
-    return load_config(args.config, **overrides)
+    config = load_config(args.config, **overrides)
+    create = listening and needs_own_key(config)
+    config, key_file = with_local_key(config, create)
+    if create and key_file is not None:
+        print(f"chorus: listening on {config.gateway.host}, beyond loopback: tokens are signed with the random key "
+              f"in {key_file} (not the public development key), /dev/token signs in by name only, and "
+              f"`chorus token --data-dir {config.data_dir}` mints with the same key", file=sys.stderr)
+    return config
 
 
 def _run_roles(args: argparse.Namespace, roles: frozenset[str]) -> int:
@@ -39,7 +51,7 @@ def _run_roles(args: argparse.Namespace, roles: frozenset[str]) -> int:
     from chorus.app import run_app
     from chorus.ops import configure_logging
 
-    config = _config_from(args)
+    config = _config_from(args, listening="gateway" in roles)
     configure_logging(config)
     uvloop.run(run_app(config, roles))
     return 0
@@ -54,6 +66,9 @@ def _all_roles() -> frozenset[str]:
 def _token(args: argparse.Namespace) -> int:
     from chorus.auth import mint_token
 
+    if args.ttl is not None and args.ttl <= 0:
+        print(f"chorus: --ttl must be a positive number of seconds, got {args.ttl}", file=sys.stderr)
+        return 2
     config = _config_from(args)
     scopes = args.scope or ["read"]
     print(mint_token(config.auth, args.user, args.name or args.user, scopes, args.role, args.ttl, args.stream,
@@ -68,13 +83,21 @@ def _operator(args: argparse.Namespace, action: Callable[[Config], Coroutine[Any
 
     config = _config_from(args)
     if not config.redis.url:
-        raise ConfigError("config key redis.url: `chorus mode`, `ban` and `unban` change a deployment's state "
-                          "in Redis; the embedded default keeps it inside the `chorus run` process")
+        print(f"chorus {args.command}: works on a deployment with Redis (set redis.url), and this config is the "
+              "embedded default, whose state lives inside its `chorus run` process. There, use the moderator API "
+              "of the running process with a moderator token (`chorus token --user ID --role moderator`), e.g. "
+              f"POST /mod/streams/STREAM/{_MOD_API_PATH[args.command]}", file=sys.stderr)
+        return 2
     if not (STREAM_ID.match(args.stream) or (args.stream == ALL_STREAMS and args.command != "mode")):
         print(f"chorus: bad stream id {args.stream!r}", file=sys.stderr)
         return 2
     print(asyncio.run(action(config)))
     return 0
+
+
+# The moderator API request (gateway/modapi.py) doing what each operator command does.
+_MOD_API_PATH = {"mode": "slow_mode {\"seconds\": N}", "ban": "users/USER/ban (or /timeout {\"seconds\": N})",
+                 "unban": "users/USER/unban"}
 
 
 async def _set_mode(config: Config, stream: str, slow_mode_seconds: int) -> str:
@@ -181,8 +204,27 @@ def _config_cmd(args: argparse.Namespace) -> int:
         sys.stdout.write(reference_markdown())
         return 0
     config = _config_from(args)
-    print(f"config OK ({'embedded default' if config.embedded else 'kafka + redis'})")
+    model = _check_model(config)
+    print(f"config OK ({'embedded default' if config.embedded else 'kafka + redis'}; {model})")
     return 0
+
+
+def _check_model(config: Config) -> str:
+    """Load the moderation model the config names, as the moderator would at start (a factory
+    that does not import fails here, not when the moderator starts)."""
+    if not config.moderation.enabled:
+        return "moderation off"
+    from chorus.ingest.model import load_model
+
+    model = load_model(config.moderation.model)
+    return f"moderation model {model.name if model is not None else 'none'} loads"
+
+
+def _version() -> str:
+    from chorus import __version__
+    from chorus.native import CODEC_IMPLEMENTATION, HUB_IMPLEMENTATION
+
+    return f"chorus {__version__} (hub {HUB_IMPLEMENTATION}, codec {CODEC_IMPLEMENTATION})"
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -200,6 +242,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chorus", description="Live comments for live video.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run every role in one process (the embedded default needs nothing else)")
     _add_config_args(p, listen=True)
@@ -225,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verified", action="store_true",
                    help="a verified account: a badge on its comments, never sampled out on a hot stream")
     p.set_defaults(func=_token)
-    p = sub.add_parser("config", help="check a config file, or print every key with its default")
+    p = sub.add_parser("config", help="check a config file (values and the moderation model), or print every key "
+                                      "with its default")
     _add_config_args(p)
     p.add_argument("--defaults", action="store_true", help="print a commented file of defaults")
     p.add_argument("--reference", action="store_true", help="print the Markdown reference (docs/config.md)")

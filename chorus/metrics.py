@@ -103,6 +103,7 @@ class _AppCollector:
         return []  # no fixed description: the families depend on the roles present
 
     def collect(self) -> Iterator[Metric]:
+        yield _build_info()
         app = self.metrics.app
         if app is None:
             return
@@ -117,6 +118,18 @@ class _AppCollector:
         if moderator is not None:
             yield from _moderator_metrics(moderator)
         yield from _lag_metrics(self.metrics.lag)
+
+
+def _build_info() -> GaugeMetricFamily:
+    """chorus_build_info{hub,codec,version} 1: which implementation runs (a pure fallback is slower)."""
+    from chorus import __version__
+    from chorus.native import CODEC_IMPLEMENTATION, HUB_IMPLEMENTATION
+
+    family = GaugeMetricFamily("chorus_build_info", "Always 1: the version, and whether the hub and the frame codec "
+                               "are the native extensions or their pure-Python twins.",
+                               labels=["hub", "codec", "version"])
+    family.add_metric([HUB_IMPLEMENTATION, CODEC_IMPLEMENTATION, __version__], 1.0)
+    return family
 
 
 def _counter(name: str, text: str, value: float) -> CounterMetricFamily:

@@ -1,7 +1,12 @@
 """The `chorus` command as users run it: separate processes, stopped by their own PIDs.
 
 - `chorus run` on the embedded default serves the page, takes a comment, delivers it and
-  keeps it in history, with no Kafka, Redis or config file.
+  keeps it in history, with no Kafka, Redis or config file; its flags win over the environment.
+- Bound beyond loopback it signs with a random key of its data dir, never the public
+  development key; `chorus token --data-dir` mints with the same key.
+- The pure-Python twins are announced at start and in /metrics (`chorus_build_info`).
+- The CLI's refusals: bad config files (every problem at once), a model that does not import,
+  `--ttl 0`, operator commands on the embedded default; and `chorus --version`.
 - Scale-out: two `chorus gateway` processes on different ports, one `chorus coordinator` and
   one `chorus archiver`, over the real Redis and Kafka: a comment posted on one gateway
   reaches viewers on both.
@@ -10,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -17,12 +23,15 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from clients import PicowsClient, WebsocketsClient, aget_json, http_get
 
+from chorus import __version__
 from chorus.auth import mint_token
-from chorus.config import load_config
+from chorus.config import DEV_KEY, AuthConfig, load_config
+from chorus.native import CODEC_IMPLEMENTATION, HUB_IMPLEMENTATION
 from services import free_port
 
 KEY = "process-test-key-0123456789abcdef012345"
@@ -68,9 +77,29 @@ def wait_http(url: str, proc: Proc, timeout: float = 20) -> None:
 
 
 
+async def http(port: int, method: str, path: str, token: str, body: dict[str, Any]) -> tuple[int, Any]:
+    """One JSON request on its own connection (tests/test_moderation.py has the same; it imports this module)."""
+    data = json.dumps(body).encode()
+    head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {len(data)}\r\n"
+            f"Content-Type: application/json\r\nAuthorization: Bearer {token}\r\n\r\n")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head.encode() + data)
+    raw = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    status_line, _, rest = raw.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2] or b"null")
+
+
+def chorus(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "chorus.cli", *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
 async def test_chorus_run_embedded_default(tmp_path: Path, procs: list[Proc]) -> None:
     port = free_port()
-    run = Proc(["run", "--port", str(port), "--data-dir", str(tmp_path / "data")], tmp_path / "run.log")
+    # The flag wins over the environment (which names a port nothing listens on).
+    run = Proc(["run", "--port", str(port), "--data-dir", str(tmp_path / "data")], tmp_path / "run.log",
+               env={"CHORUS_GATEWAY__PORT": str(free_port())})
     procs.append(run)
     base = f"http://127.0.0.1:{port}"
     await asyncio.to_thread(wait_http, f"{base}/healthz", run)
@@ -91,6 +120,11 @@ async def test_chorus_run_embedded_default(tmp_path: Path, procs: list[Proc]) ->
     await asyncio.sleep(0.2)
     status, history = await aget_json(f"{base}/streams/lobby/comments")
     assert [c["text"] for c in history["comments"]] == ["hello from the embedded default"]
+    status, metrics = await asyncio.to_thread(http_get, f"{base}/metrics")
+    assert status == 200
+    build = (f'chorus_build_info{{codec="{CODEC_IMPLEMENTATION}",hub="{HUB_IMPLEMENTATION}",'
+             f'version="{__version__}"}} 1.0')
+    assert build in metrics.decode()
     for c in (viewer, poster):
         await c.close()
     assert run.stop() == 0, run.output()
@@ -98,11 +132,96 @@ async def test_chorus_run_embedded_default(tmp_path: Path, procs: list[Proc]) ->
     assert "Chorus archiver, coordinator, gateway, moderator on http://127.0.0.1" in run.output()
 
 
+async def test_pure_twins_are_announced_at_start_and_in_metrics(tmp_path: Path, procs: list[Proc]) -> None:
+    port = free_port()
+    run = Proc(["run", "--port", str(port), "--data-dir", str(tmp_path / "data")], tmp_path / "run.log",
+               env={"CHORUS_PURE": "1"})
+    procs.append(run)
+    await asyncio.to_thread(wait_http, f"http://127.0.0.1:{port}/healthz", run)
+    status, metrics = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}/metrics")
+    assert status == 200
+    assert f'chorus_build_info{{codec="pure",hub="pure",version="{__version__}"}} 1.0' in metrics.decode()
+    assert run.stop() == 0, run.output()
+    warning = [line for line in run.output().splitlines() if "WARNING" in line and "pure-Python" in line]
+    assert len(warning) == 1, run.output()
+    assert "hub=pure codec=pure loaded (CHORUS_PURE is set)" in warning[0]
+    # `chorus gateway` warns the same way (here before refusing to run alone on the embedded default).
+    out = chorus("gateway", "--data-dir", str(tmp_path), env={"CHORUS_PURE": "1"})
+    assert out.returncode == 2 and "hub=pure codec=pure loaded" in out.stderr
+
+
+async def test_run_beyond_loopback_signs_with_a_key_of_its_own(tmp_path: Path, procs: list[Proc]) -> None:
+    """The development key is public: bound to 0.0.0.0 `chorus run` makes a random key in the data
+    dir (0600) and signs with it, so a moderator token minted with the public key is refused, a
+    /dev/token sign-in cannot moderate, and `chorus token --data-dir` of the same dir can."""
+    port, data = free_port(), tmp_path / "data"
+    run = Proc(["run", "--host", "0.0.0.0", "--port", str(port), "--data-dir", str(data)], tmp_path / "run.log")
+    procs.append(run)
+    await asyncio.to_thread(wait_http, f"http://127.0.0.1:{port}/healthz", run)  # reached over loopback only
+    key_file = data / "auth.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert len(key_file.read_text().strip()) >= 32
+    said = [line for line in run.output().splitlines() if "beyond loopback" in line]
+    assert len(said) == 1 and str(key_file) in said[0] and "/dev/token signs in by name only" in said[0]
+
+    slow_mode = "/mod/streams/lobby/slow_mode"
+    forged = mint_token(AuthConfig(key=DEV_KEY), "evil", "evil", ["read", "moderate"], "moderator")
+    assert (await http(port, "POST", slow_mode, forged, {"seconds": 30}))[0] == 401
+    _status, dev = await aget_json(f"http://127.0.0.1:{port}/dev/token?name=Zoe")
+    assert (await http(port, "POST", slow_mode, dev["token"], {"seconds": 30}))[0] == 403
+    minted = chorus("token", "--data-dir", str(data), "--user", "9", "--role", "moderator")
+    assert minted.returncode == 0, minted.stderr
+    status, answer = await http(port, "POST", slow_mode, minted.stdout.strip(), {"seconds": 30})
+    assert (status, answer["mode"]) == (200, {"slow_mode_seconds": 30})
+    assert run.stop() == 0, run.output()
+
+    # The next start reuses the key (tokens stay valid), also on loopback.
+    before = key_file.read_text()
+    again = Proc(["run", "--port", str(port), "--data-dir", str(data)], tmp_path / "again.log")
+    procs.append(again)
+    await asyncio.to_thread(wait_http, f"http://127.0.0.1:{port}/healthz", again)
+    assert key_file.read_text() == before
+    status, _answer = await http(port, "POST", slow_mode, minted.stdout.strip(), {"seconds": 0})
+    assert status == 200
+    assert again.stop() == 0, again.output()
+
+
+def test_a_key_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "auth.key").write_text("k" * 64)
+    (tmp_path / "auth.key").chmod(0o644)
+    out = chorus("token", "--data-dir", str(tmp_path), "--user", "1")
+    assert out.returncode == 2 and "readable by others (mode 0644)" in out.stderr
+
+
 def test_role_alone_on_the_embedded_default_is_refused(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "chorus.cli", "gateway", "--data-dir", str(tmp_path)],
-                         capture_output=True, text=True, timeout=30)
+    out = chorus("gateway", "--data-dir", str(tmp_path))
     assert out.returncode == 2
     assert "embedded default runs every role in one process" in out.stderr
+
+
+def test_cli_refusals_say_what_is_wrong(tmp_path: Path) -> None:
+    assert chorus("--version").stdout.startswith(f"chorus {__version__} (hub {HUB_IMPLEMENTATION}, codec ")
+    for ttl in ("0", "-5"):
+        out = chorus("token", "--user", "1", "--ttl", ttl)
+        assert out.returncode == 2 and "--ttl must be a positive number of seconds" in out.stderr
+    out = chorus("ban", "lobby", "42", "--data-dir", str(tmp_path))
+    assert out.returncode == 2 and "chorus ban: works on a deployment with Redis" in out.stderr
+    assert "POST /mod/streams/STREAM/users/USER/ban" in out.stderr and "Traceback" not in out.stderr
+
+    cfg = tmp_path / "chorus.toml"
+    cfg.write_text('[gateway]\nport = "8080"\nheartbeat_interval_s = 0\n')
+    out = chorus("config", "--config", str(cfg), env={"CHORUS_GATEWY__HOST": "x"})
+    assert out.returncode == 2
+    assert "chorus: 3 problems in the config:" in out.stderr
+    for problem in ("gateway.port: expected int, got '8080' (a string)", "gateway.heartbeat_interval_s: must be",
+                    "CHORUS_GATEWY__HOST: not a config key (did you mean CHORUS_GATEWAY__HOST?)"):
+        assert problem in out.stderr
+    cfg.write_text('[moderation]\nmodel = "no_such_package.models:make"\n')
+    out = chorus("config", "--config", str(cfg))
+    assert out.returncode == 2 and "moderation.model: cannot import 'no_such_package.models'" in out.stderr
+    cfg.write_text('[moderation]\nmodel = "none"\n')
+    out = chorus("config", "--config", str(cfg))
+    assert out.returncode == 0 and "config OK (embedded default; moderation model none loads)" in out.stdout
 
 
 def test_bad_config_is_refused_naming_the_key(tmp_path: Path) -> None:
@@ -115,7 +234,7 @@ def test_bad_config_is_refused_naming_the_key(tmp_path: Path) -> None:
 
 def test_token_command_mints_a_token_the_gateway_accepts(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "chorus.cli", "token", "--user", "42", "--name", "alice",
-                          "--scope", "read", "--scope", "write", "--role", "moderator"],
+                          "--scope", "read", "--scope", "write", "--role", "moderator", "--data-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=30, check=True)
     from chorus.auth import verify_token
 
