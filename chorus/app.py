@@ -24,6 +24,7 @@ from chorus.ids import MAX_NODE, IdGenerator
 from chorus.ingest.admission import Admission
 from chorus.ingest.archiver import Archiver
 from chorus.ingest.coordinator import Coordinator
+from chorus.ingest.lease import RedisLease, lease_key
 from chorus.ingest.limits import open_limits
 from chorus.ingest.log import CommentLog, open_log
 from chorus.ingest.moderator import Moderator
@@ -87,7 +88,8 @@ class App:
                               "default's development key is public (anyone could mint a moderator token): set "
                               "auth.key, or start with `chorus run`, which keeps a random key in the data dir")
         k = config.kafka
-        comment_log = open_log(k.bootstrap, k.topic, k.partitions, k.accept_timeout_ms, k.linger_ms)
+        comment_log = open_log(k.bootstrap, k.topic, k.partitions, k.accept_timeout_ms, k.linger_ms,
+                               session_timeout_ms=k.session_timeout_ms, heartbeat_interval_ms=k.heartbeat_interval_ms)
         broker: Broker
         state: StreamState
         node_id = await _node_id(config) if "gateway" in roles else 0
@@ -120,7 +122,8 @@ class App:
             app.coordinator = Coordinator(comment_log, broker, state, flush_interval_ms=c.flush_interval_ms,
                                           max_batch=c.max_batch, recent_size=c.recent_size,
                                           hot_flush_interval_ms=c.hot_flush_interval_ms,
-                                          busy_above_per_s=c.busy_above_per_s, sampling=config.sampling)
+                                          busy_above_per_s=c.busy_above_per_s, sampling=config.sampling,
+                                          instance_id=c.instance_id, lease=_coordinator_lease(config))
         if "archiver" in roles:
             assert app.store is not None
             app.archiver = Archiver(comment_log, app.store)
@@ -192,6 +195,14 @@ def _gateway_moderation(config: Config, gateway: Gateway, comment_log: CommentLo
     return GatewayModeration(gateway, comment_log, broker, reputation, f"{node_id}-{uuid.uuid4().hex[:8]}", redis,
                              config.redis.channel_prefix, config.moderation.shadow_ban_s,
                              config.gateway.registry_ttl_s)
+
+
+def _coordinator_lease(config: Config) -> RedisLease | None:
+    """Coordinators sharing an instance id take turns through a lease in Redis (ingest/lease.py)."""
+    c = config.coordinator
+    if not (config.redis.url and config.kafka.bootstrap and c.instance_id):
+        return None
+    return RedisLease(config.redis.url, lease_key(config.redis.channel_prefix, c.instance_id), c.lease_ms)
 
 
 def _reputation(config: Config) -> Reputation:

@@ -136,6 +136,15 @@ class KafkaConfig:
         "Producer batching delay: a gateway's posts of this long share one produce request (the broker's "
         "CPU goes by requests).", 5
     )
+    session_timeout_ms: int = doc(
+        "Consumer group session: a member not heard from this long is dropped and its partitions handed "
+        "on. Must lie within the brokers' group.min.session.timeout.ms-group.max.session.timeout.ms "
+        "(6000-1800000 by default).", 10000
+    )
+    heartbeat_interval_ms: int = doc(
+        "How often group members heartbeat; also how soon a live member hears of a rebalance. "
+        "Below session_timeout_ms.", 1000
+    )
 
 
 @dataclass(frozen=True)
@@ -177,6 +186,18 @@ class CoordinatorConfig:
         "hot_flush_interval_ms; 0: always.", 500
     )
     recent_size: int = doc("Recent comments kept per stream (in Redis) for welcome and recovery.", 1000)
+    instance_id: str = doc(
+        "Static consumer group identity (Kafka group.instance.id): a coordinator restarted with the same "
+        "id takes its partitions back at once. Coordinators with the same id are one slot: the holder of "
+        "a lease in Redis consumes, the others stand by and the first takes over within about lease_ms of "
+        "its crash. Give coordinators different ids to share the partitions; empty: a dynamic member "
+        "and no lease (a crashed one's partitions wait for kafka.session_timeout_ms).", "coordinator"
+    )
+    lease_ms: int = doc(
+        "How long a coordinator's lease lasts without renewal (renewed every lease_ms/4): how soon a "
+        "standby takes over from a crashed holder, and how long a holder cut off from Redis keeps going "
+        "before it steps down.", 1000
+    )
 
 
 @dataclass(frozen=True)
@@ -403,6 +424,11 @@ class Config:
              self.coordinator.flush_interval_ms <= self.coordinator.hot_flush_interval_ms <= 1000,
              "must be flush_interval_ms-1000"),
             ("coordinator.busy_above_per_s", self.coordinator.busy_above_per_s >= 0, "must be >= 0"),
+            ("coordinator.lease_ms", 200 <= self.coordinator.lease_ms <= 60_000, "must be 200-60000"),
+            ("kafka.session_timeout_ms", 1000 <= self.kafka.session_timeout_ms <= 1_800_000,
+             "must be 1000-1800000"),
+            ("kafka.heartbeat_interval_ms", 100 <= self.kafka.heartbeat_interval_ms < self.kafka.session_timeout_ms,
+             "must be >= 100 and below kafka.session_timeout_ms"),
             ("limits.user_per_minute", 0 <= self.limits.user_per_minute <= 1_000_000, "must be 0-1000000"),
             ("limits.ip_per_minute", 0 <= self.limits.ip_per_minute <= 1_000_000, "must be 0-1000000"),
             ("limits.stream_per_second", 0 <= self.limits.stream_per_second <= 1_000_000, "must be 0-1000000"),

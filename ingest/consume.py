@@ -10,6 +10,10 @@ hand is done. Anything a rebalance lets through while paused is kept and handled
 
 A commit that fails (the group rebalanced under us) is logged and not fatal: whoever owns
 the partitions next resumes from the last commit and replays, which the effects absorb.
+
+A loop that was stopped can run again on a fresh consumer (:meth:`ConsumeLoop.renew`): a
+coordinator that lost its lease and took it back later (ingest/lease.py) keeps its counters
+and settings; what it had fetched but not committed is dropped, for the next owner replays it.
 """
 
 from __future__ import annotations
@@ -120,3 +124,10 @@ class ConsumeLoop:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def renew(self, consumer: LogConsumer) -> None:
+        """Run next on ``consumer`` (after :meth:`run` returned), from its group's last commit."""
+        self.consumer = consumer
+        self._carried, self._in_hand = [], ()
+        self.paused = False
+        self._stopping = asyncio.Event()

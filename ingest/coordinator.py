@@ -29,6 +29,14 @@ of a stream's keep ratio is recorded (``note_keep_ratio``) before the ``throttle
 announces it, so a resume served from the history store filters it the same way. A small
 ticker ends sampling (``throttle`` 1.0) for a stream that went quiet, since no batch comes to
 do it, and sets or lifts automatic slow mode through the stream's mode API.
+
+Failover. With an ``instance_id`` the coordinator is a static member of its consumer group,
+so one restarted after a crash takes its partitions back at once instead of waiting for the
+dead member's session to expire. With a ``lease`` too (ingest/lease.py: Redis, one per
+instance id) several processes may run with the same id: the lease holder consumes, the
+others stand by and the first to take a lapsed lease joins with that id, taking the crashed
+holder's partitions within about ``lease_ms``. A holder that loses its lease stops consuming
+and stands by again. Different instance ids share the topic's partitions as usual.
 """
 
 from __future__ import annotations
@@ -45,7 +53,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from chorus.broker import Broker, StreamState, set_stream_mode
 from chorus.config import SamplingConfig
 from chorus.ingest.consume import ConsumeLoop
-from chorus.ingest.log import CommentLog, LogRecord
+from chorus.ingest.lease import Lease
+from chorus.ingest.log import CommentLog, LogConsumer, LogRecord, group_consumer
 from chorus.ingest.records import Comment, Control, RecordError, decode_any
 from chorus.ingest.sampling import Plan, RateWindow, Sampler, throttle_event
 from chorus.protocol import JSON, encode_event, pack_channel_message
@@ -113,7 +122,12 @@ class Coordinator:
                  flush_interval_ms: int = 10, max_batch: int = 100, recent_size: int = 1000,
                  hot_flush_interval_ms: int = 50, busy_above_per_s: int = 500,
                  sampling: SamplingConfig | None = None, set_slow_mode: SlowModeSetter | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, instance_id: str = "",
+                 lease: Lease | None = None) -> None:
+        self.comment_log = comment_log
+        self.instance_id = instance_id
+        self.lease = lease
+        self._stopping = asyncio.Event()
         self.broker = broker
         self.state = state
         self.recent_size = recent_size
@@ -132,8 +146,11 @@ class Coordinator:
         self.throttle_events = 0
         self.control_events = 0  # control records applied (deletes, shadows, pins, unpins)
         self._publishing = asyncio.Lock()  # one stream's throttle events and batches stay in order
-        self.loop = ConsumeLoop(comment_log.consumer(GROUP, max_wait_ms=flush_interval_ms), self.handle,
-                                name="coordinator", linger_ms=flush_interval_ms, max_records=max_batch)
+        self.loop = ConsumeLoop(self._consumer(), self.handle, name="coordinator",
+                                linger_ms=flush_interval_ms, max_records=max_batch)
+
+    def _consumer(self) -> LogConsumer:
+        return group_consumer(self.comment_log, GROUP, self.flush_interval_ms, self.instance_id)
 
     async def handle(self, records: Sequence[LogRecord]) -> None:
         self._records_rate.add(self._now_ms(), len(records))
@@ -255,11 +272,46 @@ class Coordinator:
     async def run(self) -> None:
         ticker = asyncio.create_task(self._tick_loop(), name="coordinator-sampling-tick")
         try:
-            await self.loop.run()
+            if self.lease is None:
+                await self.loop.run()
+                return
+            while await self._take_lease():
+                await self._consume_while_leased(self.lease)
         finally:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
+            if self.lease is not None:
+                await self.lease.close()
+
+    async def _take_lease(self) -> bool:
+        """Stand by until the lease is ours (True), or until stopped (False)."""
+        assert self.lease is not None
+        taking = asyncio.ensure_future(self.lease.acquire())
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait((taking, stopping), return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not taking.done():
+            taking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await taking
+            return False
+        taking.result()
+        return not self._stopping.is_set()
+
+    async def _consume_while_leased(self, lease: Lease) -> None:
+        """Consume until stopped or until the lease is lost; then the next term needs a fresh
+        consumer (a stopped one cannot rejoin)."""
+        consuming = asyncio.ensure_future(self.loop.run())
+        losing = asyncio.ensure_future(lease.lost())
+        await asyncio.wait((consuming, losing), return_when=asyncio.FIRST_COMPLETED)
+        losing.cancel()
+        if not consuming.done():
+            self.loop.stop()
+        await consuming  # a role that failed fails the process, as without a lease
+        if not self._stopping.is_set():
+            self.loop.renew(self._consumer())
 
     def stop(self) -> None:
+        self._stopping.set()
         self.loop.stop()

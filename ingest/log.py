@@ -30,7 +30,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from chorus.ingest.kafka_topic import partition_epoch, topic_id
 
 __all__ = ["CommentLog", "KafkaLog", "LogConsumer", "LogRecord", "LogUnavailable", "LogUnconfirmed", "MemoryLog",
-           "append_many", "open_log"]
+           "append_many", "group_consumer", "open_log"]
 
 log = logging.getLogger("chorus.log")
 
@@ -293,9 +293,12 @@ class KafkaLog:
     comes up while Kafka is down and refuses posts with a clear error until it is back.
     """
 
-    def __init__(self, bootstrap: str, topic: str, accept_timeout_ms: int = 5000, linger_ms: int = 2) -> None:
+    def __init__(self, bootstrap: str, topic: str, accept_timeout_ms: int = 5000, linger_ms: int = 2, *,
+                 session_timeout_ms: int = 10000, heartbeat_interval_ms: int = 1000) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
+        self.session_timeout_ms = session_timeout_ms
+        self.heartbeat_interval_ms = heartbeat_interval_ms
         self.accept_timeout_ms = accept_timeout_ms
         self.linger_ms = linger_ms
         self._producer: object | None = None
@@ -417,8 +420,11 @@ class KafkaLog:
             p = self._partition_of[key] = self._partitioner(key, partitions, partitions)
         return p
 
-    def consumer(self, group: str, max_wait_ms: int = 10) -> KafkaLogConsumer:
-        return KafkaLogConsumer(self.bootstrap, self.topic, group, max_wait_ms)
+    def consumer(self, group: str, max_wait_ms: int = 10, instance_id: str = "") -> KafkaLogConsumer:
+        """``instance_id``: a static member (``group.instance.id``, see :class:`KafkaLogConsumer`)."""
+        return KafkaLogConsumer(self.bootstrap, self.topic, group, max_wait_ms, instance_id=instance_id,
+                                session_timeout_ms=self.session_timeout_ms,
+                                heartbeat_interval_ms=self.heartbeat_interval_ms)
 
 
 class KafkaLogConsumer:
@@ -426,9 +432,16 @@ class KafkaLogConsumer:
 
     Its records' epoch comes from the topic id, read at start and again whenever partitions
     are assigned (recreating the topic changes its metadata, which rebalances the group).
+
+    With an ``instance_id`` it is a static member (KIP-345): a process that joins with the id
+    of a member that crashed takes that member's partitions at once, where a new dynamic
+    member waits until the crashed one's session (``session_timeout_ms``) expires. A static
+    member does not leave the group when it stops, so its partitions wait for the next one
+    with its id, or for its session to expire.
     """
 
-    def __init__(self, bootstrap: str, topic: str, group: str, max_wait_ms: int = 10) -> None:
+    def __init__(self, bootstrap: str, topic: str, group: str, max_wait_ms: int = 10, *, instance_id: str = "",
+                 session_timeout_ms: int = 10000, heartbeat_interval_ms: int = 1000) -> None:
         from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 
         # The broker's CPU goes by requests, not records (~1-2 ms per request on this project's
@@ -443,6 +456,9 @@ class KafkaLogConsumer:
             client_id=f"chorus-{group}",
             fetch_max_wait_ms=max_wait_ms,
             fetch_min_bytes=FETCH_MIN_BYTES,
+            group_instance_id=instance_id or None,
+            session_timeout_ms=session_timeout_ms,
+            heartbeat_interval_ms=heartbeat_interval_ms,
         )
         self.bootstrap = bootstrap
         self.topic = topic
@@ -511,7 +527,17 @@ class KafkaLogConsumer:
         return {tp.partition: int(await self._consumer.position(tp)) for tp in self._consumer.assignment()}
 
 
-def open_log(bootstrap: str, topic: str, partitions: int, accept_timeout_ms: int, linger_ms: int) -> CommentLog:
+def group_consumer(comment_log: CommentLog, group: str, max_wait_ms: int, instance_id: str = "") -> LogConsumer:
+    """A member of ``group``; on Kafka a static one when ``instance_id`` is set (the in-process
+    log has no membership to keep)."""
+    if instance_id and isinstance(comment_log, KafkaLog):
+        return comment_log.consumer(group, max_wait_ms, instance_id=instance_id)
+    return comment_log.consumer(group, max_wait_ms=max_wait_ms)
+
+
+def open_log(bootstrap: str, topic: str, partitions: int, accept_timeout_ms: int, linger_ms: int, *,
+             session_timeout_ms: int = 10000, heartbeat_interval_ms: int = 1000) -> CommentLog:
     if not bootstrap:
         return MemoryLog(partitions)
-    return KafkaLog(bootstrap, topic, accept_timeout_ms, linger_ms)
+    return KafkaLog(bootstrap, topic, accept_timeout_ms, linger_ms, session_timeout_ms=session_timeout_ms,
+                    heartbeat_interval_ms=heartbeat_interval_ms)
