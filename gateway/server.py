@@ -47,7 +47,7 @@ from chorus.gateway.node import Node
 from chorus.gateway.recovery import Recovery
 from chorus.gateway.routes import HttpRoutes, authenticate, origin_allowed
 from chorus.ingest.admission import Admission, Admitted, Refused
-from chorus.ingest.records import Comment
+from chorus.ingest.records import Comment, encode_record
 from chorus.ingest.store import HistoryStore
 from chorus.metrics import DeliveryClock
 from chorus.ops import DRAIN_REASON, drain_gateway
@@ -80,6 +80,9 @@ OVERLOADED_RETRY_MS = 1000  # retry_after_ms of ``overloaded``
 # one comes anyway). Every event is compact JSON starting with its type.
 REPLAYED_CONTROLS = (b'{"t":"delete"', b'{"t":"pin"', b'{"t":"unpin"', b'{"t":"mode"')
 MAX_ADMIT_BATCH = 2000  # posts admitted together at most (one Redis pipeline)
+RESUME_PACING_S = 5.0  # a resume waits for its viewer's backlog at most this long in all
+FAILURE_LOG_INTERVAL_S = 10.0  # one log line per kind of failure this often, with the count in between
+INTERNAL_REASON = "the server failed on this message; nothing of it was done"
 UNTAG_MEMO_MAX = 50_000  # decoded viewer tags kept (Identity is immutable, so sharing is safe)
 
 
@@ -111,6 +114,15 @@ def _untag(tag: bytes) -> tuple[str, int, Identity | None]:
 _untagged: dict[bytes, tuple[str, int, Identity | None]] = {}
 
 
+def _encodes(comment: Comment) -> bool:
+    """Whether the comment's log record can be encoded (a lone surrogate in its text cannot)."""
+    try:
+        encode_record(comment)
+    except (ValueError, TypeError):  # UnicodeEncodeError is a ValueError
+        return False
+    return True
+
+
 @dataclass(slots=True)
 class _Stream:
     """A stream with local viewers: its hub handle and its last few batches."""
@@ -133,6 +145,29 @@ class _Post:
     msg: PostComment
     wire: Wire
     ip: str
+
+
+class _FailureLog:
+    """Logs a kind of failure the first time and then at most once per interval, with how
+    many happened in between: a client repeating a message that trips a bug cannot flood the log."""
+
+    def __init__(self, interval_s: float = FAILURE_LOG_INTERVAL_S) -> None:
+        self.interval_s = interval_s
+        self._last: dict[tuple[str, str], float] = {}
+        self._quiet: dict[tuple[str, str], int] = {}
+        self.count = 0
+
+    def failed(self, where: str, exc: BaseException) -> None:
+        self.count += 1
+        key = (where, type(exc).__name__)
+        now = time.monotonic()
+        if now - self._last.get(key, -self.interval_s) < self.interval_s:
+            self._quiet[key] = self._quiet.get(key, 0) + 1
+            return
+        self._last[key] = now
+        also = self._quiet.pop(key, 0)
+        log.error("%s failed (%s; %d more like it since the last report)", where, type(exc).__name__, also,
+                  exc_info=exc)
 
 
 class Upgrader(WSListener):
@@ -194,6 +229,7 @@ class Gateway:
         self.started_at = time.time()
         self.moderation: GatewayModeration | None = None  # gateway/modapi.py; set by the app
         self._controls_seen = 0  # control events delivered so far (numbers _Stream.controls)
+        self.failures = _FailureLog()  # events and answers that raised (each cost only its own connection)
         node.deliver = self.deliver
         # Operations (chorus/ops.py) sets these hooks: readiness and health, the /metrics page,
         # the delivery-latency clock and the counter of posts refused before admission.
@@ -279,18 +315,15 @@ class Gateway:
             self.clock.polled()
         posts: list[_Post] = []
         for kind, conn, handle, data, tag in self.hub.drain():
-            if kind == native.hub.MESSAGE_TEXT and handle in self._by_handle and (emoji := fast_react(data)):
-                self._react_fast(conn, self._by_handle[handle].name, tag, emoji)
-                continue
-            ip, variant, who = _untag(tag)
+            # Each event on its own: one that raises costs only its own connection, never
+            # the rest of the drain (other viewers' posts, the CLOSED events the counts need).
             if kind == native.hub.CLOSED:
-                self._viewer_left(handle, ip)
-                if self.moderation is not None:
-                    self.moderation.on_leave(who, conn)
-            elif handle == ECHO_HANDLE:
-                self.hub.send(conn, data, kind == native.hub.MESSAGE_BINARY)
-            else:
-                self._on_client_message(conn, handle, kind, data, variant, who, ip, posts)
+                self._on_closed(conn, handle, tag)
+                continue
+            try:
+                self._on_event(kind, conn, handle, data, tag, posts)
+            except Exception as exc:
+                self._event_failed(conn, tag, exc)
         if posts:
             self._inflight += len(posts)
             self._queued += posts
@@ -298,6 +331,54 @@ class Gateway:
                 self._admitting = True
                 self.spawn(self._admit_queued())
         self._arm_timer()
+
+    def _on_event(self, kind: int, conn: int, handle: int, data: bytes, tag: bytes, posts: list[_Post]) -> None:
+        if kind == native.hub.MESSAGE_TEXT and handle in self._by_handle and (emoji := fast_react(data)):
+            self._react_fast(conn, self._by_handle[handle].name, tag, emoji)
+            return
+        ip, variant, who = _untag(tag)
+        if handle == ECHO_HANDLE:
+            self.hub.send(conn, data, kind == native.hub.MESSAGE_BINARY)
+        else:
+            self._on_client_message(conn, handle, kind, data, variant, who, ip, posts)
+
+    def _on_closed(self, conn: int, handle: int, tag: bytes) -> None:
+        """A viewer is gone: its counts always drop, even if the moderation hook fails."""
+        try:
+            ip, _, who = _untag(tag)
+        except Exception as exc:  # our own tag, so a bug: still release the stream
+            self.failures.failed("reading a closed viewer's tag", exc)
+            ip, who = "", None
+        self._viewer_left(handle, ip)
+        if self.moderation is not None:
+            try:
+                self.moderation.on_leave(who, conn)
+            except Exception as exc:
+                self.failures.failed("the moderation hook of a closed viewer", exc)
+
+    def _event_failed(self, conn: int, tag: bytes, exc: Exception) -> None:
+        """Handling one viewer's message raised: log it (rate-limited) and tell that viewer."""
+        self.failures.failed("handling a viewer's message", exc)
+        try:
+            wire: Wire = MSGPACK if _untag(tag)[1] & 1 else JSON
+        except Exception:
+            self.hub.close(conn, CloseCode.INTERNAL_ERROR, "internal error")
+            return
+        self._send_internal_error(conn, wire)
+
+    def _send_internal_error(self, conn: int, wire: Wire, reason: str = INTERNAL_REASON,
+                             comment_id: str | None = None, nonce: str | None = None) -> None:
+        """An ``internal_error`` event, without the nonce if that is what cannot be encoded;
+        close 1011 if even that fails."""
+        try:
+            try:
+                payload = encode_event(error_event(ErrorCode.INTERNAL_ERROR, reason, nonce, None, comment_id), wire)
+            except (ValueError, TypeError):
+                payload = encode_event(error_event(ErrorCode.INTERNAL_ERROR, reason, None, None, comment_id), wire)
+            self.hub.send(conn, payload)
+        except Exception as exc:
+            self.failures.failed("sending internal_error", exc)
+            self.hub.close(conn, CloseCode.INTERNAL_ERROR, "internal error")
 
     def _arm_timer(self) -> None:
         """The pure hub has no timerfd: wake it when its next deadline is due."""
@@ -523,18 +604,14 @@ class Gateway:
     # -- what viewers ask for --
     async def post(self, conn: int, stream: str, who: Identity | None, msg: PostComment, wire: Wire,
                    ip: str = "") -> None:
+        result: Comment | Refused
         try:
-            comment = await self.admission.post(who, stream, msg.text, ip)
+            result = await self.admission.post(who, stream, msg.text, ip)
         except Refused as exc:
-            self.hub.send(conn, encode_event(error_event(exc.code, exc.reason, msg.nonce, exc.retry_after_ms,
-                                                         exc.comment_id), wire))
-            self.on_hub_ready()
-            return
+            result = exc
         finally:
             self._inflight -= 1
-        self.hub.send(conn, encode_ack(comment.id, msg.nonce, wire))
-        if comment.shadow and self.moderation is not None:
-            self.moderation.echo_shadow(comment)
+        self._answer([_Post(conn, stream, who, msg, wire, ip)], [result])
         self.on_hub_ready()
 
     async def _admit_queued(self) -> None:
@@ -545,51 +622,99 @@ class Gateway:
         try:
             while self._queued:
                 batch, self._queued = self._queued[:MAX_ADMIT_BATCH], self._queued[MAX_ADMIT_BATCH:]
-                try:
-                    admitted = await self.admission.admit_many([(p.who, p.stream, p.msg.text, p.ip) for p in batch])
-                except BaseException:
-                    self._inflight -= len(batch)
-                    raise
-                self._inflight -= len(batch) - len(admitted.comments)
-                self._answer(batch, admitted.results)
-                self.spawn(self._append_admitted(batch, admitted))
+                await self._admit_batch(batch)
                 self.on_hub_ready()
         finally:
             self._admitting = False
 
+    async def _admit_batch(self, batch: list[_Post]) -> None:
+        """Admit ``batch`` and start its appends. If admission raises (a post it cannot
+        encode, a bug), the batch is split in halves until the post at fault is alone: it gets
+        ``internal_error`` (not posted), the others go on (a few extra calls, only then)."""
+        try:
+            admitted = await self.admission.admit_many([(p.who, p.stream, p.msg.text, p.ip) for p in batch])
+        except asyncio.CancelledError:
+            self._inflight -= len(batch)
+            raise
+        except Exception as exc:
+            if len(batch) > 1:
+                half = len(batch) // 2
+                await self._admit_batch(batch[:half])
+                await self._admit_batch(batch[half:])
+                return
+            self._inflight -= 1
+            self.failures.failed("admitting a comment", exc)
+            p = batch[0]
+            self._send_internal_error(p.conn, p.wire, "the server could not take this comment; it was not posted",
+                                      nonce=p.msg.nonce)
+            return
+        self._inflight -= len(batch) - len(admitted.comments)
+        self._answer(batch, admitted.results)
+        self.spawn(self._append_admitted(batch, admitted))
+
     async def _append_admitted(self, batch: list[_Post], admitted: Admitted) -> None:
         waiting = [i for i, _ in admitted.comments]
         try:
-            results = await self.admission.append_admitted(admitted)
+            results = await self._append_encodable(admitted)
         finally:
             self._inflight -= len(waiting)
         self._answer([batch[i] for i in waiting], [results[i] for i in waiting])
         self.on_hub_ready()
 
+    async def _append_encodable(self, admitted: Admitted) -> list[Comment | Refused]:
+        """Append the batch; if that raises because a comment's record cannot be encoded, that
+        comment is refused alone and the rest appended. Records are all encoded before the
+        first append, so a record that fails to encode now failed before anything was appended."""
+        try:
+            return await self.admission.append_admitted(admitted)
+        except Exception as exc:
+            bad = [(i, c) for i, c in admitted.comments if not _encodes(c)]
+            if not bad:
+                raise  # not an encoding failure: the appends' own error
+            self.failures.failed("encoding a comment's record", exc)
+            for i, _ in bad:
+                admitted.results[i] = Refused(ErrorCode.INTERNAL_ERROR, "the server could not encode this comment; "
+                                                                        "it was not posted")
+            good = [(i, c) for i, c in admitted.comments if _encodes(c)]
+            return await self.admission.append_admitted(Admitted(admitted.results, good))
+
     def _answer(self, posts: list[_Post], results: list[Comment | Refused] | list[Comment | Refused | None]) -> None:
+        """Each post's ack or error; one that cannot be encoded gets ``internal_error`` alone."""
         for p, result in zip(posts, results, strict=True):
-            if isinstance(result, Refused):
-                self.hub.send(p.conn, encode_event(error_event(result.code, result.reason, p.msg.nonce,
-                                                               result.retry_after_ms, result.comment_id), p.wire))
-            elif result is not None:
-                self.hub.send(p.conn, encode_ack(result.id, p.msg.nonce, p.wire))
-                if result.shadow and self.moderation is not None:
-                    self.moderation.echo_shadow(result)
+            try:
+                self._answer_one(p, result)
+            except Exception as exc:
+                self.failures.failed("answering a post", exc)
+                posted = result.id if isinstance(result, Comment) else None
+                self._send_internal_error(p.conn, p.wire, "the answer to this comment could not be encoded"
+                                          + ("; it was posted (id)" if posted else "; it was not posted"), posted,
+                                          p.msg.nonce)
+
+    def _answer_one(self, p: _Post, result: Comment | Refused | None) -> None:
+        if isinstance(result, Refused):
+            self.hub.send(p.conn, encode_event(error_event(result.code, result.reason, p.msg.nonce,
+                                                           result.retry_after_ms, result.comment_id), p.wire))
+        elif result is not None:
+            self.hub.send(p.conn, encode_ack(result.id, p.msg.nonce, p.wire))
+            if result.shadow and self.moderation is not None:
+                self.moderation.echo_shadow(result)
 
     async def resume(self, conn: int, stream: str, msg: Resume, wire: Wire) -> None:
         """Send what the viewer missed (gateway/recovery.py) as batches in order, then ``resumed``.
 
-        Between batches the hub gets to write, and while its backlog is over the limit the
-        rest waits (up to a deadline), so a long recovery does not trip the slow-viewer cap.
+        Between batches the hub gets to write, and while this viewer's own backlog is over the
+        limit the rest waits (up to a deadline), so a long recovery does not trip the
+        slow-viewer cap. Its own: other viewers' backlogs (the hub-wide total) say nothing
+        about this socket, and on a busy gateway they made every resume wait out the deadline.
         """
         found = await self.recovery.missed(stream, msg.epoch, msg.offset)
-        deadline = time.monotonic() + 5.0
+        deadline = time.monotonic() + RESUME_PACING_S
+        limit = self.config.gateway.backlog_limit_bytes
         for batch in found.batch_events(stream):
             if not self.hub.send(conn, encode_event(batch, wire)):
                 return  # the viewer left
             self.on_hub_ready()
-            while self.hub.stats()["backlog_bytes"] > self.config.gateway.backlog_limit_bytes \
-                    and time.monotonic() < deadline:
+            while self.hub.backlog(conn) > limit and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
                 self.on_hub_ready()
         self.hub.send(conn, encode_event({"t": "resumed", "recovered": found.recovered}, wire))

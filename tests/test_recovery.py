@@ -10,6 +10,10 @@ long enough and from the history store when it is not.
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import os
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -25,6 +29,7 @@ from chorus.ids import IdGenerator
 from chorus.ingest.records import Comment, encode_record
 from chorus.ingest.store import SqliteStore, StoreUnavailable
 from chorus.positions import NO_EPOCH
+from chorus.protocol import ChannelMessage
 
 E = "comments:0:test"
 
@@ -259,5 +264,61 @@ async def test_more_missed_than_recover_max_is_unrecovered(tmp_path: Path, reque
         assert await resume(back, batch["epoch"], batch["offset"]) == ([], False)
         for c in (watcher, back):
             await c.close()
+    finally:
+        await app.stop()
+
+
+def stuck_viewer(port: int, stream: str) -> socket.socket:
+    """A viewer that upgrades and then never reads again (a tiny receive buffer): the hub keeps
+    whatever is sent to it as backlog."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(f"GET /ws?stream={stream} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                 f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+    head = b""
+    sock.settimeout(5)
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+async def test_a_resume_is_paced_by_its_own_viewer_not_the_gateways_backlog(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Another viewer holds a large backlog (it stopped reading); a resume of 1,000 missed
+    comments still goes at the pace of the resuming viewer's own socket."""
+    app = await started_app(make_config(tmp_path, "embedded", request, gateway__slow_close_after_s=120))
+    try:
+        env = Env(app)
+        gw = app.gateway
+        assert gw is not None
+        limit = app.config.gateway.backlog_limit_bytes
+        stuck = await asyncio.to_thread(stuck_viewer, env.port, "stuck")
+        big = json.dumps({"t": "note", "pad": "x" * 60_000}).encode()  # control events: never skipped
+        for _ in range(100):
+            if gw.hub.stats()["backlog_bytes"] > 4 * limit:
+                break
+            gw.deliver("stuck", ChannelMessage(big))
+            await asyncio.sleep(0.01)
+        assert gw.hub.stats()["backlog_bytes"] > 4 * limit
+
+        stream = f"p-{uuid.uuid4().hex[:6]}"
+        watcher = await env.viewer(stream)
+        await post_directly(env, stream, 1)
+        batch = await watcher.wait_for(lambda e: e["t"] == "batch", timeout=30)
+        await collect_until(watcher, await post_directly(env, stream, MISSED))
+        back = await env.viewer(stream)
+        started = time.monotonic()
+        replayed, recovered = await resume(back, batch["epoch"], batch["offset"])
+        took = time.monotonic() - started
+        assert recovered and len({c["id"] for c in replayed}) == MISSED
+        assert gw.hub.stats()["backlog_bytes"] > 4 * limit  # the stuck viewer still holds its backlog
+        assert took < 3.0, f"the resume took {took:.2f} s"  # it used to wait out its 5 s deadline
+        print(f"resume of {MISSED} missed beside a {gw.hub.stats()['backlog_bytes']} B backlog: {took:.3f} s")
+        for c in (watcher, back):
+            await c.close()
+        stuck.close()
     finally:
         await app.stop()
