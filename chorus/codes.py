@@ -70,6 +70,9 @@ class ErrorCode(StrEnum):
     TIMED_OUT = "timed_out"  # banned for a while: ``retry_after_ms`` says how long is left
     # A ``react`` naming a reaction outside the configured set (reactions.emoji).
     UNKNOWN_REACTION = "unknown_reaction"
+    # Comment text (or a nonce) holding a lone surrogate or a control character other than tab
+    # and line breaks (chorus/protocol.py clean_text); the reason names the character and where.
+    BAD_TEXT = "bad_text"
     # The gateway failed while handling this message (a bug, or input it could not encode);
     # only this message is lost: the connection stays open and nothing was posted unless the
     # event carries the comment's ``id``.

@@ -2,7 +2,20 @@
 
 Nothing here touches a socket or an event loop. A client message that cannot be understood
 becomes a :class:`BadMessage` carrying the error code and reason to send back; it never
-raises into the caller's loop.
+raises into the caller's loop, whatever the bytes (tests/test_fuzz.py feeds it random ones).
+
+Hostile input is refused before it is decoded or stored:
+
+- Nesting: client messages are flat maps, so anything nested deeper than :data:`MAX_DEPTH` is
+  ``bad_message`` (a JSON pre-scan, before the recursive decoder could run out of stack).
+- Text (:func:`clean_text`, for comments here and display names in chorus/auth.py): a lone
+  surrogate or a control character (C0 but tab and line breaks, DEL, C1 but NEL) is refused
+  with ``bad_text``; bidirectional controls are removed, so a comment cannot reorder the rest
+  of the line it is shown in; surrounding whitespace (a pasted trailing newline) is stripped
+  and each inner run of line breaks and tabs becomes one space. Zero-width joiners stay:
+  emoji sequences need them.
+- Resume positions: the offset must fit in a signed 64-bit integer, the epoch in
+  :data:`MAX_EPOCH_CHARS` characters.
 
 Two encodings carry the same maps: ``chorus.json.v1`` (text frames, the default) and
 ``chorus.msgpack.v1`` (binary frames).
@@ -13,14 +26,23 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from itertools import accumulate, chain, compress, filterfalse
 from typing import Any, Literal
 
 import msgpack
 
 from chorus.codes import MAX_COMMENT_CHARS, MAX_NONCE_CHARS, ErrorCode
 
+MAX_DEPTH = 32  # nested maps/arrays in one client message (ours are flat: depth 1)
+MAX_EPOCH_CHARS = 200  # a resume's epoch (the server's own are a few dozen characters)
+MIN_OFFSET, MAX_OFFSET = -(2**63), 2**63 - 1  # a resume's offset: a signed 64-bit log offset
+
 __all__ = [
     "JSON",
+    "MAX_DEPTH",
+    "MAX_EPOCH_CHARS",
+    "MAX_OFFSET",
+    "MIN_OFFSET",
     "MSGPACK",
     "REACTION_NAME",
     "SUBPROTOCOLS",
@@ -32,6 +54,7 @@ __all__ = [
     "Resume",
     "Wire",
     "choose_subprotocol",
+    "clean_text",
     "decode_event",
     "encode_ack",
     "encode_event",
@@ -95,17 +118,112 @@ def choose_subprotocol(offered: str | None) -> str | None:
     return None
 
 
+# A JSON string, or an unterminated one up to the end: matching every quote it starts at keeps
+# the nesting pre-scan linear (a pattern that can fail would rescan from each later quote).
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
+_DEPTH_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+
+
+def _json_too_deep(data: bytes) -> bool:
+    """True if ``data`` nests arrays/objects deeper than MAX_DEPTH. json.loads recurses once per
+    level, so 5,000 ``[`` would exhaust the stack (RecursionError) before it could refuse them.
+    Where the bytes are not JSON the scan may differ from the decoder, but only after the
+    point where the decoder stops with an error."""
+    if data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
+        return False  # every message of ours: no scan at all
+    brackets = _NOT_BRACKET.sub(b"", _JSON_STRING.sub(b"", data))
+    return max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0) > MAX_DEPTH
+
+
+_IS_CONTAINER = frozenset({dict, list}).__contains__  # the types msgpack builds containers of
+_IS_DICT = dict.__instancecheck__
+
+
+def _too_deep(obj: dict[str, Any] | list[Any]) -> bool:
+    """True if a decoded value nests deeper than MAX_DEPTH. It is walked one level at a time
+    and every step runs in C (itertools over the level's containers), so a message of
+    thousands of small arrays costs about as much again as decoding it, not ten times."""
+    level: list[Any] = [obj]
+    for _ in range(MAX_DEPTH):
+        values = chain(chain.from_iterable(map(dict.values, filter(_IS_DICT, level))),
+                       chain.from_iterable(filterfalse(_IS_DICT, level)))
+        items = list(values)
+        level = list(compress(items, map(_IS_CONTAINER, map(type, items))))
+        if not level:
+            return False
+    return True
+
+
+class _Undecodable(ValueError):
+    """Why bytes are not a message (parse_client_message makes it a BadMessage)."""
+
+
+# What json and msgpack raise on hostile bytes: ValueError covers JSONDecodeError,
+# UnicodeDecodeError, msgpack's ExtraData/FormatError/StackError, a non-str map key, an integer
+# of more than 4,300 digits; TypeError an unhashable key; OverflowError a huge number.
+_DECODE_ERRORS = (ValueError, TypeError, OverflowError, RecursionError)
+
+
 def _loads(data: bytes, wire: Wire) -> Any:
     if wire == JSON:
-        return json.loads(data)
-    return msgpack.unpackb(data, raw=False, strict_map_key=True)
+        if _json_too_deep(data):
+            raise _Undecodable(f"message nests deeper than {MAX_DEPTH} levels")
+        # Decoded here as UTF-8, the subprotocol's encoding: json.loads(bytes) would guess
+        # UTF-16/32 from NUL bytes and decode with surrogatepass.
+        return json.loads(data.decode("utf-8"))
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except msgpack.StackError:  # deeper than msgpack's own stack (1,024 levels)
+        raise _Undecodable(f"message nests deeper than {MAX_DEPTH} levels") from None
+    if isinstance(obj, dict | list) and _too_deep(obj):
+        raise _Undecodable(f"message nests deeper than {MAX_DEPTH} levels")
+    return obj
+
+
+# Characters comment text and display names may not carry as they are (clean_text), as
+# regular-expression class contents.
+_SURROGATES = r"\ud800-\udfff"
+_CONTROLS = r"\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f"  # C0, DEL and C1 but tab, line breaks and NEL
+# UAX #9 explicit formatting characters (embeddings, overrides, isolates) and the implicit
+# marks ALM, LRM, RLM: removed, so text cannot reorder what the page shows after it.
+_BIDI_CONTROLS = r"\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_BREAKS = r"\t\n\x0b\x0c\r\x85\u2028\u2029"  # tab, line and paragraph breaks
+_SURROGATE = re.compile(f"[{_SURROGATES}]")
+_CONTROL_CHAR = re.compile(f"[{_CONTROLS}]")
+_INVALID = re.compile(f"[{_SURROGATES}{_CONTROLS}]")
+_BIDI = re.compile(f"[{_BIDI_CONTROLS}]")
+_FOLD = re.compile(f"[ {_BREAKS}]*[{_BREAKS}][ {_BREAKS}]*")  # a run of breaks, spaces around it
+_UNUSUAL = re.compile(f"[{_SURROGATES}{_CONTROLS}{_BIDI_CONTROLS}{_BREAKS}]")
+
+
+def _char(text: str, m: re.Match[str]) -> str:
+    return f"U+{ord(m.group()):04X} at character {m.start() + 1}"
+
+
+def clean_text(text: str, what: str = "comment", drop_invalid: bool = False) -> tuple[str | None, str]:
+    """(``text`` made safe to show, "") or (None, the reason it is refused). See the module
+    docstring for the rules; the result is stripped and cleaning it again changes nothing.
+    ``drop_invalid`` removes lone surrogates and control characters instead of refusing them
+    (display names: refusing would lock a viewer out over what the token's issuer wrote)."""
+    if _UNUSUAL.search(text) is None:
+        return text.strip(), ""  # nearly every comment: one scan
+    if drop_invalid:
+        text = _INVALID.sub("", text)
+    elif (bad := _SURROGATE.search(text)) is not None:
+        return None, f"{what} holds a lone surrogate ({_char(text, bad)}): not valid Unicode text"
+    elif (bad := _CONTROL_CHAR.search(text)) is not None:
+        return None, f"{what} holds a control character ({_char(text, bad)})"
+    return _FOLD.sub(" ", _BIDI.sub("", text).strip()), ""
 
 
 def validate_comment_text(text: object) -> tuple[str | None, ErrorCode | None, str]:
-    """(clean text, None, "") or (None, code, reason). Counts code points after stripping."""
+    """(clean text, None, "") or (None, code, reason). Counts code points after cleaning."""
     if not isinstance(text, str):
         return None, ErrorCode.BAD_MESSAGE, "comment text must be a string"
-    clean = text.strip()
+    clean, reason = clean_text(text)
+    if clean is None:
+        return None, ErrorCode.BAD_TEXT, reason
     if not clean:
         return None, ErrorCode.EMPTY_COMMENT, "comment is empty"
     if len(clean) > MAX_COMMENT_CHARS:
@@ -122,6 +240,9 @@ def _parse_nonce(obj: dict[str, Any]) -> tuple[str | None, BadMessage | None]:
     if not isinstance(nonce, str) or len(nonce) > MAX_NONCE_CHARS:
         reason = f"nonce must be a string of at most {MAX_NONCE_CHARS} characters"
         return None, BadMessage(ErrorCode.BAD_NONCE, reason)
+    bad = _SURROGATE.search(nonce)
+    if bad is not None:  # not echoed back: it could not be encoded
+        return None, BadMessage(ErrorCode.BAD_TEXT, f"nonce holds a lone surrogate ({_char(nonce, bad)})")
     return nonce, None
 
 
@@ -139,6 +260,10 @@ def _parse_resume(obj: dict[str, Any]) -> ClientMessage:
     epoch, offset = obj.get("epoch"), obj.get("offset")
     if not isinstance(epoch, str) or not isinstance(offset, int) or isinstance(offset, bool):
         return BadMessage(ErrorCode.BAD_MESSAGE, "resume needs a string epoch and an integer offset")
+    if not MIN_OFFSET <= offset <= MAX_OFFSET:  # the store and the caches hold 64-bit offsets
+        return BadMessage(ErrorCode.BAD_MESSAGE, "resume offset must be a signed 64-bit integer (-2^63 to 2^63-1)")
+    if len(epoch) > MAX_EPOCH_CHARS or _SURROGATE.search(epoch):
+        return BadMessage(ErrorCode.BAD_MESSAGE, f"resume epoch must be text of at most {MAX_EPOCH_CHARS} characters")
     return Resume(epoch, offset)
 
 
@@ -161,10 +286,13 @@ def fast_react(data: bytes) -> str | None:
 
 
 def parse_client_message(data: bytes, wire: Wire) -> ClientMessage:
-    """Decode one whole client message (already UTF-8 checked for text frames)."""
+    """Decode one whole client message (already UTF-8 checked for text frames). Never raises:
+    whatever is wrong with ``data`` comes back as a :class:`BadMessage`."""
     try:
         obj = _loads(data, wire)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, TypeError):
+    except _Undecodable as exc:
+        return BadMessage(ErrorCode.BAD_MESSAGE, str(exc))
+    except _DECODE_ERRORS:
         return BadMessage(ErrorCode.BAD_MESSAGE, f"message is not valid {wire}")
     if not isinstance(obj, dict) or not isinstance(obj.get("t"), str):
         return BadMessage(ErrorCode.BAD_MESSAGE, 'message must be an object with a string "t"')
@@ -178,19 +306,24 @@ def parse_client_message(data: bytes, wire: Wire) -> ClientMessage:
     return BadMessage(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind[:32]!r}")
 
 
+# Encoders replace a lone surrogate (which validation refuses, so it can only come from a
+# path that skipped it) instead of raising in the middle of a fan-out or an ack.
+_ENCODE_ERRORS = "replace"
+
+
 def encode_event(event: dict[str, Any], wire: Wire) -> bytes:
     """One server event in the connection's encoding (the frame's payload)."""
     if wire == JSON:
-        return json_compact(event).encode()
-    return msgpack.packb(event, use_bin_type=True)
+        return json_compact(event).encode("utf-8", _ENCODE_ERRORS)
+    return msgpack.packb(event, use_bin_type=True, unicode_errors=_ENCODE_ERRORS)
 
 
 def encode_ack(comment_id: str, nonce: str | None, wire: Wire) -> bytes:
     """``{"t":"ack","id":...,"nonce":...}`` in the connection's encoding: one per accepted post,
     so the JSON one is put together directly (the same bytes as :func:`encode_event`)."""
     if wire == JSON:
-        tail = b"}" if nonce is None else b',"nonce":' + json_compact(nonce).encode() + b"}"
-        return b'{"t":"ack","id":' + json_compact(comment_id).encode() + tail
+        tail = b"}" if nonce is None else b',"nonce":' + json_compact(nonce).encode("utf-8", _ENCODE_ERRORS) + b"}"
+        return b'{"t":"ack","id":' + json_compact(comment_id).encode("utf-8", _ENCODE_ERRORS) + tail
     ack = {"t": "ack", "id": comment_id}
     if nonce is not None:
         ack["nonce"] = nonce
