@@ -2,18 +2,30 @@
 
 PyJWT checks only the claims it is told to require, so ``exp``, ``iss``, ``aud`` and ``sub``
 are required here explicitly (DESIGN.md 10). Tokens are never logged.
+
+A token signed with the right key can still carry anything (a leaked development key, an
+issuer's bug), so every claim Chorus reads is type-checked and anything wrong is an
+:class:`AuthError`, never a TypeError further on: ``exp``/``iat``/``nbf`` are JSON numbers (not
+numeric strings, not booleans); ``sub`` is 1-128 characters of text without control,
+bidirectional or surrounding space characters; ``name`` (optional) is text, cleaned like
+comment text (chorus/protocol.py clean_text; invalid characters are dropped, not refused) and
+cut to 64 characters; ``scope`` a space-separated string, ``role`` a string, ``streams`` a
+list of strings, ``verified`` a boolean. Other claims (``scopes`` among them) are not read.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import jwt
 
 from chorus.config import AuthConfig
+from chorus.protocol import clean_text
 
-__all__ = ["MODERATE", "POST_SCOPES", "AuthError", "Identity", "mint_token", "verify_token"]
+__all__ = ["MAX_NAME_CHARS", "MAX_USER_ID_CHARS", "MODERATE", "POST_SCOPES", "AuthError", "Identity", "TokenExpired",
+           "mint_token", "verify_token"]
 
 READ = "read"
 WRITE = "write"  # everything a viewer may do; kept for tokens minted before the finer scopes
@@ -21,10 +33,18 @@ WRITE_COMMENTS = "write:comments"
 # Either of these lets a token post comments.
 POST_SCOPES = frozenset({WRITE, WRITE_COMMENTS})
 MODERATE = "moderate"  # the moderator API (gateway/modapi.py), like role moderator
+MAX_USER_ID_CHARS = 128  # claim ``sub``
+MAX_NAME_CHARS = 64  # claim ``name``, after cleaning
+# exp/iat/nbf: seconds since the Unix epoch, at most 2^53 (exact as a float; ~285 million years)
+MAX_TIME_S = 2**53
 
 
 class AuthError(Exception):
     """The token is missing, malformed, expired or signed with another key."""
+
+
+class TokenExpired(AuthError):
+    """The token verified but its ``exp`` (plus the leeway) has passed: the client needs a fresh one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +100,7 @@ def mint_token(cfg: AuthConfig, user_id: str, name: str, scopes: list[str], role
 
 
 def verify_token(cfg: AuthConfig, token: str) -> Identity:
+    """The identity a valid token carries; AuthError for anything else, whatever the token holds."""
     try:
         claims = jwt.decode(
             token,
@@ -90,24 +111,72 @@ def verify_token(cfg: AuthConfig, token: str) -> Identity:
             leeway=cfg.leeway_s,
             options={"require": ["exp", "iss", "aud", "sub"]},
         )
+    except jwt.ExpiredSignatureError:
+        raise TokenExpired("the token has expired") from None
     except jwt.PyJWTError as exc:
         raise AuthError(str(exc)) from None
-    scope = claims.get("scope", "")
-    name = claims.get("name") or claims["sub"]
-    if not isinstance(scope, str) or not isinstance(name, str):
-        raise AuthError("scope and name claims must be strings")
-    streams = claims.get("streams", [])
+    except ValueError:  # a str token that is not even UTF-8 (a lone surrogate)
+        raise AuthError("the token is not text") from None
+    return _identity(claims)
+
+
+def _identity(claims: dict[str, Any]) -> Identity:
+    """Checks each claim's type; PyJWT has checked the signature, iss, aud and the times' values."""
+    for name in ("iat", "nbf"):
+        if name in claims:
+            _time_claim(claims, name)
+    user_id = _user_id(claims.get("sub"))
+    return Identity(
+        user_id=user_id,
+        name=_display_name(claims.get("name"), user_id),
+        scopes=frozenset(_string_claim(claims, "scope", "").split()),
+        role=_string_claim(claims, "role", "viewer"),
+        expires_at=_time_claim(claims, "exp"),
+        streams=frozenset(_streams(claims.get("streams", []))),
+        verified=_verified(claims.get("verified", False)),
+    )
+
+
+def _time_claim(claims: dict[str, Any], name: str) -> float:
+    # PyJWT compares int(value), which takes "1999999999" and true as well. The bound also
+    # refuses NaN and infinities (no comparison holds for NaN) and ints too big for a float.
+    value = claims.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not abs(value) <= MAX_TIME_S:
+        raise AuthError(f"the {name} claim must be a number of seconds since the Unix epoch")
+    return float(value)
+
+
+def _string_claim(claims: dict[str, Any], name: str, default: str) -> str:
+    value = claims.get(name, default)
+    if not isinstance(value, str):
+        raise AuthError(f"the {name} claim must be a string")
+    return value
+
+
+def _user_id(sub: object) -> str:
+    if not isinstance(sub, str) or not 0 < len(sub) <= MAX_USER_ID_CHARS or clean_text(sub, "sub")[0] != sub:
+        raise AuthError(f"the sub claim must be 1-{MAX_USER_ID_CHARS} characters of text without control, "
+                        "bidirectional or surrounding space characters")
+    return sub
+
+
+def _display_name(name: object, user_id: str) -> str:
+    """The claim ``name`` cleaned like comment text, or the user id if it has none."""
+    if name is None:
+        return user_id
+    if not isinstance(name, str):
+        raise AuthError("the name claim must be a string")
+    clean = clean_text(name, "name", drop_invalid=True)[0] or ""
+    return clean[:MAX_NAME_CHARS].rstrip() or user_id
+
+
+def _streams(streams: object) -> list[str]:
     if not isinstance(streams, list) or not all(isinstance(s, str) for s in streams):
         raise AuthError("the streams claim must be a list of stream ids")
-    verified = claims.get("verified", False)
+    return streams
+
+
+def _verified(verified: object) -> bool:
     if not isinstance(verified, bool):
         raise AuthError("the verified claim must be true or false")
-    return Identity(
-        user_id=str(claims["sub"]),
-        name=name[:64],
-        scopes=frozenset(scope.split()),
-        role=str(claims.get("role", "viewer")),
-        expires_at=float(claims["exp"]),
-        streams=frozenset(streams),
-        verified=verified,
-    )
+    return verified
