@@ -7,6 +7,13 @@ counted and then shown, see a pin and a delete, reconnect after the gateway clos
 connection (no duplicates afterwards), and the stream picker lists the stream. A screenshot
 of the phone-sized viewer is saved in the test's tmp dir, and copied to
 docs/screenshots/viewer.png when CHORUS_SCREENSHOT=1.
+
+Then the details: the Pause button covers no comment and the phone header stays readable
+while reconnecting; waits (slow mode, rate limits) count down and go, across a reconnect too;
+the author of a removed comment is told why, a restored comment comes back in place or in
+order, text and names are bidi-isolated; an `unconfirmed` post is sent again with its nonce;
+a reconnect says whether the missed comments were recovered, and fills an unrecovered gap
+from history.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clients import WebsocketsClient, aget_json
 from test_browser import CHROMIUM, FLAGS
 from test_e2e import Env, make_config, started_app
 from test_moderation import http
@@ -183,3 +191,230 @@ async def test_two_viewers_post_react_pause_pin_delete_and_reconnect(env: Env, b
     await expect(picker.locator("#stream-name")).to_have_text(f"#{stream}", timeout=WAIT_MS)
     for page in (ana, ben, picker):
         assert not getattr(page, "js_errors", []), page.js_errors
+
+
+def fake_comments(stream: str, n: int, first_id: int, prefix: str) -> list[dict[str, Any]]:
+    """Comments in the wire shape, for a batch published straight to the stream's channel."""
+    return [{"id": str(first_id + i), "stream": stream, "offset": -1, "text": f"{prefix} {i}", "ts": 1764037000123 + i,
+             "user": {"id": f"u{i}", "name": f"viewer {i}", "badges": []}} for i in range(n)]
+
+
+async def cut_off(page: Any, env: Env) -> None:
+    """The phone loses its network and the gateway closes its connection: it keeps reconnecting."""
+    await page.context.set_offline(True)
+    env.app.gateway.hub.close_all(CloseCode.SERVICE_RESTART, "restarting")  # type: ignore[union-attr]
+    env.app.gateway.on_hub_ready()  # type: ignore[union-attr]
+    await expect(page.locator("#status")).to_have_attribute("data-state", "reconnecting", timeout=WAIT_MS)
+
+
+OVERLAPS = """() => {
+  const pause = document.querySelector('#pause').getBoundingClientRect();
+  const list = document.querySelector('#comments').getBoundingClientRect();
+  return [...document.querySelectorAll('#comments li.comment')].filter(li => {
+    const r = li.getBoundingClientRect();  // the part the list shows (it clips the rest)
+    const top = Math.max(r.top, list.top), bottom = Math.min(r.bottom, list.bottom);
+    return top < bottom && r.left < pause.right && r.right > pause.left && top < pause.bottom && bottom > pause.top;
+  }).map(li => li.dataset.id);
+}"""
+
+HEADER = """() => {
+  const box = e => document.querySelector(e).getBoundingClientRect();
+  const status = document.querySelector('#status'), name = document.querySelector('#stream-name');
+  return {name: box('#stream-name'), status: box('#status'), width: window.innerWidth,
+          statusCut: status.scrollWidth > status.clientWidth + 1, nameText: name.textContent};
+}"""
+
+
+async def test_phone_layout_pause_never_covers_and_header_stays_readable(env: Env, browser: Any) -> None:
+    stream = "the-season-final-of-the-longest-running-show-" + uuid.uuid4().hex[:8]
+    ana = await open_viewer(browser, f"{env.base}/streams/{stream}", "Ana", phone=True)
+    await post(ana, "a real comment first")  # a position to resume from
+    await publish_control(env, stream, {"t": "batch", "stream": stream,
+                                        "comments": fake_comments(stream, 40, 10**15, "filler")})
+    await expect(ana.locator("#comments li.comment")).to_have_count(41, timeout=WAIT_MS)
+
+    # The Pause button covers no comment, wherever the list is scrolled.
+    for where in ("el.scrollHeight", "el.scrollHeight / 2", "0", "el.scrollHeight / 3"):
+        await ana.evaluate(f"() => {{ const el = document.querySelector('#comments'); el.scrollTop = {where}; }}")
+        assert await ana.evaluate(OVERLAPS) == [], where
+    await ana.evaluate("() => { const el = document.querySelector('#comments'); el.scrollTop = el.scrollHeight; }")
+
+    # Reconnecting on a phone: the status is whole, the stream name keeps a readable width, and
+    # neither runs into the other or off the screen.
+    await cut_off(ana, env)
+    header = await ana.evaluate(HEADER)
+    assert not header["statusCut"], header
+    assert header["name"]["width"] >= 80, header
+    assert header["name"]["right"] <= header["status"]["left"] and header["status"]["right"] <= header["width"]
+    await expect(ana.locator("#viewer-count")).to_be_hidden()  # stale while not live
+    assert await ana.locator("#status").text_content() in {"reconnecting in 1 s", "reconnecting in 2 s",
+                                                           "reconnecting in 4 s", "connecting…", "reconnecting…"}
+
+    # Back online: it reconnects at once, resumes, and says the missed comments were recovered.
+    await ana.context.set_offline(False)
+    await expect(ana.locator("#status")).to_have_attribute("data-state", "live", timeout=WAIT_MS)
+    await expect(ana.locator("#notice")).to_have_text("Reconnected: the comments you missed were recovered.",
+                                                      timeout=WAIT_MS)
+    assert not ana.js_errors, ana.js_errors
+
+
+async def test_wait_messages_count_down_and_go_also_across_a_reconnect(env: Env, browser: Any) -> None:
+    stream = f"wait-{uuid.uuid4().hex[:6]}"
+    ana = await open_viewer(browser, f"{env.base}/streams/{stream}", "Ana", phone=True)
+    await moderate(env, f"/mod/streams/{stream}/slow_mode", {"seconds": 6})
+    await expect(ana.locator("#banner")).to_have_text("Slow mode: one comment every 6 s", timeout=WAIT_MS)
+    await post(ana, "first within slow mode")
+    await ana.fill("#comment-input", "too soon")
+    await ana.click("#send")
+    error = ana.locator("#error")
+    await expect(error).to_have_text(re.compile(r"^Slow mode is on: you can post again in [56] s\.$"), timeout=WAIT_MS)
+    await expect(ana.locator("#send")).to_be_disabled()
+    await expect(error).to_have_text(re.compile(r"in [34] s\.$"), timeout=WAIT_MS)  # it counts down
+
+    await cut_off(ana, env)
+    await ana.context.set_offline(False)
+    await expect(ana.locator("#status")).to_have_attribute("data-state", "live", timeout=WAIT_MS)
+    await expect(error).to_have_text(re.compile(r"^Slow mode is on: you can post again in [1-3] s\.$"))
+    await expect(error).to_have_text("", timeout=WAIT_MS)  # the wait is over: the message is gone
+    await expect(ana.locator("#send")).to_be_enabled()
+    await ana.click("#send")
+    await expect(comment(ana, "too soon")).to_have_count(1, timeout=WAIT_MS)
+
+    # A rate-limited burst of reactions: the message goes as soon as the wait is over.
+    await ana.evaluate("""() => { const b = document.querySelector('.reaction-btn[data-emoji="heart"]');
+                                  for (let i = 0; i < 25; i++) b.click(); }""")
+    await expect(error).to_contain_text("Slow down: too many reactions", timeout=WAIT_MS)
+    await expect(error).to_have_text("", timeout=WAIT_MS)
+    assert not ana.js_errors, ana.js_errors
+
+
+async def test_removed_for_its_author_restored_in_place_and_isolated_text(env: Env, browser: Any) -> None:
+    stream = f"restore-{uuid.uuid4().hex[:6]}"
+    url = f"{env.base}/streams/{stream}"
+    ana = await open_viewer(browser, url, "Ana", phone=True)
+    ben = await open_viewer(browser, url, "Ben")
+    for text in ("one", "two \u202eowt", "three"):
+        await post(ana, text)
+    for page in (ana, ben):
+        await expect(page.locator("#comments li.comment")).to_have_count(3, timeout=WAIT_MS)
+    ids = await ana.eval_on_selector_all("#comments li.comment", "els => els.map(e => e.dataset.id)")
+    _status, history = await aget_json(f"{env.base}/streams/{stream}/comments")
+    two = next(c for c in history["comments"] if c["id"] == ids[1])
+
+    # The author is told why; everyone else sees the usual line.
+    await publish_control(env, stream, {"t": "delete", "id": ids[1], "code": "moderator", "reason": "off topic"})
+    await expect(ana.locator(f'li.comment[data-id="{ids[1]}"] .text')).to_have_text(
+        "Your comment was removed: off topic", timeout=WAIT_MS)
+    await expect(ben.locator(f'li.comment[data-id="{ids[1]}"] .text')).to_have_text(
+        "This comment was removed.", timeout=WAIT_MS)
+
+    # Restored: back in its place, no longer struck through.
+    await publish_control(env, stream, {"t": "restore", "comment": two})
+    for page in (ana, ben):
+        li = page.locator(f'li.comment[data-id="{ids[1]}"]')
+        await expect(li.locator(".text")).to_have_text("two \u202eowt", timeout=WAIT_MS)
+        await expect(li).not_to_have_class(re.compile(r"\bdeleted\b"))
+        assert await page.eval_on_selector_all("#comments li.comment", "els => els.map(e => e.dataset.id)") == ids
+
+    # A restored comment that is not on the page goes where its id puts it.
+    older = {**two, "id": str(int(ids[0]) + 1), "text": "restored from before"}
+    await publish_control(env, stream, {"t": "restore", "comment": older})
+    await expect(comment(ben, "restored from before")).to_have_count(1, timeout=WAIT_MS)
+    order = await ben.eval_on_selector_all("#comments li.comment", "els => els.map(e => e.dataset.id)")
+    assert order == [ids[0], older["id"], ids[1], ids[2]]
+
+    # The override inside "two" stays inside it: text and names are isolated, direction by content.
+    isolation = await ben.eval_on_selector_all("#comments li.comment", """els => els.map(e => {
+        const t = e.querySelector('.text'), a = e.querySelector('.author');
+        return [t.dir, getComputedStyle(t).unicodeBidi, a.tagName, a.dir, getComputedStyle(a).unicodeBidi]; })""")
+    assert all(row == ["auto", "isolate", "BDI", "auto", "isolate"] for row in isolation), isolation
+    for page in (ana, ben):
+        assert not page.js_errors, page.js_errors
+
+
+async def test_unconfirmed_comment_is_posted_again_with_its_nonce(env: Env, browser: Any) -> None:
+    """The gateway's answer to the first post is replaced (between the real browser and the real
+    gateway) by what it sends when Kafka does not confirm in time; the page posts again with the
+    same nonce and shows the comment once. New refusal codes read clearly."""
+    stream = f"confirm-{uuid.uuid4().hex[:6]}"
+    sent: list[dict[str, Any]] = []
+    refuse = {"bad text": {"code": "bad_text", "reason": "U+0007 at 4"},
+              "no scope": {"code": "missing_scope", "reason": "needs write:comments"}}
+
+    def route(ws: Any) -> None:
+        server = ws.connect_to_server()
+
+        def from_page(message: str | bytes) -> None:
+            event = json.loads(message)
+            if event.get("t") != "comment":
+                server.send(message)
+                return
+            sent.append(event)
+            if event["text"] in refuse:
+                ws.send(json.dumps({"t": "error", "nonce": event["nonce"], **refuse[event["text"]]}))
+            elif len(sent) == 1:  # the log took it and did not confirm it: it never appears
+                ws.send(json.dumps({"t": "error", "code": "unconfirmed", "nonce": event["nonce"], "id": "12345",
+                                    "reason": "the comment log did not confirm it in time", "retry_after_ms": 1500}))
+            else:
+                server.send(message)
+
+        ws.on_message(from_page)
+        server.on_message(ws.send)
+
+    context = await browser.new_context(viewport={"width": 390, "height": 780})
+    page = await context.new_page()
+    page.js_errors = []
+    page.on("pageerror", lambda exc: page.js_errors.append(str(exc)))
+    await page.route_web_socket(re.compile(r"/ws\?"), route)
+    await page.goto(f"{env.base}/streams/{stream}")
+    await page.fill("#name-input", "Cy")
+    await page.click("#login")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "live", timeout=WAIT_MS)
+    await expect(page.locator("#signed-in")).to_be_visible()
+
+    await page.fill("#comment-input", "worth saying once")
+    await page.click("#send")
+    await expect(page.locator("#error")).to_have_text("Your comment is confirming…", timeout=WAIT_MS)
+    await expect(page.locator("#send")).to_have_text("Confirming…")
+    await expect(page.locator("#comment-input")).to_have_value("", timeout=WAIT_MS)  # acked on the repost
+    await expect(comment(page, "worth saying once")).to_have_count(1, timeout=WAIT_MS)
+    await expect(page.locator("#error")).to_have_text("")
+    assert [(e["text"], e["nonce"]) for e in sent] == [(sent[0]["text"], sent[0]["nonce"])] * 2
+
+    for text, shown in (("bad text", "Your comment has characters that cannot be shown (U+0007 at 4)"),
+                        ("no scope", "Your sign-in does not allow posting (it needs the write:comments scope)")):
+        await page.fill("#comment-input", text)
+        await page.click("#send")
+        await expect(page.locator("#error")).to_contain_text(shown, timeout=WAIT_MS)
+        await expect(page.locator("#comment-input")).to_have_value(text)  # kept, to be fixed and sent again
+    assert not page.js_errors, page.js_errors
+    await context.close()
+
+
+@pytest.fixture
+async def small_recovery_env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Env]:
+    app = await started_app(make_config(tmp_path, "embedded", request, history__recover_max=1, **FAST))
+    yield Env(app)
+    await app.stop()
+
+
+async def test_unrecovered_gap_is_said_and_filled_from_history(small_recovery_env: Env, browser: Any) -> None:
+    env = small_recovery_env
+    stream = f"gap-{uuid.uuid4().hex[:6]}"
+    ana = await open_viewer(browser, f"{env.base}/streams/{stream}", "Ana", phone=True)
+    await post(ana, "before the gap")
+    await cut_off(ana, env)
+    token = mint_token(env.app.config.auth, "7", "Ben", ["read", "write:comments"])
+    ben = await WebsocketsClient.connect(env.ws_url(stream), token)
+    await ben.wait_for(lambda e: e["t"] == "welcome")
+    for i in range(3):  # more than history.recover_max = 1
+        await ben.send_json({"t": "comment", "text": f"missed {i}", "nonce": f"m{i}"})
+        await ben.wait_for(lambda e, i=i: e["t"] == "ack" and e["nonce"] == f"m{i}")
+    await ben.close()
+    await ana.context.set_offline(False)
+    await expect(ana.locator("#notice")).to_have_text(
+        "Reconnected, but some comments you missed could not be recovered: showing the latest instead.",
+        timeout=WAIT_MS)
+    for i in range(3):
+        await expect(comment(ana, f"missed {i}")).to_have_count(1, timeout=WAIT_MS)
+    assert not ana.js_errors, ana.js_errors

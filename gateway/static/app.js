@@ -3,8 +3,12 @@
  * Two views in one page: the stream picker at / and the viewer at /streams/{id} (the older
  * /?stream={id} works too). The viewer renders every server event of the wire protocol:
  * welcome, batch, ack, error, delete, pin, unpin, reactions, viewers, mode, throttle,
- * skipped, resumed. It keeps the newest (epoch, offset) it saw and sends `resume` with it
- * after a reconnect or a `skipped`, and drops comments it already has by id.
+ * skipped, resumed, restore. It keeps the newest (epoch, offset) it saw and sends `resume`
+ * with it after a reconnect or a `skipped`, and drops comments it already has by id.
+ *
+ * Text from the network (comments, names) only ever goes through textContent, inside elements
+ * with dir="auto" that isolate it (<bdi>, or unicode-bidi: isolate in the CSS), so a bidi
+ * override in one comment cannot reorder the rest of its line.
  */
 (function () {
   "use strict";
@@ -14,6 +18,7 @@
   var MAX_HELD = 2000;        // comments held while paused (the oldest go first past it)
   var MAX_SEEN = 5000;        // ids remembered for de-duplication
   var BACKOFF_MAX_MS = 15000;
+  var CONFIRM_TRIES = 4;      // reposts of an `unconfirmed` comment (same nonce) before giving up
   var STREAM_ID = /^[A-Za-z0-9_.:\-]{1,64}$/;
   var LS_TOKEN = "chorus.token", LS_NAME = "chorus.name", LS_UID = "chorus.uid";
   // Glyphs for the reaction names the server is configured with; an unknown name shows as text.
@@ -112,7 +117,10 @@
       ws: null, live: false, attempt: 0, timer: null, stopped: false,
       epoch: null, offset: null, seen: new Set(), unseen: 0, stick: true,
       pending: null, nonceSeq: 0, slow: 0, keepRatio: 1, skipped: 0,
-      paused: false, held: [], totals: {}, bumps: {}, me: null, noticeTimer: null
+      paused: false, held: [], totals: {}, bumps: {}, me: null, noticeTimer: null,
+      wait: null,        // a refusal's countdown: {until, text(ms), blocks, timer}
+      resumeWhy: null,   // "reconnect" or "skipped" while a resume is answered
+      wasLive: false     // a welcome was seen: the next one is a reconnect
     };
     $("viewer").hidden = false;
     el.streamName.textContent = "#" + streamId;
@@ -154,7 +162,7 @@
       state.ws = ws;
       ws.onopen = function () {
         if (ws !== state.ws) return;
-        resume();
+        resume(state.wasLive ? "reconnect" : null);
       };
       ws.onmessage = function (ev) {
         if (ws !== state.ws) return;
@@ -166,21 +174,22 @@
     }
 
     // Ask for what was missed since the newest position seen (no position yet: nothing to ask).
-    function resume() {
+    function resume(why) {
       if (state.epoch != null && state.offset != null && state.offset >= 0) {
-        send({ t: "resume", epoch: state.epoch, offset: state.offset });
+        if (send({ t: "resume", epoch: state.epoch, offset: state.offset })) state.resumeWhy = why;
       }
     }
 
     function onClosed(ev) {
       state.ws = null;
       state.live = false;
-      state.pending = null;   // an unacknowledged post may be lost; its text is still in the box
+      state.resumeWhy = null;
+      // An unacknowledged post may be lost (its text is still in the box); one being confirmed
+      // is posted again with its nonce once reconnected.
+      if (state.pending && !state.pending.confirming) state.pending = null;
       updateSend();
       if (ev.code === 4401) {   // the token expired while connected: carry on reading, signed out
-        store(LS_TOKEN, "");
-        renderAccount();
-        showError("Your sign-in expired: sign in again to post.");
+        signedOut("Your sign-in expired: sign in again to post.");
       } else if (ev.code >= 4500 && ev.code <= 4999) {
         state.stopped = true;
         var why = ev.code === 4503 ? "you are banned from this stream" : (ev.reason || "closed by the server");
@@ -195,7 +204,7 @@
       var delay = delayMs != null ? delayMs : Math.min(1000 * Math.pow(2, state.attempt), BACKOFF_MAX_MS);
       delay = Math.round(delay * (0.8 + Math.random() * 0.4));   // spread a crowd's reconnects
       state.attempt++;
-      setStatus("reconnecting", "reconnecting in " + Math.max(1, Math.round(delay / 1000)) + " s…");
+      setStatus("reconnecting", "reconnecting in " + Math.max(1, Math.round(delay / 1000)) + " s");
       state.timer = setTimeout(connect, delay);
     }
 
@@ -231,34 +240,48 @@
         if (typeof m.keep_ratio === "number") handlers.throttle({ keep_ratio: m.keep_ratio });
         if (m.reactions) handlers.reactions({ totals: m.reactions });
         addComments(m.recent || []);
+        state.wasLive = true;
+        if (state.pending && state.pending.confirming) repost();   // reconnected while confirming
         updateSend();
       },
       batch: function (m) { track(m); addComments(m.comments || []); },
       ack: function (m) {
-        if (state.pending && m.nonce === state.pending.nonce) {
-          if (el.input.value === state.pending.text) { el.input.value = ""; autosize(); }
-          state.pending = null;
-          showError("");
-          updateSend();
-        }
+        if (state.pending && m.nonce === state.pending.nonce) confirmed(String(m.id));
       },
       error: function (m) {
-        showError(errorText(m));
-        if (state.pending && m.nonce === state.pending.nonce) {
+        var mine = state.pending && m.nonce != null && m.nonce === state.pending.nonce;
+        if (mine && m.code === "unconfirmed") { unconfirmed(m); return; }
+        if (mine) {
+          clearTimeout(state.pending.timer);
           state.pending = null;   // the text stays in the box so it can be sent again
-          updateSend();
         }
+        if (m.code === "token_expired") signedOut(errorText(m));
+        else if (m.retry_after_ms > 0 && WAITS.hasOwnProperty(m.code)) showWait(m, mine);
+        else showError(errorText(m));
+        updateSend();
       },
       "delete": function (m) {
         var id = String(m.id);
-        var li = el.list.querySelector('li.comment[data-id="' + cssEscape(id) + '"]');
+        var li = findComment(id);
         if (li && !li.classList.contains("deleted")) {
           li.classList.add("deleted");
-          li.querySelector(".text").textContent = "This comment was removed.";
+          var own = li.comment && isMine(li.comment) && (m.code === "moderated" || m.code === "moderator");
+          li.querySelector(".text").textContent = own ?
+            "Your comment was removed" + (m.reason ? ": " + m.reason : ".") : "This comment was removed.";
         }
         state.held = state.held.filter(function (c) { return String(c.id) !== id; });
         renderHeld();
         if (el.pin.dataset.id === id) renderPin(null);
+      },
+      restore: function (m) {   // a delete undone: back in place, or in order by id
+        var c = m.comment;
+        if (!c || c.id == null) return;
+        var id = String(c.id);
+        var li = findComment(id);
+        state.seen.add(id);
+        if (li) el.list.replaceChild(renderComment(c), li);
+        else insertInOrder(renderComment(c));
+        updateEmpty();
       },
       pin: function (m) { renderPin(m.comment || null); },
       unpin: function () { renderPin(null); },
@@ -279,16 +302,36 @@
         var n = Number(m.count) || 0;
         state.skipped += n;
         notice(fmt(n) + " comments were skipped while your connection caught up; fetching them…");
-        resume();
+        resume("skipped");
       },
       resumed: function (m) {
-        if (m.recovered === false) notice("Some comments could not be recovered after reconnecting.");
+        var why = state.resumeWhy;
+        state.resumeWhy = null;
+        if (m.recovered === false) {
+          notice(why === "reconnect" ?
+            "Reconnected, but some comments you missed could not be recovered: showing the latest instead." :
+            "Some comments could not be recovered: showing the latest instead.");
+          loadLatest();
+        } else if (why === "reconnect") {
+          notice("Reconnected: the comments you missed were recovered.");
+        } else if (why === "skipped") {
+          notice("Caught up: the skipped comments are shown.");
+        }
       },
       reactions: function (m) {
         state.totals = m.totals || {};
         state.bumps = {};
         renderReactions();
       }
+    };
+
+    // Refusals that say how long to wait: their message counts down and goes when the wait is over.
+    var WAITS = {
+      rate_limited: function (m, left) {
+        return "Slow down: " + (m.reason || "you are sending too fast") + ". Try again in " + waitText(left) + ".";
+      },
+      slow_mode: function (m, left) { return "Slow mode is on: you can post again in " + waitText(left) + "."; },
+      timed_out: function (m, left) { return "You are timed out: you can post again in " + waitText(left) + "."; }
     };
 
     function errorText(m) {
@@ -305,11 +348,53 @@
         case "not_accepted": return "Your comment was not posted (the service is unavailable). Try again.";
         case "unconfirmed": return "Your comment could not be confirmed; it may still appear. Check before sending it again.";
         case "unauthorized": return "Sign in to take part: " + (m.reason || "a token is needed") + ".";
+        case "token_expired": return "Your sign-in expired: sign in again to post.";
+        case "missing_scope":
+          return "Your sign-in does not allow posting (it needs the write:comments scope): sign in again.";
+        case "bad_text":
+          return "Your comment has characters that cannot be shown" + (m.reason ? " (" + m.reason + ")" : "") +
+            ": remove them and send it again.";
         default: return m.reason || m.code || "Something went wrong.";
       }
     }
 
     function cssEscape(s) { return window.CSS && CSS.escape ? CSS.escape(s) : s.replace(/["\\]/g, "\\$&"); }
+
+    function findComment(id) { return el.list.querySelector('li.comment[data-id="' + cssEscape(id) + '"]'); }
+
+    // Ids are decimal strings of up to 64 bits: compare by length, then digit by digit.
+    function idBefore(a, b) { return a.length !== b.length ? a.length < b.length : a < b; }
+
+    // A comment older than some on the page (a restore, history after a failed recovery) goes
+    // where its id puts it.
+    function insertInOrder(li) {
+      var id = li.dataset.id;
+      var after = el.list.lastElementChild;
+      while (after && !idBefore(after.dataset.id, id)) after = after.previousElementSibling;
+      el.list.insertBefore(li, after ? after.nextElementSibling : el.list.firstElementChild);
+      if (state.stick) scrollToBottom();
+    }
+
+    // After recovered:false: the newest page of history, merged in by id.
+    function loadLatest() {
+      fetch("/streams/" + encodeURIComponent(streamId) + "/comments?limit=50", { headers: { Accept: "application/json" } })
+        .then(function (res) { if (!res.ok) throw new Error("HTTP " + res.status); return res.json(); })
+        .then(function (data) {
+          var list = (data.comments || []).slice().reverse();   // the answer is newest first
+          var last = el.list.lastElementChild;
+          list.forEach(function (c) {
+            if (!c || c.id == null || state.seen.has(String(c.id))) return;
+            if (last && idBefore(String(c.id), last.dataset.id)) {
+              state.seen.add(String(c.id));
+              insertInOrder(renderComment(c));
+            } else {
+              addComments([c]);
+            }
+          });
+          updateEmpty();
+        })
+        .catch(function () { notice("Some comments could not be recovered; reload the page to see them."); });
+    }
 
     /* ---------- rendering ---------- */
     function atBottom() { return el.list.scrollHeight - el.list.scrollTop - el.list.clientHeight < 48; }
@@ -317,8 +402,9 @@
     function authorBlock(c, cls) {
       var frag = document.createDocumentFragment();
       var user = c.user || {};
-      var name = document.createElement("span");
+      var name = document.createElement("bdi");   // isolated: a name's bidi controls stay inside it
       name.className = cls;
+      name.dir = "auto";
       name.textContent = user.name || "anonymous";
       frag.appendChild(name);
       (Array.isArray(user.badges) ? user.badges : []).forEach(function (b) {
@@ -342,6 +428,7 @@
       var li = document.createElement("li");
       li.className = "comment";
       li.dataset.id = String(c.id);
+      li.comment = c;   // for a delete (whose it was) and a restore
       if (isMine(c)) li.classList.add("mine");
       var meta = document.createElement("div");
       meta.className = "meta";
@@ -356,6 +443,7 @@
       }
       var text = document.createElement("p");
       text.className = "text";
+      text.dir = "auto";
       text.textContent = String(c.text == null ? "" : c.text);
       li.appendChild(meta);
       li.appendChild(text);
@@ -364,14 +452,16 @@
 
     // New comments, de-duplicated by id; while paused they wait in `held`, counted on the button.
     function addComments(list) {
-      var fresh = [];
+      var fresh = [], landed = null;
       list.forEach(function (c) {
         if (!c || c.id == null) return;
         var id = String(c.id);
+        if (state.pending && state.pending.unconfirmed.indexOf(id) >= 0) landed = id;   // it was posted after all
         if (state.seen.has(id)) return;
         state.seen.add(id);
         fresh.push(c);
       });
+      if (landed) confirmed(landed);
       if (state.seen.size > MAX_SEEN) {
         // Sets iterate in insertion order: forget the oldest ids.
         state.seen = new Set(Array.from(state.seen).slice(-MAX_SEEN / 2));
@@ -435,7 +525,9 @@
       author.textContent = "";
       if (!c) { el.pin.querySelector(".pin-text").textContent = ""; return; }
       author.appendChild(authorBlock(c, "author"));
-      el.pin.querySelector(".pin-text").textContent = String(c.text == null ? "" : c.text);
+      var text = el.pin.querySelector(".pin-text");
+      text.dir = "auto";
+      text.textContent = String(c.text == null ? "" : c.text);
     }
 
     function renderBanner() {
@@ -453,7 +545,36 @@
       state.noticeTimer = setTimeout(function () { el.notice.hidden = true; }, 8000);
     }
 
-    function showError(text) { el.error.textContent = text; }
+    function showError(text) {
+      if (state.wait) { clearTimeout(state.wait.timer); state.wait = null; }
+      el.error.textContent = text;
+    }
+
+    // A refusal with retry_after_ms: the message counts down by the clock (so a reconnect or a
+    // sleeping tab does not stall it) and goes when the wait is over; `blocks` holds Send till then.
+    function showWait(m, blocks) {
+      showError("");
+      var wait = { until: Date.now() + Number(m.retry_after_ms), text: WAITS[m.code], msg: m, blocks: blocks };
+      state.wait = wait;
+      (function tick() {
+        if (state.wait !== wait) return;
+        var left = wait.until - Date.now();
+        if (left <= 0) {
+          state.wait = null;
+          el.error.textContent = "";
+          updateSend();
+          return;
+        }
+        el.error.textContent = wait.text(wait.msg, left);
+        wait.timer = setTimeout(tick, (left % 1000) || 1000);   // on the second boundaries of the wait
+      })();
+    }
+
+    function signedOut(text) {
+      store(LS_TOKEN, "");
+      renderAccount();
+      showError(text);
+    }
 
     /* ---------- reactions ---------- */
     function renderReactions() {
@@ -509,8 +630,9 @@
       el.counter.classList.toggle("over", tooLong);
       el.counter.classList.toggle("near", !tooLong && n > MAX_LEN - 50);
       var token = load(LS_TOKEN);
-      el.send.disabled = !token || !state.live || !!state.pending || !text.trim() || tooLong;
-      el.send.textContent = state.pending ? "Sending…" : "Send";
+      var waiting = !!(state.wait && state.wait.blocks);
+      el.send.disabled = !token || !state.live || !!state.pending || waiting || !text.trim() || tooLong;
+      el.send.textContent = state.pending ? (state.pending.confirming ? "Confirming…" : "Sending…") : "Send";
       el.input.placeholder = token ? "Say something…" : "Sign in below to comment";
     }
 
@@ -523,14 +645,64 @@
       ev.preventDefault();
       if (el.send.disabled || !state.ws) return;
       var nonce = "c" + Date.now().toString(36) + "-" + (++state.nonceSeq);
-      state.pending = { nonce: nonce, text: el.input.value };
+      state.pending = { nonce: nonce, text: el.input.value, tries: 0, confirming: false, unconfirmed: [], timer: null };
       showError("");
-      send({ t: "comment", text: el.input.value.trim(), nonce: nonce });
-      // Never leave the box locked if no ack or error arrives.
-      setTimeout(function () {
-        if (state.pending && state.pending.nonce === nonce) { state.pending = null; updateSend(); }
-      }, 10000);
+      sendPending();
       updateSend();
+    }
+
+    function sendPending() {
+      var p = state.pending;
+      send({ t: "comment", text: p.text.trim(), nonce: p.nonce });
+      // Never leave the box locked if no ack or error arrives.
+      clearTimeout(p.timer);
+      p.timer = setTimeout(function () {
+        if (state.pending === p) { state.pending = null; updateSend(); }
+      }, 10000);
+    }
+
+    function confirmed(id) {
+      var p = state.pending;
+      clearTimeout(p.timer);
+      if (el.input.value === p.text) { el.input.value = ""; autosize(); }
+      state.pending = null;
+      // A repost answered with another id: the first copy (if it appears after all) is dropped.
+      p.unconfirmed.forEach(function (first) {
+        if (first === id) return;
+        state.seen.add(first);
+        var li = findComment(first);
+        if (li) li.remove();
+        state.held = state.held.filter(function (c) { return String(c.id) !== first; });
+      });
+      showError("");
+      updateSend();
+    }
+
+    // The log took the comment but did not confirm it: post it again with the same nonce (the
+    // gateway answers a repeated nonce with the first comment's id), a few times with backoff.
+    function unconfirmed(m) {
+      var p = state.pending;
+      clearTimeout(p.timer);
+      if (m.id != null) p.unconfirmed.push(String(m.id));
+      if (p.tries >= CONFIRM_TRIES) {
+        state.pending = null;
+        showError(errorText(m));
+        updateSend();
+        return;
+      }
+      p.tries++;
+      p.confirming = true;
+      var backoff = 500 * Math.pow(2, p.tries - 1) * (0.8 + Math.random() * 0.4);
+      showError("Your comment is confirming…");
+      p.timer = setTimeout(repost, Math.max(Number(m.retry_after_ms) || 0, backoff));
+      updateSend();
+    }
+
+    function repost() {
+      var p = state.pending;
+      if (!p || !p.confirming) return;
+      if (!state.live) return;   // sent again by the next welcome
+      sendPending();
     }
 
     /* ---------- account ---------- */
