@@ -100,3 +100,11 @@ class HttpErrorCode(StrEnum):
 def should_reconnect(code: int) -> bool:
     """What a well-behaved client does after a close with ``code``."""
     return not 4500 <= code <= 4999
+
+
+class DeleteCode(StrEnum):
+    """The ``code`` of a ``delete`` event (and of a deleted comment in its author's history):
+    who removed it; the event's ``reason`` says why, in a sentence for the author."""
+
+    MODERATED = "moderated"  # automatic moderation (ingest/moderator.py)
+    MODERATOR = "moderator"  # a moderator or the broadcaster, through the moderator API

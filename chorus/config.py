@@ -287,14 +287,30 @@ class ModerationConfig:
         "'package.module:factory' returning an object with score_batch(texts) -> scores in [0, 1].",
         "profanity-check"
     )
-    delete_at: float = doc("A model score at or above this deletes the comment.", 0.9)
+    delete_at: float = doc(
+        "A model score at or above this deletes a comment the context rules find insulting or hostile to a "
+        "person (with context_rules off: any comment).", 0.9
+    )
     flag_at: float = doc(
-        "A model score at or above this (and below delete_at) is borderline: flagged for review, or "
-        "shadow-banned when the author is a repeat offender.", 0.6
+        "A model score at or above this (and below delete_at) is borderline for a comment aimed at a person "
+        "(with context_rules off: any comment): flagged for review, or shadowed when the author is a repeat "
+        "offender.", 0.6
+    )
+    model_alone_flag_at: float = doc(
+        "A model score at or above this flags a comment that no context rule corroborates or explains as an "
+        "idiom ('kill the boss', 'I hate mondays'); the model alone never deletes. Above 1: never.", 0.99
+    )
+    context_rules: bool = doc(
+        "Stage 1b (ingest/context.py): read what a comment is aimed at (a person or a thing) and the idioms "
+        "of sports, gaming and music chat before trusting the model.", True
+    )
+    context_deletes: tuple[str, ...] = doc(
+        "Context categories deleted without the model: of 'threat', 'sexual', 'scam', 'insult', 'hostile'.",
+        ("threat", "sexual", "scam")
     )
     repeat_offender_at: float = doc(
-        "Stage 3: an author whose offence score (deletes count 1, flags 0.5, decaying) is at or above this "
-        "is a repeat offender.", 1.5
+        "Stage 3: an author whose offence score (each confident delete or moderator-confirmed offence counts 1, "
+        "decaying; flags count nothing) is at or above this is a repeat offender.", 1.5
     )
     offence_half_life_s: float = doc("Offence scores halve every this many seconds.", 3600.0)
     shadow_ban_s: int = doc("How long a shadow-ban lasts (s); the author's comments reach only the author.", 86400)
@@ -538,6 +554,9 @@ class Config:
             ("moderation.model", bool(m.model.strip()), "must be 'profanity-check', 'none' or 'module:factory'"),
             ("moderation.delete_at", 0 < m.delete_at <= 1, "must be in (0, 1]"),
             ("moderation.flag_at", 0 < m.flag_at <= m.delete_at, "must be in (0, delete_at]"),
+            ("moderation.model_alone_flag_at", m.model_alone_flag_at >= m.flag_at, "must be >= flag_at"),
+            ("moderation.context_deletes", set(m.context_deletes) <= {"threat", "sexual", "scam", "insult", "hostile"},
+             "entries must be of threat, sexual, scam, insult, hostile"),
             ("moderation.repeat_offender_at", m.repeat_offender_at > 0, "must be > 0"),
             ("moderation.offence_half_life_s", m.offence_half_life_s > 0, "must be > 0"),
             ("moderation.shadow_ban_s", m.shadow_ban_s >= 1, "must be >= 1"),

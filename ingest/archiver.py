@@ -7,7 +7,8 @@ past it is committed; once the store is back the archiver catches up from the lo
 keeps the comment's log position (epoch, offset), which recovery reads by range.
 
 Control records apply after the batch's comments, in log order: ``delete`` makes the
-comment a tombstone, ``shadow`` hides it from everyone but its author, ``pin`` and ``unpin``
+comment a tombstone (keeping the delete's code and reason, which its author's history shows),
+``restore`` lifts it, ``shadow`` hides it from everyone but its author, ``pin`` and ``unpin``
 keep the stream's pin. A control record always follows the comment it names in the log
 (same stream, same partition), so the row is there by then; all of them are idempotent.
 """
@@ -54,12 +55,14 @@ class Archiver:
     def _apply(self, controls: list[Control]) -> None:
         for c in controls:
             if c.op == "delete":
-                self.store.delete_comments(c.stream, [c.id])
+                self.store.delete_comments(c.stream, [c.id], c.delete_code, c.delete_reason)
                 pinned = self.store.pin(c.stream)
                 if pinned is not None and pinned.get("id") == c.id:  # as the coordinator: a deleted pin goes
                     self.store.set_pin(c.stream, None)
             elif c.op == "shadow":
                 self.store.shadow_comments(c.stream, [c.id])
+            elif c.op == "restore":
+                self.store.restore_comments(c.stream, [c.id])
             elif c.op == "pin":
                 self.store.set_pin(c.stream, c.comment)
             else:

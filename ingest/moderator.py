@@ -9,19 +9,34 @@ Per batch (``moderation.batch_size`` records, ``linger_ms`` to fill it):
 
 1. **Rules** (ingest/rules.py): the blocklist through its normalisation, and the spam rules.
    A hit is deleted (stage ``rules`` or ``spam``, score 1).
-2. **Model** (ingest/model.py), one call for the batch: at or above ``delete_at`` deleted,
-   at or above ``flag_at`` borderline, below that accepted.
+1b. **Context** (ingest/context.py, ``context_rules``): what the comment is aimed at. A threat,
+   sexual harassment or a scam (``context_deletes``) is deleted (stage ``context``).
+2. **Model** (ingest/model.py), one call for the batch, read with the context: an insult or
+   hostility aimed at a person is deleted at ``delete_at`` (the model and the words agree),
+   else borderline; another comment aimed at a person is borderline at ``flag_at``; one that
+   nothing corroborates only at ``model_alone_flag_at``, and never when its hot words are all
+   harmless idioms ("kill the boss", "I hate mondays"). The model alone never deletes.
+   With ``context_rules`` off: ``delete_at`` deletes, ``flag_at`` is borderline.
 3. **Reputation** (ingest/reputation.py), one round trip for the batch's borderline authors:
    a repeat offender's borderline comment is shadowed and the author shadow-banned
-   (``shadow_ban_s``); anyone else's is flagged for review.
+   (``shadow_ban_s``); anyone else's is flagged for review. An automatic shadow-ban enters
+   the review queue (stage ``reputation``) with the offences that led to it, so a moderator
+   sees it and can lift it.
+
+Only confident offences count against an author: automatic deletes (every one of which a
+rule, or the model and the context together, decided) and a moderator's delete. Flags and
+shadows count nothing: a fan whose "I hate mondays" was flagged is not one step closer to a
+shadow-ban.
 
 Then the effects, in this order, and only then is the batch committed (so a crash repeats
 them, and each is idempotent):
 
 - deletes and shadows are appended to the log as control records (ingest/records.py), in the
-  stream's order: the coordinator sends ``{"t":"delete","id":...}`` to every viewer and takes
-  the comment out of the recent cache, the archiver turns it into a tombstone in history;
-- the authors' offences are added (delete and shadow 1, flag 0.5), shadow-bans set;
+  stream's order: the coordinator sends ``{"t":"delete","id":...,"code":"moderated","reason":...}``
+  (the reason a short sentence for the author: "removed by automatic moderation: threat aimed
+  at a person") to every viewer and takes the comment out of the recent cache, the archiver
+  turns it into a tombstone in history;
+- the authors' confident offences are added (each delete 1), shadow-bans set;
 - every decision but accept (and accepts too with ``record_accepts``) is written to
   ``moderation_actions`` with its stage, score and reason; flags enter the review queue.
 
@@ -50,8 +65,10 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from chorus.codes import DeleteCode
 from chorus.config import ModerationConfig
 from chorus.ingest.consume import ConsumeLoop
+from chorus.ingest.context import Context, read_context
 from chorus.ingest.log import CommentLog, LogRecord, append_many
 from chorus.ingest.model import ScoreCache, ToxicityModel
 from chorus.ingest.records import Comment, Control, RecordError, decode_any, encode_control
@@ -59,30 +76,38 @@ from chorus.ingest.reputation import Reputation
 from chorus.ingest.rules import Blocklist, SpamRules, deleet, fold, join_spaced
 from chorus.ingest.store import ModerationAction, ReviewItem, SqliteStore
 
-__all__ = ["GROUP", "OFFENCE_WEIGHTS", "Decision", "Moderator", "Pipeline"]
+__all__ = ["AUTOMATIC", "GROUP", "OFFENCE_WEIGHT", "Decision", "Moderator", "Pipeline"]
 
 log = logging.getLogger("chorus.moderator")
 
 GROUP = "chorus-moderator"
 ACTOR = "moderator"  # the ``by`` of automatic decisions
-OFFENCE_WEIGHTS = {"delete": 1.0, "shadow": 1.0, "flag": 0.5}
+OFFENCE_WEIGHT = 1.0  # of each confident delete; flags and shadows add nothing
+AUTOMATIC = "removed by automatic moderation"  # how a delete event's reason starts
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
     comment: Comment
     action: str  # accept, delete, shadow, flag; "borderline" between stages 2 and 3
-    stage: str  # rules, spam, model, reputation ("" for accept without a model)
+    stage: str  # rules, spam, context, model, reputation ("" for accept without a model)
     score: float | None
-    reason: str
+    reason: str  # for moderators (moderation_actions): the rule, or the model's score
+    public: str = ""  # for the author and viewers (the delete event): what kind of offence
+    confident: bool = False  # counts against the author's reputation
 
     def action_row(self) -> ModerationAction:
         c = self.comment
         return ModerationAction(c.stream, self.action, self.stage, c.id, c.user_id, self.score, self.reason, ACTOR)
 
+    @property
+    def event_reason(self) -> str:
+        """The delete event's reason: a short sentence the author can read."""
+        return f"{AUTOMATIC}: {self.public or 'offensive language'}"
+
 
 class Pipeline:
-    """Stages 1 and 2 (sans-I/O), and stage 3 given the authors' scores."""
+    """Stages 1, 1b and 2 (sans-I/O), and stage 3 given the authors' scores."""
 
     def __init__(self, cfg: ModerationConfig, model: ToxicityModel | None) -> None:
         self.cfg = cfg
@@ -91,42 +116,74 @@ class Pipeline:
         self.blocklist = Blocklist(cfg.blocklist, cfg.allowlist)
         self.spam = SpamRules(cfg.spam_repeats, cfg.spam_window_s, cfg.max_links, cfg.link_posts_per_window)
         self.exempt = frozenset(cfg.exempt_badges)
+        self.context_deletes = frozenset(cfg.context_deletes)
 
     def moderated(self, c: Comment) -> bool:
         """Comments the pipeline looks at: not already shadowed, not by an exempt author."""
         return not c.shadow and self.exempt.isdisjoint(c.badges)
 
     def classify(self, comments: Sequence[Comment]) -> list[Decision]:
-        """Stages 1 and 2 over a batch, in order; borderline ones wait for :meth:`settle`."""
+        """Stages 1, 1b and 2 over a batch, in order; borderline ones wait for :meth:`settle`."""
         decided: list[Decision | None] = []
         normalised: list[str] = []
+        contexts: list[Context | None] = []
         for c in comments:
             folded = fold(c.text)
             norm = join_spaced(folded)
             normalised.append(norm)
-            entry = self.blocklist.match(norm)
-            spam = self.spam.check(c.stream, c.user_id, c.ts, folded) if entry is None else None
-            if entry is not None:
-                decided.append(Decision(c, "delete", "rules", 1.0, f"blocklist: {entry.strip('*')}"))
-            elif spam is not None:
-                decided.append(Decision(c, "delete", "spam", 1.0, spam.reason))
-            else:
-                decided.append(None)
+            decision, context = self._by_rules(c, folded, norm)
+            decided.append(decision)
+            contexts.append(context)
         todo = [i for i, d in enumerate(decided) if d is None]
         if self.scores is None:
-            return [d or Decision(c, "accept", "", None, "") for c, d in zip(comments, decided, strict=True)]
+            for i in todo:
+                decided[i] = self._without_model(comments[i], contexts[i])
+            return [d for d in decided if d is not None]
         scores = self.scores.score([comments[i].text for i in todo], [deleet(normalised[i]) for i in todo])
         for i, score in zip(todo, scores, strict=True):
-            decided[i] = self._by_score(comments[i], score)
+            decided[i] = self._by_score(comments[i], score, contexts[i])
         return [d for d in decided if d is not None]
 
-    def _by_score(self, c: Comment, score: float) -> Decision:
+    def _by_rules(self, c: Comment, folded: str, norm: str) -> tuple[Decision | None, Context | None]:
+        """Stages 1 and 1b: a delete on a rule, or None and the comment's context for stage 2."""
+        entry = self.blocklist.match(norm)
+        if entry is not None:
+            return Decision(c, "delete", "rules", 1.0, f"blocklist: {entry.strip('*')}", "blocked word", True), None
+        spam = self.spam.check(c.stream, c.user_id, c.ts, folded)
+        if spam is not None:
+            return Decision(c, "delete", "spam", 1.0, spam.reason, spam.reason, True), None
+        if not self.cfg.context_rules:
+            return None, None
+        context = read_context(c.text)
+        if context.category in self.context_deletes:
+            return Decision(c, "delete", "context", 1.0, f"context: {context.reason}", context.reason, True), context
+        return None, context
+
+    def _without_model(self, c: Comment, context: Context | None) -> Decision:
+        if context is not None and context.category:
+            return Decision(c, "borderline", "context", None, f"context: {context.reason}", context.reason)
+        return Decision(c, "accept", "", None, "")
+
+    def _by_score(self, c: Comment, score: float, context: Context | None) -> Decision:
         rounded = round(score, 4)
         name = self.model.name if self.model is not None else "model"
-        if score >= self.cfg.delete_at:
-            return Decision(c, "delete", "model", rounded, f"{name}: score {rounded:.2f} >= {self.cfg.delete_at}")
-        if score >= self.cfg.flag_at:
-            return Decision(c, "borderline", "model", rounded, f"{name}: score {rounded:.2f} >= {self.cfg.flag_at}")
+        cfg = self.cfg
+        if context is None:  # context rules off: the model's thresholds alone
+            if score >= cfg.delete_at:
+                return Decision(c, "delete", "model", rounded, f"{name}: score {rounded:.2f} >= {cfg.delete_at}")
+            if score >= cfg.flag_at:
+                return Decision(c, "borderline", "model", rounded, f"{name}: score {rounded:.2f} >= {cfg.flag_at}")
+            return Decision(c, "accept", "model", rounded, "")
+        if context.category:  # an insult or hostility aimed at a person (threats and the like are deleted)
+            if score >= cfg.delete_at:
+                return Decision(c, "delete", "model", rounded,
+                                f"{name}: score {rounded:.2f} >= {cfg.delete_at}; context: {context.reason}",
+                                context.reason, True)
+            return Decision(c, "borderline", "context", rounded, f"context: {context.reason}", context.reason)
+        threshold = cfg.flag_at if context.aimed else cfg.model_alone_flag_at
+        if score >= threshold and not context.idiom:
+            aimed = "aimed at a person" if context.aimed else "nothing else agrees"
+            return Decision(c, "borderline", "model", rounded, f"{name}: score {rounded:.2f} >= {threshold}; {aimed}")
         return Decision(c, "accept", "model", rounded, "")
 
     def settle(self, decisions: list[Decision], offence_scores: dict[str, float]) -> list[Decision]:
@@ -137,9 +194,9 @@ class Pipeline:
                 score = offence_scores.get(d.comment.user_id, 0.0)
                 if score >= self.cfg.repeat_offender_at:
                     d = Decision(d.comment, "shadow", "reputation", d.score,
-                                 f"{d.reason}; repeat offender (offence score {score:.1f})")
+                                 f"{d.reason}; repeat offender (offence score {score:.1f})", d.public)
                 else:
-                    d = Decision(d.comment, "flag", "model", d.score, d.reason)
+                    d = Decision(d.comment, "flag", d.stage, d.score, d.reason, d.public)
             out.append(d)
         return out
 
@@ -215,13 +272,15 @@ class Moderator:
         hidden = [d for d in decisions if d.action in ("delete", "shadow")]
         if hidden:
             now = time.time_ns() // 1_000_000
-            controls = [Control(d.action, d.comment.stream, d.comment.id, by=ACTOR, reason=d.reason, ts=now)
+            controls = [Control(d.action, d.comment.stream, d.comment.id, by=ACTOR, ts=now,
+                                reason=d.event_reason if d.action == "delete" else d.reason,
+                                code=DeleteCode.MODERATED if d.action == "delete" else "")
                         for d in hidden]
             failures = await append_many(self.log, [encode_control(c) for c in controls])
             failed = [f for f in failures if f is not None]
             if failed:
                 raise failed[0]
-        offences = [(d.comment.user_id, OFFENCE_WEIGHTS[d.action]) for d in decisions if d.action in OFFENCE_WEIGHTS]
+        offences = [(d.comment.user_id, OFFENCE_WEIGHT) for d in decisions if d.action == "delete" and d.confident]
         if offences:
             await self.reputation.add(offences)
         shadowed = sorted({d.comment.user_id for d in decisions if d.action == "shadow"})
@@ -237,9 +296,24 @@ class Moderator:
             self.store.record_actions(rows)
         flags = [ReviewItem(d.comment.stream, d.comment.id, d.comment.user_id, d.comment.user_name, d.comment.text,
                             d.stage, d.score, d.reason, d.comment.ts) for d in decisions if d.action == "flag"]
+        flags += [self._shadow_ban_item(d) for d in decisions if d.action == "shadow"]
+        flags += [ReviewItem(d.comment.stream, d.comment.id, d.comment.user_id, d.comment.user_name, d.comment.text,
+                             d.stage, d.score, d.reason, d.comment.ts, resolution="delete", resolved_by=ACTOR)
+                  for d in decisions if d.action == "delete"]  # listed as resolved: a moderator may restore it
         if flags:
             assert self.store is not None
             self.store.queue_for_review(flags)
+
+    def _shadow_ban_item(self, d: Decision) -> ReviewItem:
+        """The review item of an automatic shadow-ban: why, and the offences that led to it."""
+        assert self.store is not None
+        c = d.comment
+        since = c.ts - int(self.cfg.offence_half_life_s * 1000 * 4)  # older offences weigh < 1/16 now
+        evidence = self.store.offences_of(c.user_id, since, limit=10)
+        reason = (f"shadow-banned for {self.cfg.shadow_ban_s} s (lift it with action \"lift\"): {d.reason}; "
+                  f"after {len(evidence)} confident offences")
+        return ReviewItem(c.stream, c.id, c.user_id, c.user_name, c.text, "reputation", d.score, reason, c.ts,
+                          evidence=tuple(evidence))
 
     def _count(self, decisions: list[Decision]) -> None:
         self.batches += 1

@@ -10,7 +10,10 @@ Two kinds of record share the topic, so moderation keeps each stream's order (DE
 - ``"k":"control"``: an operation on a stream, ``op`` one of :data:`CONTROL_OPS`: ``delete``
   (``id``: a comment becomes a tombstone), ``shadow`` (``id``: a comment already delivered
   is hidden from everyone but its author from now on; no live event), ``pin`` (``comment``:
-  wire shape C) and ``unpin``. Control records carry who asked (``by``) and why (``reason``).
+  wire shape C), ``unpin`` and ``restore`` (``comment``: a deleted comment, wire shape C, is
+  live again). Control records carry who asked (``by``) and why (``reason``); a delete also
+  carries its ``code`` (chorus/codes.py DeleteCode: ``moderated`` automatic, ``moderator``
+  a person), and its event shows code and reason to every viewer, so the author knows why.
 
 :func:`decode_record` reads comments only and refuses a control record with
 :class:`RecordError`, as it did before control records existed; :func:`decode_any` reads both.
@@ -26,13 +29,15 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from chorus.codes import DeleteCode
 from chorus.protocol import json_compact
 
 __all__ = ["CONTROL_OPS", "Comment", "Control", "RecordError", "decode_any", "decode_record", "encode_control",
            "encode_record"]
 
 RECORD_VERSION = 1
-CONTROL_OPS = frozenset({"delete", "shadow", "pin", "unpin"})
+CONTROL_OPS = frozenset({"delete", "shadow", "pin", "unpin", "restore"})
+AUTOMATIC_ACTOR = "moderator"  # the ``by`` of automatic moderation's records
 
 
 class RecordError(ValueError):
@@ -88,27 +93,47 @@ class Control:
 
     op: str  # one of CONTROL_OPS
     stream: str
-    id: str = ""  # delete: the comment; pin: the pinned comment's id
-    comment: dict[str, Any] | None = None  # pin: the comment in wire shape C
+    id: str = ""  # delete, shadow, restore: the comment; pin: the pinned comment's id
+    comment: dict[str, Any] | None = None  # pin, restore: the comment in wire shape C
     by: str = ""  # who asked: a moderator's user id, or "moderator" (the automatic role)
     reason: str = ""
     ts: int = 0  # milliseconds since the Unix epoch, when it was asked
     epoch: str = ""  # the record's log position, as for comments
     offset: int = -1
+    code: str = ""  # delete: a DeleteCode ("" reads as moderated when ``by`` is automatic, else moderator)
+
+    @property
+    def delete_code(self) -> str:
+        if self.code:
+            return self.code
+        return DeleteCode.MODERATED if self.by == AUTOMATIC_ACTOR else DeleteCode.MODERATOR
+
+    @property
+    def delete_reason(self) -> str:
+        """The sentence a delete event shows (the record's reason, or what the code says)."""
+        if self.reason:
+            return self.reason
+        return "removed by automatic moderation" if self.delete_code == DeleteCode.MODERATED else \
+            "removed by a moderator"
 
     def to_event(self) -> dict[str, Any] | None:
-        """The wire event of DESIGN.md 3 (``delete``, ``pin``, ``unpin``); None for ``shadow``."""
+        """The wire event of DESIGN.md 3 (``delete``, ``pin``, ``unpin``, ``restore``); None for ``shadow``."""
         if self.op == "delete":
-            return {"t": "delete", "id": self.id}
+            return {"t": "delete", "id": self.id, "code": str(self.delete_code), "reason": self.delete_reason}
         if self.op == "pin":
             return {"t": "pin", "comment": self.comment}
         if self.op == "unpin":
             return {"t": "unpin"}
+        if self.op == "restore":
+            return {"t": "restore", "comment": self.comment}
         return None
 
 
 def _dumps(value: dict[str, Any]) -> bytes:
-    return json_compact(value).encode()
+    # A lone surrogate cannot be UTF-8: comment text and names are refused or cleaned before
+    # they get here (chorus/protocol.py clean_text), so one can come only from a path without
+    # that check (a moderator's reason); it becomes "?" rather than failing the append.
+    return json_compact(value).encode("utf-8", "replace")
 
 
 def encode_control(c: Control) -> tuple[bytes, bytes]:
@@ -124,6 +149,8 @@ def encode_control(c: Control) -> tuple[bytes, bytes]:
         value["by"] = c.by
     if c.reason:
         value["reason"] = c.reason
+    if c.code:
+        value["code"] = c.code
     return c.stream.encode(), _dumps(value)
 
 
@@ -132,14 +159,17 @@ def _control(obj: dict[str, Any], epoch: str, offset: int) -> Control:
     if op not in CONTROL_OPS:
         raise RecordError(f"unknown control op {op!r}")
     comment = obj.get("comment")
-    if op == "pin" and not (isinstance(comment, dict) and isinstance(comment.get("id"), str)):
-        raise RecordError("a pin record needs a comment with an id")
+    if op in ("pin", "restore") and not (isinstance(comment, dict) and isinstance(comment.get("id"), str)):
+        raise RecordError(f"a {op} record needs a comment with an id")
     cid = str(obj.get("id") or (comment or {}).get("id") or "")
-    if op in ("delete", "shadow") and not cid.isdigit():
+    if op in ("delete", "shadow", "restore") and not cid.isdigit():
         raise RecordError(f"a {op} record needs a comment id")
-    return Control(op=op, stream=str(obj["stream"]), id=cid, comment=comment if op == "pin" else None,
+    code = str(obj.get("code", ""))
+    if code and code not in set(DeleteCode):
+        raise RecordError(f"unknown delete code {code!r}")
+    return Control(op=op, stream=str(obj["stream"]), id=cid, comment=comment if op in ("pin", "restore") else None,
                    by=str(obj.get("by", "")), reason=str(obj.get("reason", "")), ts=int(obj.get("ts", 0)),
-                   epoch=epoch, offset=offset)
+                   epoch=epoch, offset=offset, code=code)
 
 
 def decode_any(value: bytes, epoch: str = "", offset: int = -1) -> Comment | Control:

@@ -2,13 +2,18 @@
 
 SQLite by default (one file, WAL so the gateway reads while the archiver writes). Writes are
 idempotent on (stream_id, comment_id) because the archiver is at-least-once. Deletes are
-tombstones (``is_deleted``) that history pages and recovery honour. A shadowed comment
+tombstones (``is_deleted``, with who removed it and why: ``delete_code``, ``delete_reason``)
+that history pages and recovery honour, except that a page fetched by the comment's author
+shows it to them, marked deleted with that code and reason; a moderator's restore lifts the
+tombstone. A shadowed comment
 (``is_shadow``: its author was shadow-banned) is on the pages of its author only and never
 in recovery.
 
 Moderation keeps its records here too (DESIGN.md 4): ``moderation_actions`` (every decision,
 with stage, score and reason; one row per comment, action and stage, so a replay adds
-none), the ``review_queue`` of flagged comments, and each stream's current pin.
+none), the ``review_queue`` of flagged comments and automatic shadow-bans (with the offences
+that led to them, ``evidence``), the ``sanctions`` in force (bans and time-outs, so they can
+be put back into Redis when it restarted empty), and each stream's current pin.
 
 Each row keeps the comment's log position (``epoch``, ``offset``: see ``ingest/log.py``), so
 a reconnecting viewer's "everything after offset X" is one index range
@@ -73,6 +78,14 @@ CREATE TABLE IF NOT EXISTS review_queue (
     resolved_at INTEGER,
     PRIMARY KEY (stream_id, comment_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sanctions (
+    stream_id  TEXT    NOT NULL,
+    user_id    TEXT    NOT NULL,
+    until_ms   INTEGER,
+    reason     TEXT    NOT NULL DEFAULT '',
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (stream_id, user_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pins (
     stream_id  TEXT    PRIMARY KEY,
     comment    TEXT    NOT NULL,
@@ -89,8 +102,10 @@ CREATE UNIQUE INDEX IF NOT EXISTS moderation_once ON moderation_actions (stream_
 CREATE INDEX IF NOT EXISTS review_open ON review_queue (stream_id, resolution, comment_id);
 """
 POSITION_COLUMNS = {"epoch": "TEXT NOT NULL DEFAULT ''", "offset": "INTEGER NOT NULL DEFAULT -1",
-                    "is_shadow": "INTEGER NOT NULL DEFAULT 0"}
+                    "is_shadow": "INTEGER NOT NULL DEFAULT 0", "delete_code": "TEXT NOT NULL DEFAULT ''",
+                    "delete_reason": "TEXT NOT NULL DEFAULT ''"}
 ACTION_COLUMNS = {"actor": "TEXT NOT NULL DEFAULT ''"}
+REVIEW_COLUMNS = {"evidence": "TEXT NOT NULL DEFAULT '[]'"}
 
 
 class StoreUnavailable(Exception):
@@ -134,11 +149,14 @@ class ReviewItem:
     created_at: int
     resolution: str = ""
     resolved_by: str = ""
+    # an automatic shadow-ban: the offences that led to it ({"stream", "id", "text", "reason"})
+    evidence: tuple[dict[str, Any], ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         return {"id": self.comment_id, "stream": self.stream, "user": {"id": self.user_id, "name": self.user_name},
                 "text": self.text, "stage": self.stage, "score": self.score, "reason": self.reason,
-                "ts": self.created_at, "resolution": self.resolution or None, "resolved_by": self.resolved_by or None}
+                "ts": self.created_at, "resolution": self.resolution or None, "resolved_by": self.resolved_by or None,
+                "evidence": list(self.evidence)}
 
 
 class HistoryStore(Protocol):
@@ -151,6 +169,10 @@ class HistoryStore(Protocol):
     def since(self, stream: str, epoch: str, offset: int, limit: int) -> list[StoredComment]:
         """Up to ``limit`` comments of ``stream`` in ``epoch`` from ``offset`` on (inclusive),
         tombstones too, in offset order."""
+        ...
+
+    def last_position(self, stream: str) -> tuple[str, int] | None:
+        """(epoch, offset) of the newest stored comment with a position, or None."""
         ...
 
     def close(self) -> None: ...
@@ -169,7 +191,8 @@ class SqliteStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
-            for table, columns in (("comments", POSITION_COLUMNS), ("moderation_actions", ACTION_COLUMNS)):
+            for table, columns in (("comments", POSITION_COLUMNS), ("moderation_actions", ACTION_COLUMNS),
+                                   ("review_queue", REVIEW_COLUMNS)):
                 have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
                 for name, decl in columns.items():
                     if name not in have:
@@ -213,16 +236,17 @@ class SqliteStore:
 
     def page(self, stream: str, before: int | None, limit: int, viewer: str | None = None) -> list[dict[str, Any]]:
         """Up to ``limit`` live comments of ``stream`` older than id ``before``, newest first;
-        shadowed comments only when ``viewer`` (a user id) wrote them."""
+        shadowed and deleted comments only when ``viewer`` (a user id) wrote them, a deleted one
+        marked ``"deleted": true`` with the delete's ``code`` and ``reason``."""
         sql = (
-            "SELECT comment_id, user_id, user_name, badges, message, created_at, offset FROM comments"
-            " WHERE stream_id = ? AND comment_id < ? AND is_deleted = 0 AND (is_shadow = 0 OR user_id = ?)"
-            " ORDER BY comment_id DESC LIMIT ?"
+            "SELECT comment_id, user_id, user_name, badges, message, created_at, offset, is_deleted, delete_code,"
+            " delete_reason FROM comments WHERE stream_id = ? AND comment_id < ?"
+            " AND ((is_deleted = 0 AND is_shadow = 0) OR user_id = ?) ORDER BY comment_id DESC LIMIT ?"
         )
         with self._lock:
             rows = self._db.execute(sql, (stream, before if before is not None else 2**63 - 1,
                                           viewer if viewer is not None else "", limit)).fetchall()
-        return [_event(stream, *row) for row in rows]
+        return [_event(stream, *row[:7]) | (_deleted(row[8], row[9]) if row[7] else {}) for row in rows]
 
     def since(self, stream: str, epoch: str, offset: int, limit: int) -> list[StoredComment]:
         """Tombstones and shadowed comments both count as deleted: recovery never sends them."""
@@ -237,13 +261,35 @@ class SqliteStore:
             raise StoreUnavailable(str(exc)) from exc
         return [StoredComment(row[6], bool(row[7]), _event(stream, *row[:7])) for row in rows]
 
+    def last_position(self, stream: str) -> tuple[str, int] | None:
+        """(epoch, offset) of the stream's newest stored comment that has a position (tombstones
+        count: the log moved past them), or None: a welcome's position when the cache is gone."""
+        rows = self._read("SELECT epoch, MAX(offset) FROM comments WHERE stream_id = ? AND epoch = (SELECT epoch"
+                          " FROM comments WHERE stream_id = ? AND epoch != '' ORDER BY comment_id DESC LIMIT 1)",
+                          (stream, stream))
+        return (rows[0][0], int(rows[0][1])) if rows and rows[0][0] is not None else None
+
     # -- moderation ------------------------------------------------------------------------
 
-    def delete_comments(self, stream: str, ids: Sequence[str]) -> int:
-        """Tombstone the comments ``ids``; how many were live before."""
-        rows = [(stream, int(i)) for i in ids]
-        return self._write("UPDATE comments SET is_deleted = 1"
+    def delete_comments(self, stream: str, ids: Sequence[str], code: str = "", reason: str = "") -> int:
+        """Tombstone the comments ``ids`` (who removed them and why: ``code``, ``reason``); how many
+        were live before."""
+        rows = [(code, reason, stream, int(i)) for i in ids]
+        return self._write("UPDATE comments SET is_deleted = 1, delete_code = ?, delete_reason = ?"
                            " WHERE stream_id = ? AND comment_id = ? AND is_deleted = 0", rows)
+
+    def restore_comments(self, stream: str, ids: Sequence[str]) -> int:
+        """Lift the tombstones of ``ids``; how many were deleted before."""
+        rows = [(stream, int(i)) for i in ids]
+        return self._write("UPDATE comments SET is_deleted = 0, delete_code = '', delete_reason = ''"
+                           " WHERE stream_id = ? AND comment_id = ? AND is_deleted = 1", rows)
+
+    def deleted_comment(self, stream: str, comment_id: str) -> dict[str, Any] | None:
+        """A tombstoned (not shadowed) comment in wire shape C, or None: what a restore brings back."""
+        rows = self._read("SELECT comment_id, user_id, user_name, badges, message, created_at, offset FROM comments"
+                          " WHERE stream_id = ? AND comment_id = ? AND is_deleted = 1 AND is_shadow = 0",
+                          (stream, int(comment_id)))
+        return _event(stream, *rows[0]) if rows else None
 
     def shadow_comments(self, stream: str, ids: Sequence[str]) -> int:
         """Hide the comments ``ids`` from everyone but their authors."""
@@ -280,19 +326,53 @@ class SqliteStore:
         return [ModerationAction(r[0], r[1], r[2], str(r[3]) if r[3] is not None else None, *r[4:]) for r in rows]
 
     def queue_for_review(self, items: Sequence[ReviewItem]) -> int:
-        """Add flagged comments to the review queue (a replayed flag is ignored)."""
-        rows = [(i.stream, int(i.comment_id), i.user_id, i.user_name, i.text, i.stage, i.score, i.reason, i.created_at)
-                for i in items]
+        """Add flagged comments and automatic shadow-bans to the review queue (a replay is ignored)."""
+        rows = [(i.stream, int(i.comment_id), i.user_id, i.user_name, i.text, i.stage, i.score, i.reason, i.created_at,
+                 json.dumps(list(i.evidence), ensure_ascii=False), i.resolution, i.resolved_by) for i in items]
         return self._write("INSERT OR IGNORE INTO review_queue (stream_id, comment_id, user_id, user_name, message,"
-                           " stage, score, reason, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                           " stage, score, reason, created_at, evidence, resolution, resolved_by)"
+                           " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def review_queue(self, stream: str, limit: int, resolved: bool = False) -> list[ReviewItem]:
-        """Open (or resolved) flagged comments of ``stream``, oldest first."""
+        """Open (or resolved) review items of ``stream``, oldest first."""
         op = "!=" if resolved else "="
         rows = self._read("SELECT stream_id, comment_id, user_id, user_name, message, stage, score, reason,"
-                          " created_at, resolution, resolved_by FROM review_queue"
+                          " created_at, resolution, resolved_by, evidence FROM review_queue"
                           f" WHERE stream_id = ? AND resolution {op} '' ORDER BY comment_id LIMIT ?", (stream, limit))
-        return [ReviewItem(r[0], str(r[1]), *r[2:]) for r in rows]
+        return [_review_item(r) for r in rows]
+
+    def review_item(self, stream: str, comment_id: str) -> ReviewItem | None:
+        """The open review item of a comment, or None."""
+        rows = self._read("SELECT stream_id, comment_id, user_id, user_name, message, stage, score, reason,"
+                          " created_at, resolution, resolved_by, evidence FROM review_queue"
+                          " WHERE stream_id = ? AND comment_id = ? AND resolution = ''", (stream, int(comment_id)))
+        return _review_item(rows[0]) if rows else None
+
+    def offences_of(self, user: str, since_ms: int, limit: int) -> list[dict[str, Any]]:
+        """``user``'s deleted comments (automatic or a moderator's) recorded since ``since_ms``,
+        newest first: {"stream", "id", "text", "reason"}, what an automatic shadow-ban shows."""
+        rows = self._read(
+            "SELECT a.stream_id, a.comment_id, COALESCE(c.message, ''), a.reason FROM moderation_actions a"
+            " LEFT JOIN comments c ON c.stream_id = a.stream_id AND c.comment_id = a.comment_id"
+            " WHERE a.user_id = ? AND a.action = 'delete' AND a.comment_id IS NOT NULL AND a.created_at >= ?"
+            " ORDER BY a.action_id DESC LIMIT ?", (user, since_ms, limit))
+        return [{"stream": r[0], "id": str(r[1]), "text": r[2], "reason": r[3]} for r in rows]
+
+    # -- sanctions in force (re-seeded into Redis when it restarted empty) ------------------
+
+    def record_sanction(self, stream: str, user: str, until_ms: int | None, reason: str = "") -> None:
+        """A ban (``until_ms`` None) or a time-out until ``until_ms``, replacing any before."""
+        self._write("INSERT OR REPLACE INTO sanctions (stream_id, user_id, until_ms, reason, created_at)"
+                    " VALUES (?, ?, ?, ?, ?)", [(stream, user, until_ms, reason, time.time_ns() // 1_000_000)])
+
+    def lift_sanction(self, stream: str, user: str) -> None:
+        self._write("DELETE FROM sanctions WHERE stream_id = ? AND user_id = ?", [(stream, user)])
+
+    def sanctions_in_force(self, now_ms: int) -> list[tuple[str, str, int | None]]:
+        """(stream, user, until ms or None for a ban) of every ban and unexpired time-out."""
+        rows = self._read("SELECT stream_id, user_id, until_ms FROM sanctions WHERE until_ms IS NULL OR until_ms > ?",
+                          (now_ms,))
+        return [(r[0], r[1], r[2]) for r in rows]
 
     def open_reviews(self, stream: str | None = None) -> int:
         """How many flagged comments wait for review (on ``stream``, or on every stream)."""
@@ -302,11 +382,20 @@ class SqliteStore:
             rows = self._read("SELECT COUNT(*) FROM review_queue WHERE stream_id = ? AND resolution = ''", (stream,))
         return int(rows[0][0])
 
-    def resolve_review(self, stream: str, comment_id: str, resolution: str, by: str) -> bool:
-        """Close an open review item (``keep`` or ``delete``); False if none was open."""
+    def resolve_review(self, stream: str, comment_id: str, resolution: str, by: str,
+                       resolved_too: bool = False) -> bool:
+        """Close an open review item (``keep``, ``delete``, ``restore``, ``lift``), or with
+        ``resolved_too`` one already closed (an automatic delete restored); False if none was."""
+        state = "" if resolved_too else " AND resolution = ''"
         return self._write("UPDATE review_queue SET resolution = ?, resolved_by = ?, resolved_at = ?"
-                           " WHERE stream_id = ? AND comment_id = ? AND resolution = ''",
+                           f" WHERE stream_id = ? AND comment_id = ?{state}",
                            [(resolution, by, time.time_ns() // 1_000_000, stream, int(comment_id))]) > 0
+
+    def deleted_automatically(self, stream: str, comment_id: str) -> bool:
+        """Is the comment a tombstone of automatic moderation (not a moderator's)?"""
+        rows = self._read("SELECT delete_code FROM comments WHERE stream_id = ? AND comment_id = ? AND is_deleted = 1",
+                          (stream, int(comment_id)))
+        return bool(rows) and rows[0][0] in ("", "moderated")
 
     def set_pin(self, stream: str, comment: dict[str, Any] | None) -> None:
         """Keep the stream's pin (None: unpinned), for a welcome when Redis lost it."""
@@ -328,6 +417,17 @@ class SqliteStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _review_item(r: Sequence[Any]) -> ReviewItem:
+    """A review_queue row (its columns in the order the queries above select them)."""
+    return ReviewItem(r[0], str(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10],
+                      tuple(json.loads(r[11])))
+
+
+def _deleted(code: str, reason: str) -> dict[str, Any]:
+    """What a deleted comment shows its author: who removed it and why."""
+    return {"deleted": True, "code": code or "moderated", "reason": reason or "removed"}
 
 
 def _event(stream: str, cid: int, uid: str, name: str, badges: str, text: str, ts: int,

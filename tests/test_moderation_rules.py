@@ -147,16 +147,24 @@ def test_spam_memory_is_bounded() -> None:
 
 def test_control_records_round_trip_and_old_readers_refuse_them() -> None:
     pin = Control("pin", "s", "12", comment={"id": "12", "text": "hi"}, by="mod1", reason="welcome", ts=5)
-    for control in (Control("delete", "s", "12", by="moderator", reason="blocklist: fuck", ts=7), pin,
-                    Control("unpin", "s", ts=9), Control("shadow", "s", "13", ts=9)):
+    restore = Control("restore", "s", "12", comment={"id": "12", "text": "hi", "offset": 3}, by="mod1", ts=6)
+    automatic = Control("delete", "s", "12", by="moderator", reason="removed by automatic moderation: threat aimed "
+                        "at a person", ts=7, code="moderated")
+    for control in (automatic, pin, restore, Control("unpin", "s", ts=9), Control("shadow", "s", "13", ts=9)):
         key, value = encode_control(control)
         assert key == b"s"
         back = decode_any(value, "e", 41)
         assert back == Control(control.op, "s", control.id, control.comment, control.by, control.reason, control.ts,
-                               "e", 41)
+                               "e", 41, control.code)
         with pytest.raises(RecordError, match="control record"):
             decode_record(value)
-    assert Control("delete", "s", "12").to_event() == {"t": "delete", "id": "12"}
+    # The delete event says who removed the comment and why, in a sentence for its author.
+    assert automatic.to_event() == {"t": "delete", "id": "12", "code": "moderated",
+                                    "reason": "removed by automatic moderation: threat aimed at a person"}
+    assert Control("delete", "s", "12", by="mod7", code="moderator").to_event() == {
+        "t": "delete", "id": "12", "code": "moderator", "reason": "removed by a moderator"}
+    assert Control("delete", "s", "12", by="moderator").to_event()["code"] == "moderated"  # records from before codes
+    assert restore.to_event() == {"t": "restore", "comment": {"id": "12", "text": "hi", "offset": 3}}
     assert pin.to_event() == {"t": "pin", "comment": {"id": "12", "text": "hi"}}
     assert Control("unpin", "s").to_event() == {"t": "unpin"}
     assert Control("shadow", "s", "1").to_event() is None
@@ -165,6 +173,8 @@ def test_control_records_round_trip_and_old_readers_refuse_them() -> None:
 @pytest.mark.parametrize("value", [
     b'{"v":1,"k":"control","op":"explode","stream":"s"}', b'{"v":1,"k":"control","op":"delete","stream":"s"}',
     b'{"v":1,"k":"control","op":"pin","stream":"s","comment":"x"}', b'{"v":1,"k":"control"}', b"[]",
+    b'{"v":1,"k":"control","op":"restore","stream":"s","id":"5"}',
+    b'{"v":1,"k":"control","op":"delete","stream":"s","id":"5","code":"<script>"}',
 ])
 def test_malformed_control_records_are_refused(value: bytes) -> None:
     with pytest.raises(RecordError):
@@ -267,11 +277,33 @@ def test_pipeline_decides_per_stage(model: object) -> None:
     assert [d.action for d in pipeline.classify(spam)] == ["accept", "accept", "delete"]
 
 
+def test_the_context_decides_what_the_model_may_do(model: object) -> None:
+    """Issue 17.2: the shipped model scores "I hate mondays" 0.905 and "before kill 0" 0.947 (over
+    delete_at); aimed at things, they are accepted. Threats, harassment and scams are deleted
+    without the model; an insult only when the model agrees, else it is flagged."""
+    pipeline = Pipeline(ModerationConfig(), model)  # type: ignore[arg-type]
+    texts = ["I hate mondays", "before kill 0", "that was a hell of a match", "shoot the ball!", "killer goal",
+             "you killed it, great set", "i will find you", "send nudes", "free vbucks at vbux-free.xyz",
+             "you are an idiot", "you are worthless", "hate this guy"]
+    decided = pipeline.classify([comment(20 + i, t, user=f"c{i}") for i, t in enumerate(texts)])
+    assert [(d.action, d.stage) for d in decided] == [("accept", "model")] * 6 + [
+        ("delete", "context"), ("delete", "context"), ("delete", "context"), ("delete", "model"),
+        ("borderline", "context"), ("borderline", "model")]
+    assert (decided[0].score or 0) > 0.9 and (decided[1].score or 0) > 0.9  # the model alone would have deleted
+    assert [d.confident for d in decided[6:]] == [True] * 4 + [False] * 2  # only these count against the author
+    assert decided[6].event_reason == "removed by automatic moderation: threat aimed at a person"
+    assert decided[9].reason == "profanity-check: score 1.00 >= 0.9; context: insult aimed at a person"
+    without = Pipeline(ModerationConfig(context_rules=False), model)  # type: ignore[arg-type]
+    assert [d.action for d in without.classify([comment(40, "I hate mondays"), comment(41, "shoot the ball!")])] == [
+        "delete", "borderline"]  # what the issue saw
+
+
 def test_without_a_model_rules_still_apply() -> None:
     pipeline = Pipeline(ModerationConfig(model="none"), None)
     assert [d.action for d in pipeline.classify([comment(0, "sh1t"), comment(1, "you are a fucking idiot x")])] == [
         "delete", "delete"]
-    assert pipeline.classify([comment(2, "you are an idiot")])[0].action == "accept"
+    assert [(d.action, d.stage) for d in pipeline.classify([comment(2, "you are an idiot"), comment(3, "gg")])] == [
+        ("borderline", "context"), ("accept", "")]  # the context rules still read it
 
 
 # -- reputation -------------------------------------------------------------------------------
@@ -297,11 +329,18 @@ def test_store_tombstones_shadows_queue_actions_and_pins(tmp_path: Path) -> None
     rows = [Comment(str(5000 + i), "s", f"u{i % 2}", "U", (), f"c{i}", 1_764_000_000_000 + i, "e", i,
                     shadow=i == 3) for i in range(5)]
     store.write_comments(rows)
-    assert store.delete_comments("s", ["5001"]) == 1 and store.delete_comments("s", ["5001"]) == 0
+    why = "removed by automatic moderation: insult aimed at a person"
+    assert store.delete_comments("s", ["5001"], "moderated", why) == 1 and store.delete_comments("s", ["5001"]) == 0
     assert [c["id"] for c in store.page("s", None, 10)] == ["5004", "5002", "5000"]
-    assert [c["id"] for c in store.page("s", None, 10, viewer="u1")] == ["5004", "5003", "5002", "5000"]
+    # Its author sees the deleted comment, with who removed it and why; nobody else does.
+    mine = store.page("s", None, 10, viewer="u1")
+    assert [c["id"] for c in mine] == ["5004", "5003", "5002", "5001", "5000"]
+    assert {k: mine[3][k] for k in ("deleted", "code", "reason")} == {"deleted": True, "code": "moderated",
+                                                                       "reason": why}
+    assert "deleted" not in mine[0] and store.deleted_automatically("s", "5001")
+    assert [c["id"] for c in store.page("s", None, 10, viewer="u0")] == ["5004", "5002", "5000"]
     store.shadow_comments("s", ["5004"])
-    assert [c["id"] for c in store.page("s", None, 10, viewer="u1")] == ["5003", "5002", "5000"]
+    assert [c["id"] for c in store.page("s", None, 10, viewer="u1")] == ["5003", "5002", "5001", "5000"]
     assert [(r.offset, r.deleted) for r in store.since("s", "e", 0, 10)] == [
         (0, False), (1, True), (2, False), (3, True), (4, True)]
     assert store.comment("s", "5001") is not None and store.comment("s", "5001")[1] is True  # type: ignore[index]
@@ -311,12 +350,33 @@ def test_store_tombstones_shadows_queue_actions_and_pins(tmp_path: Path) -> None
     assert store.record_actions([action, action]) == 1 and store.record_actions([action]) == 0
     assert store.record_actions([ModerationAction("s", "ban", "api", None, "u1", actor="mod")] * 2) == 2
     assert [a.action for a in store.actions("s")] == ["ban", "ban", "delete"]
+    assert store.offences_of("u1", 0, 10) == [{"stream": "s", "id": "5001", "text": "c1", "reason": "blocklist: x"}]
+    assert store.offences_of("u0", 0, 10) == []
 
     item = ReviewItem("s", "5002", "u0", "U", "c2", "model", 0.7, "borderline", 1)
     assert store.queue_for_review([item, item]) == 1
     assert [i.comment_id for i in store.review_queue("s", 10)] == ["5002"] and store.open_reviews("s") == 1
     assert store.resolve_review("s", "5002", "keep", "mod") and not store.resolve_review("s", "5002", "keep", "mod")
     assert store.open_reviews() == 0 and store.review_queue("s", 10, resolved=True)[0].resolution == "keep"
+    evidence = ({"stream": "s", "id": "5001", "text": "c1", "reason": "blocklist: x"},)
+    store.queue_for_review([ReviewItem("s", "5003", "u1", "U", "c3", "reputation", 0.7, "shadow-banned", 2,
+                                       evidence=evidence)])
+    banned = store.review_item("s", "5003")
+    assert banned is not None and banned.evidence == evidence and banned.to_wire()["evidence"] == list(evidence)
+    assert store.review_item("s", "5002") is None  # resolved already
+
+    # A restore lifts the tombstone; it is a live comment for everyone again.
+    assert store.deleted_comment("s", "5001") is not None and store.deleted_comment("s", "5000") is None
+    assert store.restore_comments("s", ["5001"]) == 1 and store.restore_comments("s", ["5001"]) == 0
+    assert "5001" in [c["id"] for c in store.page("s", None, 10)] and not store.deleted_automatically("s", "5001")
+
+    # Bans and time-outs in force, durably (re-seeded into a Redis that restarted empty).
+    store.record_sanction("s", "u1", None, "spam")
+    store.record_sanction("*", "u2", 2_000, "")
+    store.record_sanction("s", "u3", 500, "")
+    assert sorted(store.sanctions_in_force(1_000)) == [("*", "u2", 2_000), ("s", "u1", None)]
+    store.lift_sanction("s", "u1")
+    assert store.sanctions_in_force(1_000) == [("*", "u2", 2_000)]
 
     store.set_pin("s", {"id": "5000"})
     assert store.pin("s") == {"id": "5000"}
