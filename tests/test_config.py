@@ -81,9 +81,11 @@ def test_every_problem_of_a_file_is_listed_at_once(tmp_path: Path) -> None:
 
 
 def test_tooling_variables_and_command_line_values_are_accepted() -> None:
-    cfg = load_config(env={"CHORUS_PURE": "1", "CHORUS_TEST_KAFKA": "x", "CHORUS_LOG_LEVEL": "DEBUG"},
-                      gateway__heartbeat_interval_s=1)
+    tooling = {"CHORUS_PURE": "1", "CHORUS_TEST_KAFKA": "x", "CHORUS_KAFKA_HEAP": "1g"}  # scripts and tests
+    cfg = load_config(env={**tooling, "CHORUS_LOG_LEVEL": "DEBUG"}, gateway__heartbeat_interval_s=1)
     assert cfg.log_level == "DEBUG" and cfg.gateway.heartbeat_interval_s == 1.0
+    with pytest.raises(ConfigError, match="CHORUS_KAFKA__BOOTSTRP: not a config key"):
+        load_config(env={"CHORUS_KAFKA__BOOTSTRP": "k:9092"})  # two underscores: meant as a key
     with pytest.raises(ConfigError, match=r"gateway\.prot \(from the command line\): unknown key"):
         load_config(env={}, gateway__prot=1)
     with pytest.raises(ConfigError, match=r"gateway\.port \(from the command line\): expected int"):
