@@ -110,7 +110,9 @@ LEXICON: dict[str, tuple[str, ...]] = {
         "show (?:us |me )?(?:your |ur |some |more )?(?:body|boobs|feet|skin|chest|ass)", "feet pics",
         "sit on my face", "what are you wearing", "wearing anything under", "touch you", "lick you",
         "in my bed", "hotel room", "bend over", "piece of meat", "because of your body", "back to the kitchen",
-        "make (?:me |us )?a sandwich", "(?:women|girls) can'?t (?:play|game|stream)", "sexy", "horny",
+        "make (?:me |us )?a sandwich", "(?:women|girls) (?:can'?t|cannot|shouldn'?t|should not) (?:be allowed to )?"
+        "(?:play|game|stream)", "sexy", "horny", "without (?:your |ur |any )?clothes",
+        "under (?:your|ur) (?:shirt|skirt|top|clothes|dress)",
         "you're so hot", "do things to you", "(?:send|dm) me (?:your |ur )?pics",
     ),
     "scam_word": (
@@ -121,6 +123,7 @@ LEXICON: dict[str, tuple[str, ...]] = {
     # money for nothing: a scam with or without a link
     "scam_phrase": (
         "dm me for", "make \\d+ a day", "send (?:\\d|eth|btc|bitcoin|crypto)", "double (?:it|your)", "hot singles",
+        "make money (?:fast|quick|quickly|online|from home)",
     ),
     # self-promotion: a scam next to a link or a scam word (alone, the spam rules judge repeats)
     "promotion": (
@@ -210,7 +213,12 @@ _THREAT_VERB = re.compile(
     rf"(?: \w+)? (?:you|your|him|her|yourself|the ref|the referee|the streamer|this guy|that guy|this clown|"
     rf"his family|her family)(?= |$)")
 _THREAT_FIXED = re.compile(
-    r"(?:know where you live|your address|watch your back|you're dead|you are dead|dead meat|won't be safe|"
+    r"(?:(?:know|find out|found out) where you (?:live|work|sleep|go to school)|know your (?:school|address|house|"
+    r"workplace|job)|your address|watch your back|watch yourself|"
+    r"(?:you're going to|you will|you'll|going to make you) regret|make sure you never|"
+    r"jump off (?:a|the) (?:bridge|cliff|building|roof)|drink bleach|unalive|"
+    r"(?:disappear|vanish|stop existing|not exist) forever|nobody would miss you|"
+    r"(?:world|everyone) would be better (?:off )?without you|you're dead|you are dead|dead meat|won't be safe|"
     r"not safe|isn't safe|meet me outside|wait for you outside|regret this|coming for you|dox|doxx|swat|"
     r"(?:kill|shoot|stab|beat|hurt|jump|punch) (?:the ref|the referee|the streamer|this guy|him|her)(?= |$)|"
     r"beat (?:this|that) (?:guy|clown) up|teach this clown|end you|deserve to be hurt|"

@@ -5,6 +5,7 @@ pipeline's decisions, reputation's decay, and the store's moderation tables."""
 from __future__ import annotations
 
 import random
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -396,3 +397,42 @@ async def test_tombstones_leave_the_recent_cache() -> None:
     assert await cache.get_pin("s") == events[0]
     await cache.set_pin("s", None)
     assert await cache.get_pin("s") is None
+
+
+# -- the defaults, measured on labelled live chat (issue 17.2) ---------------------------------
+
+LIVECHAT = Path(__file__).resolve().parent / "data" / "livechat_labelled.tsv"
+FRESH = Path(__file__).resolve().parent / "data" / "livechat_fresh.tsv"
+
+
+def test_the_defaults_meet_the_targets_on_labelled_live_chat(model: object) -> None:
+    """`python -m bench moderation --eval tests/data/livechat_labelled.tsv`: the real pipeline deletes
+    <= 0.5% and flags <= 3% of the benign lines and catches >= 90% of the abusive ones, on the
+    lines the defaults were chosen on and on the held-out ones; the model's thresholds alone (the
+    defaults before) did not."""
+    sys.path.insert(0, str(LIVECHAT.parents[2]))  # the repository: bench/ is not an installed package
+    from bench.moderation import EVAL_TARGETS, evaluate, labelled_set
+
+    rows = labelled_set(LIVECHAT)
+    assert sum(1 for y, _, _ in rows if y == 0) >= 500 and sum(1 for y, _, _ in rows if y == 1) >= 200
+    assert any(h for _, _, h in rows) and len({t.lower() for _, t, _ in rows}) == len(rows)
+    got = evaluate(LIVECHAT, model=model)
+    for split in ("all", "tuning", "held_out"):
+        f = got[split]
+        assert f["benign_deleted"] <= EVAL_TARGETS["benign_deleted_max"], (split, f)
+        assert f["benign_flagged"] <= EVAL_TARGETS["benign_flagged_max"], (split, f)
+        assert f["abusive_caught"] >= EVAL_TARGETS["abusive_caught_min"], (split, f)
+        assert f["delete"]["precision"] >= 0.99, (split, f)
+    assert got["met"]
+    before = evaluate(LIVECHAT, ModerationConfig(context_rules=False), model=model)
+    assert not before["met"] and before["all"]["benign_deleted"] > 0.01 and before["all"]["abusive_caught"] < 0.7
+    fresh = evaluate(FRESH, model=model)["all"]  # written after the defaults were chosen
+    assert fresh["benign_deleted"] <= 0.005 and fresh["benign_flagged"] <= 0.03 and fresh["abusive_caught"] >= 0.9
+
+
+def test_the_eval_command_prints_the_tables() -> None:
+    out = subprocess.run([sys.executable, "-m", "bench", "moderation", "--eval", str(LIVECHAT)],
+                         capture_output=True, text=True, timeout=240, cwd=LIVECHAT.parents[2])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "**defaults** (targets met)" in out.stdout and "targets NOT met" in out.stdout
+    assert "| held-out | 172 / 74 |" in out.stdout
