@@ -20,7 +20,7 @@ from chorus.gateway.fallback import KafkaTail, PubSubFallback
 from chorus.gateway.modapi import GatewayModeration
 from chorus.gateway.node import Node
 from chorus.gateway.server import Gateway
-from chorus.ids import MAX_NODE, IdGenerator
+from chorus.ids import IdGenerator
 from chorus.ingest.admission import Admission
 from chorus.ingest.archiver import Archiver
 from chorus.ingest.coordinator import Coordinator
@@ -31,6 +31,7 @@ from chorus.ingest.moderator import Moderator
 from chorus.ingest.reputation import MemoryReputation, RedisReputation, Reputation
 from chorus.ingest.store import SqliteStore
 from chorus.localkey import needs_own_key
+from chorus.nodeid import FixedNode, NodeLease, lease_node_id
 from chorus.ops import Operations, drain_gateway
 
 __all__ = ["ALL_ROLES", "App", "run_app", "tune_gc", "warn_if_pure"]
@@ -40,20 +41,12 @@ log = logging.getLogger("chorus.app")
 ALL_ROLES = frozenset({"gateway", "coordinator", "archiver", "moderator"})
 
 
-async def _node_id(config: Config) -> int:
-    """The id generator's node: from the config, else a counter in Redis, else 0 embedded."""
-    if config.gateway.node_id >= 0:
-        return config.gateway.node_id
-    if not config.redis.url:
-        return 0
-    import redis.asyncio as aioredis
-
-    client = aioredis.Redis.from_url(config.redis.url)
-    try:
-        n = await client.incr(f"{config.redis.channel_prefix}node-seq")
-    finally:
-        await client.aclose()
-    return int(n) % (MAX_NODE + 1)
+async def _node_id(config: Config) -> FixedNode | NodeLease:
+    """The id generator's node: from the config, else a lease in Redis renewed in the background
+    (chorus/nodeid.py), else 0 on the embedded default."""
+    if config.gateway.node_id >= 0 or not config.redis.url:
+        return FixedNode(max(0, config.gateway.node_id))
+    return await lease_node_id(config.redis.url, config.redis.channel_prefix, config.gateway.node_lease_ttl_s)
 
 
 @dataclass
@@ -73,6 +66,7 @@ class App:
     moderator: Moderator | None = None
     reputation: Reputation | None = None  # offence scores and shadow-bans (moderator, admission, API)
     ops: Operations | None = None  # metrics, readiness, the metrics listener (chorus/ops.py)
+    node_hold: FixedNode | NodeLease | None = None  # the gateway's node id (a lease with Redis: chorus/nodeid.py)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _fallback_task: asyncio.Task[None] | None = None
 
@@ -92,7 +86,8 @@ class App:
                                session_timeout_ms=k.session_timeout_ms, heartbeat_interval_ms=k.heartbeat_interval_ms)
         broker: Broker
         state: StreamState
-        node_id = await _node_id(config) if "gateway" in roles else 0
+        node_hold = await _node_id(config) if "gateway" in roles else FixedNode(0)
+        node_id = node_hold.id
         r = config.redis
         if r.url:
             broker = RedisBroker(r.url, r.channel_prefix, shards=r.hot_streams, node=node_id, sharded=r.sharded_pubsub)
@@ -108,7 +103,10 @@ class App:
         if "gateway" in roles:
             g = config.gateway
             node = Node(broker, g.unsubscribe_delay_ms)
-            admission = Admission(comment_log, IdGenerator(node_id), open_limits(config, state))
+            ids = IdGenerator(node_id, floor_ms=node_hold.floor_ms, hold=node_hold)
+            node_hold.attach(ids)
+            app.node_hold = node_hold
+            admission = Admission(comment_log, ids, open_limits(config, state))
             app.gateway = Gateway(config, admission, node, state, app.store)
             app.gateway.moderation = _gateway_moderation(config, app.gateway, comment_log, broker, app.reputation,
                                                          node_id)
@@ -155,6 +153,8 @@ class App:
         if self.gateway is not None:
             await self.gateway.stop()
             await self.gateway.admission.limits.close()
+        if self.node_hold is not None:  # after the last post: the next holder starts past its ids
+            await self.node_hold.release()
         for role in (self.coordinator, self.archiver, self.moderator):
             if role is not None:
                 role.stop()

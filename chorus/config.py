@@ -101,6 +101,11 @@ class GatewayConfig:
         "its last refresh (every third of this) by this long: a killed gateway's entries vanish after it.", 90.0
     )
     node_id: int = doc("Node part of comment ids (0-1023); -1 takes one from Redis or 0 embedded.", -1)
+    node_lease_ttl_s: float = doc(
+        "With node_id -1 and Redis: the node id is a lease in Redis renewed every third of this; a gateway "
+        "that cannot renew it for 0.8 of this (Redis unreachable) refuses posts until it can, and a stopped "
+        "gateway's id is free again after this.", 60.0
+    )
     echo_endpoint: bool = doc("Serve /echo (conformance testing only; never in production).", False)
     drain_delay_s: float = doc(
         "On SIGTERM: how long /readyz answers 503 while the gateway still serves, so a load balancer "
@@ -426,6 +431,7 @@ class Config:
             ("gateway.flush_max_messages", self.gateway.flush_max_messages >= 1, "must be >= 1"),
             ("gateway.backlog_limit_bytes", self.gateway.backlog_limit_bytes >= 4096, "must be >= 4096"),
             ("gateway.node_id", -1 <= self.gateway.node_id <= 1023, "must be -1 or 0-1023"),
+            ("gateway.node_lease_ttl_s", 1 <= self.gateway.node_lease_ttl_s <= 3600, "must be 1-3600"),
             ("gateway.registry_ttl_s", 0.5 <= self.gateway.registry_ttl_s <= 86_400, "must be 0.5-86400"),
             ("auth.algorithm", self.auth.algorithm in ("HS256", "HS384", "HS512"), "must be HS256, HS384 or HS512"),
             ("auth.key", len(self.auth.key) >= 32, "must be at least 32 characters"),

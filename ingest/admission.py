@@ -49,7 +49,7 @@ from typing import Any
 from chorus.auth import Identity
 from chorus.codes import ErrorCode
 from chorus.config import LimitsConfig
-from chorus.ids import IdGenerator
+from chorus.ids import IdGenerator, IdsUnavailable, id_time_ms
 from chorus.ingest.limits import AdmissionLimits, BackendUnavailable, Poster, Refusal
 from chorus.ingest.log import CommentLog, LogUnavailable, LogUnconfirmed, append_many
 from chorus.ingest.records import Comment, encode_record
@@ -110,10 +110,20 @@ class Admission:
         return result
 
     def _comment(self, who: Identity, stream: str, text: str, shadow: bool = False) -> Comment:
+        """A new comment; raises :class:`IdsUnavailable` if this gateway may not make ids now."""
+        comment_id = self.ids.next_int()
         return Comment(
-            id=self.ids.next(), stream=stream, user_id=who.user_id, user_name=who.name,
-            badges=tuple(who.badges()), text=text, ts=time.time_ns() // 1_000_000, shadow=shadow,
+            id=str(comment_id), stream=stream, user_id=who.user_id, user_name=who.name,
+            badges=tuple(who.badges()), text=text, ts=id_time_ms(comment_id), shadow=shadow,
         )
+
+    def _mint(self, i: int, who: Identity, stream: str, text: str, shadow: bool, admitted: Admitted) -> None:
+        """Add the comment to append, or its refusal if no id can be made (the node lease lapsed)."""
+        try:
+            admitted.comments.append((i, self._comment(who, stream, text, shadow)))
+        except IdsUnavailable as exc:
+            admitted.results[i] = Refused(ErrorCode.NOT_ACCEPTED, f"comment not accepted: {exc}; it was not posted",
+                                          retry_after_ms=2000)
 
     def _shadow_check(self, users: list[str]) -> asyncio.Task[set[str]] | None:
         """Start asking which ``users`` are shadow-banned, alongside the sanctions' round trip."""
@@ -178,8 +188,10 @@ class Admission:
                 acquire_many(posters) if acquire_many is not None else _each(limiter.acquire, posters), len(todo))
             todo = _keep_allowed(todo, verdicts, results)
         shadowed = await self._shadowed_of(shadow)
-        return Admitted(results, [(i, self._comment(ident, p.stream, clean, ident.user_id in shadowed))
-                                  for i, ident, clean, p in todo])
+        admitted = Admitted(results, [])
+        for i, ident, clean, p in todo:
+            self._mint(i, ident, p.stream, clean, ident.user_id in shadowed, admitted)
+        return admitted
 
     async def _admit_in_one_call(self, todo: list[tuple[int, Identity, str, Poster]],
                                  results: list[Comment | Refused | None]) -> Admitted:
@@ -187,7 +199,7 @@ class Admission:
         all in Redis); if Redis does not answer, every post passes, shown as usual."""
         decisions = await self._ask(self.limits.decide_many([p for *_, p in todo], self.shadowed is not None),
                                     len(todo))
-        comments = []
+        admitted = Admitted(results, [])
         for n, (i, ident, clean, poster) in enumerate(todo):
             decision = decisions[n] if decisions is not None else None
             if decision is not None and decision.sanction is not None:
@@ -197,8 +209,8 @@ class Admission:
                 results[i] = Refused.of(decision.limit)
             else:
                 shadow = decision is not None and decision.shadowed
-                comments.append((i, self._comment(ident, poster.stream, clean, shadow)))
-        return Admitted(results, comments)
+                self._mint(i, ident, poster.stream, clean, shadow, admitted)
+        return admitted
 
     async def append_admitted(self, admitted: Admitted) -> list[Comment | Refused]:
         """Step 7 of :meth:`post_many`: append what :meth:`admit_many` let through."""
