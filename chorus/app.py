@@ -26,7 +26,7 @@ from chorus.ingest.archiver import Archiver
 from chorus.ingest.coordinator import Coordinator
 from chorus.ingest.lease import RedisLease, lease_key
 from chorus.ingest.limits import open_limits
-from chorus.ingest.log import CommentLog, open_log
+from chorus.ingest.log import CommentLog, Retention, open_log
 from chorus.ingest.moderator import Moderator
 from chorus.ingest.reputation import MemoryReputation, RedisReputation, Reputation
 from chorus.ingest.store import SqliteStore
@@ -83,7 +83,8 @@ class App:
                               "auth.key, or start with `chorus run`, which keeps a random key in the data dir")
         k = config.kafka
         comment_log = open_log(k.bootstrap, k.topic, k.partitions, k.accept_timeout_ms, k.linger_ms,
-                               session_timeout_ms=k.session_timeout_ms, heartbeat_interval_ms=k.heartbeat_interval_ms)
+                               session_timeout_ms=k.session_timeout_ms, heartbeat_interval_ms=k.heartbeat_interval_ms,
+                               retention=Retention(k.log_retention_records, k.log_retention_s, k.log_max_records))
         broker: Broker
         state: StreamState
         node_hold = await _node_id(config) if "gateway" in roles else FixedNode(0)

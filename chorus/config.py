@@ -150,6 +150,18 @@ class KafkaConfig:
         "How often group members heartbeat; also how soon a live member hears of a rebalance. "
         "Below session_timeout_ms.", 1000
     )
+    log_retention_records: int = doc(
+        "In-process log (embedded default): records kept per partition once every consumer group has read "
+        "them (history stays in SQLite; recovery reads the recent cache, then history). 0: no count bound.", 10000
+    )
+    log_retention_s: float = doc(
+        "In-process log: records older than this go once every consumer group has read them. 0: no age bound "
+        "(with log_retention_records 0 too, every record is kept and memory grows without bound).", 60.0
+    )
+    log_max_records: int = doc(
+        "In-process log: hard cap per partition; past it the oldest records go even if a consumer has not read "
+        "them (it skips ahead; counted and logged). 0: no cap.", 100000
+    )
 
 
 @dataclass(frozen=True)
@@ -437,6 +449,11 @@ class Config:
             ("auth.key", len(self.auth.key) >= 32, "must be at least 32 characters"),
             ("kafka.partitions", self.kafka.partitions >= 1, "must be >= 1"),
             ("kafka.accept_timeout_ms", self.kafka.accept_timeout_ms >= 100, "must be >= 100"),
+            ("kafka.log_retention_records", self.kafka.log_retention_records >= 0, "must be >= 0"),
+            ("kafka.log_retention_s", self.kafka.log_retention_s >= 0, "must be >= 0"),
+            ("kafka.log_max_records", self.kafka.log_max_records == 0
+             or self.kafka.log_max_records >= self.kafka.log_retention_records,
+             "must be 0 or >= log_retention_records"),
             ("history.page_max", self.history.page_max >= 1, "must be >= 1"),
             ("history.recover_max", self.history.recover_max >= 0, "must be >= 0"),
             ("coordinator.recent_size", self.coordinator.recent_size >= 1, "must be >= 1"),

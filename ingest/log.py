@@ -16,12 +16,14 @@ Kafka its group membership, as long as the caller keeps fetching).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
+import time
 import uuid
 import zlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,7 +32,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from chorus.ingest.kafka_topic import partition_epoch, topic_id
 
 __all__ = ["CommentLog", "KafkaLog", "LogConsumer", "LogRecord", "LogUnavailable", "LogUnconfirmed", "MemoryLog",
-           "append_many", "group_consumer", "open_log"]
+           "Retention", "append_many", "group_consumer", "open_log"]
 
 log = logging.getLogger("chorus.log")
 
@@ -117,19 +119,93 @@ def _next_offsets(records: Sequence[LogRecord]) -> dict[int, int]:
     return nxt
 
 
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """What the in-process log keeps (config ``kafka.log_*``). A record goes once every consumer
+    group has committed past it and it is beyond ``records`` per partition or older than
+    ``seconds``; past ``max_records`` in a partition the oldest go even unread (a consumer behind
+    them skips ahead; counted and logged). 0 turns each bound off; all 0 keeps every record."""
+
+    records: int = 10_000
+    seconds: float = 60.0
+    max_records: int = 100_000
+
+
+KEEP_EVERYTHING = Retention(0, 0.0, 0)
+COMPACT_AT = 4096  # dropped records a partition's list sheds at once (amortised O(1) per record)
+
+
+class _Partition:
+    """One partition's records from ``base`` (the oldest offset kept) to its end offset.
+
+    ``len()`` is the end offset (the next record's), as for a list that kept everything; records
+    sit in a list whose first ``head`` entries are dropped ones, shed in chunks."""
+
+    __slots__ = ("base", "head", "records", "times")
+
+    def __init__(self) -> None:
+        self.records: list[LogRecord] = []
+        self.times: list[float] = []  # when each record was appended (monotonic s)
+        self.head = 0
+        self.base = 0
+
+    def __len__(self) -> int:
+        return self.base + len(self.records) - self.head
+
+    def kept(self) -> int:
+        return len(self.records) - self.head
+
+    def append(self, record: LogRecord, now: float) -> None:
+        self.records.append(record)
+        self.times.append(now)
+
+    def read(self, offset: int, n: int) -> list[LogRecord]:
+        """Up to ``n`` records from ``offset`` (at least :attr:`base`)."""
+        i = self.head + offset - self.base
+        return self.records[i : i + n]
+
+    def first_younger_than(self, cutoff: float) -> int:
+        """The offset of the first record appended at or after ``cutoff``."""
+        i = bisect.bisect_left(self.times, cutoff, lo=self.head)
+        return self.base + i - self.head
+
+    def drop_to(self, offset: int) -> int:
+        """Drop every record before ``offset``; how many went."""
+        n = min(offset, len(self)) - self.base
+        if n <= 0:
+            return 0
+        self.head += n
+        self.base += n
+        if self.head >= COMPACT_AT and self.head * 2 >= len(self.records):
+            del self.records[: self.head]
+            del self.times[: self.head]
+            self.head = 0
+        return n
+
+
 class MemoryLog:
     """An in-process log with partitions and consumer groups, for one process.
 
-    Records live as long as the process; that is the embedded default's durability, and why
-    the epoch of a partition includes a boot id drawn when the log is made.
+    Records live at most as long as the process; that is the embedded default's durability, and
+    why the epoch of a partition includes a boot id drawn when the log is made. History lives in
+    the SQLite store and recovery reads the recent cache, then that store, so the log keeps only
+    what a consumer may still read (:class:`Retention`): memory stays flat however long it runs.
     """
 
-    def __init__(self, partitions: int = 4) -> None:
-        self._parts: list[list[LogRecord]] = [[] for _ in range(partitions)]
+    def __init__(self, partitions: int = 4, retention: Retention = KEEP_EVERYTHING,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._parts = [_Partition() for _ in range(partitions)]
         boot = uuid.uuid4().hex[:12]
         self._epochs = [partition_epoch("memory", p, boot) for p in range(partitions)]
         self._committed: dict[str, list[int]] = {}
         self._grew = asyncio.Event()
+        self.retention = retention
+        self._clock = clock
+        self.dropped = 0  # records let go (every group had read them, or the hard cap)
+        self.skipped = 0  # records a consumer never read because the hard cap dropped them first
+
+    def retain(self, retention: Retention) -> None:
+        self.retention = retention
 
     async def start(self) -> None:
         pass
@@ -140,23 +216,49 @@ class MemoryLog:
     def partition_of(self, key: bytes) -> int:
         return zlib.crc32(key) % len(self._parts)
 
+    def bounds(self, partition: int) -> tuple[int, int]:
+        """(the oldest offset kept, the end offset) of ``partition``."""
+        part = self._parts[partition]
+        return part.base, len(part)
+
+    def records_kept(self) -> int:
+        return sum(part.kept() for part in self._parts)
+
     async def append(self, key: bytes, value: bytes) -> None:
         p = self.partition_of(key)
         part = self._parts[p]
-        part.append(LogRecord(p, len(part), key, value, self._epochs[p]))
+        part.append(LogRecord(p, len(part), key, value, self._epochs[p]), self._clock())
+        cap = self.retention.max_records
+        if cap and part.kept() > cap:
+            self.dropped += part.drop_to(len(part) - cap)
         self._grew.set()
 
+    def trim(self) -> None:
+        """Drop what every group has committed past and the retention no longer keeps."""
+        r = self.retention
+        if not (r.records or r.seconds):
+            return
+        cutoff = self._clock() - r.seconds
+        for p, part in enumerate(self._parts):
+            read_by_all = min((c[p] for c in self._committed.values()), default=len(part))
+            keep_from = max(len(part) - r.records if r.records else part.base,
+                            part.first_younger_than(cutoff) if r.seconds else part.base)
+            self.dropped += part.drop_to(min(read_by_all, keep_from))
+
     def consumer(self, group: str, max_wait_ms: int = 10) -> MemoryLogConsumer:
-        committed = self._committed.setdefault(group, [0] * len(self._parts))
-        return MemoryLogConsumer(self, committed)
+        # A new group starts at the oldest record kept (Kafka's auto.offset.reset=earliest).
+        committed = self._committed.setdefault(group, [part.base for part in self._parts])
+        return MemoryLogConsumer(self, group, committed)
 
 
 class MemoryLogConsumer:
-    def __init__(self, log_: MemoryLog, committed: list[int]) -> None:
+    def __init__(self, log_: MemoryLog, group: str, committed: list[int]) -> None:
         self._log = log_
+        self.group = group
         self._committed = committed
         self._position = list(committed)
         self.paused = False
+        self.skipped = 0  # records dropped before this consumer read them (the log's hard cap)
 
     async def start(self) -> None:
         self._position = list(self._committed)
@@ -170,10 +272,22 @@ class MemoryLogConsumer:
     def resume(self) -> None:
         self.paused = False
 
+    def _skip_dropped(self, p: int, part: _Partition) -> None:
+        """Behind the oldest record kept: go on from there, and say what was lost."""
+        lost = part.base - self._position[p]
+        self._position[p] = part.base
+        self.skipped += lost
+        self._log.skipped += lost
+        log.warning("in-process log: consumer group %s lost %d records of partition %d it had not read "
+                    "(past kafka.log_max_records = %d); it goes on from offset %d (%d lost so far)",
+                    self.group, lost, p, self._log.retention.max_records, part.base, self.skipped)
+
     def _take(self, max_records: int) -> list[LogRecord]:
         out: list[LogRecord] = []
         for p, part in enumerate(self._log._parts):
-            chunk = part[self._position[p] : self._position[p] + max_records - len(out)]
+            if self._position[p] < part.base:
+                self._skip_dropped(p, part)
+            chunk = part.read(self._position[p], max_records - len(out))
             self._position[p] += len(chunk)
             out.extend(chunk)
             if len(out) >= max_records:
@@ -197,6 +311,7 @@ class MemoryLogConsumer:
     async def commit(self, records: Sequence[LogRecord]) -> None:
         for p, off in _next_offsets(records).items():
             self._committed[p] = max(self._committed[p], off)
+        self._log.trim()
 
     def highwaters(self) -> dict[int, int]:
         return {p: len(part) for p, part in enumerate(self._log._parts)}
@@ -536,8 +651,10 @@ def group_consumer(comment_log: CommentLog, group: str, max_wait_ms: int, instan
 
 
 def open_log(bootstrap: str, topic: str, partitions: int, accept_timeout_ms: int, linger_ms: int, *,
-             session_timeout_ms: int = 10000, heartbeat_interval_ms: int = 1000) -> CommentLog:
+             session_timeout_ms: int = 10000, heartbeat_interval_ms: int = 1000,
+             retention: Retention = KEEP_EVERYTHING) -> CommentLog:
+    """Kafka at ``bootstrap``, else the in-process log keeping what ``retention`` says."""
     if not bootstrap:
-        return MemoryLog(partitions)
+        return MemoryLog(partitions, retention)
     return KafkaLog(bootstrap, topic, accept_timeout_ms, linger_ms, session_timeout_ms=session_timeout_ms,
                     heartbeat_interval_ms=heartbeat_interval_ms)
