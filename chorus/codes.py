@@ -70,6 +70,9 @@ class ErrorCode(StrEnum):
     TIMED_OUT = "timed_out"  # banned for a while: ``retry_after_ms`` says how long is left
     # A ``react`` naming a reaction outside the configured set (reactions.emoji).
     UNKNOWN_REACTION = "unknown_reaction"
+    # Posting refusals that say what to fix (UNAUTHORIZED above: no token at all).
+    TOKEN_EXPIRED = "token_expired"  # the token's exp has passed (HTTP 401): get a fresh token
+    MISSING_SCOPE = "missing_scope"  # a valid token without write:comments (or write) (HTTP 403)
     # Comment text (or a nonce) holding a lone surrogate or a control character other than tab
     # and line breaks (chorus/protocol.py clean_text); the reason names the character and where.
     BAD_TEXT = "bad_text"
@@ -95,6 +98,10 @@ class HttpErrorCode(StrEnum):
     # The moderator API (gateway/modapi.py)
     NOT_A_MODERATOR = "not_a_moderator"  # 403: the token may not moderate this stream
     METHOD_NOT_ALLOWED = "method_not_allowed"  # 405: GET for the review queue, POST for everything else
+    # Every other HTTP answer of the gateway (gateway/routes.py)
+    UNAUTHORIZED = "unauthorized"  # 401: no token where one is required, or one that does not verify
+    TOKEN_EXPIRED = "token_expired"  # 401: the token's exp has passed
+    UPGRADE_REQUIRED = "upgrade_required"  # 426: /ws and /echo take only a WebSocket upgrade
 
 
 def should_reconnect(code: int) -> bool:

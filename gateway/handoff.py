@@ -12,13 +12,17 @@ ready) duplicates the fd, aborts the uvloop transport (which closes only uvloop'
 gives the duplicate plus the recorded leftover to the hub. From then on only the hub touches
 the socket.
 
-picows refuses requests with a body, so the recorder also answers ``POST`` itself: when a
-connection's first bytes are a ``POST `` request line, picows is let go at once (it never
-sees a byte) and the request is read with gateway/httpreq.py, handed to the gateway's post
-handler, answered and closed. The recorder's states::
+The recorder reads every request's head itself first (gateway/httpreq.py), before picows
+sees a byte: only a WebSocket upgrade goes on to picows (which gets the recorded bytes, then
+everything after them directly). Any other request (a page, history, a probe, a POST, a HEAD,
+a method nobody serves) is handed to the gateway's HTTP handler and answered here, since picows
+would refuse a body, a method other than GET or HTTP/1.0 with a bare 400, and drop a head
+over its size limit with a reset. picows is built only for upgrades. The recorder's states::
 
-    UNDECIDED --first bytes "POST "----> POST (read, answer, close)
-    UNDECIDED --first bytes otherwise--> WEBSOCKET (forward to picows, record until the hand-off)
+    READING --the request is whole, an upgrade-------------> WEBSOCKET (picows reads, we record
+       |                                                                 until the hand-off)
+       |--the request is whole, anything else-----------> ANSWERING (the handler's answer, close)
+       \\--malformed, over a limit, too slow, cut short---> ANSWERING (the HttpError's answer)
 """
 
 from __future__ import annotations
@@ -35,96 +39,110 @@ from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in pic
 from chorus.codes import HttpErrorCode
 from chorus.gateway.httpreq import CONTINUE, HttpError, HttpRequest, RequestParser, error_response
 
-__all__ = ["HANDSHAKE_END", "PostHandler", "RecordingProtocol", "detach_socket", "picows_protocol_factory"]
+__all__ = ["HANDSHAKE_END", "HttpHandler", "RecordingProtocol", "detach_socket", "is_websocket_upgrade",
+           "picows_protocol_factory"]
 
 log = logging.getLogger("chorus.gateway")
 
 HANDSHAKE_END = b"\r\n\r\n"
 # The most a client may send before its handshake completes; past it we stop recording
-# (picows refuses handshakes that large anyway).
+# (the request head is capped well below it).
 MAX_RECORDED = 65536
-POST_LINE = b"POST "
-POST_READ_BUFFER = 4096
-POST_LINGER_S = 2.0  # after answering a POST, how long to wait for the client to close first
+READ_BUFFER = 4096  # our own reads, until the request is whole
+LINGER_S = 2.0  # after answering, how long to wait for the client to close first
 
-# Answers a complete POST request from ``ip`` with the whole HTTP response.
-PostHandler = Callable[[HttpRequest, str], Awaitable[bytes]]
-_UNDECIDED, _WEBSOCKET, _POST = 0, 1, 2
+# Answers a complete request (anything but a WebSocket upgrade) from ``ip`` with the whole HTTP response.
+HttpHandler = Callable[[HttpRequest, str], Awaitable[bytes]]
+_READING, _WEBSOCKET, _ANSWERING = 0, 1, 2
 # Answers being computed: the loop keeps only weak references to tasks.
-_post_tasks: set[asyncio.Task[None]] = set()
+_answer_tasks: set[asyncio.Task[None]] = set()
+
+
+def is_websocket_upgrade(request: HttpRequest) -> bool:
+    """A GET asking to upgrade to WebSocket (RFC 6455 4.1): picows' to read."""
+    upgrade = request.header("Upgrade") or ""
+    return request.method == "GET" and "websocket" in (t.strip().lower() for t in upgrade.split(","))
+
+
+def _upgrade_refusal(request: HttpRequest) -> bytes | None:
+    """What picows would refuse with a bare 400 whose reason shows Python bytes: answered here."""
+    if request.version != "HTTP/1.1":
+        return error_response(400, HttpErrorCode.BAD_REQUEST, "a WebSocket upgrade needs HTTP/1.1 (RFC 6455 4.1)")
+    if request.body or request.header("Content-Length") not in (None, "0"):
+        return error_response(400, HttpErrorCode.BAD_REQUEST, "a WebSocket upgrade carries no body")
+    return None
 
 
 class RecordingProtocol(asyncio.BufferedProtocol):
-    """Forwards everything to picows' protocol, keeping a copy of the bytes read so far;
-    or, for a ``POST``, reads and answers the request itself."""
+    """Reads each request's head; forwards an upgrade to picows' protocol, keeping a copy of the
+    bytes read so far, or answers anything else itself through the HTTP handler."""
 
-    __slots__ = ("_answered", "_deadline", "_inner", "_last_buffer", "_mode", "_own_buffer", "_parser",
-                 "_post_handler", "_post_timeout_s", "_recorded", "_registry", "transport")
+    __slots__ = ("_answered", "_deadline", "_handler", "_inner", "_last_buffer", "_make_inner", "_mode",
+                 "_own_buffer", "_parser", "_recorded", "_registry", "_timeout_s", "transport")
 
-    def __init__(self, inner: Any, registry: dict[Any, RecordingProtocol], post_handler: PostHandler | None = None,
-                 post_timeout_s: float = 5.0) -> None:
-        self._inner = inner
+    def __init__(self, make_inner: Callable[[], Any], registry: dict[Any, RecordingProtocol],
+                 handler: HttpHandler, timeout_s: float = 5.0) -> None:
+        self._make_inner = make_inner
+        self._inner: Any = None  # picows' protocol, built for an upgrade only
         self._registry = registry
         self._recorded = bytearray()
         self._last_buffer: memoryview | None = None
         self.transport: asyncio.Transport | None = None
-        self._post_handler = post_handler
-        self._post_timeout_s = post_timeout_s
-        self._mode = _UNDECIDED if post_handler is not None else _WEBSOCKET
-        self._parser: RequestParser | None = None
-        self._own_buffer: bytearray | None = None
+        self._handler = handler
+        self._timeout_s = timeout_s
+        self._mode = _READING
+        self._parser = RequestParser()
+        self._own_buffer: bytearray | None = bytearray(READ_BUFFER)
         self._deadline: asyncio.TimerHandle | None = None
         self._answered = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self._registry[transport] = self
-        self._inner.connection_made(transport)
+        self._deadline = asyncio.get_running_loop().call_later(self._timeout_s, self._timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._registry.pop(self.transport, None)
-        if self._mode == _POST:
-            if self._deadline is not None:
-                self._deadline.cancel()
-            return  # picows was let go when the POST began
-        self._inner.connection_lost(exc)
+        self._cancel_deadline()
+        if self._mode == _WEBSOCKET:
+            self._inner.connection_lost(exc)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._own_buffer is not None:
+        if self._mode != _WEBSOCKET:
+            assert self._own_buffer is not None
             return memoryview(self._own_buffer)
         self._last_buffer = self._inner.get_buffer(sizehint)
         return self._last_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._mode == _POST:
-            assert self._own_buffer is not None
-            self._feed_post(bytes(self._own_buffer[:nbytes]))
-            return
-        if self._last_buffer is not None and len(self._recorded) < MAX_RECORDED:
-            self._recorded += self._last_buffer[:nbytes]
-        self._last_buffer = None
         if self._mode == _WEBSOCKET:
+            if self._last_buffer is not None and len(self._recorded) < MAX_RECORDED:
+                self._recorded += self._last_buffer[:nbytes]
+            self._last_buffer = None
             self._inner.buffer_updated(nbytes)
             return
-        self._decide(nbytes)
+        if self._mode == _READING:
+            assert self._own_buffer is not None
+            self._read(bytes(self._own_buffer[:nbytes]))
+        # ANSWERING: bytes after the request, or after an answer, are dropped
 
     def eof_received(self) -> bool | None:
-        if self._mode == _POST:
-            if self._answered:
-                return False  # the client read the answer and closed: close too
-            # A half-closed client still reads its answer: keep the socket open for it.
-            if self._parser is not None and self._parser.request is None:
-                self._answer(error_response(400, HttpErrorCode.BAD_REQUEST,
-                                            "the connection ended before the whole request arrived"))
-            return True
-        return self._inner.eof_received()
+        if self._mode == _WEBSOCKET:
+            return self._inner.eof_received()
+        if self._answered or (self._mode == _READING and not self._recorded):
+            return False  # the client read the answer (or sent nothing) and closed: close too
+        # A half-closed client still reads its answer: keep the socket open for it.
+        if self._mode == _READING:
+            self._answer(error_response(400, HttpErrorCode.BAD_REQUEST,
+                                        "the connection ended before the whole request arrived"))
+        return True
 
     def pause_writing(self) -> None:
-        if self._mode != _POST:
+        if self._mode == _WEBSOCKET:
             self._inner.pause_writing()
 
     def resume_writing(self) -> None:
-        if self._mode != _POST:
+        if self._mode == _WEBSOCKET:
             self._inner.resume_writing()
 
     def leftover(self) -> bytes:
@@ -132,44 +150,11 @@ class RecordingProtocol(asyncio.BufferedProtocol):
         end = self._recorded.find(HANDSHAKE_END)
         return bytes(self._recorded[end + len(HANDSHAKE_END) :]) if end >= 0 else b""
 
-    # -- the first bytes decide --
-    def _decide(self, nbytes: int) -> None:
-        if self._recorded.startswith(POST_LINE):
-            self._start_post()
-            return
-        if len(self._recorded) < len(POST_LINE) and POST_LINE.startswith(self._recorded):
-            return  # "PO": wait for more before picows sees anything
-        self._mode = _WEBSOCKET
-        if len(self._recorded) == nbytes:
-            self._inner.buffer_updated(nbytes)  # the usual case: picows' buffer already holds them
-            return
-        # A held "POS" prefix: picows' buffer holds only the newest read, so give it all again.
-        data = memoryview(bytes(self._recorded))
-        while data:
-            buf = self._inner.get_buffer(-1)
-            n = min(len(buf), len(data))
-            if n == 0:
-                break
-            buf[:n] = data[:n]
-            self._inner.buffer_updated(n)
-            data = data[n:]
-
-    # -- POST /streams/{id}/comments --
-    def _start_post(self) -> None:
-        self._mode = _POST
-        self._registry.pop(self.transport, None)
-        self._inner.connection_lost(None)  # picows lets go: its handshake timer and state
-        self._own_buffer = bytearray(POST_READ_BUFFER)
-        self._parser = RequestParser()
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.call_later(self._post_timeout_s, self._post_timed_out)
-        recorded, self._recorded = bytes(self._recorded), bytearray()
-        self._feed_post(recorded)
-
-    def _feed_post(self, data: bytes) -> None:
-        assert self._parser is not None and self.transport is not None
-        if self._parser.request is not None or self._answered:
-            return  # bytes after the request, or after an answer: dropped
+    # -- reading the request --
+    def _read(self, data: bytes) -> None:
+        assert self.transport is not None
+        if len(self._recorded) < MAX_RECORDED:
+            self._recorded += data
         try:
             request = self._parser.feed(data)
         except HttpError as exc:
@@ -179,26 +164,64 @@ class RecordingProtocol(asyncio.BufferedProtocol):
             self.transport.write(CONTINUE)
         if request is None:
             return
+        self._cancel_deadline()
+        if is_websocket_upgrade(request):
+            refusal = _upgrade_refusal(request)
+            if refusal is None:
+                self._start_websocket()
+            else:
+                self._answer(refusal)
+            return
+        self._start_answer(request)
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        self._answer(error_response(408, HttpErrorCode.REQUEST_TIMEOUT, "the request did not arrive in time"))
+
+    def _cancel_deadline(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
+            self._deadline = None
+
+    # -- an upgrade: picows reads it --
+    def _start_websocket(self) -> None:
+        """Build picows' protocol and give it every byte read so far (its buffer grows as it needs)."""
+        self._mode = _WEBSOCKET
+        self._own_buffer = None
+        self._inner = self._make_inner()
+        self._inner.connection_made(self.transport)
+        data = memoryview(bytes(self._recorded))
+        while data and not self._closing():
+            buf = self._inner.get_buffer(-1)
+            n = min(len(buf), len(data))
+            if n == 0:
+                break
+            buf[:n] = data[:n]
+            self._inner.buffer_updated(n)
+            data = data[n:]
+
+    def _closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
+
+    # -- anything else: the handler answers --
+    def _start_answer(self, request: HttpRequest) -> None:
+        assert self.transport is not None
+        self._mode = _ANSWERING
+        self._registry.pop(self.transport, None)
+        self._recorded = bytearray()
         self.transport.pause_reading()
         peer = self.transport.get_extra_info("peername")
         task = asyncio.ensure_future(self._respond(request, peer[0] if peer else ""))
-        _post_tasks.add(task)
-        task.add_done_callback(_post_tasks.discard)
+        _answer_tasks.add(task)
+        task.add_done_callback(_answer_tasks.discard)
 
     async def _respond(self, request: HttpRequest, ip: str) -> None:
-        assert self._post_handler is not None
         try:
-            response = await self._post_handler(request, ip)
+            response = await self._handler(request, ip)
         except Exception:
-            log.exception("POST %s failed", request.target[:80])
-            response = error_response(500, HttpErrorCode.INTERNAL_ERROR, "internal error; the comment was not posted")
+            log.exception("%s %s failed", request.method, request.target[:80])
+            response = error_response(500, HttpErrorCode.INTERNAL_ERROR, "internal error; nothing was done")
         self._answer(response)
-
-    def _post_timed_out(self) -> None:
-        self._deadline = None
-        self._answer(error_response(408, HttpErrorCode.REQUEST_TIMEOUT, "the request did not arrive in time"))
 
     def _answer(self, response: bytes) -> None:
         """Write the whole response, then close gracefully.
@@ -208,9 +231,9 @@ class RecordingProtocol(asyncio.BufferedProtocol):
         the answer and a FIN, drop whatever still comes, and close when the client does
         (or after the linger time).
         """
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self._cancel_deadline()
+        self._mode = _ANSWERING
+        self._registry.pop(self.transport, None)
         transport = self.transport
         if self._answered or transport is None or transport.is_closing():
             return
@@ -221,21 +244,21 @@ class RecordingProtocol(asyncio.BufferedProtocol):
             return
         transport.write_eof()
         transport.resume_reading()
-        self._deadline = asyncio.get_running_loop().call_later(POST_LINGER_S, transport.close)
+        self._deadline = asyncio.get_running_loop().call_later(LINGER_S, transport.close)
 
 
 def picows_protocol_factory(listener_factory: Callable[[Any], Any], registry: dict[Any, RecordingProtocol], *,
                             handshake_timeout_s: float, max_frame_size: int, logger: Any,
-                            post_handler: PostHandler | None = None) -> Callable[[], Any]:
-    """Protocols as ``picows.ws_create_server`` builds them, each behind a recorder.
+                            http_handler: HttpHandler) -> Callable[[], Any]:
+    """Recorders in front of protocols as ``picows.ws_create_server`` builds them.
 
     The positional arguments mirror picows 2.3's ``ws_create_server`` (api.py); pyproject
-    pins picows to that minor version for this reason. With ``post_handler`` the recorders
-    answer ``POST`` requests (whole within ``handshake_timeout_s``) through it.
+    pins picows to that minor version for this reason. Every request must be whole within
+    ``handshake_timeout_s``; all but upgrades are answered through ``http_handler``.
     """
 
-    def factory() -> RecordingProtocol:
-        inner = WSProtocol(
+    def make_inner() -> Any:
+        return WSProtocol(
             None, None, False, listener_factory, logger,
             True,  # disconnect_on_exception
             handshake_timeout_s,
@@ -245,7 +268,9 @@ def picows_protocol_factory(listener_factory: Callable[[Any], Any], registry: di
             None,  # extra headers
             2048,  # read buffer: handshakes are small, and the buffer dies at the hand-off
         )
-        return RecordingProtocol(inner, registry, post_handler, handshake_timeout_s)
+
+    def factory() -> RecordingProtocol:
+        return RecordingProtocol(make_inner, registry, http_handler, handshake_timeout_s)
 
     return factory
 

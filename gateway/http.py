@@ -1,10 +1,14 @@
 """Plain HTTP answers of the gateway: the viewer page, history pages, health, dev tokens,
 and posts from clients without a WebSocket.
 
-picows calls the gateway's listener factory for every GET on the port; these helpers build
-the non-101 responses, synchronously and quickly (the history page is one indexed SQLite
-read). ``POST /streams/{id}/comments`` never reaches picows: gateway/handoff.py reads it and
-:func:`answer_comment_post` answers it through the same admission as a WebSocket post.
+The routes (gateway/routes.py) build their answers with these helpers, synchronously and
+quickly (the history page is one indexed SQLite read): as picows' ``WSUpgradeResponse``, which
+picows writes for an upgrade request and :func:`response_bytes` turns into bytes for every other
+request. ``POST /streams/{id}/comments`` is answered by :func:`answer_comment_post` through the
+same admission as a WebSocket post.
+
+Every error is JSON, ``{"error": CODE, "reason": ...}`` (CODE from chorus/codes.py); only the
+page, its static files, ``/healthz``'s ``ok`` and ``/metrics`` are not.
 """
 
 from __future__ import annotations
@@ -18,24 +22,40 @@ from urllib.parse import parse_qs, urlsplit
 
 from picows import WSUpgradeResponse
 
-from chorus.auth import AuthError, Identity, verify_token
+from chorus.auth import AuthError, Identity, TokenExpired, verify_token
 from chorus.codes import ErrorCode, HttpErrorCode
 from chorus.config import AuthConfig
 from chorus.gateway.httpreq import HttpRequest, error_response, json_response_bytes
 from chorus.ingest.admission import Admission, Refused
 
 __all__ = [
+    "MAX_JSON_DEPTH",
     "STREAM_ID",
     "Request",
     "answer_comment_post",
+    "error_json",
+    "json_nesting",
     "json_response",
     "parse_request",
+    "response_bytes",
     "static_response",
     "text_response",
 ]
 
-# A stream id: what a URL path segment and a Redis key both carry without escaping.
-STREAM_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# A stream id: what a URL path segment and a Redis key both carry without escaping; "." and
+# ".." are not ids (a URL path would resolve them, RFC 3986 5.2.4).
+STREAM_ID = re.compile(r"^(?!\.\.?\Z)[A-Za-z0-9_.:-]{1,64}\Z")
+# Nested arrays/objects in a POST body ({"text": ...} has 1); json.loads recurses once per level.
+MAX_JSON_DEPTH = 32
+# The code of an error answer built without one (text_response), by status.
+_STATUS_CODES: dict[int, HttpErrorCode] = {
+    400: HttpErrorCode.BAD_REQUEST,
+    401: HttpErrorCode.UNAUTHORIZED,
+    403: HttpErrorCode.FORBIDDEN,
+    404: HttpErrorCode.NOT_FOUND,
+    405: HttpErrorCode.METHOD_NOT_ALLOWED,
+    426: HttpErrorCode.UPGRADE_REQUIRED,
+}
 
 STATIC_TYPES = {
     "index.html": "text/html; charset=utf-8",
@@ -79,14 +99,33 @@ def json_response(body: Any, status: HTTPStatus = HTTPStatus.OK) -> WSUpgradeRes
     return _response(status, data, "application/json; charset=utf-8")
 
 
+def error_json(status: HTTPStatus, code: str, reason: str, headers: dict[str, str] | None = None) -> WSUpgradeResponse:
+    """The gateway's error answer: ``{"error": code, "reason": reason}``."""
+    answer = json_response({"error": str(code), "reason": reason}, status)
+    for name, value in (headers or {}).items():
+        answer.headers[name] = value
+    return answer
+
+
 def text_response(status: HTTPStatus, text: str) -> WSUpgradeResponse:
+    """Plain text for a success (``ok``); an error becomes :func:`error_json` with its status's code."""
+    if status >= 400:
+        return error_json(status, _STATUS_CODES.get(status, HttpErrorCode.INTERNAL_ERROR), text)
     return _response(status, text.encode(), "text/plain; charset=utf-8")
+
+
+def response_bytes(response: WSUpgradeResponse, with_body: bool = True) -> bytes:
+    """The whole answer, closing the connection after it; ``with_body=False`` for HEAD: the
+    same status and headers (``Content-Length`` too), no body (RFC 9110 9.3.2)."""
+    response.headers["Connection"] = "close"
+    data = bytes(response.to_bytes())
+    return data if with_body else data[: data.index(b"\r\n\r\n") + 4]
 
 
 def static_response(name: str) -> WSUpgradeResponse:
     kind = STATIC_TYPES.get(name)
     if kind is None:
-        return text_response(HTTPStatus.NOT_FOUND, "not found")
+        return error_json(HTTPStatus.NOT_FOUND, HttpErrorCode.NOT_FOUND, "no such file")
     body = resources.files("chorus.gateway").joinpath("static", name).read_bytes()
     return _response(HTTPStatus.OK, body, kind)
 
@@ -96,7 +135,9 @@ def static_response(name: str) -> WSUpgradeResponse:
 _COMMENTS_PATH = re.compile(r"^/streams/([^/]+)/comments$")
 # The HTTP status of each admission refusal (the JSON body carries the code itself).
 REFUSAL_STATUS: dict[ErrorCode, int] = {
-    ErrorCode.UNAUTHORIZED: 403,  # a valid token without the scope (no token or a bad one: 401 before admission)
+    ErrorCode.UNAUTHORIZED: 401,  # no token (refused before admission here)
+    ErrorCode.TOKEN_EXPIRED: 401,  # expired within the JWT leeway: verified, but no longer posts
+    ErrorCode.MISSING_SCOPE: 403,  # a valid token without write:comments
     ErrorCode.BAD_MESSAGE: 400,
     ErrorCode.EMPTY_COMMENT: 400,
     ErrorCode.COMMENT_TOO_LONG: 400,
@@ -107,6 +148,7 @@ REFUSAL_STATUS: dict[ErrorCode, int] = {
     ErrorCode.NOT_ACCEPTED: 503,
     ErrorCode.UNCONFIRMED: 504,
     ErrorCode.OVERLOADED: 503,
+    ErrorCode.BAD_TEXT: 400,  # a lone surrogate or a control character in the text
 }
 
 
@@ -116,8 +158,38 @@ def _bearer(request: HttpRequest, auth: AuthConfig) -> Identity | bytes:
         return error_response(401, ErrorCode.UNAUTHORIZED, "posting needs a token: Authorization: Bearer ...")
     try:
         return verify_token(auth, header[7:].strip())
+    except TokenExpired:
+        return error_response(401, ErrorCode.TOKEN_EXPIRED, "the token has expired; get a fresh one and post again")
     except AuthError as exc:
         return error_response(401, ErrorCode.UNAUTHORIZED, f"invalid token: {exc}")
+
+
+def json_nesting(data: bytes) -> int:
+    """How deeply ``data`` nests arrays and objects, brackets inside strings not counted; one
+    linear pass, so a body of 16,000 ``[`` is refused before json.loads would recurse into it."""
+    depth = peak = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            peak = max(peak, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return peak
+
+
+def _too_deep(body: bytes) -> bool:
+    """No comment body nests like that: refused unread (the count keeps the common case cheap)."""
+    return body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and json_nesting(body) > MAX_JSON_DEPTH
 
 
 def _comment_text(body: bytes) -> str | None:
@@ -140,6 +212,8 @@ async def answer_comment_post(request: HttpRequest, ip: str, auth: AuthConfig, a
     who = _bearer(request, auth)
     if isinstance(who, bytes):
         return who
+    if _too_deep(request.body):
+        return error_response(400, ErrorCode.BAD_MESSAGE, f"the body nests more than {MAX_JSON_DEPTH} levels deep")
     text = _comment_text(request.body)
     if text is None:
         return error_response(400, ErrorCode.BAD_MESSAGE, 'the body must be a JSON object with a string "text"')

@@ -1,9 +1,11 @@
-"""A small sans-I/O HTTP/1.1 request parser, and the JSON responses of the POST endpoint.
+"""A small sans-I/O HTTP/1.1 request parser, and the JSON responses of the gateway's HTTP side.
 
-picows parses the gateway's requests but refuses any with a body, so ``POST
-/streams/{id}/comments`` (non-WebSocket clients) is read here instead: bytes in, one
-:class:`HttpRequest` out, or an :class:`HttpError` naming the status to answer. Nothing here
-touches a socket or an event loop (gateway/handoff.py does the I/O).
+Every request reaching the gateway is read here first (gateway/handoff.py does the I/O):
+bytes in, one :class:`HttpRequest` out, or an :class:`HttpError` naming the status to answer.
+A WebSocket upgrade then goes to picows, everything else is answered in Python
+(gateway/routes.py), so a request picows would refuse with a bare 400 or a reset (a method
+other than GET, a head over its size limit) gets a proper answer. Nothing here touches a
+socket or an event loop.
 
 The parser's states::
 
@@ -11,7 +13,8 @@ The parser's states::
       \\--over MAX_REQUEST_HEAD_BYTES, malformed--> HttpError (then the connection closes)
 
 It reads exactly one request: the gateway answers it with ``Connection: close``. Deliberate
-limits: a body needs ``Content-Length`` (no chunked transfer coding: 411), lines end in CRLF
+limits: a body needs ``Content-Length`` (no chunked transfer coding: 411; a request with
+neither header has no body, RFC 9112 6.3), at most MAX_HEADER_FIELDS fields, lines end in CRLF
 (RFC 9112 2.2 lets a server refuse bare LF), and obsolete line folding is refused (RFC 9112
 5.2), so nothing that another parser could read differently is ever accepted.
 """
@@ -26,10 +29,20 @@ from typing import Any
 
 from chorus.codes import MAX_REQUEST_BODY_BYTES, MAX_REQUEST_HEAD_BYTES, HttpErrorCode
 
-__all__ = ["CONTINUE", "HttpError", "HttpRequest", "RequestParser", "error_response", "json_response_bytes"]
+__all__ = [
+    "CONTINUE",
+    "MAX_HEADER_FIELDS",
+    "HttpError",
+    "HttpRequest",
+    "RequestParser",
+    "error_response",
+    "json_response_bytes",
+]
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HEAD_END = b"\r\n\r\n"
+# Header fields a request may carry (picows, which reads the upgrades next, takes 128).
+MAX_HEADER_FIELDS = 100
 # RFC 9110 5.6.2: a token (methods, header names).
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 # The request target in origin-form (RFC 9112 3.2.1): visible ASCII starting with "/".
@@ -55,6 +68,7 @@ class HttpRequest:
     target: str
     headers: tuple[tuple[str, str], ...]  # names lower-cased, in the order sent
     body: bytes
+    version: str = "HTTP/1.1"
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (any case), or None."""
@@ -74,7 +88,7 @@ class RequestParser:
         self.max_head_bytes = max_head_bytes
         self.max_body_bytes = max_body_bytes
         self._buf = bytearray()
-        self._head: tuple[str, str, tuple[tuple[str, str], ...]] | None = None
+        self._head: tuple[str, str, str, tuple[tuple[str, str], ...]] | None = None
         self._length = 0
         self._continue = False
         self.request: HttpRequest | None = None
@@ -91,8 +105,8 @@ class RequestParser:
         if len(self._buf) < self._length:
             return None
         assert self._head is not None
-        method, target, headers = self._head
-        self.request = HttpRequest(method, target, headers, bytes(self._buf[: self._length]))
+        method, target, version, headers = self._head
+        self.request = HttpRequest(method, target, headers, bytes(self._buf[: self._length]), version)
         self.trailing = bytes(self._buf[self._length :])
         self._buf.clear()
         return self.request
@@ -116,17 +130,20 @@ class RequestParser:
         lines = bytes(self._buf[:end]).split(b"\r\n")
         del self._buf[: end + len(_HEAD_END)]
         # Step 2: the request line, then each header field.
-        method, target = self._request_line(lines[0])
+        method, target, version = self._request_line(lines[0])
+        if len(lines) - 1 > MAX_HEADER_FIELDS:
+            raise HttpError(431, HttpErrorCode.HEADERS_TOO_LARGE,
+                            f"the request has {len(lines) - 1} header fields; the limit is {MAX_HEADER_FIELDS}")
         headers = tuple(self._field(line) for line in lines[1:])
         # Step 3: the body's framing.
-        self._head = (method, target, headers)
+        self._head = (method, target, version, headers)
         self._length = self._body_length(headers)
         expect = next((v for k, v in headers if k == "expect"), None)
         self._continue = expect is not None and expect.lower() == "100-continue" and self._length > len(self._buf)
         return True
 
     @staticmethod
-    def _request_line(line: bytes) -> tuple[str, str]:
+    def _request_line(line: bytes) -> tuple[str, str, str]:
         parts = line.split(b" ")
         if len(parts) != 3 or not _TOKEN.match(parts[0]):
             raise _bad("the request line must be: METHOD /path HTTP/1.1")
@@ -138,7 +155,7 @@ class RequestParser:
             raise HttpError(505, HttpErrorCode.VERSION_NOT_SUPPORTED, "only HTTP/1.0 and HTTP/1.1 are served")
         if not _TARGET.match(target):
             raise _bad("the request target must be a path starting with /")
-        return method.decode("ascii"), target.decode("ascii")
+        return method.decode("ascii"), target.decode("ascii"), version.decode("ascii")
 
     @staticmethod
     def _field(line: bytes) -> tuple[str, str]:
@@ -146,7 +163,7 @@ class RequestParser:
             raise _bad("obsolete header line folding is not accepted")
         name, colon, value = line.partition(b":")
         if not colon or not _TOKEN.match(name):  # RFC 9112 5.1: no whitespace before the colon
-            raise _bad(f"malformed header line {line[:40]!r}")
+            raise _bad(f"malformed header line {_printable(line[:40])}")
         value = value.strip(b" \t")
         if _BAD_VALUE.search(value):
             raise _bad(f"header {name.decode('ascii')} holds a control character")
@@ -158,9 +175,11 @@ class RequestParser:
                             "chunked or other transfer codings are not accepted; send Content-Length")
         lengths = {v for k, v in headers if k == "content-length"}
         if not lengths:
-            raise HttpError(411, HttpErrorCode.LENGTH_REQUIRED, "a Content-Length header is required")
+            return 0  # RFC 9112 6.3: neither Content-Length nor Transfer-Encoding: no body
         if len(lengths) != 1 or not next(iter(lengths)).isdigit() or not next(iter(lengths)).isascii():
             raise _bad("Content-Length must be one decimal number")
+        if len(next(iter(lengths)).lstrip("0")) > 20:  # int() refuses over 4,300 digits: refuse first
+            raise HttpError(413, HttpErrorCode.BODY_TOO_LARGE, f"the body is over {self.max_body_bytes} bytes")
         length = int(next(iter(lengths)))
         if length > self.max_body_bytes:
             raise HttpError(413, HttpErrorCode.BODY_TOO_LARGE,
@@ -171,6 +190,12 @@ class RequestParser:
 # -- responses ---------------------------------------------------------------------------------
 
 _SECURITY_HEADERS = ("Cache-Control: no-store", "X-Content-Type-Options: nosniff")
+
+
+def _printable(raw: bytes) -> str:
+    """Bytes from the client shown in a reason: quoted, anything not visible ASCII as \\xNN."""
+    shown = "".join(chr(b) if 0x20 <= b < 0x7F and b not in (0x22, 0x5C) else f"\\x{b:02x}" for b in raw)
+    return f'"{shown}"'
 
 
 def json_response_bytes(status: int, body: Any, headers: dict[str, str] | None = None) -> bytes:
@@ -188,13 +213,14 @@ def json_response_bytes(status: int, body: Any, headers: dict[str, str] | None =
 
 
 def error_response(status: int, code: str, reason: str, retry_after_ms: int | None = None,
-                   comment_id: str | None = None) -> bytes:
+                   comment_id: str | None = None, headers: dict[str, str] | None = None) -> bytes:
     """``{"error": code, "reason": ..., "retry_after_ms": ..., "id": ...}``, with ``Retry-After``
-    (whole seconds). ``id``: the comment's id when it may still appear (``unconfirmed``)."""
+    (whole seconds) and any ``headers`` (``Allow`` of a 405). ``id``: the comment's id when it
+    may still appear (``unconfirmed``)."""
     body: dict[str, Any] = {"error": str(code), "reason": reason}
     if comment_id is not None:
         body["id"] = comment_id
-    headers: dict[str, str] = {}
+    headers = dict(headers or {})
     if retry_after_ms is not None:
         body["retry_after_ms"] = retry_after_ms
         headers["Retry-After"] = str(max(1, -(-retry_after_ms // 1000)))  # RFC 9110 10.2.3: delay-seconds

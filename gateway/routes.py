@@ -1,5 +1,10 @@
-"""The gateway's HTTP side: every request picows parses (GETs, and the upgrade's checks) and
-the POSTs gateway/handoff.py reads, routed to their answers.
+"""The gateway's HTTP side: every request, routed to its answer.
+
+gateway/handoff.py reads each request first. An upgrade goes to picows, which calls
+:meth:`HttpRoutes.route` (the upgrade's checks, or a plain answer); every other request comes
+to :meth:`HttpRoutes.answer`: GET and HEAD through the same routing (HEAD: GET's status and
+headers, no body), POST to the comment and moderator endpoints, any other method 405 with
+``Allow``. Errors are ``{"error": CODE, "reason": ...}`` throughout.
 
 The WebSocket upgrade itself (stream id, Origin, token, subprotocol, deflate) stays with the
 gateway (gateway/server.py), which owns what happens to the socket next; this module decides
@@ -10,13 +15,17 @@ few things it reads, so the two modules do not import each other.
 from __future__ import annotations
 
 import logging
+import re
+import unicodedata
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Protocol
+from urllib.parse import urlsplit
 
+from multidict import CIMultiDict
 from picows import WSUpgradeRequest, WSUpgradeResponse, WSUpgradeResponseWithListener
 
-from chorus.auth import AuthError, Identity, mint_token, verify_token
+from chorus.auth import AuthError, Identity, TokenExpired, mint_token, verify_token
 from chorus.codes import ErrorCode, HttpErrorCode
 from chorus.config import Config
 from chorus.gateway.engagement import Engagement
@@ -24,8 +33,10 @@ from chorus.gateway.http import (
     STREAM_ID,
     Request,
     answer_comment_post,
+    error_json,
     json_response,
     parse_request,
+    response_bytes,
     static_response,
     text_response,
 )
@@ -35,11 +46,73 @@ from chorus.ingest.admission import Admission
 from chorus.ingest.store import HistoryStore
 from chorus.metrics import CONTENT_TYPE
 
-__all__ = ["HttpRoutes", "RoutedGateway", "authenticate", "origin_allowed"]
+__all__ = ["HttpRoutes", "RoutedGateway", "allowed_methods", "authenticate", "dev_user_id", "display_name",
+           "origin_allowed"]
 
 log = logging.getLogger("chorus.gateway")
 
 Check = Callable[[], tuple[bool, dict[str, str]]]
+
+MAX_COMMENT_ID = 2**63 - 1  # ids are positive signed 64-bit integers (chorus/ids.py)
+DEFAULT_PAGE = 50
+_DECIMAL = re.compile(r"[0-9]{1,19}")  # fullmatch: no sign, no spaces, no "_" (int() takes all three)
+# Paths GET serves beside the pages under /static/ and /streams/.
+_GET_PATHS = frozenset({"/", "/index.html", "/streams", "/healthz", "/readyz", "/metrics", "/dev/token", "/ws",
+                        "/echo"})
+_POST_PATH = re.compile(r"^/streams/[^/]+/comments$")
+DEV_NAME_MAX_CHARS = 32
+DEV_USER_ID_MAX_CHARS = 128  # what the moderator API takes in a path (gateway/modapi.py USER_ID)
+_ID_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+# Invisible characters that would let one name pass for another or reorder the line it is
+# shown in (Unicode categories Cc, Cf, Cs, Co, Cn, Zl, Zp): dropped from display names. Joiners
+# stay, as emoji sequences need them.
+_DROPPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+_KEPT_FORMAT = frozenset({"\u200c", "\u200d"})  # ZWNJ, ZWJ
+
+
+def allowed_methods(path: str) -> str | None:
+    """The ``Allow`` of a path (RFC 9110 10.2.1), or None when nothing is served there."""
+    if _POST_PATH.match(path) or path.startswith("/mod/"):
+        return "GET, HEAD, POST"
+    if path in _GET_PATHS or path.startswith(("/static/", "/streams/")):
+        return "GET, HEAD"
+    return None
+
+
+def display_name(raw: str) -> str:
+    """A name as others see it: NFC, without invisible or bidirectional controls, trimmed."""
+    name = unicodedata.normalize("NFC", raw)
+    kept = (ch for ch in name if ch in _KEPT_FORMAT or unicodedata.category(ch) not in _DROPPED_CATEGORIES)
+    return "".join(kept).strip()
+
+
+def dev_user_id(name: str) -> str:
+    """The dev sign-in's user id of a display name: one id per name and one name per id
+    (``Alice`` and ``alice`` are two users). Letters, digits, ``_`` and ``-`` stay as they are;
+    every other character becomes ``.hex.`` (its code point), which cannot be read two ways."""
+    return "dev-" + "".join(ch if ch in _ID_SAFE else f".{ord(ch):x}." for ch in name)
+
+
+def _decimal_arg(value: str, low: int, high: int) -> int | None:
+    """``value`` as an integer in [low, high], or None if it is anything else."""
+    if not _DECIMAL.fullmatch(value):
+        return None
+    number = int(value)
+    return number if low <= number <= high else None
+
+
+def page_args(req: Request, page_max: int) -> tuple[int | None, int] | str:
+    """(before, limit) of a history request, or why they are refused."""
+    raw_before, raw_limit = req.arg("before"), req.arg("limit")
+    before = None
+    if raw_before is not None:
+        before = _decimal_arg(raw_before, 1, MAX_COMMENT_ID)
+        if before is None:
+            return f"before must be a comment id (1 to {MAX_COMMENT_ID}); leave it out for the newest"
+    limit = DEFAULT_PAGE if raw_limit is None else _decimal_arg(raw_limit, 1, page_max)
+    if limit is None:
+        return f"limit must be an integer from 1 to {page_max}"
+    return before, limit
 
 
 def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
@@ -59,11 +132,14 @@ def authenticate(config: Config, request: WSUpgradeRequest, req: Request) -> Ide
     if not token:
         if config.auth.anonymous_read:
             return None
-        return text_response(HTTPStatus.UNAUTHORIZED, "a token is required")
+        return error_json(HTTPStatus.UNAUTHORIZED, HttpErrorCode.UNAUTHORIZED, "a token is required")
     try:
         return verify_token(config.auth, token)
+    except TokenExpired:
+        return error_json(HTTPStatus.UNAUTHORIZED, HttpErrorCode.TOKEN_EXPIRED,
+                          "the token has expired; get a fresh one")
     except AuthError as exc:
-        return text_response(HTTPStatus.UNAUTHORIZED, f"invalid token: {exc}")
+        return error_json(HTTPStatus.UNAUTHORIZED, HttpErrorCode.UNAUTHORIZED, f"invalid token: {exc}")
 
 
 class RoutedGateway(Protocol):
@@ -97,7 +173,37 @@ class HttpRoutes:
         self.config = gateway.config
         self.http_inflight = 0  # HTTP posts between arrival and answer
 
-    # -- GET (called by picows for every request) --
+    # -- every request but an upgrade (read by gateway/handoff.py) --
+    async def answer(self, request: HttpRequest, ip: str) -> bytes:
+        """The whole answer to a request that is not a WebSocket upgrade."""
+        if request.method in ("GET", "HEAD"):
+            return self._answer_get(request)
+        path = urlsplit(request.target).path
+        allow = allowed_methods(path)
+        if request.method == "POST" and (allow is None or "POST" in allow):
+            return await self.post(request, ip)  # an unknown path: post() says which ones take a POST
+        if allow is None:
+            return error_response(404, HttpErrorCode.NOT_FOUND, f"nothing is served at {path[:80]}")
+        return error_response(405, HttpErrorCode.METHOD_NOT_ALLOWED,
+                              f"{request.method[:20]} is not served at {path[:80]}; it takes {allow}",
+                              headers={"Allow": allow})
+
+    def _answer_get(self, request: HttpRequest) -> bytes:
+        """GET through the same routes as picows' requests; HEAD gets GET's head alone."""
+        as_picows = WSUpgradeRequest()
+        as_picows.method = b"GET"
+        as_picows.path = request.target.encode("ascii")
+        as_picows.version = request.version.encode("ascii")
+        as_picows.headers = CIMultiDict(request.headers)
+        answer = self._route(as_picows)
+        if isinstance(answer, WSUpgradeResponseWithListener):  # a 101 without an upgrade asked for
+            answer = answer.response if answer.response.status != HTTPStatus.SWITCHING_PROTOCOLS else error_json(
+                HTTPStatus.UPGRADE_REQUIRED, HttpErrorCode.UPGRADE_REQUIRED,
+                "this endpoint takes a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)",
+                {"Upgrade": "websocket"})
+        return response_bytes(answer, with_body=request.method != "HEAD")
+
+    # -- an upgrade request (called by picows) --
     def route(self, request: WSUpgradeRequest) -> WSUpgradeResponseWithListener:
         answer = self._route(request)
         if isinstance(answer, WSUpgradeResponse):
@@ -107,8 +213,9 @@ class HttpRoutes:
     def _route(self, request: WSUpgradeRequest) -> WSUpgradeResponse | WSUpgradeResponseWithListener:
         gw = self.gateway
         req = parse_request(request.path)
-        if request.method != b"GET":
-            return text_response(HTTPStatus.METHOD_NOT_ALLOWED, "only GET is served here")
+        if request.method != b"GET":  # the hand-off gives picows GETs only
+            return error_json(HTTPStatus.METHOD_NOT_ALLOWED, HttpErrorCode.METHOD_NOT_ALLOWED,
+                              "only GET is served here", {"Allow": "GET, HEAD"})
         if req.path == "/ws":
             return gw.upgrade(request, req)
         if req.path in ("/", "/index.html"):
@@ -131,21 +238,19 @@ class HttpRoutes:
             return self._dev_token(req)
         if req.path == "/echo" and self.config.gateway.echo_endpoint:
             return gw.accept_echo(request)
-        return text_response(HTTPStatus.NOT_FOUND, "not found")
+        return error_json(HTTPStatus.NOT_FOUND, HttpErrorCode.NOT_FOUND, f"nothing is served at {req.path[:80]}")
 
     def _history(self, stream: str, req: Request, request: WSUpgradeRequest) -> WSUpgradeResponse:
         store = self.gateway.store
         if not STREAM_ID.match(stream):
-            return json_response({"error": "bad stream id"}, HTTPStatus.BAD_REQUEST)
+            return error_json(HTTPStatus.BAD_REQUEST, HttpErrorCode.BAD_REQUEST,
+                              "stream must be 1-64 characters of A-Z a-z 0-9 _ . : -, not . or ..")
         if store is None:
-            return json_response({"error": "no history store on this gateway"}, HTTPStatus.NOT_FOUND)
-        try:
-            before = int(req.arg("before") or 0) or None
-            limit = int(req.arg("limit") or 50)
-        except ValueError:
-            return json_response({"error": "before and limit must be integers"}, HTTPStatus.BAD_REQUEST)
-        if not 1 <= limit <= self.config.history.page_max:
-            return json_response({"error": f"limit must be 1-{self.config.history.page_max}"}, HTTPStatus.BAD_REQUEST)
+            return error_json(HTTPStatus.NOT_FOUND, HttpErrorCode.NOT_FOUND, "no history store on this gateway")
+        args = page_args(req, self.config.history.page_max)
+        if isinstance(args, str):
+            return error_json(HTTPStatus.BAD_REQUEST, HttpErrorCode.BAD_REQUEST, args)
+        before, limit = args
         who = authenticate(self.config, request, req)  # the author also sees their own shadowed comments
         comments = store.page(stream, before, limit, who.user_id if isinstance(who, Identity) else None)
         next_before = comments[-1]["id"] if len(comments) == limit else None
@@ -153,11 +258,17 @@ class HttpRoutes:
 
     def _dev_token(self, req: Request) -> WSUpgradeResponse:
         if not (self.config.auth.dev_login and self.config.embedded):
-            return text_response(HTTPStatus.NOT_FOUND, "dev login is off")
-        name = (req.arg("name") or "").strip()[:32]
-        if not name:
-            return json_response({"error": "name is required"}, HTTPStatus.BAD_REQUEST)
-        user_id = "dev-" + "".join(ch for ch in name.lower() if ch.isalnum())[:24]
+            return error_json(HTTPStatus.NOT_FOUND, HttpErrorCode.NOT_FOUND, "dev login is off")
+        raw = req.arg("name") or ""
+        name = display_name(raw)
+        user_id = dev_user_id(name)
+        problem = ("name is required" if not raw.strip() else
+                   "the name has no visible characters" if not name else
+                   f"the name has {len(name)} characters; the limit is {DEV_NAME_MAX_CHARS}"
+                   if len(name) > DEV_NAME_MAX_CHARS else
+                   "the name is too long once made a user id" if len(user_id) > DEV_USER_ID_MAX_CHARS else None)
+        if problem is not None:
+            return error_json(HTTPStatus.BAD_REQUEST, HttpErrorCode.BAD_REQUEST, problem)
         token = mint_token(self.config.auth, user_id, name, ["read", "write"])
         return json_response({"token": token, "user": {"id": user_id, "name": name}})
 

@@ -260,7 +260,7 @@ class Gateway:
             picows_log.setLevel(logging.WARNING)  # it logs every accepted connection at INFO
         factory = picows_protocol_factory(self.routes.route, self._recorders, handshake_timeout_s=g.handshake_timeout_s,
                                           max_frame_size=g.max_message_bytes, logger=picows_log,
-                                          post_handler=self.routes.post)
+                                          http_handler=self.routes.answer)
         self.server = await loop.create_server(factory, g.host, g.port, reuse_port=True, backlog=4096)
         log.info("gateway listening on %s (hub: %s)", ", ".join(str(s.getsockname()) for s in self.server.sockets),
                  native.HUB_IMPLEMENTATION)

@@ -238,8 +238,12 @@ class Admission:
 
     @staticmethod
     def _check(who: Identity | None, text: str) -> tuple[Identity, str]:
-        if who is None or not who.can_write:
+        if who is None:
             raise Refused(ErrorCode.UNAUTHORIZED, "posting needs a valid token with the write:comments scope")
+        if not who.can_write:  # say which: a client renews an expired token, but not a read-only one
+            if time.time() >= who.expires_at:
+                raise Refused(ErrorCode.TOKEN_EXPIRED, "the token has expired; get a fresh one and post again")
+            raise Refused(ErrorCode.MISSING_SCOPE, "this token may not post: it needs the write:comments scope")
         clean, code, reason = validate_comment_text(text)
         if code is not None or clean is None:
             raise Refused(code or ErrorCode.BAD_MESSAGE, reason)

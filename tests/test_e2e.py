@@ -133,7 +133,7 @@ async def test_history_pages_newest_first(env: Env) -> None:
     status, second = await aget_json(f"{env.base}/streams/{stream}/comments?limit=3&before={first['next_before']}")
     assert [c["id"] for c in second["comments"]] == ids[::-1][3:6]
     status, bad = await aget_json(f"{env.base}/streams/{stream}/comments?limit=0")
-    assert status == 400 and "limit" in bad["error"]
+    assert status == 400 and bad["error"] == "bad_request" and "limit" in bad["reason"]
     await poster.close()
 
 

@@ -8,7 +8,14 @@ import random
 import pytest
 
 from chorus.codes import MAX_REQUEST_BODY_BYTES, MAX_REQUEST_HEAD_BYTES
-from chorus.gateway.httpreq import HttpError, HttpRequest, RequestParser, error_response, json_response_bytes
+from chorus.gateway.httpreq import (
+    MAX_HEADER_FIELDS,
+    HttpError,
+    HttpRequest,
+    RequestParser,
+    error_response,
+    json_response_bytes,
+)
 
 BODY = b'{"text":"hi"}'
 
@@ -92,7 +99,6 @@ def test_expect_100_continue_is_offered_once_while_the_body_is_missing() -> None
 @pytest.mark.parametrize(
     ("raw", "status", "code", "words"),
     [
-        (post(length=False), 411, "length_required", "Content-Length"),
         (post(b"2\r\nhi\r\n0\r\n\r\n", "Transfer-Encoding: chunked", length=False), 411, "length_required",
          "chunked"),
         (post(BODY, "Transfer-Encoding: chunked"), 411, "length_required", "chunked"),
@@ -123,6 +129,34 @@ def test_bad_requests_name_their_status(feed, raw: bytes, status: int, code: str
         feed(raw)
     assert (info.value.status, str(info.value.code)) == (status, code)
     assert words in info.value.reason
+
+
+@pytest.mark.parametrize("feed", FEEDERS)
+def test_a_request_without_length_or_transfer_coding_has_no_body(feed) -> None:
+    """RFC 9112 6.3: neither header means an empty body; what follows is the next request's."""
+    request, parser = feed(post(length=False))
+    assert request is not None and request.body == b"" and request.header("content-length") is None
+    assert parser.trailing == BODY
+    request, _ = feed(b"GET /healthz HTTP/1.0\r\n\r\n")
+    assert request is not None and (request.method, request.target, request.version) == ("GET", "/healthz",
+                                                                                         "HTTP/1.0")
+
+
+@pytest.mark.parametrize("feed", FEEDERS)
+def test_header_fields_are_counted(feed) -> None:
+    fields = [f"X-F{i}: v" for i in range(MAX_HEADER_FIELDS - 1)]  # plus Host (no Content-Length)
+    request, _ = feed(post(b"", *fields, length=False))
+    assert request is not None and len(request.headers) == MAX_HEADER_FIELDS
+    with pytest.raises(HttpError) as info:
+        feed(post(b"", *fields, "X-One-Too-Many: v", length=False))
+    assert (info.value.status, info.value.code) == (431, "headers_too_large")
+    assert str(MAX_HEADER_FIELDS) in info.value.reason
+
+
+def test_reasons_show_client_bytes_without_python_reprs() -> None:
+    with pytest.raises(HttpError) as info:
+        RequestParser().feed(b'POST /x HTTP/1.1\r\nBad"Name\xff: x\r\n\r\n')
+    assert info.value.reason == 'malformed header line "Bad\\x22Name\\xff: x"'
 
 
 def test_random_bytes_raise_only_http_error() -> None:
