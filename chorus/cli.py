@@ -120,6 +120,7 @@ async def _set_ban(config: Config, stream: str, user: str, banned: bool, seconds
     told = 0
     try:
         sanctions = RedisSanctions(client, config.redis.channel_prefix)
+        await asyncio.to_thread(_record_sanction, config, stream, user, banned, seconds)  # survives Redis restarts
         if banned:
             await sanctions.ban(stream, user, seconds)
             told = await _kick(config, client, stream, user, seconds)
@@ -132,6 +133,23 @@ async def _set_ban(config: Config, stream: str, user: str, banned: bool, seconds
         return f"user {user}: unbanned from {where}"
     done = f"timed out from {where} for {seconds:g} s" if seconds else f"banned from {where}"
     return f"user {user}: {done}; {told} gateways told to close their connections"
+
+
+def _record_sanction(config: Config, stream: str, user: str, banned: bool, seconds: float | None) -> None:
+    """The ban in the history store too, from which gateways re-seed a Redis that restarted empty."""
+    import time
+
+    from chorus.ingest.store import SqliteStore
+
+    store = SqliteStore(config.history_path)
+    try:
+        if banned:
+            store.record_sanction(stream, user, None if seconds is None else time.time_ns() // 1_000_000
+                                  + int(seconds * 1000), "chorus ban")
+        else:
+            store.lift_sanction(stream, user)
+    finally:
+        store.close()
 
 
 async def _kick(config: Config, client: Any, stream: str, user: str, seconds: float | None) -> int:

@@ -25,7 +25,8 @@ every write here is idempotent on the offset.
 
 - **Tombstones**: a deleted or shadowed comment leaves the recent cache (``remove``), so
   welcome messages and resumes served from the cache never carry it; the history store keeps
-  the tombstone for resumes served from there.
+  the tombstone for resumes served from there. A moderator's restore puts it back
+  (``restore``) if its offset is still within what the cache vouches for.
 - **Pin**: the stream's pinned comment (wire shape ``C``) or none, for the welcome message.
 
 Each has an in-process implementation (embedded default, tests) and a Redis one: a hash
@@ -79,6 +80,11 @@ class StreamPositions(Protocol):
 
     async def remove(self, stream: str, ids: list[str]) -> int:
         """Take the comments ``ids`` (tombstones) out of the recent cache; how many were there."""
+        ...
+
+    async def restore(self, stream: str, comment: Event) -> bool:
+        """Put a restored comment back in its place, if its offset is above the floor and not
+        past the position (else the cache never held it, or trimmed it since); whether it did."""
         ...
 
     async def get_pin(self, stream: str) -> Event | None:
@@ -154,6 +160,14 @@ class MemoryPositions:
         s.comments = kept
         return removed
 
+    async def restore(self, stream: str, comment: Event) -> bool:
+        s = self._streams.get(stream)
+        offset = comment.get("offset", -1)
+        if s is None or not s.floor < offset <= s.offset or any(c["id"] == comment["id"] for c in s.comments):
+            return False
+        s.comments = deque(sorted([*s.comments, comment], key=lambda c: c["offset"]))
+        return True
+
     async def get_pin(self, stream: str) -> Event | None:
         return self._pins.get(stream)
 
@@ -218,6 +232,19 @@ return removed
 """
 
 
+# KEYS: meta hash, recent sorted set. ARGV: the comment's offset and JSON. Adds it if the
+# offset is above the floor and not past the position; returns 1 if it did.
+_RESTORE = """
+local cur = redis.call('HMGET', KEYS[1], 'floor', 'offset')
+local off = tonumber(ARGV[1])
+if cur[1] and cur[2] and off > tonumber(cur[1]) and off <= tonumber(cur[2]) then
+  redis.call('ZADD', KEYS[2], off, ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -232,6 +259,7 @@ class RedisPositions:
     _prefix: str
     _advance_script: Any = None
     _remove_script: Any = None
+    _restore_script: Any = None
 
     def _meta(self, stream: str) -> str:
         return f"{self._prefix}meta:{stream}"
@@ -295,6 +323,12 @@ class RedisPositions:
         if self._remove_script is None:
             self._remove_script = self._redis.register_script(_REMOVE)
         return int(await self._remove_script(keys=[self._recent_key(stream)], args=list(ids)))
+
+    async def restore(self, stream: str, comment: Event) -> bool:
+        if self._restore_script is None:
+            self._restore_script = self._redis.register_script(_RESTORE)
+        keys = [self._meta(stream), self._recent_key(stream)]
+        return bool(await self._restore_script(keys=keys, args=[comment.get("offset", -1), json_compact(comment)]))
 
     async def get_pin(self, stream: str) -> Event | None:
         raw = await self._redis.get(f"{self._prefix}pin:{stream}")

@@ -5,6 +5,7 @@ role ``moderator`` or scope ``moderate`` on any stream unless the token's ``stre
 names some, role ``broadcaster`` on the streams its ``streams`` claim names)::
 
     POST /mod/streams/{s}/comments/{id}/delete   {"reason"?}          delete (tombstone, live delete event)
+    POST /mod/streams/{s}/comments/{id}/restore  {"reason"?}          a deleted comment is live again
     POST /mod/streams/{s}/comments/{id}/pin                            pin (live pin event, welcome's pin)
     POST /mod/streams/{s}/unpin
     POST /mod/streams/{s}/users/{u}/ban          {"reason"?}          ban: closed on every gateway, refused
@@ -15,13 +16,29 @@ names some, role ``broadcaster`` on the streams its ``streams`` claim names)::
     POST /mod/streams/{s}/users/{u}/unshadow
     POST /mod/streams/{s}/slow_mode              {"seconds"}          0 turns it off
     GET  /mod/streams/{s}/queue?limit=&resolved=                       the review queue
-    POST /mod/streams/{s}/queue/{id}             {"action": "keep"|"delete"}
+    POST /mod/streams/{s}/queue/{id}             {"action": "keep"|"delete"|"restore"|"lift"}
 
 Answers are ``200 {"ok": true, ...}`` or ``{"error": code, "reason": ...}`` with 400, 401,
-403 (``not_a_moderator``), 404, 405 or 503 (the log did not take the operation). Deletes,
-pins and unpins are control records appended to the comments log, so they keep the stream's
-order and reach viewers through the coordinator, history through the archiver. Every action
-is recorded in ``moderation_actions`` (stage ``api``, the moderator as actor).
+403 (``not_a_moderator``), 404, 405 or 503 (the log did not take the operation). Everything in
+a request is hostile until checked: a comment id is a decimal 1 to 2**63-1, a body is a JSON
+object of at most :data:`MAX_BODY_DEPTH` levels, each field of its type; anything else is a
+400 ``bad_request`` naming what is wrong, and a failure of the gateway itself a 500
+``internal_error`` and one log line, never a traceback in the answer. Deletes, restores, pins
+and unpins are control records appended to the comments log, so they keep the stream's order
+and reach viewers through the coordinator, history through the archiver. Every action is
+recorded in ``moderation_actions`` (stage ``api``, the moderator as actor). A moderator's
+delete counts as a confident offence against the author (ingest/reputation.py); restoring a
+comment automatic moderation deleted takes that offence back.
+
+**Review queue.** Flagged comments wait there (``keep``, ``delete``); automatic deletes are
+listed as resolved items (``?resolved=1``) so a wrong one can be restored (``restore``); an
+automatic shadow-ban is an item of stage ``reputation`` with the offences that led to it
+(``evidence``), and ``lift`` lifts it.
+
+**Bans survive Redis restarting empty.** Bans and time-outs are also written to the history
+store (``sanctions``). Every :data:`RESEED_CHECK_S` the gateway checks a marker key in Redis;
+when it is missing (Redis restarted empty, or was flushed) the gateway puts every ban and
+unexpired time-out back, sets the marker, and writes its connection registry again.
 
 **Bans reach every gateway.** The ban is stored (admission refuses the user's posts, and a
 new connection of the user is closed at once with 4503 banned or 4504 timed out); then the
@@ -38,6 +55,7 @@ it sends it back to the author's connections on that stream here, as a ``batch``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -51,12 +69,13 @@ from picows import WSUpgradeRequest, WSUpgradeResponse
 
 from chorus.auth import AuthError, Identity, verify_token
 from chorus.broker import Broker, set_stream_mode
-from chorus.codes import MAX_SLOW_MODE_SECONDS, CloseCode, ErrorCode, HttpErrorCode
+from chorus.codes import MAX_SLOW_MODE_SECONDS, CloseCode, DeleteCode, ErrorCode, HttpErrorCode
 from chorus.gateway.http import STREAM_ID, Request, json_response
 from chorus.gateway.httpreq import HttpRequest, error_response, json_response_bytes
 from chorus.gateway.registry import ConnectionRegistry
 from chorus.ingest.limits import BackendUnavailable
 from chorus.ingest.log import CommentLog, append_many
+from chorus.ingest.moderator import OFFENCE_WEIGHT
 from chorus.ingest.records import Comment, Control, encode_control
 from chorus.ingest.reputation import Reputation
 from chorus.ingest.store import ModerationAction, SqliteStore
@@ -71,20 +90,27 @@ log = logging.getLogger("chorus.modapi")
 
 CONTROL_PREFIX = "gw/"  # a gateway's control channel is the broker stream gw/<instance>
 USER_ID = re.compile(r"^[A-Za-z0-9_.:@-]{1,128}$")
+MAX_COMMENT_ID = 2**63 - 1  # ids are positive signed 64-bit integers (chorus/ids.py; SQLite INTEGER)
+MAX_BODY_DEPTH = 8  # nesting a moderator's JSON body may have (its fields are flat)
+MAX_REASON_CHARS = 200
+RESEED_CHECK_S = 1.0  # how often a gateway checks that Redis still holds the bans
+SEEDED_MARKER = "sanctions:seeded"  # under the prefix: present while Redis holds the bans
 MAX_TIMEOUT_S = 14 * 86400
 DEFAULT_CLEAR_S = 3600
 CLEAR_MAX = 500  # comments one clear deletes at most
 STOP_TIMEOUT_S = 3.0
+RESOLUTIONS = ("keep", "delete", "restore", "lift")
 _PATH = re.compile(r"^/mod/streams/(?P<stream>[^/]+)/(?P<rest>.+)$")
 # (method, pattern of the rest of the path, handler name)
 _ROUTES = [
-    ("POST", re.compile(r"^comments/(?P<id>\d{1,20})/(?P<op>delete|pin)$"), "_comment_op"),
+    ("POST", re.compile(r"^comments/(?P<id>[^/]*)/(?P<op>delete|pin)$"), "_comment_op"),
+    ("POST", re.compile(r"^comments/(?P<id>[^/]*)/restore$"), "_restore"),
     ("POST", re.compile(r"^unpin$"), "_unpin"),
     ("POST", re.compile(r"^users/(?P<user>[^/]+)/(?P<op>ban|timeout|unban)$"), "_sanction"),
     ("POST", re.compile(r"^users/(?P<user>[^/]+)/clear$"), "_clear"),
     ("POST", re.compile(r"^users/(?P<user>[^/]+)/(?P<op>shadow_ban|unshadow)$"), "_shadow"),
     ("POST", re.compile(r"^slow_mode$"), "_slow_mode"),
-    ("POST", re.compile(r"^queue/(?P<id>\d{1,20})$"), "_resolve"),
+    ("POST", re.compile(r"^queue/(?P<id>[^/]*)$"), "_resolve"),
     ("GET", re.compile(r"^queue$"), "_queue"),
 ]
 
@@ -104,28 +130,77 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _bad(reason: str) -> ApiError:
+    return ApiError(400, HttpErrorCode.BAD_REQUEST, reason)
+
+
+def _nesting(raw: bytes) -> int:
+    """How deep brackets nest in ``raw`` (strings skipped), counted before parsing: the parser
+    would recurse once per level, and 100,000 of them exhaust the stack."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (byte == 0x5C, byte != 0x22)
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_BODY_DEPTH:
+                break
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
 def _body(raw: bytes) -> dict[str, Any]:
     if not raw.strip():
         return {}
+    if _nesting(raw) > MAX_BODY_DEPTH:
+        raise _bad(f"the body nests deeper than {MAX_BODY_DEPTH} levels; it must be a flat JSON object")
     try:
         obj = json.loads(raw)
-    except ValueError:
-        raise ApiError(400, HttpErrorCode.BAD_REQUEST, "the body must be a JSON object") from None
+    except (ValueError, RecursionError):
+        raise _bad("the body must be a JSON object (it is not valid JSON)") from None
     if not isinstance(obj, dict):
-        raise ApiError(400, HttpErrorCode.BAD_REQUEST, "the body must be a JSON object")
+        raise _bad(f"the body must be a JSON object, not {_json_type(obj)}")
     return obj
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a value's type, for error reasons (never a Python repr)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _comment_id(raw: str) -> str:
+    """A comment id from the path: a decimal 1 to 2**63-1 (what ids and the store can hold)."""
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or not 0 < int(raw) <= MAX_COMMENT_ID:
+        raise _bad(f"a comment id is a decimal integer 1-{MAX_COMMENT_ID}")
+    return str(int(raw))
 
 
 def _int_field(body: dict[str, Any], name: str, low: int, high: int, default: int | None = None) -> int:
     value = body.get(name, default)
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ApiError(400, HttpErrorCode.BAD_REQUEST, f'"{name}" must be an integer {low}-{high}')
+        got = "missing" if value is None else _json_type(value) if not isinstance(value, int) else "out of range"
+        raise _bad(f'"{name}" must be an integer {low}-{high} ({got})')
     return value
 
 
 def _reason(body: dict[str, Any]) -> str:
     reason = body.get("reason", "")
-    return reason[:200] if isinstance(reason, str) else ""
+    if not isinstance(reason, str):
+        raise _bad(f'"reason" must be a string, not {_json_type(reason)}')
+    return reason[:MAX_REASON_CHARS]
 
 
 async def publish_kick(broker: Broker, gateways: list[str], user: str, stream: str, code: int, reason: str) -> None:
@@ -150,6 +225,9 @@ class GatewayModeration:
         self.channel = CONTROL_PREFIX + instance
         self.shadow_ban_s = shadow_ban_s
         self._redis = redis
+        self._prefix = prefix
+        self._watch: asyncio.Task[None] | None = None
+        self.reseeds = 0  # times this gateway put the bans back into a Redis that came back empty
         self.kicked = 0  # connections closed on a ban or time-out
         self.refused = 0  # connections of banned users closed right after the upgrade
         self.shadow_echoes = 0
@@ -158,9 +236,15 @@ class GatewayModeration:
     async def start(self) -> None:
         await self.broker.subscribe(self.channel)
         self.registry.start()
+        if self._redis is not None and self.store is not None:
+            self._watch = asyncio.create_task(self._watch_redis(), name="sanctions-reseed")
 
     async def stop(self) -> None:
         """Remove this gateway from the registry (bounded: a stopping gateway must not hang on Redis)."""
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
         try:
             await asyncio.wait_for(self.registry.stop(), STOP_TIMEOUT_S)
         except TimeoutError:
@@ -168,6 +252,39 @@ class GatewayModeration:
                         STOP_TIMEOUT_S)
         if self._redis is not None:
             await self._redis.aclose()
+
+    async def _watch_redis(self) -> None:
+        """Every RESEED_CHECK_S: if Redis lost the bans (restarted empty), put them back."""
+        failing = False
+        while True:
+            try:
+                await self.reseed_if_empty()
+                failing = False
+            except Exception as exc:  # Redis down or restarting: the next check tries again
+                if not failing:
+                    log.warning("sanctions: cannot check Redis for its bans (%s: %s); retrying every %.0f s",
+                                type(exc).__name__, exc, RESEED_CHECK_S)
+                failing = True
+            await asyncio.sleep(RESEED_CHECK_S)
+
+    async def reseed_if_empty(self) -> int | None:
+        """If the marker key is missing, write every ban and unexpired time-out of the store into
+        Redis, set the marker and rewrite the connection registry; how many (None: not needed)."""
+        marker = f"{self._prefix}{SEEDED_MARKER}"
+        if await self._redis.exists(marker):
+            return None
+        store = self.store
+        assert store is not None
+        now = _now_ms()
+        sanctions = self.gateway.admission.limits.sanctions
+        in_force = await asyncio.to_thread(store.sanctions_in_force, now)
+        for stream, user, until in in_force:
+            await sanctions.ban(stream, user, None if until is None else max(1.0, (until - now) / 1000))
+        await self._redis.set(marker, b"1")
+        self.registry.rewrite_all()
+        self.reseeds += 1
+        log.info("sanctions: Redis held no bans (restarted empty?); put back %d bans and time-outs", len(in_force))
+        return len(in_force)
 
     def owns(self, stream: str) -> bool:
         return stream == self.channel
@@ -260,6 +377,10 @@ class GatewayModeration:
             answer = await getattr(self, name)(who, stream, args, _body(request.body))
         except ApiError as exc:
             return error_response(exc.status, exc.code, exc.reason)
+        except Exception as exc:  # a bug or a failing backend: this request only, one log line
+            log.error("moderator API: POST %s failed: %s: %s", request.target[:200], type(exc).__name__, exc)
+            return error_response(500, HttpErrorCode.INTERNAL_ERROR, "the gateway failed on this request; "
+                                  "it may not have been done: check, then try again")
         return json_response_bytes(200, {"ok": True, **answer})
 
     def get(self, request: WSUpgradeRequest, req: Request) -> WSUpgradeResponse:
@@ -270,6 +391,10 @@ class GatewayModeration:
             answer = getattr(self, name)(who, stream, args, req)
         except ApiError as exc:
             return json_response({"error": exc.code, "reason": exc.reason}, HTTPStatus(exc.status))
+        except Exception as exc:  # as for POST: one log line, a JSON answer
+            log.error("moderator API: GET %s failed: %s: %s", req.path[:200], type(exc).__name__, exc)
+            return json_response({"error": HttpErrorCode.INTERNAL_ERROR, "reason": "the gateway failed on this "
+                                  "request"}, HTTPStatus.INTERNAL_SERVER_ERROR)
         return json_response({"ok": True, **answer})
 
     # -- the operations -----------------------------------------------------------------------
@@ -303,22 +428,50 @@ class GatewayModeration:
         return found[0] if found is not None and not found[1] else None
 
     async def _comment_op(self, who: Identity, stream: str, args: dict[str, str], body: dict[str, Any]) -> Answer:
-        cid, op = args["id"], args["op"]
+        cid, op = _comment_id(args["id"]), args["op"]
+        reason = _reason(body)
         comment = await self._find(stream, cid)
         if comment is None:
             raise ApiError(404, HttpErrorCode.NOT_FOUND, f"no live comment {cid} on stream {stream}")
-        reason = _reason(body)
         if op == "pin":
             comment = {k: v for k, v in comment.items() if k != "offset"} | {"offset": comment.get("offset", -1)}
             pin = Control("pin", stream, cid, comment=comment, by=who.user_id, reason=reason, ts=_now_ms())
             await self._append([pin])
         else:
-            await self._append([Control("delete", stream, cid, by=who.user_id, reason=reason, ts=_now_ms())])
-            store = self.store
-            if store is not None:
-                await asyncio.to_thread(store.resolve_review, stream, cid, "delete", who.user_id)
+            await self._delete(who, stream, cid, comment["user"]["id"], reason)
         await self._record(ModerationAction(stream, op, "api", cid, comment["user"]["id"], None, reason, who.user_id))
         return {"action": op, "id": cid, **({"comment": comment} if op == "pin" else {})}
+
+    async def _delete(self, who: Identity, stream: str, cid: str, author: str, reason: str) -> None:
+        """A moderator's delete: the control record, the review item closed, a confident offence."""
+        shown = f"removed by a moderator: {reason}" if reason else "removed by a moderator"
+        await self._append([Control("delete", stream, cid, by=who.user_id, reason=shown, ts=_now_ms(),
+                                    code=DeleteCode.MODERATOR)])
+        store = self.store
+        if store is not None:
+            await asyncio.to_thread(store.resolve_review, stream, cid, "delete", who.user_id)
+        await self.reputation.add([(author, OFFENCE_WEIGHT)])
+
+    async def _restore(self, who: Identity, stream: str, args: dict[str, str], body: dict[str, Any]) -> Answer:
+        cid = _comment_id(args["id"])
+        comment = await self._restore_comment(who, stream, cid, _reason(body))
+        return {"action": "restore", "id": cid, "comment": comment}
+
+    async def _restore_comment(self, who: Identity, stream: str, cid: str, reason: str) -> dict[str, Any]:
+        """Bring a deleted comment back for every viewer; an automatic delete's offence is taken back."""
+        store = self.store
+        comment = await asyncio.to_thread(store.deleted_comment, stream, cid) if store is not None else None
+        if store is None or comment is None:
+            raise ApiError(404, HttpErrorCode.NOT_FOUND, f"no deleted comment {cid} on stream {stream}")
+        automatic = await asyncio.to_thread(store.deleted_automatically, stream, cid)
+        await self._append([Control("restore", stream, cid, comment=comment, by=who.user_id, reason=reason,
+                                    ts=_now_ms())])
+        await asyncio.to_thread(store.resolve_review, stream, cid, "restore", who.user_id, True)
+        author = comment["user"]["id"]
+        if automatic:
+            await self.reputation.add([(author, -OFFENCE_WEIGHT)])
+        await self._record(ModerationAction(stream, "restore", "api", cid, author, None, reason, who.user_id))
+        return comment
 
     async def _unpin(self, who: Identity, stream: str, args: dict[str, str], body: dict[str, Any]) -> Answer:
         await self._append([Control("unpin", stream, by=who.user_id, ts=_now_ms())])
@@ -330,10 +483,16 @@ class GatewayModeration:
         sanctions = self.gateway.admission.limits.sanctions
         seconds = _int_field(body, "seconds", 1, MAX_TIMEOUT_S) if op == "timeout" else None
         reason = _reason(body)
+        store = self.store
         if op == "unban":
+            if store is not None:  # the durable record first: a re-seed meanwhile must not bring it back
+                await asyncio.to_thread(store.lift_sanction, stream, user)
             await sanctions.unban(stream, user)
             await self._record(ModerationAction(stream, "unban", "api", None, user, None, reason, who.user_id))
             return {"action": "unban", "user": user}
+        if store is not None:
+            until = None if seconds is None else _now_ms() + seconds * 1000
+            await asyncio.to_thread(store.record_sanction, stream, user, until, reason)
         await sanctions.ban(stream, user, seconds)
         code = CloseCode.BANNED if seconds is None else CloseCode.TIMED_OUT
         text = reason or ("banned from this stream" if seconds is None else f"timed out for {seconds} s")
@@ -397,15 +556,25 @@ class GatewayModeration:
         return {"action": "slow_mode", "mode": mode.to_wire()}
 
     async def _resolve(self, who: Identity, stream: str, args: dict[str, str], body: dict[str, Any]) -> Answer:
-        cid, action = args["id"], body.get("action")
-        if action not in ("keep", "delete"):
-            raise ApiError(400, HttpErrorCode.BAD_REQUEST, '"action" must be "keep" or "delete"')
+        cid, action, reason = _comment_id(args["id"]), body.get("action"), _reason(body)
+        if not isinstance(action, str) or action not in RESOLUTIONS:
+            raise _bad('"action" must be "keep", "delete", "restore" or "lift"')
+        if action == "restore":  # open or resolved: an automatic delete is a resolved item
+            comment = await self._restore_comment(who, stream, cid, reason)
+            return {"action": action, "id": cid, "comment": comment}
         store = self.store
-        if store is None or not await asyncio.to_thread(store.resolve_review, stream, cid, action, who.user_id):
+        item = await asyncio.to_thread(store.review_item, stream, cid) if store is not None else None
+        if store is None or item is None:
+            raise ApiError(404, HttpErrorCode.NOT_FOUND, f"comment {cid} is not waiting for review on stream {stream}")
+        if action == "lift" and item.stage != "reputation":
+            raise _bad('"lift" resolves an automatic shadow-ban (an item of stage "reputation")')
+        if not await asyncio.to_thread(store.resolve_review, stream, cid, action, who.user_id):
             raise ApiError(404, HttpErrorCode.NOT_FOUND, f"comment {cid} is not waiting for review on stream {stream}")
         if action == "delete":
-            await self._append([Control("delete", stream, cid, by=who.user_id, reason="review", ts=_now_ms())])
-        await self._record(ModerationAction(stream, action, "review", cid, None, None, _reason(body), who.user_id))
+            await self._delete(who, stream, cid, item.user_id, reason)
+        elif action == "lift":
+            await self.reputation.lift_shadow_ban(item.user_id)
+        await self._record(ModerationAction(stream, action, "review", cid, item.user_id, None, reason, who.user_id))
         return {"action": action, "id": cid}
 
     def _queue(self, who: Identity, stream: str, args: dict[str, str], req: Request) -> dict[str, Any]:

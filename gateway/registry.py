@@ -21,6 +21,9 @@ A moderator's ban looks up the user's hash, and tells each gateway named there t
 control channel (gateway/modapi.py) to close that user's connections. The gateway's instance
 id is its node id and a random suffix, so a restarted gateway never inherits stale fields.
 On the embedded default there is one gateway and no Redis: the lookup names this one.
+A Redis that restarted empty lost every gateway's entries: the gateway that notices
+(gateway/modapi.py, re-seeding the bans) writes all of its own again at once
+(:meth:`ConnectionRegistry.rewrite_all`), not a third of the TTL later.
 """
 
 from __future__ import annotations
@@ -120,6 +123,10 @@ class ConnectionRegistry:
 
     def users(self) -> int:
         return len(self._by_user)
+
+    def rewrite_all(self) -> None:
+        """Write every user with connections here again on the next flush (Redis came back empty)."""
+        self._dirty.update(self._by_user)
 
     # -- the shared registry ------------------------------------------------------------------
     async def gateways(self, user: str) -> list[str]:

@@ -78,7 +78,7 @@ REPLAY_BATCHES = 32  # recent batches per stream, for viewers joining between we
 OVERLOADED_RETRY_MS = 1000  # retry_after_ms of ``overloaded``
 # Control events a viewer joining meanwhile must not miss (not the periodic counts: the next
 # one comes anyway). Every event is compact JSON starting with its type.
-REPLAYED_CONTROLS = (b'{"t":"delete"', b'{"t":"pin"', b'{"t":"unpin"', b'{"t":"mode"')
+REPLAYED_CONTROLS = (b'{"t":"delete"', b'{"t":"restore"', b'{"t":"pin"', b'{"t":"unpin"', b'{"t":"mode"')
 MAX_ADMIT_BATCH = 2000  # posts admitted together at most (one Redis pipeline)
 RESUME_PACING_S = 5.0  # a resume waits for its viewer's backlog at most this long in all
 FAILURE_LOG_INTERVAL_S = 10.0  # one log line per kind of failure this often, with the count in between

@@ -276,10 +276,10 @@ def _insulting(words: str, aimed: bool) -> bool:
 
 
 def _explained(words: str) -> bool:
-    """Every hot word stands inside a harmless idiom (or there is none)."""
+    """There are hot words, and every one stands inside a harmless idiom."""
     hot = [m.start() for m in _HOT.finditer(words)]
     if not hot:
-        return True
+        return False
     spans = [m.span() for m in _IDIOM.finditer(words)]
     return all(any(a <= h + 1 and h < b for a, b in spans) for h in hot)
 

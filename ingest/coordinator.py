@@ -185,6 +185,8 @@ class Coordinator:
                 await self.state.set_pin(stream, control.comment)
             elif control.op == "unpin":
                 await self.state.set_pin(stream, None)
+            elif control.op == "restore" and control.comment is not None:
+                await self.state.restore(stream, control.comment)
             message = control_message(control)
             if message is not None:
                 await self.broker.publish(stream, message)

@@ -1,13 +1,17 @@
 """Moderation stage 3: each user's offence score, decaying, and shadow-bans.
 
-An offence adds to the author's score (a delete 1, a flagged comment 0.5: the moderator
-decides the weights) and the score halves every ``offence_half_life_s``::
+A confident offence adds to the author's score (an automatic delete, every one of which a
+rule or the model and the context rules together decided, or a moderator's delete: 1 each;
+a flag or a shadow adds nothing: ingest/moderator.py decides) and the score halves every
+``offence_half_life_s``::
 
     score(now) = score(then) * 2 ** (-(now - then) / half_life) + added
 
 so a user who offended often lately is a repeat offender (score at or above
 ``moderation.repeat_offender_at``) and one who stopped becomes an ordinary user again
-without anyone resetting anything. A repeat offender's borderline comment gets the author
+without anyone resetting anything. A moderator who restores a wrongly deleted comment takes
+its offence back (a negative weight; a score never goes below 0). A repeat offender's
+borderline comment gets the author
 shadow-banned for ``moderation.shadow_ban_s``: a key that admission reads (ingest/limits.py
 checks it with the bans, in the same Redis round trip) so later comments are marked
 ``shadow`` in the log and reach no one but their author.
@@ -46,7 +50,8 @@ class Reputation(Protocol):
         ...
 
     async def add(self, offences: Sequence[tuple[str, float]]) -> dict[str, float]:
-        """Add each (user, weight); the users' scores afterwards."""
+        """Add each (user, weight; negative takes an offence back, never below 0); the users'
+        scores afterwards."""
         ...
 
     async def shadow_ban(self, users: Sequence[str], seconds: int) -> None: ...
@@ -79,7 +84,7 @@ class MemoryReputation:
     async def add(self, offences: Sequence[tuple[str, float]]) -> dict[str, float]:
         now = self._clock()
         for user, weight in offences:
-            self._scores[user] = (self._now(user) + weight, now)
+            self._scores[user] = (max(0.0, self._now(user) + weight), now)
         return {u: self._scores[u][0] for u, _ in offences}
 
     async def shadow_ban(self, users: Sequence[str], seconds: int) -> None:
@@ -102,8 +107,8 @@ class MemoryReputation:
 
 
 # KEYS: each user's hash. ARGV[1]: half-life (ms); ARGV[2]: ttl (ms); ARGV[3..]: the weight to
-# add per key (0 only reads). Returns each score afterwards, as a string (Lua numbers become
-# integers in replies).
+# add per key (0 only reads; negative takes back, never below 0). Returns each score afterwards,
+# as a string (Lua numbers become integers in replies).
 _UPDATE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -117,8 +122,8 @@ for i = 1, #KEYS do
   if elapsed < 0 then elapsed = 0 end
   score = score * math.pow(2, -elapsed / half)
   local add = tonumber(ARGV[i + 2])
-  if add > 0 then
-    score = score + add
+  if add ~= 0 then
+    score = math.max(0, score + add)
     redis.call('HSET', KEYS[i], 's', string.format('%.6f', score), 't', string.format('%d', now))
     redis.call('PEXPIRE', KEYS[i], ttl)
   end

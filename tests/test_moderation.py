@@ -12,7 +12,14 @@ sharing the test's Redis prefix, the `comments` topic and one history file:
 - a ban closes the user's connections on both gateways and refuses new ones;
 - the review queue round-trips; pins, slow mode and clearing a user work through the API;
 - with the moderator stopped comments keep flowing, and once it is back it catches up from
-  its committed offset: nothing is lost.
+  its committed offset: nothing is lost;
+- a fan's ordinary sports chat ("I hate mondays", "shoot the ball!") is neither deleted nor
+  flagged and never gets them shadow-banned; an automatic shadow-ban is in the review queue
+  with the offences that led to it, and a moderator lifts it;
+- a deleted comment's author is told why (code and reason, live and in their history), and a
+  moderator restores it for everyone (live, history, recent cache);
+- the moderator API answers hostile input (ids out of range, nesting, wrong types) with 400;
+- bans and time-outs hold after Redis is killed and restarted empty.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from chorus.app import ALL_ROLES, App
 from chorus.auth import mint_token
 from chorus.config import Config
 from chorus.ingest.store import SqliteStore
+from services import start_redis
 
 # The cluster's set-up (the first test) waits for two consumer groups to join a broker that
 # may have just started, on a shared machine: more than the default 120 s may be needed.
@@ -43,13 +51,14 @@ pytestmark = pytest.mark.timeout(300)
 
 DELETE_WITHIN_S = 2.0
 OFFENSIVE = "you are a f u c k i n g idiot"
-BORDERLINE = "hate this guy"  # the model scores it between flag_at and delete_at
+BORDERLINE = "hate this guy"  # aimed at a person; the model scores it between flag_at and delete_at
+BORDERLINE_2 = "you are lame"  # likewise (0.63)
 
 
 async def http(port: int, method: str, path: str, token: str | None = None,
-               body: dict[str, Any] | None = None) -> tuple[int, Any]:
-    """One HTTP/1.1 request on its own connection: status and JSON body."""
-    data = json.dumps(body).encode() if body is not None else b""
+               body: dict[str, Any] | None = None, raw: bytes | None = None) -> tuple[int, Any]:
+    """One HTTP/1.1 request on its own connection: status and JSON body (``raw``: the body as is)."""
+    data = raw if raw is not None else json.dumps(body).encode() if body is not None else b""
     head = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
     if method == "POST":
         head += [f"Content-Length: {len(data)}", "Content-Type: application/json"]
@@ -150,7 +159,9 @@ async def warm_up(cluster: Cluster) -> None:
 async def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, redis_url: str,
                   kafka_bootstrap: str) -> AsyncIterator[Cluster]:
     tmp = tmp_path_factory.mktemp("moderation")
-    config = make_config(tmp, "services", request, history__path=str(tmp / "history.sqlite3"))
+    # Every client posts from 127.0.0.1, and the fan posts 54 comments: no rate limits here.
+    config = make_config(tmp, "services", request, history__path=str(tmp / "history.sqlite3"),
+                         limits__user_per_minute=0, limits__ip_per_minute=0)
     toml = tmp / "chorus.toml"
     toml.write_text(f'data_dir = "{tmp}"\n[auth]\nkey = "{TEST_KEY}"\n[kafka]\nbootstrap = "{kafka_bootstrap}"\n'
                     f'[redis]\nurl = "{redis_url}"\nchannel_prefix = "{config.redis.channel_prefix}"\n'
@@ -194,6 +205,8 @@ async def test_an_offensive_comment_is_deleted_for_every_viewer_within_2s(cluste
     assert resumed["recovered"] and bad not in replayed
     (action,) = [a for a in cluster.store.actions(stream) if a.comment_id == bad]
     assert (action.action, action.stage, action.score, action.reason) == ("delete", "rules", 1.0, "blocklist: fuck")
+    event = next(e for e in viewers[0].seen if is_delete(bad)(e))
+    assert (event["code"], event["reason"]) == ("moderated", "removed by automatic moderation: blocked word")
     for c in (*viewers, poster, late):
         await c.close()
 
@@ -247,8 +260,10 @@ async def test_a_repeat_offenders_borderline_comment_shadow_bans_them(cluster: C
     stream, user = sid("repeat"), f"rep-{uuid.uuid4().hex[:6]}"
     viewer = await cluster.viewer(stream, 1)
     author = await cluster.viewer(stream, 0, cluster.token(user))
+    offences = []
     for text in ("sh1t", "f u c k"):  # two deletes: offence score ~2 >= moderation.repeat_offender_at (1.5)
-        await viewer.wait_for(is_delete(await post(author, text)), timeout=10)
+        offences.append(await post(author, text))
+        await viewer.wait_for(is_delete(offences[-1]), timeout=10)
     await asyncio.sleep(0.5)  # the offences are added right after the deletes are sent
     borderline = await post(author, BORDERLINE)
 
@@ -263,8 +278,151 @@ async def test_a_repeat_offenders_borderline_comment_shadow_bans_them(cluster: C
     probe = await post(await cluster.viewer(stream, 0, cluster.token("bystander")), "probe")
     await viewer.wait_for(has_comment(probe), timeout=5)
     assert not any(has_comment(later)(e) for e in viewer.seen)
+
+    # The automatic shadow-ban waits in the review queue, with the offences that led to it.
+    status, page = await cluster.api(f"/mod/streams/{stream}/queue", method="GET")
+    assert status == 200 and [i["id"] for i in page["items"]] == [borderline], page
+    item = page["items"][0]
+    assert item["stage"] == "reputation" and item["reason"].startswith("shadow-banned for 86400 s")
+    assert [(e["id"], e["reason"]) for e in item["evidence"]] == [
+        (offences[1], "blocklist: fuck"), (offences[0], "blocklist: shit")]
+    assert (await cluster.api(f"/mod/streams/{stream}/queue/{borderline}", {"action": "lift"}))[0] == 200
+    free = await post(author, "am I back?")
+    await viewer.wait_for(has_comment(free), timeout=5)  # lifted: others see them again
     for c in (viewer, author):
         await c.close()
+
+
+# 51 ordinary lines of a football stream's chat, as a fan would post them (issue 17.2)
+FAN_LINES = [
+    "come on lads", "what a start", "that was a hell of a match last week", "killer goal!", "he destroyed them",
+    "I hate this ref", "shoot!", "offside surely", "great save", "the keeper is on fire", "corner!",
+    "unlucky, hit the post", "we need a sub", "bring on the kid", "what a tackle", "he's killing it out there",
+    "that pass was sick", "insane skill", "yellow card, fair enough", "half time, 1-0", "get in!!!",
+    "the crowd is going crazy", "we're all over them", "that shot nearly broke the net", "defence asleep again",
+    "wake up midfield", "cross it in!", "header! so close", "the bar again, unbelievable", "penalty!",
+    "he buried it", "2-0, game over", "what a finish", "stop diving", "var is checking", "it stands!",
+    "time wasting already", "five minutes added", "hold on boys", "clear it!", "the keeper murdered that cross",
+    "final whistle!!!", "what a night", "we destroyed them in the second half", "best game of the season",
+    "man of the match for sure", "see you next week", "up the reds", "gg", "so proud of this team",
+    "can't wait for the derby",
+]
+
+
+async def test_a_fan_of_ordinary_sports_chat_is_never_shadow_banned(cluster: Cluster) -> None:
+    """The issue's fan: "I hate mondays" (deleted by the model alone before) and "shoot the ball!"
+    (flagged before) among 51 ordinary lines got them shadow-banned, and most of their lines
+    reached nobody. Now none is deleted or flagged, and every line reaches every viewer."""
+    stream, fan = sid("fan"), f"fan-{uuid.uuid4().hex[:6]}"
+    assert len(FAN_LINES) == 51
+    viewer = await cluster.viewer(stream, 1)
+    author = await cluster.viewer(stream, 0, cluster.token(fan))
+    lines = ["I hate mondays", "shoot the ball!", *FAN_LINES]
+    ids = [await post(author, text) for text in lines]
+    await viewer.wait_for(has_comment(ids[-1]), timeout=10)  # batches keep posting order
+    # A comment after them that the moderator deletes: once its delete arrives, the fan's lines
+    # (same stream, same partition, earlier in the log) were all moderated.
+    marker = await post(await cluster.viewer(stream, 0, cluster.token(f"m-{fan}")), "sh1t, marker")
+    await viewer.wait_for(is_delete(marker), timeout=30)
+    assert not any(e["t"] == "delete" and e["id"] in ids for e in viewer.seen)
+    assert not [a for a in cluster.store.actions(stream, 500) if a.user_id == fan]  # neither deleted nor flagged
+    assert cluster.moderator is not None and cluster.moderator.moderator is not None
+    reputation = cluster.moderator.moderator.reputation
+    assert not await reputation.shadow_banned(fan)
+    assert (await reputation.scores([fan]))[fan] == 0.0
+    after = await post(author, "what a game, see you all")
+    await viewer.wait_for(has_comment(after), timeout=5)  # still reaches others
+    delivered = {c["id"] for e in viewer.seen if e["t"] == "batch" for c in e["comments"]}
+    assert set(ids) | {after} <= delivered
+    for c in (viewer, author):
+        await c.close()
+
+
+async def test_a_deleted_comment_says_why_and_a_moderator_restores_it(cluster: Cluster) -> None:
+    stream, user = sid("restore"), f"res-{uuid.uuid4().hex[:6]}"
+    viewer = await cluster.viewer(stream, 1)
+    author = await cluster.viewer(stream, 0, cluster.token(user))
+    first = await post(author, "first!")
+    bad = await post(author, "i will find you")  # a threat: deleted without the model
+    why = "removed by automatic moderation: threat aimed at a person"
+    for c in (viewer, author):
+        event = await c.wait_for(is_delete(bad), timeout=10)
+        assert (event["code"], event["reason"]) == ("moderated", why)
+
+    async def own_history_says_why() -> Any:
+        rows = {c["id"]: c for c in await cluster.history(stream, as_user=user)}
+        return rows.get(bad, {}).get("deleted") and rows[bad]
+
+    row = await eventually(own_history_says_why, what="the tombstone in its author's history")
+    assert (row["code"], row["reason"], row["text"]) == ("moderated", why, "i will find you")
+    assert [c["id"] for c in await cluster.history(stream)] == [first]  # nobody else sees it
+    status, page = await cluster.api(f"/mod/streams/{stream}/queue?resolved=1", method="GET")
+    assert status == 200 and [(i["id"], i["stage"], i["resolution"]) for i in page["items"]] == [
+        (bad, "context", "delete")]
+
+    status, answer = await cluster.api(f"/mod/streams/{stream}/queue/{bad}", {"action": "restore"})
+    assert status == 200 and answer["comment"]["id"] == bad, answer
+    restored = await viewer.wait_for(lambda e: e["t"] == "restore" and e["comment"]["id"] == bad, timeout=5)
+    assert restored["comment"]["text"] == "i will find you" and restored["comment"]["user"]["id"] == user
+    assert restored["comment"]["offset"] > 0
+
+    async def live_again() -> bool:
+        return [c["id"] for c in await cluster.history(stream)] == [bad, first]
+
+    await eventually(live_again, what="the lifted tombstone in history")
+    late = await cluster.viewer(stream, 0)
+    assert [c["id"] for c in late.seen[0]["recent"]] == [first, bad]  # back in the recent cache, in place
+    assert cluster.moderator is not None and cluster.moderator.moderator is not None
+    assert (await cluster.moderator.moderator.reputation.scores([user]))[user] == 0.0  # the offence taken back
+    assert any(a.action == "restore" and a.comment_id == bad for a in cluster.store.actions(stream))
+
+    # A moderator's delete says so; the restore endpoint brings it back.
+    status, _ = await cluster.api(f"/mod/streams/{stream}/comments/{first}/delete", {"reason": "off topic"})
+    assert status == 200
+    event = await viewer.wait_for(is_delete(first), timeout=5)
+    assert (event["code"], event["reason"]) == ("moderator", "removed by a moderator: off topic")
+
+    async def restored_by_endpoint() -> bool:  # 404 until the archiver has the tombstone
+        return (await cluster.api(f"/mod/streams/{stream}/comments/{first}/restore"))[0] == 200
+
+    await eventually(restored_by_endpoint, what="the restore endpoint")
+    await viewer.wait_for(lambda e: e["t"] == "restore" and e["comment"]["id"] == first, timeout=5)
+    status, answer = await cluster.api(f"/mod/streams/{stream}/comments/{bad}/restore")
+    assert status == 404 and answer["error"] == "not_found"  # it is live
+    for c in (viewer, author, late):
+        await c.close()
+
+
+HOSTILE_IDS = ["9223372036854775808", "99999999999999999999999", "abc", "-1", "0", "1e5", "12%2034", "%00"]
+HOSTILE_BODIES = [
+    (b"[" * 16_000, "nests deeper"), (b"{" * 16_000, "nests deeper"), (b'"x"', "not a string"),
+    (b"[1, 2]", "not an array"), (b"{not json", "not valid JSON"), (b'{"seconds": "60"}', '"seconds"'),
+    (b'{"seconds": true}', '"seconds"'), (b'{"seconds": 1e400}', '"seconds"'), (b'{"seconds": 60, "reason": [1]}',
+                                                                              '"reason"'),
+    (b"\xff\xfe", "JSON"),
+]
+
+
+async def test_the_moderator_api_answers_hostile_input_with_400(cluster: Cluster) -> None:
+    stream = sid("hostile")
+    for cid in HOSTILE_IDS:
+        for path, body in ((f"comments/{cid}/delete", None), (f"comments/{cid}/restore", None),
+                           (f"queue/{cid}", {"action": "keep"})):
+            status, answer = await cluster.api(f"/mod/streams/{stream}/{path}", body)
+            assert status == 400 and answer["error"] == "bad_request", (path, status, answer)
+            assert "comment id is a decimal integer 1-9223372036854775807" in answer["reason"]
+    for raw, says in HOSTILE_BODIES:
+        status, answer = await http(cluster.ports[0], "POST", f"/mod/streams/{stream}/users/u1/timeout",
+                                    cluster.mod_token(), raw=raw)
+        assert status == 400 and answer["error"] == "bad_request" and says in answer["reason"], (raw[:20], answer)
+    status, answer = await cluster.api(f"/mod/streams/{stream}/queue/5", {"action": ["keep"]})
+    assert status == 400 and '"action" must be' in answer["reason"]
+    status, answer = await http(cluster.ports[0], "POST", f"/mod/streams/{stream}/unpin", cluster.mod_token(),
+                                raw=b"[" * 100_000)
+    assert status == 413 and answer["error"] == "body_too_large"  # past the body limit: refused before parsing
+    # The gateway is fine: the same API still works.
+    status, _ = await cluster.api(f"/mod/streams/{stream}/slow_mode", {"seconds": 0})
+    assert status == 200
 
 
 async def test_a_ban_closes_the_user_on_both_gateways_and_refuses_new_connections(cluster: Cluster) -> None:
@@ -310,7 +468,7 @@ async def test_the_review_queue_round_trips(cluster: Cluster) -> None:
     stream = sid("review")
     viewer = await cluster.viewer(stream, 1)
     author = await cluster.viewer(stream, 0, cluster.token(f"rev-{uuid.uuid4().hex[:6]}"))
-    kept, dropped = await post(author, BORDERLINE), await post(author, "that play was sick")
+    kept, dropped = await post(author, BORDERLINE), await post(author, BORDERLINE_2)
 
     async def queued() -> Any:
         status, page = await cluster.api(f"/mod/streams/{stream}/queue", method="GET")
@@ -446,3 +604,51 @@ async def test_the_embedded_default_moderates_too(tmp_path: Path, request: pytes
         await poster.close()
     finally:
         await app.stop()
+
+
+async def test_bans_hold_after_redis_is_killed_and_restarts_empty(tmp_path: Path, request: pytest.FixtureRequest,
+                                                                 kafka_bootstrap: str) -> None:
+    """Issue 11: Redis killed and restarted empty; the bans (kept in the history store too) are
+    back within a few seconds: the banned user's post and join are refused again."""
+    redis = start_redis(tmp_path / "redis")
+    app: App | None = None
+    try:
+        config = make_config(tmp_path, "services", request, redis__url=redis.url, gateway__node_id=7,
+                             history__path=str(tmp_path / "history.sqlite3"))
+        app = await start_roles(config, {"gateway"})
+        assert app.gateway is not None and app.gateway.moderation is not None
+        port, moderation = app.gateway.port, app.gateway.moderation
+        stream, banned, timed_out = sid("redis"), f"b-{uuid.uuid4().hex[:6]}", f"t-{uuid.uuid4().hex[:6]}"
+        mod = mint_token(config.auth, "mod-9", "Mod", ["read"], "moderator")
+        assert (await http(port, "POST", f"/mod/streams/{stream}/users/{banned}/ban", mod, {"reason": "x"}))[0] == 200
+        assert (await http(port, "POST", f"/mod/streams/{stream}/users/{timed_out}/timeout", mod,
+                           {"seconds": 600}))[0] == 200
+
+        async def refused() -> bool:
+            token = mint_token(config.auth, banned, "B", ["read", "write:comments"])
+            status, answer = await http(port, "POST", f"/streams/{stream}/comments", token, {"text": "hello"})
+            if status != 403 or answer["error"] != "banned":
+                return False
+            closes = []
+            for user in (banned, timed_out):
+                client = await WebsocketsClient.connect(f"ws://127.0.0.1:{port}/ws?stream={stream}",
+                                                        mint_token(config.auth, user, "U", ["read"]))
+                try:
+                    closes.append(await client.wait_closed(timeout=2))
+                except TimeoutError:  # let in: not refused (yet)
+                    await client.close()
+                    return False
+            return closes == [4503, 4504]
+
+        assert await refused()
+        seeded = moderation.reseeds
+        redis.kill()  # SIGKILL by its PID: no save (and it runs without persistence)
+        assert not redis.alive()
+        redis = start_redis(tmp_path / "redis", port=redis.port)  # the same port, empty
+        started = time.monotonic()
+        await eventually(refused, timeout=20, what=f"the bans enforced again (re-seeded {moderation.reseeds})")
+        assert time.monotonic() - started < 10 and moderation.reseeds > seeded
+    finally:
+        if app is not None:
+            await app.stop()
+        redis.stop()

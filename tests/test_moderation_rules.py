@@ -320,6 +320,21 @@ async def test_offence_scores_decay_and_shadow_bans_expire() -> None:
     assert await rep.shadowed_among(["u", "v"]) == {"u"}
     now[0] += 61
     assert await rep.shadowed_among(["u", "v"]) == set()
+    assert await rep.add([("u", -1.0)]) == {"u": 0.0}  # a restore takes an offence back, never below 0
+
+
+async def test_redis_reputation_takes_offences_back(redis_url: str) -> None:
+    from chorus.ingest.limits import redis_client
+    from chorus.ingest.reputation import RedisReputation
+
+    redis = redis_client(redis_url, 2000)
+    rep = RedisReputation(redis, f"t{random.randrange(10**9)}:", half_life_s=3600)
+    try:
+        assert (await rep.add([("u", 1.0), ("u", 1.0)]))["u"] == pytest.approx(2.0, abs=0.01)
+        assert (await rep.add([("u", -1.0)]))["u"] == pytest.approx(1.0, abs=0.01)
+        assert (await rep.add([("u", -5.0)]))["u"] == 0.0
+    finally:
+        await rep.close()
 
 
 # -- the store and the recent cache -----------------------------------------------------------
