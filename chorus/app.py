@@ -122,7 +122,8 @@ class App:
                                           max_batch=c.max_batch, recent_size=c.recent_size,
                                           hot_flush_interval_ms=c.hot_flush_interval_ms,
                                           busy_above_per_s=c.busy_above_per_s, sampling=config.sampling,
-                                          instance_id=c.instance_id, lease=_coordinator_lease(config))
+                                          group=c.group_id, instance_id=c.instance_id,
+                                          lease=_coordinator_lease(config))
         if "archiver" in roles:
             assert app.store is not None
             app.archiver = Archiver(comment_log, app.store)

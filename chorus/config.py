@@ -203,6 +203,11 @@ class CoordinatorConfig:
         "hot_flush_interval_ms; 0: always.", 500
     )
     recent_size: int = doc("Recent comments kept per stream (in Redis) for welcome and recovery.", 1000)
+    group_id: str = doc(
+        "Kafka consumer group of the coordinators. Deployments sharing a Kafka cluster need their own: a "
+        "rebalance waits for every member of the group, a crashed one of another deployment too.",
+        "chorus-coordinator"
+    )
     instance_id: str = doc(
         "Static consumer group identity (Kafka group.instance.id): a coordinator restarted with the same "
         "id takes its partitions back at once. Coordinators with the same id are one slot: the holder of "
@@ -463,6 +468,7 @@ class Config:
              self.coordinator.flush_interval_ms <= self.coordinator.hot_flush_interval_ms <= 1000,
              "must be flush_interval_ms-1000"),
             ("coordinator.busy_above_per_s", self.coordinator.busy_above_per_s >= 0, "must be >= 0"),
+            ("coordinator.group_id", bool(self.coordinator.group_id), "must not be empty"),
             ("coordinator.lease_ms", 200 <= self.coordinator.lease_ms <= 60_000, "must be 200-60000"),
             ("kafka.session_timeout_ms", 1000 <= self.kafka.session_timeout_ms <= 1_800_000,
              "must be 1000-1800000"),

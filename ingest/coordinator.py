@@ -122,9 +122,10 @@ class Coordinator:
                  flush_interval_ms: int = 10, max_batch: int = 100, recent_size: int = 1000,
                  hot_flush_interval_ms: int = 50, busy_above_per_s: int = 500,
                  sampling: SamplingConfig | None = None, set_slow_mode: SlowModeSetter | None = None,
-                 clock: Callable[[], float] = time.monotonic, instance_id: str = "",
+                 clock: Callable[[], float] = time.monotonic, group: str = GROUP, instance_id: str = "",
                  lease: Lease | None = None) -> None:
         self.comment_log = comment_log
+        self.group = group
         self.instance_id = instance_id
         self.lease = lease
         self._stopping = asyncio.Event()
@@ -150,7 +151,7 @@ class Coordinator:
                                 linger_ms=flush_interval_ms, max_records=max_batch)
 
     def _consumer(self) -> LogConsumer:
-        return group_consumer(self.comment_log, GROUP, self.flush_interval_ms, self.instance_id)
+        return group_consumer(self.comment_log, self.group, self.flush_interval_ms, self.instance_id)
 
     async def handle(self, records: Sequence[LogRecord]) -> None:
         self._records_rate.add(self._now_ms(), len(records))

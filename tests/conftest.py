@@ -8,7 +8,9 @@ Environment:
                          failed native build can't silently run the suite on the pure fallback
 
 Tests that use a service fixture get the `services` marker automatically
-(`pytest -m "not services"` runs only the tests that need neither).
+(`pytest -m "not services"` runs only the tests that need neither). Tests that use
+`kafka_cluster` (three brokers, started only when such a test is selected) also get the
+`cluster` marker (`-m "not cluster"` leaves them and the cluster out).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -29,9 +32,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from services import Service, start_kafka, start_redis
+from services import KafkaCluster, Service, start_kafka, start_kafka_cluster, start_redis
 
-SERVICE_FIXTURES = {"redis_service", "kafka_service", "redis_url", "kafka_bootstrap"}
+SERVICE_FIXTURES = {"redis_service", "kafka_service", "redis_url", "kafka_bootstrap", "kafka_cluster"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "cluster: needs the three-broker Kafka cluster (tests/services.py)")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -61,11 +68,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.services)
+        if "kafka_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
 
 
 # Kafka takes a few seconds to start: when a selected test needs it, start it in the
 # background as soon as collection ends, so it boots while the tests before it run.
 _kafka_boot: Future[Service] | None = None
+_cluster_boot: Future[KafkaCluster] | None = None
 _services_dir: Path | None = None
 
 
@@ -83,14 +93,26 @@ def _boot_kafka() -> Service:
     return svc
 
 
+def _boot_cluster() -> KafkaCluster:
+    started = time.monotonic()
+    cluster = start_kafka_cluster(_scratch() / "cluster")
+    atexit.register(cluster.stop)
+    print(f"\nthree-broker Kafka cluster up in {time.monotonic() - started:.1f}s", file=sys.stderr)
+    return cluster
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    global _kafka_boot
+    global _kafka_boot, _cluster_boot
     wants = {"kafka_service", "kafka_bootstrap"}
-    if os.environ.get("CHORUS_TEST_KAFKA") or session.config.option.collectonly:
+    if session.config.option.collectonly:
         return
-    if any(wants.intersection(getattr(i, "fixturenames", ())) for i in session.items):
+    if not os.environ.get("CHORUS_TEST_KAFKA") and any(
+            wants.intersection(getattr(i, "fixturenames", ())) for i in session.items):
         _scratch()  # create it here, in the main thread: no race with the fixtures
         _kafka_boot = ThreadPoolExecutor(1, thread_name_prefix="kafka-boot").submit(_boot_kafka)
+    if any("kafka_cluster" in getattr(i, "fixturenames", ()) for i in session.items):
+        _scratch()
+        _cluster_boot = ThreadPoolExecutor(1, thread_name_prefix="cluster-boot").submit(_boot_cluster)
 
 
 @pytest.hookimpl(trylast=True)  # after the session fixtures' teardown
@@ -99,6 +121,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         # a failed boot was already reported by the tests that needed Kafka
         with contextlib.suppress(Exception):
             _kafka_boot.result().stop()
+    if _cluster_boot is not None:
+        with contextlib.suppress(Exception):
+            _cluster_boot.result().stop()
     if _services_dir is not None:
         if exitstatus == 0:
             shutil.rmtree(_services_dir, ignore_errors=True)
@@ -146,6 +171,19 @@ def kafka_service(services_dir: Path) -> Iterator[Service]:
         return
     svc = _kafka_boot.result() if _kafka_boot is not None else _boot_kafka()
     yield from _stopped_at_end(svc)
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster(services_dir: Path) -> Iterator[KafkaCluster]:
+    """Three KRaft brokers, topic `comments` with 3 replicas; tests may kill and restart its nodes
+    (each test leaves every node running again)."""
+    cluster = _cluster_boot.result() if _cluster_boot is not None else _boot_cluster()
+    atexit.register(cluster.stop)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        atexit.unregister(cluster.stop)
 
 
 @pytest.fixture(scope="session")

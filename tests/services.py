@@ -11,20 +11,30 @@ Usage::
     kafka = start_kafka(tmp / "kafka")   # kafka.bootstrap == "127.0.0.1:PORT"
     kafka.kill(); kafka.restart()        # crash and come back on the same port and data
     redis.stop(); kafka.stop()
+
+    cluster = start_kafka_cluster(tmp / "cluster")   # three brokers, topic `comments` with 3 replicas
+    cluster.bootstrap                   # "127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3"
+    cluster.node(cluster.leader_of("comments", 0)).kill()
+    cluster.stop()
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import contextlib
 import ctypes
 import os
+import re
 import signal
 import socket
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA_START = ROOT / "services" / "kafka" / "start.sh"
@@ -85,6 +95,8 @@ class Service:
     ports: tuple[int, ...] = ()
     #: True for a service given through the environment: never signalled by the tests
     external: bool = False
+    #: environment of its start script, again on restart (a Kafka cluster node's settings)
+    env: dict[str, str] = field(default_factory=dict)
     _proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -145,7 +157,10 @@ class Service:
         if self.external:
             raise RuntimeError(f"{self.name} at {self.address} is external; cannot restart it")
         self.stop()
-        fresh = _STARTERS[self.name](self.data_dir, self.port, *self.ports)
+        if self.name == "kafka":
+            fresh = start_kafka(self.data_dir, self.port, *self.ports, env=self.env)
+        else:
+            fresh = start_redis(self.data_dir, self.port)
         self.pid, self._proc = fresh.pid, fresh._proc
 
 
@@ -199,12 +214,13 @@ def start_redis(data_dir: Path, port: int | None = None, timeout: float = 15.0) 
 
 
 def start_kafka(
-    data_dir: Path, port: int | None = None, controller_port: int | None = None
+    data_dir: Path, port: int | None = None, controller_port: int | None = None, env: dict[str, str] | None = None
 ) -> Service:
     """Start the single-node KRaft broker with ``services/kafka/start.sh`` on free ports.
 
     Returns once a topic can be created (``comments``, 4 partitions). Restarting with the same
     ``data_dir`` and ports keeps the cluster (no re-format). Log: ``data_dir/kafka.log``.
+    ``env`` sets the script's node settings (one node of a cluster: :func:`start_kafka_cluster`).
     """
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -224,7 +240,7 @@ def start_kafka(
         res = subprocess.run(
             ["bash", str(KAFKA_START), str(data_dir), str(port), str(controller_port)],
             # start.sh's watchdog stops the broker if this process dies without cleaning up
-            env={**os.environ, "CHORUS_KAFKA_PARENT_PID": str(os.getpid())},
+            env={**os.environ, **(env or {}), "CHORUS_KAFKA_PARENT_PID": str(os.getpid())},
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
@@ -239,8 +255,150 @@ def start_kafka(
         raise RuntimeError(f"Kafka did not start (exit {res.returncode}):\n{out}")
     return Service(
         "kafka", int(pid_file.read_text()), f"{HOST}:{port}", data_dir, port,
-        match="kafka.Kafka", ports=(controller_port,),
+        match="kafka.Kafka", ports=(controller_port,), env=dict(env or {}),
     )  # fmt: skip
 
 
-_STARTERS = {"redis": start_redis, "kafka": start_kafka}
+# A cluster node killed with SIGKILL is fenced, and its partitions get new leaders, once the
+# active controller has not heard from it for broker.session.timeout.ms: that is most of the
+# outage a crashed leader causes, so the cluster keeps it short (its heartbeats every 250 ms
+# (six to a session) leave a loaded machine some slack). A killed active controller is replaced once the other
+# voters miss it for controller.quorum.fetch.timeout.ms.
+CLUSTER_PROPS = """
+broker.heartbeat.interval.ms=250
+broker.session.timeout.ms=1500
+controller.quorum.fetch.timeout.ms=1000
+controller.quorum.election.timeout.ms=300
+"""
+
+
+@dataclass
+class KafkaCluster:
+    """Three KRaft nodes (each broker and controller) sharing one cluster id and quorum."""
+
+    nodes: dict[int, Service]  # by node.id
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(n.address for n in self.nodes.values())
+
+    def node(self, node_id: int) -> Service:
+        return self.nodes[node_id]
+
+    def leader_of(self, topic: str, partition: int) -> int:
+        """The node id leading ``topic``'s ``partition`` now, as the cluster's metadata says."""
+        return _in_fresh_loop(_partition_leader(self.bootstrap, topic, partition))
+
+    def active_controller(self) -> int | None:
+        """The node that last logged becoming the quorum's leader, if it is still alive."""
+        latest: tuple[str, int] | None = None
+        for node_id, svc in self.nodes.items():
+            log = (svc.data_dir / "kafka.log").read_text(errors="replace") if svc.alive() else ""
+            for stamp in re.findall(r"^\[([^\]]+)\] INFO \[RaftManager id=\d+\] Completed transition to "
+                                    r"Leader", log, re.M):
+                if latest is None or stamp > latest[0]:
+                    latest = (stamp, node_id)
+        return latest[1] if latest else None
+
+    def stop(self) -> None:
+        for svc in self.nodes.values():
+            svc.stop()
+
+
+def _in_fresh_loop(coro: Any) -> Any:
+    """Run a coroutine to its end in a thread of its own (callers may be inside a running loop)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+async def _partition_leader(bootstrap: str, topic: str, partition: int, timeout: float = 15.0) -> int:
+    """Asked again while the partition has no leader (just created, or an election is under way)."""
+    from aiokafka import TopicPartition
+    from aiokafka.client import AIOKafkaClient
+
+    client = AIOKafkaClient(bootstrap_servers=bootstrap)
+    deadline = time.monotonic() + timeout
+    try:
+        await client.bootstrap()
+        while True:
+            client.add_topic(topic)
+            await client.force_metadata_update()
+            leader = client.cluster.leader_for_partition(TopicPartition(topic, partition))
+            if leader is not None and leader >= 0:
+                return int(leader)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{topic}:{partition} has no leader after {timeout}s")
+            await asyncio.sleep(0.2)
+    finally:
+        await client.close()
+
+
+async def _create_replicated_topic(bootstrap: str, topic: str, partitions: int, replicas: int,
+                                   timeout: float) -> None:
+    """Create the topic once every broker has registered (retried until then)."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+        try:
+            await admin.start()
+            response = await admin.create_topics([NewTopic(topic, partitions, replicas)])
+            errors = [e for _t, e, *_ in response.topic_errors if e not in (0, TopicAlreadyExistsError.errno)]
+            if not errors:
+                return
+            why: object = errors
+        except KafkaError as exc:
+            why = exc
+        finally:
+            await admin.close()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"topic {topic} ({replicas} replicas) not created in {timeout}s: {why}")
+        await asyncio.sleep(0.5)
+
+
+def start_kafka_cluster(data_dir: Path, size: int = 3, topic: str = "comments", partitions: int = 4,
+                        timeout: float = 120.0) -> KafkaCluster:
+    """Start ``size`` KRaft nodes (broker + controller each, heap 256 MB) on free loopback ports,
+    then create ``topic`` with ``size`` replicas (min.insync.replicas ``size - 1``).
+
+    Each node has its own data dir (``data_dir/node-N``, log ``kafka.log``) and PID; every node
+    is stopped by its PID if the cluster does not come up.
+    """
+    ports: list[int] = []
+    while len(ports) < 2 * size:
+        p = free_port()
+        if p not in ports:
+            ports.append(p)
+    client_ports, controller_ports = ports[:size], ports[size:]
+    voters = ",".join(f"{i + 1}@{HOST}:{controller_ports[i]}" for i in range(size))
+    cluster_id = base64.urlsafe_b64encode(b"chorus" + os.urandom(10)).decode().rstrip("=")
+    common = {
+        "CHORUS_KAFKA_VOTERS": voters, "CHORUS_KAFKA_CLUSTER_ID": cluster_id, "CHORUS_KAFKA_REPLICAS": str(size),
+        "CHORUS_KAFKA_HEAP": "-Xms128m -Xmx256m", "CHORUS_KAFKA_EXTRA_PROPS": CLUSTER_PROPS,
+        "CHORUS_KAFKA_READY": "port",
+    }  # fmt: skip
+    nodes: dict[int, Service] = {}
+
+    def start_node(i: int) -> Service:
+        env = {**common, "CHORUS_KAFKA_NODE_ID": str(i + 1)}
+        return start_kafka(data_dir / f"node-{i + 1}", client_ports[i], controller_ports[i], env=env)
+
+    with ThreadPoolExecutor(size) as pool:
+        futures = [pool.submit(start_node, i) for i in range(size)]
+        failures = []
+        for i, fut in enumerate(futures):
+            try:
+                nodes[i + 1] = fut.result()
+            except Exception as exc:
+                failures.append(exc)
+    cluster = KafkaCluster(nodes)
+    try:
+        if failures:
+            raise failures[0]
+        _in_fresh_loop(_create_replicated_topic(cluster.bootstrap, topic, partitions, size, timeout))
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster

@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
-# Start a single-node KRaft Apache Kafka broker (broker + controller in one JVM) on loopback.
+# Start a single-node KRaft Apache Kafka broker (broker + controller in one JVM) on loopback,
+# or one node of a small KRaft cluster.
 #
 #   services/kafka/start.sh DATA_DIR PORT CONTROLLER_PORT
+#
+# A cluster node (tests/services.py start_kafka_cluster starts three) is set by the environment:
+# CHORUS_KAFKA_NODE_ID (default 1), CHORUS_KAFKA_VOTERS (the static quorum, "1@127.0.0.1:P1,..."),
+# CHORUS_KAFKA_CLUSTER_ID (the same on every node: formatted with it), CHORUS_KAFKA_REPLICAS
+# (default and internal topics' replication factor; min.insync.replicas is one less, at least 1),
+# CHORUS_KAFKA_HEAP (default "-Xms256m -Xmx512m"), CHORUS_KAFKA_EXTRA_PROPS (lines appended to
+# server.properties) and CHORUS_KAFKA_READY=port (ready once the client port is open: a node
+# cannot create a replicated topic before the others are up, so the caller does that).
 #
 # Formats DATA_DIR/data on first use (skipped when it already holds meta.properties, so a
 # restart with the same arguments keeps the topics and offsets), starts `kafka.Kafka` in the
@@ -32,6 +41,11 @@ JAVA=${JAVA:-java}
 TOPIC=${CHORUS_KAFKA_TOPIC:-comments}
 PARTITIONS=${CHORUS_KAFKA_PARTITIONS:-4}
 READY_TIMEOUT=${CHORUS_KAFKA_READY_TIMEOUT:-90}
+NODE_ID=${CHORUS_KAFKA_NODE_ID:-1}
+VOTERS=${CHORUS_KAFKA_VOTERS:-$NODE_ID@127.0.0.1:$CONTROLLER_PORT}
+REPLICAS=${CHORUS_KAFKA_REPLICAS:-1}
+MIN_ISR=$((REPLICAS > 1 ? REPLICAS - 1 : 1))
+HEAP=${CHORUS_KAFKA_HEAP:--Xms256m -Xmx512m}
 
 PID_FILE=$DATA_DIR/kafka.pid
 LOG_FILE=$DATA_DIR/kafka.log
@@ -56,7 +70,11 @@ rm -f "$PID_FILE"
 
 # Render the config on every start (the ports are the same on a restart).
 sed -e "s#@PORT@#$PORT#g" -e "s#@CONTROLLER_PORT@#$CONTROLLER_PORT#g" -e "s#@LOG_DIR@#$LOG_DIR#g" \
-    "$HERE/server.properties.in" >"$PROPS"
+    -e "s#@NODE_ID@#$NODE_ID#g" -e "s#@VOTERS@#$VOTERS#g" -e "s#@REPLICAS@#$REPLICAS#g" \
+    -e "s#@MIN_ISR@#$MIN_ISR#g" "$HERE/server.properties.in" >"$PROPS"
+if [ -n "${CHORUS_KAFKA_EXTRA_PROPS:-}" ]; then
+    printf '%s\n' "$CHORUS_KAFKA_EXTRA_PROPS" >>"$PROPS"
+fi
 
 # log4j2 config: INFO to stdout (redirected to kafka.log), chatty loggers at WARN.
 cat >"$DATA_DIR/log4j2.properties" <<'EOF'
@@ -83,7 +101,7 @@ if [ ! -f "$LOG_DIR/meta.properties" ]; then
     # A cluster id is 16 random bytes in URL-safe base64 without padding (22 characters),
     # what `StorageTool random-uuid` prints; made here to save a JVM start. Like Kafka, avoid
     # a leading '-' so it can't be read as a flag.
-    CLUSTER_ID=-
+    CLUSTER_ID=${CHORUS_KAFKA_CLUSTER_ID:--}
     while [ "${CLUSTER_ID#-}" != "$CLUSTER_ID" ]; do
         CLUSTER_ID=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | cut -c1-22)
     done
@@ -100,7 +118,7 @@ fi
 # captures this script's output (subprocess.run) returns when the script exits.
 # $CHORUS_KAFKA_JVM_OPTS adds JVM options (word-split), e.g. -XX:TieredStopAtLevel=1.
 # shellcheck disable=SC2086
-"$JAVA" -Xms256m -Xmx512m -XX:+UseSerialGC -Djava.awt.headless=true ${CHORUS_KAFKA_JVM_OPTS:-} \
+"$JAVA" $HEAP -XX:+UseSerialGC -Djava.awt.headless=true ${CHORUS_KAFKA_JVM_OPTS:-} \
     "$LOG4J" -cp "$CP" kafka.Kafka "$PROPS" </dev/null >>"$LOG_FILE" 2>&1 &
 BROKER_PID=$!
 echo "$BROKER_PID" >"$PID_FILE"
@@ -128,6 +146,10 @@ until (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; do
     [ "$(date +%s)" -lt "$deadline" ] || fail "port $PORT not open after ${READY_TIMEOUT}s"
     sleep 0.2
 done
+if [ "${CHORUS_KAFKA_READY:-}" = port ]; then
+    echo "kafka node $NODE_ID listening on 127.0.0.1:$PORT (pid $BROKER_PID, $((($(date +%s%N) - t0) / 1000000)) ms)"
+    exit 0
+fi
 # 2) readiness = a topic can be created (on a restart the topic exists: --if-not-exists still
 #    needs a working metadata round trip with the broker). Short client timeouts, so that one
 #    attempt cannot outlast the deadline by the admin client's default 60 s.
