@@ -28,6 +28,8 @@ over its size limit with a reset. picows is built only for upgrades. The recorde
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -39,8 +41,8 @@ from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in pic
 from chorus.codes import HttpErrorCode
 from chorus.gateway.httpreq import CONTINUE, HttpError, HttpRequest, RequestParser, error_response
 
-__all__ = ["HANDSHAKE_END", "HttpHandler", "RecordingProtocol", "detach_socket", "is_websocket_upgrade",
-           "picows_protocol_factory"]
+__all__ = ["HANDSHAKE_END", "HttpHandler", "RecordingProtocol", "detach_socket", "head_for_picows",
+           "is_websocket_upgrade", "picows_protocol_factory", "upgrade_refusal"]
 
 log = logging.getLogger("chorus.gateway")
 
@@ -58,19 +60,53 @@ _READING, _WEBSOCKET, _ANSWERING = 0, 1, 2
 _answer_tasks: set[asyncio.Task[None]] = set()
 
 
+WS_VERSION = "13"  # RFC 6455 4.1: the only version served
+_WS_KEY_BYTES = 16  # RFC 6455 4.1: Sec-WebSocket-Key is 16 random bytes in base64
+
+
+def _tokens(value: str | None) -> set[str]:
+    """The comma-separated tokens of a header (RFC 9110 5.6.1), lower-cased."""
+    return {token.strip().lower() for token in (value or "").split(",")}
+
+
 def is_websocket_upgrade(request: HttpRequest) -> bool:
     """A GET asking to upgrade to WebSocket (RFC 6455 4.1): picows' to read."""
-    upgrade = request.header("Upgrade") or ""
-    return request.method == "GET" and "websocket" in (t.strip().lower() for t in upgrade.split(","))
+    return request.method == "GET" and "websocket" in _tokens(request.header("Upgrade"))
 
 
-def _upgrade_refusal(request: HttpRequest) -> bytes | None:
-    """What picows would refuse with a bare 400 whose reason shows Python bytes: answered here."""
+def _valid_key(key: str | None) -> bool:
+    try:
+        return key is not None and len(base64.b64decode(key.encode("ascii"), validate=True)) == _WS_KEY_BYTES
+    except (UnicodeEncodeError, binascii.Error):
+        return False
+
+
+def upgrade_refusal(request: HttpRequest) -> bytes | None:
+    """RFC 6455 4.2.1's checks of an upgrade, answered as JSON here: picows answers them in
+    plain text, some with Python reprs."""
     if request.version != "HTTP/1.1":
         return error_response(400, HttpErrorCode.BAD_REQUEST, "a WebSocket upgrade needs HTTP/1.1 (RFC 6455 4.1)")
     if request.body or request.header("Content-Length") not in (None, "0"):
         return error_response(400, HttpErrorCode.BAD_REQUEST, "a WebSocket upgrade carries no body")
+    if "upgrade" not in _tokens(request.header("Connection")):
+        return error_response(400, HttpErrorCode.BAD_REQUEST, "a WebSocket upgrade needs Connection: Upgrade")
+    if request.header("Sec-WebSocket-Version") != WS_VERSION:  # RFC 6455 4.4: say which version we speak
+        return error_response(426, HttpErrorCode.UPGRADE_REQUIRED, f"only WebSocket version {WS_VERSION} is served",
+                              headers={"Sec-WebSocket-Version": WS_VERSION})
+    if not _valid_key(request.header("Sec-WebSocket-Key")):
+        return error_response(400, HttpErrorCode.BAD_REQUEST, "Sec-WebSocket-Key must be 16 bytes in base64")
     return None
+
+
+def head_for_picows(request: HttpRequest) -> bytes:
+    """The upgrade's head as picows reads it. picows compares Connection and Upgrade whole
+    ("upgrade", "websocket"), so a browser's ``Connection: keep-alive, Upgrade`` (Firefox)
+    would be refused: they are given as the one token that was checked above."""
+    lines = [f"GET {request.target} HTTP/1.1"]
+    for name, value in request.headers:
+        value = {"connection": "upgrade", "upgrade": "websocket"}.get(name, value)
+        lines.append(f"{name}: {value}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 class RecordingProtocol(asyncio.BufferedProtocol):
@@ -166,9 +202,9 @@ class RecordingProtocol(asyncio.BufferedProtocol):
             return
         self._cancel_deadline()
         if is_websocket_upgrade(request):
-            refusal = _upgrade_refusal(request)
+            refusal = upgrade_refusal(request)
             if refusal is None:
-                self._start_websocket()
+                self._start_websocket(head_for_picows(request) + self._parser.trailing)
             else:
                 self._answer(refusal)
             return
@@ -184,13 +220,15 @@ class RecordingProtocol(asyncio.BufferedProtocol):
             self._deadline = None
 
     # -- an upgrade: picows reads it --
-    def _start_websocket(self) -> None:
-        """Build picows' protocol and give it every byte read so far (its buffer grows as it needs)."""
+    def _start_websocket(self, recorded: bytes) -> None:
+        """Build picows' protocol and give it the request and what followed it (its buffer grows
+        as it needs); from here on ``recorded`` grows with what picows reads."""
         self._mode = _WEBSOCKET
         self._own_buffer = None
+        self._recorded = bytearray(recorded)
         self._inner = self._make_inner()
         self._inner.connection_made(self.transport)
-        data = memoryview(bytes(self._recorded))
+        data = memoryview(recorded)
         while data and not self._closing():
             buf = self._inner.get_buffer(-1)
             n = min(len(buf), len(data))

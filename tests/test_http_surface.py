@@ -179,6 +179,38 @@ async def test_upgrades_picows_would_refuse_with_byte_reprs_get_json(env: Env) -
     assert plain.error() == (426, "upgrade_required") and plain.headers["upgrade"] == "websocket"
 
 
+@pytest.mark.parametrize(("swap", "status", "code"), [
+    (("Connection: Upgrade", "Connection: close"), 400, "bad_request"),
+    (("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8"), 426, "upgrade_required"),
+    (("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Key: c2hvcnQ="), 400, "bad_request"),
+    (("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Key: not base64!"), 400, "bad_request"),
+])
+async def test_malformed_upgrades_get_json_refusals(env: Env, swap: tuple[str, str], status: int, code: str) -> None:
+    ws = [h if h != swap[0] else swap[1] for h in ("Connection: Upgrade", "Upgrade: websocket",
+                                                 "Sec-WebSocket-Version: 13",
+                                                 "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==")]
+    answer = await exchange(env, request("GET", "/ws?stream=s1", *ws))
+    assert answer.error() == (status, code)
+    if status == 426:
+        assert answer.headers["sec-websocket-version"] == "13"  # RFC 6455 4.4
+
+
+async def test_a_browser_connection_list_upgrades(env: Env) -> None:
+    """Firefox sends ``Connection: keep-alive, Upgrade``; RFC 6455 4.2.1 asks only that it include Upgrade."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+    try:
+        writer.write(request("GET", f"/ws?stream={stream()}", "Connection: keep-alive, Upgrade",
+                             "Upgrade: WebSocket", "Sec-WebSocket-Version: 13",
+                             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head  # RFC 6455 1.3's example
+        frame = await asyncio.wait_for(reader.read(4096), 10)
+        assert frame[0] == 0x81 and b'"t":"welcome"' in frame
+    finally:
+        writer.close()
+
+
 # -- 17.5: one error format, stream ids, bodies without Content-Length -------------------------
 
 @pytest.mark.parametrize(("target", "status", "code"), [
