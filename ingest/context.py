@@ -37,12 +37,15 @@ idioms, replaces :data:`LEXICON` entries or turns ``moderation.context_rules`` o
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
 from chorus.ingest.rules import deleet, fold, normalise
 
 __all__ = ["CATEGORIES", "HOT_WORDS", "LEXICON", "Context", "chat_words", "read_context"]
+
+CONTEXT_MEMO = 50_000  # texts whose context is remembered (a Context is immutable)
 
 # What each category means to the author of a removed comment (the delete event's reason).
 CATEGORIES = {
@@ -212,9 +215,9 @@ _THREAT_VERB = re.compile(
     rf"should|let's|lets|i'll make|i want to|wait for)(?: \w+){{0,3}} {_any(LEXICON['harm_verb'])}(?:s|es)?"
     rf"(?: \w+)? (?:you|your|him|her|yourself|the ref|the referee|the streamer|this guy|that guy|this clown|"
     rf"his family|her family)(?= |$)")
-_THREAT_FIXED = re.compile(
-    r"(?:(?:know|find out|found out) where you (?:live|work|sleep|go to school)|know your (?:school|address|house|"
-    r"workplace|job)|your address|watch your back|watch yourself|"
+_THREAT_FIXED = re.compile(  # each phrase starts a word: anchored so, most positions fail at once
+    r"(?:^| )(?:(?:know|find out|found out) where you (?:live|work|sleep|go to school)|"
+    r"know your (?:school|address|house|workplace|job)|your address|watch your back|watch yourself|"
     r"(?:you're going to|you will|you'll|going to make you) regret|make sure you never|"
     r"jump off (?:a|the) (?:bridge|cliff|building|roof)|drink bleach|unalive|"
     r"(?:disappear|vanish|stop existing|not exist) forever|nobody would miss you|"
@@ -284,8 +287,10 @@ def _explained(words: str) -> bool:
     return all(any(a <= h + 1 and h < b for a, b in spans) for h in hot)
 
 
+@functools.lru_cache(maxsize=CONTEXT_MEMO)
 def read_context(text: str) -> Context:
-    """Stage 1b for one comment (see the module docstring)."""
+    """Stage 1b for one comment (see the module docstring); chat repeats itself ("gg", "W",
+    copied lines), so the newest CONTEXT_MEMO texts' answers are remembered."""
     words = chat_words(text)
     aimed = _SECOND.search(words) is not None or _ADDRESSED.search(words) is not None
     category = _category(words, text, aimed)
