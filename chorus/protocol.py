@@ -144,6 +144,8 @@ def _too_deep(obj: dict[str, Any] | list[Any]) -> bool:
     """True if a decoded value nests deeper than MAX_DEPTH. It is walked one level at a time
     and every step runs in C (itertools over the level's containers), so a message of
     thousands of small arrays costs about as much again as decoding it, not ten times."""
+    if not any(map(_IS_CONTAINER, map(type, obj.values() if isinstance(obj, dict) else obj))):
+        return False  # flat, as every message of ours is
     level: list[Any] = [obj]
     for _ in range(MAX_DEPTH):
         values = chain(chain.from_iterable(map(dict.values, filter(_IS_DICT, level))),
