@@ -19,16 +19,24 @@ Each gateway aggregates in its own memory and calls these stores only on a timer
 
 The viewer keys of a stream share the hash tag ``{<stream>}``, so the script touching them
 stays within one Redis Cluster slot. The in-memory twin (embedded default, unit tests) keeps
-the same semantics on an injected clock, with its own HyperLogLog.
+the same semantics on an injected clock, with its own HyperLogLog. On the embedded default
+its reaction totals also go to disk (:class:`SqliteReactionTotals`, a table in the history
+file): each flush adds its counts there before memory, and a restart reads them back, so
+totals survive a restart or a crash (a crash loses at most the last flush interval). Viewer
+counts are live state and start afresh.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
+import sqlite3
+import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 __all__ = [
@@ -36,6 +44,7 @@ __all__ = [
     "HyperLogLog",
     "MemoryCounters",
     "RedisCounters",
+    "SqliteReactionTotals",
     "UniqueCounter",
     "ViewerCount",
 ]
@@ -130,25 +139,93 @@ class UniqueCounter:
         return self.hll.count()
 
 
+class SqliteReactionTotals:
+    """Reaction totals on disk for the embedded default: ``reaction_totals`` in the history file
+    (its own connection; WAL lets it share the file with the history store)."""
+
+    SCHEMA = ("CREATE TABLE IF NOT EXISTS reaction_totals (stream_id TEXT NOT NULL, emoji TEXT NOT NULL,"
+              " total INTEGER NOT NULL, updated_at INTEGER NOT NULL, PRIMARY KEY (stream_id, emoji)) WITHOUT ROWID")
+
+    def __init__(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(self.SCHEMA)
+
+    def load(self, since_ms: int) -> dict[str, tuple[dict[str, int], int]]:
+        """stream -> (totals, last update in ms since the Unix epoch), for streams updated since
+        ``since_ms``; older ones are deleted (as Redis expires an idle stream's hash)."""
+        out: dict[str, tuple[dict[str, int], int]] = {}
+        with self._lock:
+            self._db.execute("DELETE FROM reaction_totals WHERE stream_id IN (SELECT stream_id FROM reaction_totals"
+                             " GROUP BY stream_id HAVING MAX(updated_at) < ?)", (since_ms,))
+            rows = self._db.execute("SELECT stream_id, emoji, total, updated_at FROM reaction_totals").fetchall()
+        for stream, emoji, total, updated in rows:
+            totals, last = out.get(stream, ({}, 0))
+            totals[emoji] = int(total)
+            out[stream] = (totals, max(last, int(updated)))
+        return out
+
+    def add(self, deltas: Mapping[str, Mapping[str, int]], now_ms: int) -> None:
+        """Add a flush's counts in one transaction."""
+        rows = [(stream, emoji, n, now_ms) for stream, counts in deltas.items() for emoji, n in counts.items()]
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany("INSERT INTO reaction_totals VALUES (?, ?, ?, ?) ON CONFLICT (stream_id, emoji)"
+                                     " DO UPDATE SET total = total + excluded.total, updated_at = excluded.updated_at",
+                                     rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
 class MemoryCounters:
-    """The embedded default's store (one process, so one gateway), and the reference in tests."""
+    """The embedded default's store (one process, so one gateway), and the reference in tests.
+
+    With ``persist`` the reaction totals are read from it at start and every flush is written
+    to it before it counts in memory (a write that fails raises, and the caller retries the
+    whole flush, so nothing is counted twice)."""
 
     def __init__(self, ttl_ms: int = 5000, exact_max: int = 1000, retention_s: float = 7 * 86400,
-                 reactions_retention_s: float = 7 * 86400, clock: Callable[[], float] = time.monotonic) -> None:
+                 reactions_retention_s: float = 7 * 86400, clock: Callable[[], float] = time.monotonic,
+                 persist: SqliteReactionTotals | None = None, wall: Callable[[], float] = time.time) -> None:
         self.ttl_s = ttl_ms / 1000
         self.exact_max = exact_max
         self.retention_s = retention_s
         self.reactions_retention_s = reactions_retention_s
         self._clock = clock
+        self._wall = wall
+        self._persist = persist
         self._reactions: dict[str, dict[str, int]] = {}
         self._live: dict[str, dict[str, tuple[int, float]]] = {}  # stream -> gateway -> (count, expiry)
         self._unique: dict[str, UniqueCounter] = {}
         # stream -> last reaction / join (monotonic s); insertion order is age order
         self._reacted: dict[str, float] = {}
         self._seen: dict[str, float] = {}
+        if persist is not None:
+            self._load_reactions(persist)
+
+    def _load_reactions(self, persist: SqliteReactionTotals) -> None:
+        """The totals kept on disk, each stream as old as its last update (oldest first)."""
+        now, wall_ms = self._clock(), int(self._wall() * 1000)
+        stored = persist.load(wall_ms - int(self.reactions_retention_s * 1000))
+        for stream, (totals, updated_ms) in sorted(stored.items(), key=lambda kv: kv[1][1]):
+            self._reactions[stream] = totals
+            self._reacted[stream] = now - max(0.0, (wall_ms - updated_ms) / 1000)
 
     async def add_reactions(self, deltas: Mapping[str, Mapping[str, int]],
                             read: Iterable[str] = ()) -> dict[str, dict[str, int]]:
+        if deltas and self._persist is not None:
+            await asyncio.to_thread(self._persist.add, deltas, int(self._wall() * 1000))
         now = self._clock()
         for stream, counts in deltas.items():
             totals = self._reactions.setdefault(stream, {})
@@ -181,7 +258,8 @@ class MemoryCounters:
         return dict(self._reactions.get(stream, {})), self._count(stream, self._clock())
 
     async def close(self) -> None:
-        return None
+        if self._persist is not None:
+            self._persist.close()
 
     def _count(self, stream: str, now: float) -> ViewerCount:
         live = self._live.get(stream, {})

@@ -37,7 +37,7 @@ from typing import Any
 
 from chorus.codes import ErrorCode
 from chorus.config import Config
-from chorus.counters import Counters, MemoryCounters, RedisCounters, ViewerCount
+from chorus.counters import Counters, MemoryCounters, RedisCounters, SqliteReactionTotals, ViewerCount
 from chorus.protocol import error_event, json_compact
 
 __all__ = ["Engagement", "ReactionAggregator", "open_counters", "viewer_key"]
@@ -56,7 +56,9 @@ def open_counters(config: Config) -> Counters:
     if config.redis.url:
         return RedisCounters(config.redis.url, config.redis.channel_prefix, ttl_ms=v.ttl_ms,
                              exact_max=v.exact_unique_max, retention_s=v.retention_s, reactions_retention_s=keep)
-    return MemoryCounters(v.ttl_ms, v.exact_unique_max, v.retention_s, keep)
+    # The embedded default keeps reaction totals in its history file, so they survive a restart.
+    return MemoryCounters(v.ttl_ms, v.exact_unique_max, v.retention_s, keep,
+                          persist=SqliteReactionTotals(config.history_path))
 
 
 def viewer_key(user_id: str | None, ip: str) -> str:

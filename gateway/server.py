@@ -17,7 +17,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from typing import Any
 
@@ -563,6 +563,9 @@ class Gateway:
             raw.write(native.encode_close(CloseCode.TRY_AGAIN_LATER, "stream unavailable, try again"))
             raw.close()
             return
+        # A cache holding less than the welcome shows (Redis restarted empty, the embedded
+        # default restarted) is filled from the history store (gateway/recovery.py).
+        view = await self.recovery.welcome(up.stream, epoch, offset, recent, self.config.gateway.recent_on_welcome)
         refused = await self.moderation.refusal(up.who, up.stream) if self.moderation is not None else None
         if refused is not None:  # banned or timed out (gateway/modapi.py): 4503 / 4504, after the 101
             self._viewer_left(s.handle, ip)
@@ -579,12 +582,13 @@ class Gateway:
         if self.moderation is not None:
             self.moderation.on_join(up.who, conn, up.stream, up.wire == MSGPACK)
         welcome = {
-            "t": "welcome", "stream": up.stream, "epoch": epoch, "offset": offset, "recent": recent,
+            "t": "welcome", "stream": up.stream, "epoch": view.epoch, "offset": view.offset, "recent": view.recent,
             "pin": pin, **counts, "mode": mode.to_wire(),
             "keep_ratio": ratios[-1][1] if ratios else 1.0,  # a sampled stream: as the last `throttle` said
             "user": {"id": up.who.user_id, "name": up.who.name} if up.who else None,
         }
         self.hub.send(conn, encode_event(welcome, up.wire))
+        # Batches after the cache's position (not the store's: another epoch's offsets, maybe).
         missed = [m for m in s.replay if m.offset is not None and m.offset > offset]
         missed += [m for n, m in s.controls if n > controls_before]  # after the batches they may name
         for m in missed:
@@ -676,7 +680,7 @@ class Gateway:
                 admitted.results[i] = Refused(ErrorCode.INTERNAL_ERROR, "the server could not encode this comment; "
                                                                         "it was not posted")
             good = [(i, c) for i, c in admitted.comments if _encodes(c)]
-            return await self.admission.append_admitted(Admitted(admitted.results, good))
+            return await self.admission.append_admitted(replace(admitted, comments=good))
 
     def _answer(self, posts: list[_Post], results: list[Comment | Refused] | list[Comment | Refused | None]) -> None:
         """Each post's ack or error; one that cannot be encoded gets ``internal_error`` alone."""

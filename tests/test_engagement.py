@@ -4,6 +4,8 @@ and the gateway's engagement timers on an injected clock (no sockets, no Redis).
 from __future__ import annotations
 
 import json
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -11,7 +13,7 @@ import pytest
 
 from chorus.codes import ErrorCode
 from chorus.config import ConfigError, load_config
-from chorus.counters import HyperLogLog, MemoryCounters, UniqueCounter, ViewerCount
+from chorus.counters import HyperLogLog, MemoryCounters, SqliteReactionTotals, UniqueCounter, ViewerCount
 from chorus.gateway.engagement import Engagement, ReactionAggregator, viewer_key
 from chorus.protocol import BadMessage, React, fast_react, parse_client_message
 
@@ -168,6 +170,37 @@ async def test_memory_counters_forget_idle_streams_after_retention() -> None:
     await c.report_viewers("gw", {}, {"new": {"u:1"}})
     assert await c.snapshot("old") == ({}, ViewerCount(0, 0))
     assert await c.snapshot("new") == ({"fire": 1}, ViewerCount(0, 1))
+
+
+async def test_reaction_totals_on_disk_survive_a_restart_and_expire(tmp_path: Path) -> None:
+    """The embedded default's totals: each flush goes to a table in the history file first;
+    a new process reads them back; a stream idle past the retention is gone on the next start."""
+    clock, wall = Clock(), Clock(1_764_000_000.0)
+    path = tmp_path / "history.sqlite3"
+    c = MemoryCounters(reactions_retention_s=100, clock=clock, persist=SqliteReactionTotals(path), wall=wall)
+    await c.add_reactions({"s": {"fire": 3}, "old": {"wow": 1}})
+    wall.advance(60)
+    await c.add_reactions({"s": {"fire": 2, "heart": 1}})
+    # No close: a crash. A new process on the same file.
+    wall.advance(50)  # "old" was last updated 110 s ago, "s" 50 s ago
+    again = MemoryCounters(reactions_retention_s=100, clock=Clock(5.0), persist=SqliteReactionTotals(path), wall=wall)
+    assert (await again.snapshot("s"))[0] == {"fire": 5, "heart": 1}
+    assert (await again.snapshot("old"))[0] == {}
+    assert await again.add_reactions({"s": {"fire": 1}}, ["s"]) == {"s": {"fire": 6, "heart": 1}}
+    await again.close()
+    await c.close()
+    third = MemoryCounters(persist=SqliteReactionTotals(path), wall=wall)
+    assert (await third.snapshot("s"))[0] == {"fire": 6, "heart": 1}
+    await third.close()
+
+
+async def test_a_flush_that_fails_on_disk_counts_nothing(tmp_path: Path) -> None:
+    persist = SqliteReactionTotals(tmp_path / "h.sqlite3")
+    c = MemoryCounters(persist=persist)
+    persist.close()  # writes fail from now on
+    with pytest.raises(sqlite3.ProgrammingError):
+        await c.add_reactions({"s": {"fire": 1}}, ["s"])
+    assert (await c.snapshot("s"))[0] == {}  # the caller gives the counts back for the next flush
 
 
 # -- the gateway's engagement timers --

@@ -24,7 +24,7 @@ from test_e2e import Env, make_config, started_app
 
 import chorus.gateway.server as server
 import chorus.ingest.admission as admission
-from chorus.ingest.records import Comment, encode_record
+from chorus.ingest.records import encode_record
 
 
 @pytest.fixture
@@ -147,8 +147,3 @@ async def test_one_post_that_cannot_be_encoded_does_not_take_down_its_batch(
     for client in clients:
         await client.close()
 
-
-def test_encodes_says_whether_a_record_can_be_encoded() -> None:
-    good = Comment("1", "s", "u", "U", (), "fine", 0)
-    assert server._encodes(good)
-    assert not server._encodes(Comment("2", "s", "u", "U", (), "lone \ud800 surrogate", 0))

@@ -162,6 +162,37 @@ async def test_state_lost_but_the_store_remembers(tmp_path: Path) -> None:
     assert found.recovered and got(found) == w.offsets_after(w.comments[10].offset)
 
 
+async def test_no_position_and_no_cache_replays_the_stores_newest_epoch(tmp_path: Path) -> None:
+    """A viewer that saw nothing ("") after the cache was lost: everything the store has."""
+    w = World(tmp_path, 30, keep=5)
+    found = await Recovery(MemoryStreamState(), w.store, recover_max=1000).missed("s", NO_EPOCH, -1)
+    assert found.recovered and found.epoch == E and got(found) == w.offsets_after(-1)
+    too_many = await Recovery(MemoryStreamState(), w.store, recover_max=20).missed("s", NO_EPOCH, -1)
+    assert not too_many.recovered
+
+
+async def test_welcome_from_the_store_when_the_cache_is_gone(tmp_path: Path) -> None:
+    w = World(tmp_path, 30, keep=5)
+    w.store.delete_comments("s", [w.comments[25].id])
+    r = Recovery(w.state, w.store, recover_max=1000)
+    view = await r.welcome("s", NO_EPOCH, -1, [], 10)
+    live = [c for c in w.comments if c.id != w.comments[25].id]
+    assert [c["id"] for c in view.recent] == [c.id for c in live[-10:]]  # oldest first, no tombstone
+    assert (view.epoch, view.offset) == (E, w.comments[-1].offset) and r.welcomes_from_history == 1
+    # A cache holding only the newest few: the older ones come from the store; the position is the cache's.
+    await w.publish()
+    (epoch, offset), recent = await w.state.position("s"), await w.state.recent("s", 10)
+    assert len(recent) == 5
+    view = await r.welcome("s", epoch, offset, recent, 10)
+    assert [c["id"] for c in view.recent] == [c.id for c in w.comments[20:]]  # the cache was not told of the delete
+    assert (view.epoch, view.offset) == (epoch, offset)
+    full = await r.welcome("s", epoch, offset, recent, 5)  # enough in the cache: no read
+    assert full.recent == recent and r.welcomes_from_history == 2
+    empty = await Recovery(MemoryStreamState(), SqliteStore(tmp_path / "e.sqlite3"), 1000).welcome("x", "", -1,
+                                                                                                   [], 10)
+    assert (empty.epoch, empty.offset, empty.recent) == ("", -1, [])
+
+
 def test_batches_are_chunked_in_order(tmp_path: Path) -> None:
     from chorus.gateway.recovery import Recovered
 
