@@ -184,8 +184,10 @@ def decode_any(value: bytes, epoch: str = "", offset: int = -1) -> Comment | Con
         return _comment(obj, epoch, offset)
     except RecordError:
         raise
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise RecordError(f"malformed record: {exc}") from None
+    # RecursionError: a record nested thousands deep; OverflowError: "ts": 1e999. Either would
+    # otherwise stop the coordinator or the moderator at the same record after every restart.
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OverflowError) as exc:
+        raise RecordError(f"malformed record: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
 def decode_record(value: bytes, epoch: str = "", offset: int = -1) -> Comment:

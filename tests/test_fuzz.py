@@ -56,7 +56,7 @@ from chorus.codes import MAX_COMMENT_CHARS, MAX_NONCE_CHARS, ErrorCode
 from chorus.gateway import http as gateway_http
 from chorus.gateway import modapi
 from chorus.gateway.httpreq import HttpError, HttpRequest, RequestParser
-from chorus.ingest.records import Comment, decode_record, encode_record
+from chorus.ingest.records import Comment, Control, RecordError, decode_any, decode_record, encode_record
 from chorus.native import codec_pure
 from chorus.protocol import (
     MAX_EPOCH_CHARS,
@@ -470,6 +470,34 @@ def test_fuzz_post_body(raw: bytes) -> None:
         return
     text = gateway_http._comment_text(raw)
     assert text is None or isinstance(text, str)
+
+
+# --- records of the comments log --------------------------------------------------------------
+
+RECORD = encode_record(Comment(id="7261", stream="s1", user_id="u1", user_name="Uma", badges=(), text="hi", ts=1))[1]
+RECORD_FIELDS = st.fixed_dictionaries(
+    {"k": st.sampled_from(["comment", "control"])},
+    optional={"v": VALUES, "id": VALUES, "stream": VALUES, "user": st.one_of(VALUES, st.fixed_dictionaries(
+        {"id": VALUES, "name": VALUES, "badges": VALUES})), "text": VALUES, "ts": st.one_of(BIG_INTS, st.floats()),
+        "op": st.sampled_from(["delete", "shadow", "pin", "unpin", "restore", "x"]), "comment": VALUES,
+        "code": VALUES, "shadow": VALUES},
+)
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=100), st.just(RECORD), mutated(st.just(RECORD)), RECORD_FIELDS.map(as_json),
+                 deep("json"), st.just(b'{"k":"comment","id":"1","stream":"s","user":{"id":"u","name":"n"},'
+                                       b'"text":"t","ts":1e999}')))
+def test_fuzz_log_records(value: bytes) -> None:
+    """A record anyone could have written to the topic: a Comment, a Control or RecordError,
+    which the coordinator and the moderator count and skip (anything else would stop them)."""
+    TRIED["decode_any"] += 1
+    try:
+        got = decode_any(value, "e", 5)
+    except RecordError as exc:
+        assert str(exc)
+        return
+    assert isinstance(got, Comment | Control) and (got.epoch, got.offset) == ("e", 5)
 
 
 # --- tokens ------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from test_e2e import TEST_KEY, Env, make_config, started_app
 
 from chorus.auth import AuthError, Identity, mint_token, verify_token
 from chorus.config import AuthConfig, load_config
+from chorus.ingest.records import RecordError, decode_any
 
 
 @pytest.fixture
@@ -253,3 +254,21 @@ async def test_a_numeric_string_exp_is_refused_at_the_upgrade(env: Env) -> None:
         await websockets.connect(env.ws_url(stream()), additional_headers={"Authorization": f"Bearer {bad}"})
     assert info.value.response.status_code == 401
     assert b"exp claim" in info.value.response.body
+
+
+# --- records in the comments log ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"[" * 5000,  # RecursionError before
+        b'{"k":"comment","id":"1","stream":"s","user":{"id":"u","name":"n"},"text":"t","ts":1e999}',  # OverflowError
+        b'{"k":"control","op":"delete","id":"1","stream":"s","ts":-Infinity}',
+    ],
+)
+def test_hostile_log_records_are_skipped_as_record_errors(value: bytes) -> None:
+    """Anyone who can write to the topic could append these; the coordinator and the moderator
+    skip a RecordError, while any other exception would stop them at the record every time."""
+    with pytest.raises(RecordError, match="malformed record"):
+        decode_any(value)
