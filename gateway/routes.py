@@ -64,9 +64,10 @@ DEV_NAME_MAX_CHARS = 32
 DEV_USER_ID_MAX_CHARS = 128  # what the moderator API takes in a path (gateway/modapi.py USER_ID)
 _ID_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
 # Invisible characters that would let one name pass for another or reorder the line it is
-# shown in (Unicode categories Cc, Cf, Cs, Co, Cn, Zl, Zp): dropped from display names. Joiners
-# stay, as emoji sequences need them.
-_DROPPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+# shown in (controls, format characters such as bidi overrides and tags, surrogates, line and
+# paragraph separators): dropped from display names. Joiners stay, as emoji sequences need
+# them; unassigned code points stay too (newer emoji than this Python's Unicode tables).
+_DROPPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 _KEPT_FORMAT = frozenset({"\u200c", "\u200d"})  # ZWNJ, ZWJ
 
 

@@ -311,3 +311,9 @@ async def test_dev_sign_in_strips_invisible_characters_and_refuses_empty_names(e
         assert answer.error() == (400, "bad_request"), name
     answer = await dev_user(env, "x" * 33)
     assert answer.error() == (400, "bad_request") and "32" in answer.json()["reason"]
+    # Tag characters hide text; a newer emoji than Python's Unicode tables stays.
+    answer = await dev_user(env, "Bob\U000e0041\U000e0042 \U0001fae8")
+    assert answer.status == 200 and answer.json()["user"]["name"] == "Bob \U0001fae8"
+    # Ids stay within what the moderator API takes in a path (128 characters).
+    assert (await dev_user(env, "中" * 20)).json()["user"]["id"] == "dev-" + ".4e2d." * 20
+    assert (await dev_user(env, "中" * 30)).error() == (400, "bad_request")
