@@ -641,6 +641,16 @@ async def test_bans_hold_after_redis_is_killed_and_restarts_empty(tmp_path: Path
             return closes == [4503, 4504]
 
         assert await refused()
+        present = f"p-{uuid.uuid4().hex[:6]}"  # a viewer who stays connected through the restart
+        viewer = await WebsocketsClient.connect(f"ws://127.0.0.1:{port}/ws?stream={stream}",
+                                                mint_token(config.auth, present, "P", ["read"]))
+        await viewer.wait_for(lambda e: e["t"] == "welcome")
+        here = [moderation.registry.instance]
+
+        async def registered() -> bool:
+            return await moderation.registry.gateways(present) == here
+
+        await eventually(registered, what="the viewer in the registry")
         seeded = moderation.reseeds
         redis.kill()  # SIGKILL by its PID: no save (and it runs without persistence)
         assert not redis.alive()
@@ -648,6 +658,11 @@ async def test_bans_hold_after_redis_is_killed_and_restarts_empty(tmp_path: Path
         started = time.monotonic()
         await eventually(refused, timeout=20, what=f"the bans enforced again (re-seeded {moderation.reseeds})")
         assert time.monotonic() - started < 10 and moderation.reseeds > seeded
+
+        # written again at once, not a third of registry_ttl_s (30 s) later
+        await eventually(registered, timeout=5, what="the connection registry written again")
+        assert time.monotonic() - started < 15
+        await viewer.close()
     finally:
         if app is not None:
             await app.stop()

@@ -408,6 +408,11 @@ async def test_tombstones_leave_the_recent_cache() -> None:
     assert await cache.remove("s", ["1", "3", "99"]) == 2
     assert [c["id"] for c in await cache.recent("s", 10)] == ["0", "2", "4"]
     assert [c["id"] for c in await cache.recent_after("s", "e", 0) or []] == ["2", "4"]
+    # A restore puts a comment back in its place, once, and only where the cache vouches for it.
+    assert await cache.restore("s", events[3]) and not await cache.restore("s", events[3])
+    assert [c["id"] for c in await cache.recent("s", 10)] == ["0", "2", "3", "4"]
+    assert not await cache.restore("s", {"id": "9", "offset": 9, "text": "never published"})
+    assert not await cache.restore("other", events[1])
     await cache.set_pin("s", events[0])
     assert await cache.get_pin("s") == events[0]
     await cache.set_pin("s", None)
