@@ -94,6 +94,19 @@ def dev_user_id(name: str) -> str:
     return "dev-" + "".join(ch if ch in _ID_SAFE else f".{ord(ch):x}." for ch in name)
 
 
+def _dev_name_problem(raw: str, name: str, user_id: str) -> str | None:
+    """Why a dev sign-in name is refused (rather than cut short: two long names would collide)."""
+    if not raw.strip():
+        return "name is required"
+    if not name:
+        return "the name has no visible characters"
+    if len(name) > DEV_NAME_MAX_CHARS:
+        return f"the name has {len(name)} characters; the limit is {DEV_NAME_MAX_CHARS}"
+    if len(user_id) > DEV_USER_ID_MAX_CHARS:
+        return "the name is too long once made a user id: use fewer characters outside A-Z a-z 0-9 _ -"
+    return None
+
+
 def _decimal_arg(value: str, low: int, high: int) -> int | None:
     """``value`` as an integer in [low, high], or None if it is anything else."""
     if not _DECIMAL.fullmatch(value):
@@ -263,11 +276,7 @@ class HttpRoutes:
         raw = req.arg("name") or ""
         name = display_name(raw)
         user_id = dev_user_id(name)
-        problem = ("name is required" if not raw.strip() else
-                   "the name has no visible characters" if not name else
-                   f"the name has {len(name)} characters; the limit is {DEV_NAME_MAX_CHARS}"
-                   if len(name) > DEV_NAME_MAX_CHARS else
-                   "the name is too long once made a user id" if len(user_id) > DEV_USER_ID_MAX_CHARS else None)
+        problem = _dev_name_problem(raw, name, user_id)
         if problem is not None:
             return error_json(HTTPStatus.BAD_REQUEST, HttpErrorCode.BAD_REQUEST, problem)
         token = mint_token(self.config.auth, user_id, name, ["read", "write"])
