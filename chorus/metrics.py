@@ -21,6 +21,10 @@ readings count as 0). Batches the Redis-down fallback builds carry no stamp and 
 Kafka consumer lag per group is refreshed by :class:`chorus.ops.Operations` every
 ``metrics.probe_interval_s`` (it needs an await) and read here from that cache.
 
+``chorus_build_info{hub,codec,version} 1`` (every role) says whether the hub and the frame
+codec are the native extensions or their pure-Python twins (an install without a compiler
+falls back to them; chorus/app.py also warns at start).
+
 Moderation (the moderator role): ``chorus_moderation_queue_depth`` and
 ``chorus_moderation_lag_seconds`` read the moderator's ``queue_depth`` and ``lag_s``
 attributes when the app has a ``moderator``; its consume loop (a ``loop`` attribute) gets
