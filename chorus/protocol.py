@@ -33,10 +33,6 @@ import msgpack
 
 from chorus.codes import MAX_COMMENT_CHARS, MAX_NONCE_CHARS, ErrorCode
 
-MAX_DEPTH = 32  # nested maps/arrays in one client message (ours are flat: depth 1)
-MAX_EPOCH_CHARS = 200  # a resume's epoch (the server's own are a few dozen characters)
-MIN_OFFSET, MAX_OFFSET = -(2**63), 2**63 - 1  # a resume's offset: a signed 64-bit log offset
-
 __all__ = [
     "JSON",
     "MAX_DEPTH",
@@ -66,6 +62,12 @@ __all__ = [
     "unpack_channel_message",
     "validate_comment_text",
 ]
+
+MAX_DEPTH = 32  # nested maps/arrays in one client message (ours are flat: depth 1)
+# A resume's epoch: topic:partition:topic id (ingest/kafka_topic.py), and a Kafka topic name
+# may have 249 characters (the default, "comments", makes epochs of ~35).
+MAX_EPOCH_CHARS = 300
+MIN_OFFSET, MAX_OFFSET = -(2**63), 2**63 - 1  # a resume's offset: a signed 64-bit log offset
 
 Wire = Literal["json", "msgpack"]
 JSON: Wire = "json"

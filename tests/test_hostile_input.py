@@ -154,7 +154,7 @@ async def test_resume_with_a_huge_epoch_is_refused(env: Env) -> None:
     client = await connected(env, stream())
     await client.send_json({"t": "resume", "epoch": "e" * 10_000, "offset": 1})
     error = await client.wait_for(lambda e: e["t"] in ("error", "resumed"), timeout=10)
-    assert (error["code"], error["reason"]) == ("bad_message", "resume epoch must be text of at most 200 characters")
+    assert (error["code"], error["reason"]) == ("bad_message", "resume epoch must be text of at most 300 characters")
     await client.close()
 
 

@@ -227,11 +227,12 @@ def test_only_bidi_controls_is_an_empty_comment() -> None:
          BadMessage(ErrorCode.BAD_MESSAGE, "resume offset must be a signed 64-bit integer (-2^63 to 2^63-1)")),
         ({"t": "resume", "epoch": "e", "offset": 2**63 - 1}, Resume("e", 2**63 - 1)),
         ({"t": "resume", "epoch": "e", "offset": -(2**63)}, Resume("e", -(2**63))),
-        ({"t": "resume", "epoch": "e" * 200, "offset": 1}, Resume("e" * 200, 1)),
-        ({"t": "resume", "epoch": "e" * 201, "offset": 1},
-         BadMessage(ErrorCode.BAD_MESSAGE, "resume epoch must be text of at most 200 characters")),
+        ({"t": "resume", "epoch": "t" * 249 + ":2147483647:" + "i" * 22, "offset": 1},
+         Resume("t" * 249 + ":2147483647:" + "i" * 22, 1)),  # the longest epoch Kafka can make
+        ({"t": "resume", "epoch": "e" * 301, "offset": 1},
+         BadMessage(ErrorCode.BAD_MESSAGE, "resume epoch must be text of at most 300 characters")),
         ({"t": "resume", "epoch": "\ud800", "offset": 1},
-         BadMessage(ErrorCode.BAD_MESSAGE, "resume epoch must be text of at most 200 characters")),
+         BadMessage(ErrorCode.BAD_MESSAGE, "resume epoch must be text of at most 300 characters")),
     ],
 )
 def test_resume_offset_and_epoch_bounds(obj: dict[str, object], expected: object) -> None:
