@@ -120,7 +120,8 @@ MESSAGES = st.one_of(
     st.fixed_dictionaries(
         {"t": st.sampled_from(["comment", "resume", "react"])},
         optional={"text": st.one_of(LONG_TEXT, VALUES), "nonce": st.one_of(TEXT, VALUES),
-                  "epoch": st.one_of(TEXT, st.text(min_size=290, max_size=310), VALUES), "offset": st.one_of(BIG_INTS, VALUES),
+                  "epoch": st.one_of(TEXT, st.text(min_size=290, max_size=310), VALUES),
+                  "offset": st.one_of(BIG_INTS, VALUES),
                   "emoji": st.one_of(st.from_regex(r"[a-z0-9_]{0,34}", fullmatch=True), VALUES)},
     ),
     st.dictionaries(st.one_of(st.sampled_from(["t", "text", "nonce"]), TEXT), VALUES, max_size=4),
