@@ -240,6 +240,8 @@
         if (typeof m.keep_ratio === "number") handlers.throttle({ keep_ratio: m.keep_ratio });
         if (m.reactions) handlers.reactions({ totals: m.reactions });
         addComments(m.recent || []);
+        // Reconnected with no position to resume from (nothing had been posted): nothing was missed.
+        if (state.wasLive && state.resumeWhy == null) notice("Reconnected.");
         state.wasLive = true;
         if (state.pending && state.pending.confirming) repost();   // reconnected while confirming
         updateSend();
