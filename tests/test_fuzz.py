@@ -12,9 +12,10 @@ Targets, and what each must do whatever it is given:
 - The two frame parser twins (codec_pure and the Cython ``_codec``): the same messages and the
   same error, chunk for chunk, on random and mutated streams.
 - The hub's own parser (the C++ ``_hub`` and ``hub_pure``): random and mutated frame streams
-  on real socketpairs; the hub closes each with the code the reference parser expects (or
-  1006 at EOF when the stream is merely cut short), never crashes, and a healthy viewer on
-  the same hub keeps getting its events and having its messages read.
+  on real socketpairs, plain and permessage-deflate; on plain connections the hub delivers
+  the messages and closes with the code the reference parser (codec_pure) expects, or 1006 at
+  EOF when the stream is merely cut short; it never crashes, and a healthy viewer on the same
+  hub keeps getting its events and having its messages read.
 - The moderator API's and the POST endpoint's body readers (gateway/modapi.py ``_body``,
   gateway/http.py ``_comment_text`` behind the route's nesting check): only their own error.
 - ``verify_token`` on random strings, mutated tokens and tokens signed with the test key over
@@ -393,9 +394,6 @@ def test_fuzz_frame_parser_twins_agree(data: st.DataObject) -> None:
 
 # --- the hub's parser, through real sockets ------------------------------------------------------
 
-PROPER_CLOSES = {1002, 1006, 1007, 1008, 1009}  # besides an echo of the client's own close
-
-
 @pytest.fixture
 def fuzz_hub(hub_module: ModuleType) -> Iterator[Harness]:
     h = Harness(hub_module, max_message_bytes=MAX_SIZE, max_fragments=MAX_FRAGMENTS, inflate_limit_bytes=4096,
@@ -439,8 +437,6 @@ def test_fuzz_hub_parser_closes_properly_and_serves_others(fuzz_hub: Harness, da
         want_messages, want_code = reference(stream)
         assert h.messages(v) == want_messages
         assert code == (1006 if want_code is None else want_code)
-    else:
-        assert code in PROPER_CLOSES or 1000 <= code <= 4999
     v.sock.close()
     healthy_viewer_still_served(h, healthy, len(h.messages(healthy)) + 1)
 
