@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import re
 import time
 import uuid
 from collections import Counter
@@ -471,3 +472,55 @@ def assert_nothing_lost_but_refused(outcome: Outcome) -> None:
     assert outcome.lost_viewers == 0, f"a viewer never got {outcome.lost_viewers} acknowledged comments"
     assert outcome.unanswered == 0, f"{outcome.unanswered} posts never answered"
     assert set(outcome.refused) <= {"not_accepted", "unconfirmed"}, outcome.refused
+
+
+def owned_partitions(metrics_port: int) -> set[int]:
+    """The partitions a coordinator consumes now, from its chorus_kafka_consumer_lag series."""
+    from clients import http_get
+
+    _status, body = http_get(f"http://127.0.0.1:{metrics_port}/metrics")
+    return {int(m) for m in re.findall(rb'chorus_kafka_consumer_lag\{group="[^"]*",partition="(\d+)"\}', body)}
+
+
+@pytest.mark.services
+@pytest.mark.timeout(180)
+@every_fault
+async def test_coordinators_sharing_partitions_wait_for_the_dead_members_session(
+        tmp_path: Path, redis_url: str, kafka_bootstrap: str) -> None:
+    """The alternative to a standby, measured: two active coordinators (different instance ids)
+    share the partitions; the survivor gets the dead one's only when its session expires."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    dep = Deployment(tmp_path, kafka_bootstrap, redis_url, await create_topic(kafka_bootstrap))
+    traffic = Traffic("")
+    metrics = {"c0": free_port(), "c1": free_port()}
+    try:
+        traffic = await start_deployment(dep)  # c0 alone first, with every partition
+        dep.procs["c0"].stop()
+        for name in ("c0", "c1"):
+            dep.start(name, "coordinator", {"CHORUS_COORDINATOR__INSTANCE_ID": f"slot-{name}",
+                                            "CHORUS_METRICS__PORT": str(metrics[name])})
+        every = list(range(4))
+        partition = DefaultPartitioner()(traffic.stream.encode(), every, every)
+        deadline = time.monotonic() + 60
+        owner = ""
+        while not owner:
+            assert time.monotonic() < deadline, "the two coordinators never split the partitions"
+            await asyncio.sleep(0.5)
+            with contextlib.suppress(OSError):
+                parts = {n: await asyncio.to_thread(owned_partitions, port) for n, port in metrics.items()}
+                if all(parts.values()) and partition in parts["c0"] | parts["c1"]:
+                    owner = "c0" if partition in parts["c0"] else "c1"
+        killed_at = await post_with_fault(traffic, 2.0, lambda: dep.kill(owner), 14.0)
+        outcome = await settle(dep, traffic)
+        outage = traffic.next_delivery_after(killed_at)
+        print(f"\nfaults: two active coordinators, the stream's owner SIGKILLed: delivery resumed {outage:.2f}s "
+              f"after the kill (session {load_config(dep.config_path, env={}).kafka.session_timeout_ms} ms)\n"
+              + outcome.row("coordinator SIGKILL, two active sharing partitions (no standby)",
+                            f"{outage:.1f} s delivery"))
+        assert_nothing_lost(outcome)
+        assert outage > 3.0, "the survivor took the partitions before the dead member's session expired?"
+    finally:
+        await traffic.close()
+        codes = await asyncio.to_thread(dep.stop)
+    assert_clean_exit(dep, codes, killed=1)
