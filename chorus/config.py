@@ -544,6 +544,12 @@ class Config:
             ("kafka.topic", bool(re.fullmatch(r"[A-Za-z0-9._-]{1,249}", k.topic)),
              "must be 1-249 letters, digits, '.', '_' or '-' (Kafka's topic names)"),
             ("kafka.linger_ms", 0 <= k.linger_ms <= 1000, "must be 0-1000"),
+            ("kafka.bootstrap", not k.bootstrap or all(re.fullmatch(r"[^\s,]+:\d{1,5}", b.strip())
+                                                       for b in k.bootstrap.split(",")),
+             'must be "host:port", or several separated by commas'),
+            ("redis.url", not self.redis.url or self.redis.url.partition("://")[0] in ("redis", "rediss", "unix"),
+             "must be a redis://, rediss:// or unix:// URL"),
+            ("data_dir", bool(self.data_dir.strip()), "must name a directory"),
             ("metrics.host", bool(self.metrics.host.strip()), "must name an address"),
         ]
 
