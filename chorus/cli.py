@@ -18,7 +18,8 @@ def _add_config_args(p: argparse.ArgumentParser, listen: bool = False) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML config file (default: built-in defaults)")
     p.add_argument("--data-dir", help="directory for the embedded default's files (default .chorus)")
     if listen:
-        p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+        p.add_argument("--host", help="address to listen on (default 127.0.0.1; beyond loopback the embedded default "
+                                      "signs tokens with a random key it keeps in DATA_DIR/auth.key)")
         p.add_argument("--port", type=int, help="port to listen on (default 8080)")
 
 
