@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from itertools import accumulate, chain, compress, filterfalse
+from itertools import chain, compress, filterfalse
 from typing import Any, Literal
 
 import msgpack
@@ -123,19 +123,29 @@ def choose_subprotocol(offered: str | None) -> str | None:
 # A JSON string, or an unterminated one up to the end: matching every quote it starts at keeps
 # the nesting pre-scan linear (a pattern that can fail would rescan from each later quote).
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
-_NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
-_DEPTH_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+# bytes.translate arguments that keep only brackets, braces as brackets.
+_AS_BRACKETS = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
 
 
 def _json_too_deep(data: bytes) -> bool:
     """True if ``data`` nests arrays/objects deeper than MAX_DEPTH. json.loads recurses once per
     level, so 5,000 ``[`` would exhaust the stack (RecursionError) before it could refuse them.
-    Where the bytes are not JSON the scan may differ from the decoder, but only after the
-    point where the decoder stops with an error."""
+
+    Strings removed, the brackets left lose their innermost pairs one level per pass (each
+    pass one bytes.replace, in C): a valid message of depth D takes D passes and leaves
+    nothing. What invalid JSON leaves, unclosed ``[`` are levels the decoder would enter too.
+    """
     if data.count(b"[") + data.count(b"{") <= MAX_DEPTH:
         return False  # every message of ours: no scan at all
-    brackets = _NOT_BRACKET.sub(b"", _JSON_STRING.sub(b"", data))
-    return max(accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0) > MAX_DEPTH
+    brackets = _JSON_STRING.sub(b"", data).translate(_AS_BRACKETS, _NOT_BRACKETS)
+    levels = 0
+    while levels <= MAX_DEPTH:
+        inner_gone = brackets.replace(b"[]", b"")
+        if len(inner_gone) == len(brackets):
+            break
+        brackets, levels = inner_gone, levels + 1
+    return levels + brackets.count(b"[") > MAX_DEPTH
 
 
 _IS_CONTAINER = frozenset({dict, list}).__contains__  # the types msgpack builds containers of
