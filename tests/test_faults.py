@@ -40,7 +40,7 @@ from test_processes import KEY, Proc, wait_http
 
 from chorus.auth import mint_token
 from chorus.config import load_config
-from services import KafkaCluster, free_port, start_kafka
+from services import KafkaCluster, free_port, start_kafka, start_redis
 
 # The rows measured for BENCHMARKS.md beyond the suite's targets take a minute or more each:
 # CHORUS_TEST_ALL_FAULTS=1 runs them too.
@@ -524,3 +524,42 @@ async def test_coordinators_sharing_partitions_wait_for_the_dead_members_session
         await traffic.close()
         codes = await asyncio.to_thread(dep.stop)
     assert_clean_exit(dep, codes, killed=1)
+
+
+@pytest.mark.services
+@pytest.mark.timeout(180)
+@every_fault
+async def test_redis_killed_and_restarted_loses_no_acknowledged_comment(tmp_path: Path, kafka_bootstrap: str) -> None:
+    """A private Redis (Pub/Sub, limits, state, the coordinator's lease) SIGKILLed and started
+    again empty: posts pass on local limits, gateways read Kafka themselves meanwhile."""
+    redis = await asyncio.to_thread(start_redis, tmp_path / "redis")
+    try:
+        dep = Deployment(tmp_path, kafka_bootstrap, redis.url, await create_topic(kafka_bootstrap))
+        traffic = Traffic("")
+        try:
+            traffic = await start_deployment(dep)
+
+            def crash_and_restart() -> float:
+                at = time.monotonic()
+                redis.kill()
+                time.sleep(1.0)  # down for a moment, as a crashed server restarted by its supervisor
+                redis.restart()
+                return at
+
+            began = time.monotonic()
+            killed_at = await post_with_fault(traffic, 2.0, crash_and_restart, 5.0)
+            ended = time.monotonic()
+            outcome = await settle(dep, traffic)
+            ack_outage = traffic.longest_ack_gap(began, ended)
+            delivery = traffic.next_delivery_after(killed_at)
+            print(f"\nfaults: Redis SIGKILL and restart (1 s down): longest ack gap {ack_outage:.2f}s, delivery "
+                  f"resumed {delivery:.2f}s after the kill; refused {dict(outcome.refused)}\n"
+                  + outcome.row("Redis SIGKILL, restarted empty 1 s later",
+                                f"{ack_outage:.1f} s acks, {delivery:.1f} s delivery"))
+            assert_nothing_lost(outcome)
+        finally:
+            await traffic.close()
+            codes = await asyncio.to_thread(dep.stop)
+        assert all(c == 0 for c in codes), codes
+    finally:
+        await asyncio.to_thread(redis.stop)
