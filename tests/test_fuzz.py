@@ -210,6 +210,26 @@ def check_message(msg: object) -> None:
 def test_fuzz_parse_json(data: bytes) -> None:
     TRIED["parse json"] += 1
     check_message(parse_client_message(data, "json"))
+    if not too_deep(data):  # what the pre-scan lets through never exhausts the decoder's stack
+        with contextlib.suppress(ValueError):
+            json.loads(data.decode("utf-8"))
+
+
+def depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(depth, value), default=0)
+    return 0
+
+
+@FUZZ
+@given(VALUES, st.integers(0, 40), st.booleans())
+def test_fuzz_nesting_pre_scan_is_exact_on_valid_json(value: Any, wraps: int, as_object: bool) -> None:
+    TRIED["nesting pre-scan"] += 1
+    for _ in range(wraps):
+        value = {"k[": value} if as_object else [value, "]"]
+    assert too_deep(as_json(value)) == (depth(value) > 32)
 
 
 @FUZZ
