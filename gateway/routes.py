@@ -14,10 +14,12 @@ few things it reads, so the two modules do not import each other.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import re
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -47,7 +49,7 @@ from chorus.ingest.store import HistoryStore
 from chorus.metrics import CONTENT_TYPE
 
 __all__ = ["HttpRoutes", "RoutedGateway", "allowed_methods", "authenticate", "dev_user_id", "display_name",
-           "origin_allowed"]
+           "handshake_refusal", "origin_allowed"]
 
 log = logging.getLogger("chorus.gateway")
 
@@ -69,6 +71,8 @@ _ID_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012345
 # them; unassigned code points stay too (newer emoji than this Python's Unicode tables).
 _DROPPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 _KEPT_FORMAT = frozenset({"\u200c", "\u200d"})  # ZWNJ, ZWJ
+WS_VERSION = "13"  # RFC 6455 4.1: the only version served
+_WS_KEY_BYTES = 16  # RFC 6455 4.1: Sec-WebSocket-Key is 16 random bytes in base64
 
 
 def allowed_methods(path: str) -> str | None:
@@ -77,6 +81,28 @@ def allowed_methods(path: str) -> str | None:
         return "GET, HEAD, POST"
     if path in _GET_PATHS or path.startswith(("/static/", "/streams/")):
         return "GET, HEAD"
+    return None
+
+
+def _valid_key(key: str | None) -> bool:
+    try:
+        return key is not None and len(base64.b64decode(key.encode("ascii"), validate=True)) == _WS_KEY_BYTES
+    except (UnicodeEncodeError, binascii.Error):
+        return False
+
+
+def handshake_refusal(headers: Mapping[str, str]) -> WSUpgradeResponse | None:
+    """RFC 6455 4.2.1's checks of an upgrade the routes accepted, as JSON (picows would answer
+    them in plain text). The hand-off gave picows Connection as the bare token when it held it."""
+    if "upgrade" not in (t.strip().lower() for t in headers.get("Connection", "").split(",")):
+        return error_json(HTTPStatus.BAD_REQUEST, HttpErrorCode.BAD_REQUEST,
+                          "a WebSocket upgrade needs Connection: Upgrade")
+    if headers.get("Sec-WebSocket-Version") != WS_VERSION:  # RFC 6455 4.4: say which version we speak
+        return error_json(HTTPStatus.UPGRADE_REQUIRED, HttpErrorCode.UPGRADE_REQUIRED,
+                          f"only WebSocket version {WS_VERSION} is served", {"Sec-WebSocket-Version": WS_VERSION})
+    if not _valid_key(headers.get("Sec-WebSocket-Key")):
+        return error_json(HTTPStatus.BAD_REQUEST, HttpErrorCode.BAD_REQUEST,
+                          "Sec-WebSocket-Key must be 16 bytes in base64")
     return None
 
 
@@ -222,6 +248,10 @@ class HttpRoutes:
         answer = self._route(request)
         if isinstance(answer, WSUpgradeResponse):
             return WSUpgradeResponseWithListener(answer, None)
+        if answer.response.status == HTTPStatus.SWITCHING_PROTOCOLS:
+            refusal = handshake_refusal(request.headers)
+            if refusal is not None:
+                return WSUpgradeResponseWithListener(refusal, None)
         return answer
 
     def _route(self, request: WSUpgradeRequest) -> WSUpgradeResponse | WSUpgradeResponseWithListener:
