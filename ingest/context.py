@@ -98,9 +98,15 @@ LEXICON: dict[str, tuple[str, ...]] = {
         "mentally slow", "retarded", "pathetic", "braindead", "clueless idiot", "corrupt", "hopeless", "ashamed",
     ),
     # harm, promised or asked for
+    # harm done to a body; "beat", "destroy", "find" and "end" are also what players promise
+    # each other in a game, so they are threats only in the fixed phrases below
     "harm_verb": (
-        "kill", "murder", "hurt", "stab", "shoot", "beat", "beat up", "punch", "break", "burn", "end", "find",
-        "dox", "doxx", "swat", "leak", "jump", "visit", "strangle", "choke", "slap", "teach",
+        "kill", "murder", "hurt", "stab", "shoot", "punch", "strangle", "choke", "slap", "burn", "dox", "doxx",
+        "swat", "rape",
+    ),
+    # harm with its object in it
+    "harm_phrase": (
+        "smash (?:your|his|her) face in", "break (?:your|his|her) (?:legs?|neck|arms?|face|bones|teeth)",
     ),
     "wished": (
         "die", "dies", "get cancer", "crash", "get hurt", "burns?(?: down)?", "suffer", "rot",
@@ -172,6 +178,10 @@ _IDIOMS = (
     r"(?:kill|kills|killed|killer) (?:count|steal|feed|streak|spree|cam|shot|on the wing|move|goal)",
     r"(?:double|triple|quadra|penta|first) (?:kill|blood)", r"go for the kill", r"(?:a|the|nice|clean) kill",
     r"choking", r"choke (?:this|it)", r"bombed (?:it|my)", r"beast", r"monster",
+    # a game's promises: "I'll kill you in the next round", "gonna destroy you in the rematch"
+    r"(?:kill|killed|destroy|destroyed|murder|wreck|crush|end|beat|smoke)(?:s|ed|ing)? (?:you|him|her|them|us|me)"
+    r" (?:in|at|on|next|this) (?:the |a |our )?(?:next )?(?:round|game|match|rematch|ranked|1v1|lobby|scrim|final"
+    r"|finals|level|map|duel|season|fight|raid|arena|time|tournament)",
 )
 
 
@@ -210,22 +220,32 @@ _YOU_ADJ = re.compile(rf"(?:^| )(?:you're|you are|you|your|are you|you look|you 
 _BARE_INSULT = re.compile(rf"^(?:hey |what a |what an |you |such a |such an |you absolute |absolute |total |"
                           rf"look at this |look at that )?(?:{_ADJECTIVE} )?{_NOUN}"
                           rf"(?: (?:streamer|player|lol|lmao|haha|behaviour|behavior))?$")
+_MODAL = (r"(?: (?:will|would|should|could|can|must|going to|want to|am going to|need to|got to|really|just|"
+          r"literally|actually|definitely|come and|gonna|go and|to))*")
+_TARGET = (r"(?:you|your|him|her|yourself|the ref|the referee|the streamer|this guy|that guy|this clown|"
+           r"his family|her family|your family)")
 _THREAT_VERB = re.compile(
-    rf"(?:^| )(?:i|i'll|i'm|i'm going to|i will|i'd|we|we'll|we will|someone|somebody|i'm coming|going to|"
-    rf"should|let's|lets|i'll make|i want to|wait for)(?: \w+){{0,3}} {_any(LEXICON['harm_verb'])}(?:s|es)?"
-    rf"(?: \w+)? (?:you|your|him|her|yourself|the ref|the referee|the streamer|this guy|that guy|this clown|"
-    rf"his family|her family)(?= |$)")
+    rf"(?:^| )(?:i|i'll|i'm|i'd|we|we'll|we're|someone|somebody|let's|lets|i'll make sure|i want to|"
+    rf"i'm going to|i'm gonna){_MODAL} (?:{_any(LEXICON['harm_verb'])}(?:s|es)? {_TARGET}|"
+    rf"{_any(LEXICON['harm_phrase'])})(?= |$)"
+    rf"|^(?:kill|hurt|stab|shoot|punch|rape) (?:you|the ref|the referee|the streamer|this guy|him|her)(?= |$)"
+    rf"|(?:^| )(?:i|i'll|i'm|we|we'll){_MODAL} (?:find|end) you$")
+# Where a promise of harm is a game's: "I will kill you in the next round", "end you in 1v1"
+_IN_GAME = re.compile(r"(?:^| )(?:in|next|this|the|a|our|that|another|every) (?:round|game|match|rematch|ranked|"
+                      r"lobby|scrim|tournament|final|finals|level|map|server|pvp|duel|season|league|run|raid|"
+                      r"fight|arena|zone)(?= |$)|(?:^| )(?:ingame|1v1|next time|rematch|gg)(?= |$)")
 _THREAT_FIXED = re.compile(  # each phrase starts a word: anchored so, most positions fail at once
     r"(?:^| )(?:(?:know|find out|found out) where you (?:live|work|sleep|go to school)|"
-    r"know your (?:school|address|house|workplace|job)|your address|watch your back|watch yourself|"
+    r"know your (?:school|address|house|workplace|job)|your address|watch your back|"
+    r"(?:i|we)(?: will|'ll| am going to|'m going to|'m gonna| gonna) find you(?: and| after| outside| irl|"
+    r"(?= in real life)|$)|find (?:your|his|her) (?:address|house|family)|"
+    r"beat (?:you|him|her|this guy|that guy|this clown|that clown) (?:up|until|to death|senseless)|"
     r"(?:you're going to|you will|you'll|going to make you) regret|make sure you never|"
     r"jump off (?:a|the) (?:bridge|cliff|building|roof)|drink bleach|unalive|"
     r"(?:disappear|vanish|stop existing|not exist) forever|nobody would miss you|"
     r"(?:world|everyone) would be better (?:off )?without you|you're dead|you are dead|dead meat|won't be safe|"
-    r"not safe|isn't safe|meet me outside|wait for you outside|regret this|coming for you|dox|doxx|swat|"
-    r"(?:kill|shoot|stab|beat|hurt|jump|punch) (?:the ref|the referee|the streamer|this guy|him|her)(?= |$)|"
-    r"beat (?:this|that) (?:guy|clown) up|teach this clown|end you|deserve to be hurt|"
-    r"(?:kill|hurt|stab|shoot|punch|beat|end|find) you(?= |$))")
+    r"not safe|isn't safe|meet me outside|wait for you outside|regret this|coming for you(?= |$)|dox|doxx|swat|"
+    r"jump (?:him|her|this guy|that guy) (?:after|outside)|teach this clown|deserve to be hurt)")
 _WISH = re.compile(rf"(?:hope|wish|should|go|just go|please|deserve to)(?: \w+){{0,5}} "
                    rf"{_any(LEXICON['wished'])}(?= |$)|^(?:die|die already|just die|go die)(?: \w+)?$"
                    rf"|(?:you|your \w+) (?:should|deserve to|will|going to) (?:\w+ )?{_any(LEXICON['wished'])}")
@@ -255,7 +275,8 @@ def _has_link(text: str) -> bool:
 
 
 def _category(words: str, text: str, aimed: bool) -> str:
-    if _THREAT_VERB.search(words) or _THREAT_FIXED.search(words) or _WISH.search(words):
+    if _THREAT_FIXED.search(words) or _WISH.search(words) \
+            or (_THREAT_VERB.search(words) and not _IN_GAME.search(words)):
         return "threat"
     if _SEXUAL.search(words):
         return "sexual"
