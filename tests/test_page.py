@@ -248,6 +248,7 @@ async def test_phone_layout_pause_never_covers_and_header_stays_readable(env: En
     stream = "the-season-final-of-the-longest-running-show-" + uuid.uuid4().hex[:8]
     ana = await open_viewer(browser, f"{env.base}/streams/{stream}", "Ana", phone=True, cuttable=True)
     await post(ana, "a real comment first")  # a position to resume from
+    await expect(ana.locator("#notice")).to_be_hidden()  # signing in reconnects on purpose: nothing to say
     await publish_control(env, stream, {"t": "batch", "stream": stream,
                                         "comments": fake_comments(stream, 40, 10**15, "filler")})
     await expect(ana.locator("#comments li.comment")).to_have_count(41, timeout=WAIT_MS)

@@ -119,8 +119,8 @@
       pending: null, nonceSeq: 0, slow: 0, keepRatio: 1, skipped: 0,
       paused: false, held: [], totals: {}, bumps: {}, me: null, noticeTimer: null,
       wait: null,        // a refusal's countdown: {until, text(ms), blocks, timer}
-      resumeWhy: null,   // "reconnect" or "skipped" while a resume is answered
-      wasLive: false     // a welcome was seen: the next one is a reconnect
+      resumeWhy: null,   // while a resume is answered: "reconnect", "again" (on purpose) or "skipped"
+      dropped: false     // the connection was lost (not closed on purpose, as a sign-in does)
     };
     $("viewer").hidden = false;
     el.streamName.textContent = "#" + streamId;
@@ -162,7 +162,7 @@
       state.ws = ws;
       ws.onopen = function () {
         if (ws !== state.ws) return;
-        resume(state.wasLive ? "reconnect" : null);
+        resume(state.dropped ? "reconnect" : "again");
       };
       ws.onmessage = function (ev) {
         if (ws !== state.ws) return;
@@ -183,6 +183,7 @@
     function onClosed(ev) {
       state.ws = null;
       state.live = false;
+      state.dropped = true;
       state.resumeWhy = null;
       // An unacknowledged post may be lost (its text is still in the box); one being confirmed
       // is posted again with its nonce once reconnected.
@@ -241,8 +242,8 @@
         if (m.reactions) handlers.reactions({ totals: m.reactions });
         addComments(m.recent || []);
         // Reconnected with no position to resume from (nothing had been posted): nothing was missed.
-        if (state.wasLive && state.resumeWhy == null) notice("Reconnected.");
-        state.wasLive = true;
+        if (state.dropped && state.resumeWhy == null) notice("Reconnected.");
+        state.dropped = false;
         if (state.pending && state.pending.confirming) repost();   // reconnected while confirming
         updateSend();
       },
