@@ -54,7 +54,7 @@ class ErrorCode(StrEnum):
     EMPTY_COMMENT = "empty_comment"
     COMMENT_TOO_LONG = "comment_too_long"
     BAD_NONCE = "bad_nonce"
-    UNAUTHORIZED = "unauthorized"  # posting needs a live token with scope write:comments (or write)
+    UNAUTHORIZED = "unauthorized"  # posting without a token (expired: token_expired; no scope: missing_scope)
     NOT_ACCEPTED = "not_accepted"  # the comment never left the gateway for the log (Kafka unreachable): not posted
     # The log was handed the comment but did not confirm it within kafka.accept_timeout_ms: it
     # may still appear. The error carries the comment's ``id``; a client that reposts can drop
@@ -83,8 +83,8 @@ class ErrorCode(StrEnum):
 
 
 class HttpErrorCode(StrEnum):
-    """Codes of ``POST /streams/{id}/comments`` refused before admission, in the JSON body's
-    ``error`` beside the HTTP status; admission refusals there carry an :class:`ErrorCode`."""
+    """Codes of the gateway's HTTP errors (``{"error": CODE, "reason": ...}`` beside the status):
+    requests refused before admission; admission refusals of a POST carry an :class:`ErrorCode`."""
 
     BAD_REQUEST = "bad_request"  # 400: not HTTP/1.1, a malformed header, or a body that is not {"text": ...}
     FORBIDDEN = "forbidden"  # 403: a browser Origin outside the allowlist

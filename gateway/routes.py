@@ -325,7 +325,7 @@ class HttpRoutes:
         detail.setdefault("status", "ready" if ok else "not ready")
         return json_response(detail, HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE)
 
-    # -- POST (read by gateway/handoff.py) --
+    # -- POST (from answer) --
     async def post(self, request: HttpRequest, ip: str) -> bytes:
         """``POST /streams/{id}/comments`` (clients without a WebSocket) and the moderator API."""
         gw = self.gateway
