@@ -114,8 +114,12 @@ LEXICON: dict[str, tuple[str, ...]] = {
         "hurts? you", "kills? you",
     ),
     "sexual": (
-        "send (?:me |us )?(?:nudes|pics|nude pics|feet pics)", "nudes", "naked", "strip(?: for)?",
-        "boobs", "tits", "take (?:your |ur |it |that |the )?(?:top |shirt |clothes )?off",
+        "send (?:me |us )?(?:nudes|pics|nude pics|feet pics)", "nudes",
+        "(?:get|be|go|you|you're|your|better|look) naked",
+        "naked (?:pics|photos|body|on stream)", "strip(?: for)?", "boobs", "tits",
+        "take (?:your |ur )(?:top |shirt |clothes |bra |pants )?off",
+        "take off (?:your|ur) (?:top|shirt|clothes|bra|pants)",
+        "take (?:it|that|them|everything) off for (?:me|us|the chat)",
         "show (?:us |me )?(?:your |ur |some |more )?(?:body|boobs|feet|skin|chest|ass)", "feet pics",
         "sit on my face", "what are you wearing", "wearing anything under", "touch you", "lick you",
         "in my bed", "hotel room", "bend over", "piece of meat", "because of your body", "back to the kitchen",
@@ -140,11 +144,12 @@ LEXICON: dict[str, tuple[str, ...]] = {
         "visit my (?:site|page|channel)", "sub to my channel",
     ),
     "hostile": (
-        "shut up", "shut (?:your|ur) (?:mouth|face)", "stfu", "gtfo", "get out",
+        "shut up(?! and take)", "shut (?:your|ur) (?:mouth|face)", "stfu", "gtfo",
         "nobody (?:likes|wants|cares about|asked)",
         "everyone hates", "no one (?:likes|cares)", "you suck", "suck at", "cry more", "get a life", "get a job",
         "go outside", "quit streaming", "give up", "uninstall", "you don't belong", "go back to where",
-        "people like you", "leave", "get banned", "ruin everything", "you sound like", "insult to",
+        "people like you", "leave", "get banned", "ruin everything", "you sound like (?:a|an) (?!angel)\\w+",
+        "insult to",
         "you only got", "fake fan", "should (?:quit|leave|stop)", "you smell", "take a shower", "iq of",
         "ashamed of you", "aborted you", "worst \\w+ (?:alive|ever|in the world|i've ever seen)",
     ),
@@ -177,6 +182,7 @@ _IDIOMS = (
     r"graphics)", r"(?:game|defence|wifi|quality|stream) is (?:trash|garbage)", r"die (?:on|for) ",
     r"(?:kill|kills|killed|killer) (?:count|steal|feed|streak|spree|cam|shot|on the wing|move|goal)",
     r"(?:double|triple|quadra|penta|first) (?:kill|blood)", r"go for the kill", r"(?:a|the|nice|clean) kill",
+    r"(?:sick|insane|cracked|nasty|crazy|filthy|cold) at (?:this|the|it|that)",
     r"choking", r"choke (?:this|it)", r"bombed (?:it|my)", r"beast", r"monster",
     # a game's promises: "I'll kill you in the next round", "gonna destroy you in the rematch"
     r"(?:kill|killed|destroy|destroyed|murder|wreck|crush|end|beat|smoke)(?:s|ed|ing)? (?:you|him|her|them|us|me)"
@@ -203,7 +209,9 @@ def _any(words: tuple[str, ...]) -> str:
 _WORD = re.compile(r"[a-z0-9']+|@\w+")
 _PERSON = _any(_PERSON_WORDS)
 _PERSON_NOUN = _any(LEXICON["person_noun"])
-_ADJECTIVE = _any(LEXICON["insult_adjective"])
+# "stupid good", "fat fingered": the adjective praises, or is no adjective at all
+_ADJECTIVE = _any(LEXICON["insult_adjective"]) + (r"(?! (?:good|fast|quick|strong|talented|smart|cracked|lucky|"
+                                                  r"rich|hard|easy|clean|nice|well|finger))(?!-? ?finger)")
 _NOUN = _any(LEXICON["insult_noun"])
 _SECOND = re.compile(r"(?:^| )(?:you|your|yours|you're|yourself|you all|@\w+)(?= |$)")
 # Imperatives said to a person, and words that name one
@@ -243,7 +251,8 @@ _THREAT_FIXED = re.compile(  # each phrase starts a word: anchored so, most posi
     r"(?:you're going to|you will|you'll|going to make you) regret|make sure you never|"
     r"jump off (?:a|the) (?:bridge|cliff|building|roof)|drink bleach|unalive|"
     r"(?:disappear|vanish|stop existing|not exist) forever|nobody would miss you|"
-    r"(?:world|everyone) would be better (?:off )?without you|you're dead|you are dead|dead meat|won't be safe|"
+    r"(?:world|everyone) would be better (?:off )?without you|"
+    r"you(?:'re| are) dead(?= when| if| after| meat|$)|dead meat|won't be safe|"
     r"not safe|isn't safe|meet me outside|wait for you outside|regret this|coming for you(?= |$)|dox|doxx|swat|"
     r"jump (?:him|her|this guy|that guy) (?:after|outside)|teach this clown|deserve to be hurt)")
 _WISH = re.compile(rf"(?:hope|wish|should|go|just go|please|deserve to)(?: \w+){{0,5}} "
