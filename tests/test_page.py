@@ -345,6 +345,16 @@ async def test_removed_for_its_author_restored_in_place_and_isolated_text(env: E
     assert order == [ids[0], older["id"], ids[1], ids[2]]
 
     # The override inside that one stays inside it: text and names are isolated, direction by content.
+    # Ana again, on another device: her comments are marked hers once she signs in.
+    other = await (await browser.new_context()).new_page()
+    await other.goto(url)
+    await expect(comment(other, "three")).to_have_count(1, timeout=WAIT_MS)
+    await expect(comment(other, "three")).not_to_have_class(re.compile(r"\bmine\b"))
+    await other.fill("#name-input", "Ana")
+    await other.click("#login")
+    await expect(comment(other, "three")).to_have_class(re.compile(r"\bmine\b"), timeout=WAIT_MS)
+    await other.context.close()
+
     isolation = await ben.eval_on_selector_all("#comments li.comment", """els => els.map(e => {
         const t = e.querySelector('.text'), a = e.querySelector('.author');
         return [t.dir, getComputedStyle(t).unicodeBidi, a.tagName, a.dir, getComputedStyle(a).unicodeBidi]; })""")

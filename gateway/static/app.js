@@ -241,6 +241,7 @@
         if (typeof m.keep_ratio === "number") handlers.throttle({ keep_ratio: m.keep_ratio });
         if (m.reactions) handlers.reactions({ totals: m.reactions });
         addComments(m.recent || []);
+        markMine();   // signed in (or out) since these were shown
         // Reconnected with no position to resume from (nothing had been posted): nothing was missed.
         if (state.dropped && state.resumeWhy == null) notice("Reconnected.");
         state.dropped = false;
@@ -425,6 +426,12 @@
       var uid = c.user && c.user.id != null ? String(c.user.id) : null;
       if (uid == null) return false;
       return (state.me && String(state.me.id) === uid) || uid === load(LS_UID);
+    }
+
+    function markMine() {
+      Array.prototype.forEach.call(el.list.children, function (li) {
+        li.classList.toggle("mine", !!li.comment && isMine(li.comment));
+      });
     }
 
     function renderComment(c) {
