@@ -290,6 +290,8 @@ class Coordinator:
     async def _take_lease(self) -> bool:
         """Stand by until the lease is ours (True), or until stopped (False)."""
         assert self.lease is not None
+        if self._stopping.is_set():
+            return False
         taking = asyncio.ensure_future(self.lease.acquire())
         stopping = asyncio.ensure_future(self._stopping.wait())
         await asyncio.wait((taking, stopping), return_when=asyncio.FIRST_COMPLETED)

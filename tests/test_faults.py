@@ -26,6 +26,7 @@ import contextlib
 import itertools
 import os
 import re
+import signal
 import time
 import uuid
 from collections import Counter
@@ -563,3 +564,38 @@ async def test_redis_killed_and_restarted_loses_no_acknowledged_comment(tmp_path
         assert all(c == 0 for c in codes), codes
     finally:
         await asyncio.to_thread(redis.stop)
+
+
+@pytest.mark.services
+@pytest.mark.timeout(150)
+async def test_a_stalled_coordinator_steps_down_for_the_standby_that_took_over(
+        tmp_path: Path, redis_url: str, kafka_bootstrap: str) -> None:
+    """SIGSTOP the active coordinator past its lease: the standby takes over; once SIGCONT wakes the
+    stalled one it finds its lease gone and stands by, instead of taking the partitions back."""
+    dep = Deployment(tmp_path, kafka_bootstrap, redis_url, await create_topic(kafka_bootstrap))
+    traffic = Traffic("")
+    try:
+        traffic = await start_deployment(dep, coordinators=2)
+        stalled = dep.procs["c0"].popen
+
+        def stall() -> float:
+            at = time.monotonic()
+            stalled.send_signal(signal.SIGSTOP)
+            time.sleep(3.0)
+            stalled.send_signal(signal.SIGCONT)
+            return at
+
+        stalled_at = await post_with_fault(traffic, 2.0, stall, 4.0)
+        outcome = await settle(dep, traffic)
+        outage = traffic.next_delivery_after(stalled_at)
+        print(f"\nfaults: active coordinator stalled 3 s (SIGSTOP) with a standby: delivery resumed {outage:.2f}s "
+              "after the stall began\n"
+              + outcome.row("coordinator stalled 3 s (SIGSTOP), hot standby", f"{outage:.1f} s delivery"))
+        assert_nothing_lost(outcome)
+        assert outage <= 3.0, f"delivery resumed {outage:.2f}s after the coordinator stalled"
+        assert "stepping down" in dep.procs["c0"].output()
+        assert "taken (term 2)" not in dep.procs["c0"].output(), "the stalled coordinator took its lease back"
+    finally:
+        await traffic.close()
+        codes = await asyncio.to_thread(dep.stop)
+    assert codes == [0] * len(codes), codes
