@@ -18,6 +18,7 @@ from history.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -369,6 +370,7 @@ async def test_unconfirmed_comment_is_posted_again_with_its_nonce(env: Env, brow
     same nonce and shows the comment once. New refusal codes read clearly."""
     stream = f"confirm-{uuid.uuid4().hex[:6]}"
     sent: list[dict[str, Any]] = []
+    closing: list[asyncio.Future[None]] = []
     refuse = {"bad text": {"code": "bad_text", "reason": "U+0007 at 4"},
               "no scope": {"code": "missing_scope", "reason": "needs write:comments"}}
 
@@ -381,11 +383,16 @@ async def test_unconfirmed_comment_is_posted_again_with_its_nonce(env: Env, brow
                 server.send(message)
                 return
             sent.append(event)
+            first = [e["text"] for e in sent].count(event["text"]) == 1
             if event["text"] in refuse:
                 ws.send(json.dumps({"t": "error", "nonce": event["nonce"], **refuse[event["text"]]}))
-            elif len(sent) == 1:  # the log took it and did not confirm it: it never appears
+            elif first:  # the log took it and did not confirm it: it never appears
+                wait_ms = 1500 if event["text"] == "worth saying once" else 8000
                 ws.send(json.dumps({"t": "error", "code": "unconfirmed", "nonce": event["nonce"], "id": "12345",
-                                    "reason": "the comment log did not confirm it in time", "retry_after_ms": 1500}))
+                                    "reason": "the comment log did not confirm it in time", "retry_after_ms": wait_ms}))
+                if event["text"] == "and then the line dropped":  # close() is a coroutine here
+                    closing.append(asyncio.ensure_future(ws.close(code=1012, reason="restarting")))
+                    closing.append(asyncio.ensure_future(server.close()))
             else:
                 server.send(message)
 
@@ -411,6 +418,16 @@ async def test_unconfirmed_comment_is_posted_again_with_its_nonce(env: Env, brow
     await expect(comment(page, "worth saying once")).to_have_count(1, timeout=WAIT_MS)
     await expect(page.locator("#error")).to_have_text("")
     assert [(e["text"], e["nonce"]) for e in sent] == [(sent[0]["text"], sent[0]["nonce"])] * 2
+
+    # Unconfirmed, then the connection drops: the page posts it again (same nonce) as soon as it is
+    # back, well before the 8 s the refusal asked to wait.
+    await page.fill("#comment-input", "and then the line dropped")
+    await page.click("#send")
+    await expect(page.locator("#status")).to_have_attribute("data-state", "reconnecting", timeout=WAIT_MS)
+    await expect(comment(page, "and then the line dropped")).to_have_count(1, timeout=WAIT_MS)
+    again = [e for e in sent if e["text"] == "and then the line dropped"]
+    assert len(again) == 2 and again[0]["nonce"] == again[1]["nonce"]
+    await expect(page.locator("#comment-input")).to_have_value("")
 
     for text, shown in (("bad text", "Your comment has characters that cannot be shown (U+0007 at 4)"),
                         ("no scope", "Your sign-in does not allow posting (it needs the write:comments scope)")):
