@@ -180,7 +180,7 @@ class RequestParser:
             raise _bad("Content-Length must be one decimal number")
         if len(next(iter(lengths)).lstrip("0")) > 20:  # int() refuses over 4,300 digits: refuse first
             raise HttpError(413, HttpErrorCode.BODY_TOO_LARGE, f"the body is over {self.max_body_bytes} bytes")
-        length = int(next(iter(lengths)))
+        length = int(next(iter(lengths)).lstrip("0") or "0")  # leading zeros count toward int()'s limit too
         if length > self.max_body_bytes:
             raise HttpError(413, HttpErrorCode.BODY_TOO_LARGE,
                             f"the body has {length} bytes; the limit is {self.max_body_bytes}")

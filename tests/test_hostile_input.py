@@ -25,6 +25,7 @@ from test_e2e import TEST_KEY, Env, make_config, started_app
 
 from chorus.auth import AuthError, Identity, mint_token, verify_token
 from chorus.config import AuthConfig, load_config
+from chorus.gateway.httpreq import HttpError, RequestParser
 from chorus.ingest.records import RecordError, decode_any
 
 
@@ -272,3 +273,22 @@ def test_hostile_log_records_are_skipped_as_record_errors(value: bytes) -> None:
     skip a RecordError, while any other exception would stop them at the record every time."""
     with pytest.raises(RecordError, match="malformed record"):
         decode_any(value)
+
+
+# --- Content-Length beyond int()'s 4,300 digits (found by tests/test_fuzz.py) --------------------
+
+
+@pytest.mark.parametrize(
+    ("length", "body", "status"),
+    [("9" * 5000, b"", 413), ("0" * 5000 + "1", b"x", None), ("0" * 5000, b"", None), ("1" + "0" * 25, b"", 413)],
+)
+def test_content_length_of_thousands_of_digits(length: str, body: bytes, status: int | None) -> None:
+    raw = f"POST /streams/s1/comments HTTP/1.1\r\nContent-Length: {length}\r\n\r\n".encode() + body
+    parser = RequestParser()
+    if status is None:
+        request = parser.feed(raw)
+        assert request is not None and request.body == body
+        return
+    with pytest.raises(HttpError) as info:
+        parser.feed(raw)
+    assert info.value.status == status
