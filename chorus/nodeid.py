@@ -26,7 +26,6 @@ clock is behind, or a restart after the clock stepped back, cannot repeat an id.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -45,6 +44,7 @@ log = logging.getLogger("chorus.nodeid")
 
 LEASE_SAFETY = 0.8  # share of the ttl after a renewal was sent during which ids are made
 RETRY_AFTER_FAILURE_S = 1.0  # a renewal that failed (Redis down) is tried again this soon
+STOP_WAIT_S = 3.0  # how long stopping waits for a renewal in flight (its Redis timeout is 2 s)
 
 # ARGV: prefix, owner, ttl (ms), how many ids. Returns {id, floor} ({-1, '0'}: none free).
 TAKE_SCRIPT = """
@@ -130,6 +130,7 @@ class NodeLease:
         self._lapse_logged = False
         self._ids: IdGenerator | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     @property
     def key(self) -> str:
@@ -195,13 +196,17 @@ class NodeLease:
     async def keep_renewing(self) -> None:
         """Renew every third of the ttl until stopped or lost; a failed renewal is retried soon."""
         interval = self.ttl_ms / 3000
-        while True:
+        delay = interval
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), delay)
+                return
+            except TimeoutError:
+                pass
             try:
                 if not await self.renew():
                     return
-                await asyncio.sleep(interval)
-            except asyncio.CancelledError:
-                raise
+                delay = interval
             except Exception as exc:
                 if not self.held() and not self._lapse_logged:
                     self._lapse_logged = True
@@ -209,18 +214,22 @@ class NodeLease:
                               self.id, exc)
                 else:
                     log.warning("node id %d: renewing the lease failed (%s); retrying", self.id, exc)
-                await asyncio.sleep(min(interval, RETRY_AFTER_FAILURE_S))
+                delay = min(interval, RETRY_AFTER_FAILURE_S)
 
     def start(self) -> None:
         if self._task is None:
+            self._stopping.clear()
             self._task = asyncio.create_task(self.keep_renewing(), name=f"node-lease-{self.id}")
 
     async def stop_renewing(self) -> None:
+        """Stop between renewals (a command cancelled half-way can leave the client's pool waiting)."""
         task, self._task = self._task, None
-        if task is not None:
+        if task is None:
+            return
+        self._stopping.set()
+        await asyncio.wait([task], timeout=STOP_WAIT_S)
+        if not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     async def release(self) -> None:
         """Stop renewing and give the id back (with how far its ids went); closes the client."""
