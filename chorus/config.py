@@ -243,6 +243,11 @@ class LimitsConfig:
         "Posts one gateway holds between arrival and its answer (admission and the log); past it a post "
         "is refused at once with `overloaded` and retry_after_ms instead of queueing without bound.", 20000
     )
+    nonce_window_s: float = doc(
+        "A post repeated with the same nonce, text and stream by the same user within this long is a retry: "
+        "it gets the first post's id and is stored once (with Redis, shared by every gateway: one key per "
+        "post with a nonce, ~100 bytes, for this long). 0: every post is new.", 600.0
+    )
 
 
 @dataclass(frozen=True)
@@ -481,6 +486,7 @@ class Config:
             ("limits.local_max_keys", self.limits.local_max_keys >= 100, "must be >= 100"),
             ("limits.redis_timeout_ms", 10 <= self.limits.redis_timeout_ms <= 10_000, "must be 10-10000"),
             ("limits.max_inflight_posts", self.limits.max_inflight_posts >= 1, "must be >= 1"),
+            ("limits.nonce_window_s", 0 <= self.limits.nonce_window_s <= 86_400, "must be 0-86400"),
             ("log_level", self.log_level.upper() in LOG_LEVELS, f"must be one of {', '.join(LOG_LEVELS)}"),
             *self._sampling_checks(),
             *self._ops_checks(),

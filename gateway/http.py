@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 from picows import WSUpgradeResponse
 
 from chorus.auth import AuthError, Identity, TokenExpired, verify_token
-from chorus.codes import ErrorCode, HttpErrorCode
+from chorus.codes import MAX_NONCE_CHARS, ErrorCode, HttpErrorCode
 from chorus.config import AuthConfig
 from chorus.gateway.httpreq import HttpRequest, error_response, json_response_bytes
 from chorus.ingest.admission import Admission, Refused
@@ -217,8 +217,12 @@ async def answer_comment_post(request: HttpRequest, ip: str, auth: AuthConfig, a
     text = _comment_text(request.body)
     if text is None:
         return error_response(400, ErrorCode.BAD_MESSAGE, 'the body must be a JSON object with a string "text"')
+    nonce = json.loads(request.body).get("nonce")  # a retry with the same nonce gets the first id (admission)
+    if nonce is not None and not (isinstance(nonce, str) and len(nonce) <= MAX_NONCE_CHARS):
+        return error_response(400, ErrorCode.BAD_NONCE, f"nonce must be a string of at most {MAX_NONCE_CHARS} "
+                              "characters")
     try:
-        comment = await admission.post(who, stream, text, ip)
+        comment = await admission.post(who, stream, text, ip, nonce)
     except Refused as exc:
         return error_response(REFUSAL_STATUS.get(exc.code, 400), exc.code, exc.reason, exc.retry_after_ms,
                               exc.comment_id)

@@ -610,7 +610,7 @@ class Gateway:
                    ip: str = "") -> None:
         result: Comment | Refused
         try:
-            result = await self.admission.post(who, stream, msg.text, ip)
+            result = await self.admission.post(who, stream, msg.text, ip, msg.nonce)
         except Refused as exc:
             result = exc
         finally:
@@ -636,7 +636,8 @@ class Gateway:
         encode, a bug), the batch is split in halves until the post at fault is alone: it gets
         ``internal_error`` (not posted), the others go on (a few extra calls, only then)."""
         try:
-            admitted = await self.admission.admit_many([(p.who, p.stream, p.msg.text, p.ip) for p in batch])
+            admitted = await self.admission.admit_many([(p.who, p.stream, p.msg.text, p.ip, p.msg.nonce)
+                                                        for p in batch])
         except asyncio.CancelledError:
             self._inflight -= len(batch)
             raise
@@ -652,12 +653,12 @@ class Gateway:
             self._send_internal_error(p.conn, p.wire, "the server could not take this comment; it was not posted",
                                       nonce=p.msg.nonce)
             return
-        self._inflight -= len(batch) - len(admitted.comments)
+        self._inflight -= len(batch) - len(admitted.waiting())
         self._answer(batch, admitted.results)
         self.spawn(self._append_admitted(batch, admitted))
 
     async def _append_admitted(self, batch: list[_Post], admitted: Admitted) -> None:
-        waiting = [i for i, _ in admitted.comments]
+        waiting = admitted.waiting()  # appended, or repeats waiting for the first post's answer
         try:
             results = await self._append_encodable(admitted)
         finally:

@@ -31,6 +31,19 @@ unreachable, no metadata) is ``not_accepted``, "it was not posted"; one handed t
 confirmed within kafka.accept_timeout_ms is ``unconfirmed``, "it may still appear", with the
 comment's id so a client that posts it again can drop the first copy if it shows up.
 
+**Retries are idempotent.** A post with a ``nonce`` is remembered for
+``limits.nonce_window_s`` under its retry key (user, stream, nonce and text: a nonce reused
+for another text is a new post) with its id and state, in this process and, with Redis, in
+the admission script's own call (one GET and one SET per post), so every gateway knows it:
+
+- a repeat of an acked post gets ``ack`` with the first id at once, appending nothing;
+- a repeat of an ``unconfirmed`` one appends the same record again (same id, text and ts:
+  every consumer is idempotent on the comment id) and is answered once the log confirms it;
+- a repeat of one still in flight on this gateway waits for its answer and gets the same one;
+  one in flight on another gateway is appended again, as an unconfirmed one;
+- a post refused before the log (limits, bans, ``not_accepted``) leaves no trace: its retry
+  is a new post. Repeats take no rate-limit budget. Posts without a nonce are all new.
+
 Each post is admitted on its own: two posts a client sends faster than a Redis round trip
 may finish steps 5-7 in either order (so either may be the one slow mode refuses). Clients
 that care wait for each ``ack``; serialising a user's posts here would cap one poster at one
@@ -40,27 +53,33 @@ post per Redis round trip.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from chorus.auth import Identity
 from chorus.codes import ErrorCode
 from chorus.config import LimitsConfig
 from chorus.ids import IdGenerator, IdsUnavailable, id_time_ms
-from chorus.ingest.limits import AdmissionLimits, BackendUnavailable, Poster, Refusal
+from chorus.ingest.limits import AdmissionLimits, BackendUnavailable, Decision, Poster, Refusal
 from chorus.ingest.log import CommentLog, LogUnavailable, LogUnconfirmed, append_many
 from chorus.ingest.records import Comment, encode_record
 from chorus.protocol import validate_comment_text
 
-__all__ = ["Admission", "Admitted", "Refused"]
+__all__ = ["Admission", "Admitted", "FirstPost", "Post", "Refused", "RetryMemory", "retry_key"]
 
 log = logging.getLogger("chorus.admission")
 
 MEMO_MAX = 10_000  # bans remembered at once per gateway
 FAIL_OPEN_LOG_INTERVAL_S = 10.0
+RETRIES_MAX = 10_000  # posts one process remembers for their retries (Redis remembers the whole window)
+JOIN_TIMEOUT_S = 30.0  # a repeat waits this long at most for the first post's answer
+
+# (who, stream, text, ip) or (who, stream, text, ip, nonce)
+Post = tuple[Identity | None, str, str, str] | tuple[Identity | None, str, str, str, str | None]
 
 
 class Refused(Exception):
@@ -80,11 +99,91 @@ class Refused(Exception):
 
 
 @dataclass(slots=True)
+class FirstPost:
+    """A post with a nonce on its way to the log, or unconfirmed: its record (to append again
+    for a retry) and its answer (for repeats that came while it was in flight)."""
+
+    comment: Comment
+    state: str  # "p" in flight, "u" unconfirmed
+    expires: float  # monotonic s
+    done: asyncio.Future[Comment | Refused]
+
+
+class RetryMemory:
+    """Retry key -> the first post, for ``window_s`` and at most ``max_entries`` (oldest out first):
+    a :class:`FirstPost` while in flight or unconfirmed, then only its id once acked (an int,
+    whose time says when it expires), so remembering an acked post costs ~150 bytes."""
+
+    def __init__(self, window_s: float, max_entries: int = RETRIES_MAX,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s = window_s
+        self._max = max_entries
+        self._clock = clock
+        self._posts: dict[str, FirstPost | int] = {}
+
+    def __len__(self) -> int:
+        return len(self._posts)
+
+    def _expired(self, first: FirstPost | int) -> bool:
+        if isinstance(first, int):
+            return id_time_ms(first) + self.window_s * 1000 <= time.time_ns() // 1_000_000
+        return first.state != "p" and first.expires <= self._clock()
+
+    def get(self, key: str) -> FirstPost | int | None:
+        first = self._posts.get(key)
+        if first is not None and self._expired(first):
+            del self._posts[key]
+            return None
+        return first
+
+    def in_flight(self, key: str, comment: Comment) -> FirstPost:
+        """Remember ``comment`` as on its way to the log (its repeats wait for its answer)."""
+        first = FirstPost(comment, "p", self._clock() + self.window_s, asyncio.get_running_loop().create_future())
+        self._posts.pop(key, None)
+        self._posts[key] = first
+        for _ in range(2):  # what expired, from the old end
+            oldest = next(iter(self._posts))
+            if not self._expired(self._posts[oldest]):
+                break
+            del self._posts[oldest]
+        while len(self._posts) > self._max:
+            del self._posts[next(iter(self._posts))]
+        return first
+
+    def settle(self, key: str, first: FirstPost, result: Comment | Refused) -> str:
+        """Record the log's answer; the outcome for Redis: "a" acked, "u" unconfirmed, "x" not taken."""
+        if not first.done.done():
+            first.done.set_result(result)
+        mine = self._posts.get(key) is first
+        if isinstance(result, Comment):
+            if mine:
+                self._posts[key] = int(first.comment.id)
+            return "a"
+        if result.code == ErrorCode.UNCONFIRMED:
+            first.state = "u"
+            return "u"
+        if mine:  # never stored: the retry is a new post
+            del self._posts[key]
+        return "x"
+
+
+def retry_key(user: str, stream: str, nonce: str, text: str) -> str:
+    """What makes a repeat the same post (a digest: fixed length, no separator to confuse)."""
+    return hashlib.blake2b(f"{user}\0{stream}\0{nonce}\0{text}".encode(), digest_size=16).hexdigest()
+
+
+@dataclass(slots=True)
 class Admitted:
     """A batch between :meth:`Admission.admit_many` and :meth:`Admission.append_admitted`."""
 
     results: list[Comment | Refused | None]  # per post: its refusal, or None while it waits for the log
     comments: list[tuple[int, Comment]]  # (index in results, comment) to append
+    firsts: dict[int, tuple[str, FirstPost]] = field(default_factory=dict)  # index -> its retry key and memory
+    joins: list[tuple[int, FirstPost]] = field(default_factory=list)  # repeats waiting for the first's answer
+
+    def waiting(self) -> list[int]:
+        """The posts :meth:`Admission.append_admitted` answers (appended, or waiting for another's answer)."""
+        return [i for i, _ in self.comments] + [i for i, _ in self.joins]
 
 
 class Admission:
@@ -99,31 +198,77 @@ class Admission:
         self.accepted = 0
         self.refused = 0
         self.fail_open = 0  # posts let through because Redis did not answer
+        self.repeats = 0  # posts that were retries of one before (answered with its id)
+        self.retries = RetryMemory(self.limits.retry_window_s, clock=clock)
+        self._outcome_tasks: set[asyncio.Task[None]] = set()
         # Which of these users are shadow-banned (ingest/reputation.py); set by the app.
         self.shadowed: Callable[[Sequence[str]], Awaitable[set[str]]] | None = None
 
-    async def post(self, who: Identity | None, stream: str, text: str, ip: str = "") -> Comment:
+    async def post(self, who: Identity | None, stream: str, text: str, ip: str = "",
+                   nonce: str | None = None) -> Comment:
         """Append the comment to the log and return it, or raise :class:`Refused`."""
-        (result,) = await self.post_many([(who, stream, text, ip)])
+        (result,) = await self.post_many([(who, stream, text, ip, nonce)])
         if isinstance(result, Refused):
             raise result
         return result
 
-    def _comment(self, who: Identity, stream: str, text: str, shadow: bool = False) -> Comment:
-        """A new comment; raises :class:`IdsUnavailable` if this gateway may not make ids now."""
-        comment_id = self.ids.next_int()
+    @staticmethod
+    def _comment(comment_id: int | str, who: Identity, stream: str, text: str, shadow: bool = False) -> Comment:
+        """The comment with that id; its ts is the id's time, so a repeat rebuilds the same record."""
         return Comment(
             id=str(comment_id), stream=stream, user_id=who.user_id, user_name=who.name,
             badges=tuple(who.badges()), text=text, ts=id_time_ms(comment_id), shadow=shadow,
         )
 
-    def _mint(self, i: int, who: Identity, stream: str, text: str, shadow: bool, admitted: Admitted) -> None:
-        """Add the comment to append, or its refusal if no id can be made (the node lease lapsed)."""
+    @staticmethod
+    def _no_ids(exc: IdsUnavailable) -> Refused:
+        return Refused(ErrorCode.NOT_ACCEPTED, f"comment not accepted: {exc}; it was not posted", retry_after_ms=2000)
+
+    def _mint(self, i: int, who: Identity, poster: Poster, text: str, shadow: bool, admitted: Admitted,
+              comment_id: int | None = None) -> None:
+        """Add the new comment to append (remembered for its retries), or its refusal if no id can
+        be made (the node lease lapsed); a repeat of a post earlier in the batch waits for it."""
+        if poster.nonce and self._answer_repeat(i, poster.nonce, who, poster.stream, text, admitted):
+            return
         try:
-            admitted.comments.append((i, self._comment(who, stream, text, shadow)))
+            comment = self._comment(self.ids.next_int() if comment_id is None else comment_id, who, poster.stream,
+                                    text, shadow)
         except IdsUnavailable as exc:
-            admitted.results[i] = Refused(ErrorCode.NOT_ACCEPTED, f"comment not accepted: {exc}; it was not posted",
-                                          retry_after_ms=2000)
+            admitted.results[i] = self._no_ids(exc)
+            return
+        admitted.comments.append((i, comment))
+        if poster.nonce:
+            admitted.firsts[i] = (poster.nonce, self.retries.in_flight(poster.nonce, comment))
+
+    def _answer_repeat(self, i: int, key: str, who: Identity, stream: str, text: str, admitted: Admitted) -> bool:
+        """A post this gateway remembers: answered from memory, joined, or appended again."""
+        first = self.retries.get(key)
+        if first is None:
+            return False
+        self.repeats += 1
+        if isinstance(first, int):  # acked
+            admitted.results[i] = self._comment(first, who, stream, text)
+        elif first.state == "p":
+            admitted.joins.append((i, first))
+        else:  # unconfirmed: the same record again; repeats meanwhile wait for this one
+            self._append_again(i, key, first.comment, admitted)
+        return True
+
+    def _append_again(self, i: int, key: str, comment: Comment, admitted: Admitted) -> None:
+        admitted.comments.append((i, comment))
+        admitted.firsts[i] = (key, self.retries.in_flight(key, comment))
+
+    def _repeat_seen_elsewhere(self, i: int, ident: Identity, poster: Poster, text: str, decision: Decision,
+                               admitted: Admitted) -> None:
+        """A repeat Redis remembers and this gateway does not (another gateway, or before a restart)."""
+        assert decision.seen is not None
+        first_id, state = decision.seen
+        comment = self._comment(first_id, ident, poster.stream, text, decision.shadowed)
+        self.repeats += 1
+        if state == "a":
+            admitted.results[i] = comment
+        else:  # unconfirmed, or in flight elsewhere: appending the same record again is harmless
+            self._append_again(i, poster.nonce, comment, admitted)
 
     def _shadow_check(self, users: list[str]) -> asyncio.Task[set[str]] | None:
         """Start asking which ``users`` are shadow-banned, alongside the sanctions' round trip."""
@@ -149,29 +294,39 @@ class Admission:
                            retry_after_ms=2000, comment_id=comment.id)
         return Refused(ErrorCode.NOT_ACCEPTED, f"comment not accepted: {exc}; it was not posted", retry_after_ms=2000)
 
-    async def post_many(self, posts: Sequence[tuple[Identity | None, str, str, str]]) -> list[Comment | Refused]:
-        """:meth:`post` for each (who, stream, text, ip): per post the comment or its refusal.
+    async def post_many(self, posts: Sequence[Post]) -> list[Comment | Refused]:
+        """:meth:`post` for each (who, stream, text, ip[, nonce]): per post the comment or its refusal.
 
         The same checks in the same order as one by one, with one Redis round trip per step
         for the whole batch and one wait for the log's confirmations.
         """
         return await self.append_admitted(await self.admit_many(posts))
 
-    async def admit_many(self, posts: Sequence[tuple[Identity | None, str, str, str]]) -> Admitted:
+    def _retry_key(self, who: Identity, stream: str, text: str, nonce: str | None) -> str:
+        if nonce is None or self.retries.window_s <= 0:
+            return ""
+        return retry_key(who.user_id, stream, nonce, text)
+
+    async def admit_many(self, posts: Sequence[Post]) -> Admitted:
         """Steps 1-6 of :meth:`post_many`: its refusals so far, and the comments to append."""
         results: list[Comment | Refused | None] = [None] * len(posts)
+        admitted = Admitted(results, [])
         todo: list[tuple[int, Identity, str, Poster]] = []
-        for i, (who, stream, text, ip) in enumerate(posts):
+        for i, post in enumerate(posts):
+            who, stream, text, ip = post[:4]
             try:
                 ident, clean = self._check(who, text)
-                poster = Poster(stream, ident.user_id, ip, slow_mode_exempt=bool(ident.badges()))
+                key = self._retry_key(ident, stream, clean, post[4] if len(post) > 4 else None)
+                if key and self._answer_repeat(i, key, ident, stream, clean, admitted):
+                    continue
+                poster = Poster(stream, ident.user_id, ip, slow_mode_exempt=bool(ident.badges()), nonce=key)
                 self._admit_locally(poster)
             except Refused as exc:
                 results[i] = exc
                 continue
             todo.append((i, ident, clean, poster))
         if todo and self.limits.one_call:
-            return await self._admit_in_one_call(todo, results)
+            return await self._admit_in_one_call(todo, admitted)
         shadow = self._shadow_check([ident.user_id for _, ident, _, _ in todo])
         if todo:
             sanctions = self.limits.sanctions
@@ -188,32 +343,41 @@ class Admission:
                 acquire_many(posters) if acquire_many is not None else _each(limiter.acquire, posters), len(todo))
             todo = _keep_allowed(todo, verdicts, results)
         shadowed = await self._shadowed_of(shadow)
-        admitted = Admitted(results, [])
         for i, ident, clean, p in todo:
-            self._mint(i, ident, p.stream, clean, ident.user_id in shadowed, admitted)
+            self._mint(i, ident, p, clean, ident.user_id in shadowed, admitted)
         return admitted
 
-    async def _admit_in_one_call(self, todo: list[tuple[int, Identity, str, Poster]],
-                                 results: list[Comment | Refused | None]) -> Admitted:
-        """Steps 5-6 and the shadow-ban check in one Redis call (limits, bans and shadow-bans
-        all in Redis); if Redis does not answer, every post passes, shown as usual."""
-        decisions = await self._ask(self.limits.decide_many([p for *_, p in todo], self.shadowed is not None),
-                                    len(todo))
-        admitted = Admitted(results, [])
+    async def _admit_in_one_call(self, todo: list[tuple[int, Identity, str, Poster]], admitted: Admitted) -> Admitted:
+        """Steps 5-6, repeats and the shadow-ban check in one Redis call (limits, bans, retry keys
+        and shadow-bans all in Redis); if Redis does not answer, every post passes, shown as usual.
+        Each post's id is made first: the call stores it under the post's retry key."""
+        results = admitted.results
+        try:
+            ids = [self.ids.next_int() for _ in todo]
+        except IdsUnavailable as exc:
+            for i, *_ in todo:
+                results[i] = self._no_ids(exc)
+            return admitted
+        decisions = await self._ask(self.limits.decide_many([p for *_, p in todo], self.shadowed is not None,
+                                                            [str(x) for x in ids]), len(todo))
         for n, (i, ident, clean, poster) in enumerate(todo):
             decision = decisions[n] if decisions is not None else None
             if decision is not None and decision.sanction is not None:
                 self._remember(poster, decision.sanction)
                 results[i] = Refused.of(decision.sanction)
+            elif decision is not None and decision.seen is not None:
+                if not self._answer_repeat(i, poster.nonce, ident, poster.stream, clean, admitted):
+                    self._repeat_seen_elsewhere(i, ident, poster, clean, decision, admitted)
             elif decision is not None and decision.limit is not None:
                 results[i] = Refused.of(decision.limit)
             else:
                 shadow = decision is not None and decision.shadowed
-                self._mint(i, ident, poster.stream, clean, shadow, admitted)
+                self._mint(i, ident, poster, clean, shadow, admitted, ids[n])
         return admitted
 
     async def append_admitted(self, admitted: Admitted) -> list[Comment | Refused]:
-        """Step 7 of :meth:`post_many`: append what :meth:`admit_many` let through."""
+        """Step 7 of :meth:`post_many`: append what :meth:`admit_many` let through; repeats of a
+        post in flight get its answer."""
         results = admitted.results
         if admitted.comments:
             failures = await append_many(self.log, [encode_record(c) for _, c in admitted.comments])
@@ -224,12 +388,42 @@ class Admission:
                     results[i] = self._log_refusal(comment, failure)
                 else:
                     raise failure
+            self._settle(admitted)
+        for i, first in admitted.joins:
+            results[i] = await self._answer_of(first)
         out = [r for r in results if r is not None]
         assert len(out) == len(results)
         accepted = sum(1 for r in out if isinstance(r, Comment))
         self.accepted += accepted
         self.refused += len(out) - accepted
         return out
+
+    def _settle(self, admitted: Admitted) -> None:
+        """Remember what became of each post with a nonce; with Redis, tell the other gateways too."""
+        outcomes = []
+        for i, (key, first) in admitted.firsts.items():
+            result = admitted.results[i]
+            assert result is not None
+            outcomes.append((key, first.comment.id, self.retries.settle(key, first, result)))
+        if outcomes and self.limits.nonces is not None:
+            task = asyncio.ensure_future(self._record_outcomes(outcomes))
+            self._outcome_tasks.add(task)
+            task.add_done_callback(self._outcome_tasks.discard)
+
+    async def _record_outcomes(self, outcomes: list[tuple[str, str, str]]) -> None:
+        try:
+            await self.limits.record_outcomes(outcomes)
+        except BackendUnavailable as exc:  # a retry elsewhere then appends the record again: stored once all the same
+            log.warning("could not record %d posts' outcomes for their retries: %s", len(outcomes), exc)
+
+    @staticmethod
+    async def _answer_of(first: FirstPost) -> Comment | Refused:
+        """The answer of the post a repeat joined (in flight when the repeat came)."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(first.done), JOIN_TIMEOUT_S)
+        except TimeoutError:
+            return Refused(ErrorCode.UNCONFIRMED, "the first post of this nonce is still on its way; it may still "
+                           "appear", retry_after_ms=2000, comment_id=first.comment.id)
 
     async def _ask_many(self, answer: Awaitable[list[Refusal | None]], n: int) -> list[Refusal | None]:
         """The shared store's answers, or None for each (let them through) if it did not answer."""

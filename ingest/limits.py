@@ -30,7 +30,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from chorus.broker import StreamState
@@ -46,6 +46,7 @@ __all__ = [
     "Limit",
     "MemoryRateLimiter",
     "MemorySanctions",
+    "NonceKeys",
     "Poster",
     "RateLimiter",
     "RedisRateLimiter",
@@ -86,6 +87,7 @@ class Poster:
     user: str
     ip: str = ""  # empty when unknown: the address limit is skipped
     slow_mode_exempt: bool = False  # moderators and the broadcaster
+    nonce: str = ""  # the post's retry key (ingest/admission.py), "" without a nonce
 
     def id_for(self, scope: str) -> str | None:
         if scope == "user":
@@ -313,17 +315,25 @@ class MemorySanctions:
 # different hash slots (the user's, the address's, the stream's, the global one) and are not
 # declared, so limits need a single-node Redis (or one shard set aside for them).
 #
+# The same call remembers each post's retry key (its nonce, ingest/admission.py): a key already
+# there is a repeat, which takes no limit and gets back what the key holds ("<id> <state>"); a
+# new post that passes sets it (SET PX window, state "p": in flight), so a retry is idempotent
+# for the price of one GET and one SET in a call the post makes anyway.
+#
 # ARGV[1]: the key prefix of limits and modes; ARGV[2]: the prefix of ban keys ("" checks no
 # sanctions); ARGV[3]: the prefix of shadow-ban keys ("" checks none); ARGV[4]: L configured
 # limits, then per limit its scope ("user", "ip", "stream", "global"), emission interval and
-# window (µs); then m posts, then per post its user, address ("" skips the address limit),
-# stream and "1" if slow mode applies to it.
+# window (µs); then the prefix of retry keys ("" remembers none) and their window (ms); then
+# m posts, then per post its user, address ("" skips the address limit), stream, "1" if slow
+# mode applies to it, its retry key ("" none) and the id it gets if admitted.
 # Keys: <ban prefix><stream>:<user> and <ban prefix>*:<user> (PTTL: -2 none, -1 a ban, else
 # the ms left of a time-out), <shadow prefix><user>, <prefix>rl:<scope>:<id> (GCRA),
-# <prefix>mode:<stream> (slow_mode_seconds), <prefix>slow:<stream>:<user> (the slot).
-# Returns 6 numbers per post: the two PTTLs, the limit verdict {i, wait_us, s} ({0, 0, s}
+# <prefix>mode:<stream> (slow_mode_seconds), <prefix>slow:<stream>:<user> (the slot),
+# <nonce prefix><retry key>.
+# Returns 7 values per post: the two PTTLs, the limit verdict {i, wait_us, s} ({0, 0, s}
 # when taken; i in 1..L names the limit, L+1 slow mode; s the stream's slow mode in seconds;
-# a sanctioned post takes nothing and its verdict is {0, 0, 0}), and 1 if shadow-banned.
+# a sanctioned post or a repeat takes nothing and its verdict is {0, 0, 0}), 1 if
+# shadow-banned, and what its retry key held ("" for a new post).
 ADMIT_MANY_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -356,10 +366,15 @@ local function slow_mode_of(stream)
   return v
 end
 local a = 3 * nlim + 5
+local noncep, nonce_ms = ARGV[a], ARGV[a + 1]
+a = a + 2
 local out = {}
 for _ = 1, tonumber(ARGV[a]) do
   local user, ip, stream, slow = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
-  a = a + 4
+  local nkey, cid = ARGV[a + 5], ARGV[a + 6]
+  a = a + 6
+  local seen = ''
+  if noncep ~= '' and nkey ~= '' then nkey = noncep .. nkey else nkey = nil end
   local here, everywhere, shadow = -2, -2, 0
   if banp ~= '' or shadowp ~= '' then
     local keys = {}
@@ -373,7 +388,8 @@ for _ = 1, tonumber(ARGV[a]) do
     if shadowp ~= '' and got[#keys] then shadow = 1 end
   end
   local worst, worst_wait, slow_s = 0, 0, 0
-  if here == -2 and everywhere == -2 then
+  if nkey and here == -2 and everywhere == -2 then seen = redis.call('GET', nkey) or '' end
+  if here == -2 and everywhere == -2 and seen == '' then
     local keys, new = {}, {}
     for i = 1, nlim do
       local id = nil
@@ -406,6 +422,7 @@ for _ = 1, tonumber(ARGV[a]) do
         dirty[keys[j]] = true
       end
       if slow_s > 0 then redis.call('SET', slot, '1', 'NX', 'PX', slow_s * 1000) end
+      if nkey then redis.call('SET', nkey, cid .. ' p', 'PX', nonce_ms) end
     end
   end
   out[#out + 1] = here
@@ -414,11 +431,29 @@ for _ = 1, tonumber(ARGV[a]) do
   out[#out + 1] = worst_wait
   out[#out + 1] = slow_s
   out[#out + 1] = shadow
+  out[#out + 1] = seen
 end
 for key in pairs(dirty) do
   redis.call('SET', key, string.format('%.0f', tats[key]), 'PX', math.ceil((tats[key] - now) / 1000))
 end
 return out
+"""
+
+# What became of posts whose retry keys ADMIT_MANY_SCRIPT set: ARGV[1] the window (ms), then
+# per post its key, id and outcome: "a" acked (kept for the window from now), "u" unconfirmed
+# (kept, a retry appends the same record again), "x" not taken (the key goes: a retry is a new
+# post). "u" and "x" change only a key still in flight with that id, never one acked meanwhile.
+NONCE_OUTCOMES_SCRIPT = """
+local window = ARGV[1]
+for i = 2, #ARGV, 3 do
+  local key, cid, outcome = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if outcome == 'a' then
+    redis.call('SET', key, cid .. ' a', 'PX', window)
+  elseif redis.call('GET', key) == cid .. ' p' then
+    if outcome == 'u' then redis.call('SET', key, cid .. ' u', 'KEEPTTL') else redis.call('DEL', key) end
+  end
+end
+return 0
 """
 
 
@@ -459,12 +494,21 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
 
 
 @dataclass(frozen=True, slots=True)
+class NonceKeys:
+    """Where retry keys live in Redis and how long (``limits.nonce_window_s``)."""
+
+    prefix: str
+    window_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     """Redis's verdict on one post in :meth:`RedisRateLimiter.decide_many`."""
 
     sanction: Refusal | None  # banned or timed out (then no limit was taken)
     limit: Refusal | None  # over a rate limit or in its slow-mode slot
     shadowed: bool  # the author is shadow-banned (asked only when a shadow prefix is given)
+    seen: tuple[str, str] | None = None  # a repeat: (the first post's id, its state "p", "u" or "a")
 
 
 class RedisRateLimiter:
@@ -505,23 +549,29 @@ class RedisRateLimiter:
         """
         return [d.limit for d in await self.decide_many(posters)]
 
-    async def decide_many(self, posters: Sequence[Poster], ban_prefix: str = "",
-                          shadow_prefix: str = "") -> list[Decision]:
+    async def decide_many(self, posters: Sequence[Poster], ban_prefix: str = "", shadow_prefix: str = "",
+                          nonces: NonceKeys | None = None, ids: Sequence[str] = ()) -> list[Decision]:
         """Per poster, in order and in one round trip: its sanctions (keys under ``ban_prefix``,
-        :class:`RedisSanctions`; "" checks none), then the limits (all or nothing, none taken by
-        a sanctioned post), and whether its author is shadow-banned (keys under ``shadow_prefix``)."""
+        :class:`RedisSanctions`; "" checks none), then whether it repeats a post (its ``nonce``
+        under ``nonces``, which an admitted post sets to its id from ``ids``), then the limits
+        (all or nothing, none taken by a sanctioned post or a repeat), and whether its author is
+        shadow-banned (keys under ``shadow_prefix``)."""
         if not posters:
             return []
-        args = [self._prefix, ban_prefix, shadow_prefix, *self._limit_args, len(posters)]
-        for p in posters:
-            args += (p.user, p.ip, p.stream, "0" if p.slow_mode_exempt else "1")
+        args = [self._prefix, ban_prefix, shadow_prefix, *self._limit_args,
+                nonces.prefix if nonces else "", nonces.window_ms if nonces else 0, len(posters)]
+        for n, p in enumerate(posters):
+            args += (p.user, p.ip, p.stream, "0" if p.slow_mode_exempt else "1", p.nonce, ids[n] if ids else "")
         flat = await self._script.run(self._redis, args)
         out = []
         for n, p in enumerate(posters):
-            here, everywhere, which, wait_us, slow_s, shadow = (int(x) for x in flat[6 * n : 6 * n + 6])
+            here, everywhere, which, wait_us, slow_s, shadow = (int(x) for x in flat[7 * n : 7 * n + 6])
             found = [(where, None if ms == -1 else ms) for where, ms in ((p.stream, here), (ALL_STREAMS, everywhere))
                      if ms != -2]
-            out.append(Decision(_strongest(found), self._verdict(which, wait_us, slow_s), shadow == 1))
+            seen = flat[7 * n + 6]
+            first = seen.decode().split(" ") if seen else None
+            out.append(Decision(_strongest(found), self._verdict(which, wait_us, slow_s), shadow == 1,
+                                (first[0], first[1]) if first and len(first) == 2 else None))
         return out
 
 
@@ -590,24 +640,39 @@ class AdmissionLimits:
     sanction_memo_s: float = 0.0  # how long a gateway remembers a ban it was told about
     redis: Any = None  # the client the Redis parts share; closed by close()
     shadow_prefix: str = ""  # with Redis: what shadow-ban keys start with (ingest/reputation.py)
+    nonces: NonceKeys | None = None  # with Redis: retry keys shared by every gateway (None: off)
+    retry_window_s: float = 600.0  # how long a post with a nonce is remembered for its retries (0: not)
+    _outcomes: _Script | None = field(default=None, repr=False)
 
     @property
     def one_call(self) -> bool:
         """Sanctions, shadow-bans and limits are all in Redis: :meth:`decide_many` asks at once."""
         return isinstance(self.limiter, RedisRateLimiter) and isinstance(self.sanctions, RedisSanctions)
 
-    async def decide_many(self, posters: Sequence[Poster], shadows: bool) -> list[Decision]:
-        """A batch's sanctions, limits and (if ``shadows``) shadow-bans in one Redis call; only
-        when :attr:`one_call`."""
+    async def decide_many(self, posters: Sequence[Poster], shadows: bool, ids: Sequence[str] = ()) -> list[Decision]:
+        """A batch's sanctions, repeats, limits and (if ``shadows``) shadow-bans in one Redis call;
+        only when :attr:`one_call`. ``ids``: per post the id it gets if admitted."""
         assert isinstance(self.limiter, RedisRateLimiter) and isinstance(self.sanctions, RedisSanctions)
         return await self.limiter.decide_many(posters, self.sanctions.key_prefix,
-                                              self.shadow_prefix if shadows else "")
+                                              self.shadow_prefix if shadows else "", self.nonces, ids)
+
+    async def record_outcomes(self, outcomes: Sequence[tuple[str, str, str]]) -> None:
+        """Per (retry key, id, "a" | "u" | "x"): what became of posts :meth:`decide_many` let in
+        (:data:`NONCE_OUTCOMES_SCRIPT`); one call for the lot. Raises :class:`BackendUnavailable`."""
+        if not outcomes or self.nonces is None or self.redis is None:
+            return
+        if self._outcomes is None:
+            self._outcomes = _Script(NONCE_OUTCOMES_SCRIPT)
+        args: list[Any] = [self.nonces.window_ms]
+        for key, cid, outcome in outcomes:
+            args += (self.nonces.prefix + key, cid, outcome)
+        await self._outcomes.run(self.redis, args)
 
     @classmethod
     def in_memory(cls, cfg: LimitsConfig, modes: StreamState | None,
                   clock: Callable[[], float] = time.monotonic) -> AdmissionLimits:
         limiter = MemoryRateLimiter(limits_from_config(cfg), modes, max_keys=cfg.local_max_keys, clock=clock)
-        return cls(limiter, MemorySanctions(clock))
+        return cls(limiter, MemorySanctions(clock), retry_window_s=cfg.nonce_window_s)
 
     async def close(self) -> None:
         if self.redis is not None:
@@ -626,5 +691,6 @@ def open_limits(config: Config, modes: StreamState) -> AdmissionLimits:
                               max_keys=cfg.local_max_keys)
     from chorus.ingest.reputation import shadow_key
 
+    nonces = NonceKeys(f"{prefix}nonce:", int(cfg.nonce_window_s * 1000)) if cfg.nonce_window_s > 0 else None
     return AdmissionLimits(RedisRateLimiter(client, prefix, limits), RedisSanctions(client, prefix), local,
-                           SANCTION_MEMO_S, client, shadow_key(prefix, ""))
+                           SANCTION_MEMO_S, client, shadow_key(prefix, ""), nonces, cfg.nonce_window_s)

@@ -215,7 +215,7 @@ async def test_write_scope_still_posts_and_read_only_does_not() -> None:
     assert await admission.post(Identity("a", "A", frozenset({"write"})), "s", "old scope")
     with pytest.raises(Refused) as info:
         await admission.post(Identity("b", "B", frozenset({"read"})), "s", "nope")
-    assert info.value.code == ErrorCode.UNAUTHORIZED
+    assert info.value.code == ErrorCode.MISSING_SCOPE
 
 
 # -- the real Redis -----------------------------------------------------------------------------
