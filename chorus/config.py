@@ -290,6 +290,8 @@ class FallbackConfig:
 # Words of the default blocklist, matched after normalisation (ingest/rules.py): a plain word
 # matches the whole word with common endings (s, es, ed, er, ers, ing, in); "word*" any word
 # starting with it; "*word*" anywhere, even inside another word (use sparingly: Scunthorpe).
+# What ingest/context.py may find a comment to be (moderation.context_deletes)
+CONTEXT_CATEGORIES = ("threat", "sexual", "scam", "menace", "insult", "hostile")
 DEFAULT_BLOCKLIST = (
     "*fuck*", "shit*", "bullshit*", "cunt*", "motherfuck*", "asshole*", "bitch*", "bastard", "dickhead*",
     "faggot*", "fag", "nigger*", "nigga*", "retard", "whore*", "slut*", "twat*", "wanker*", "cocksuck*",
@@ -332,7 +334,8 @@ class ModerationConfig:
         "of sports, gaming and music chat before trusting the model.", True
     )
     context_deletes: tuple[str, ...] = doc(
-        "Context categories deleted without the model: of 'threat', 'sexual', 'scam', 'insult', 'hostile'.",
+        "Context categories deleted without the model: of 'threat', 'sexual', 'scam', 'menace', 'insult', "
+        "'hostile' (the others are deleted only when the model agrees at delete_at, else flagged).",
         ("threat", "sexual", "scam")
     )
     repeat_offender_at: float = doc(
@@ -596,8 +599,8 @@ class Config:
             ("moderation.delete_at", 0 < m.delete_at <= 1, "must be in (0, 1]"),
             ("moderation.flag_at", 0 < m.flag_at <= m.delete_at, "must be in (0, delete_at]"),
             ("moderation.model_alone_flag_at", m.model_alone_flag_at >= m.flag_at, "must be >= flag_at"),
-            ("moderation.context_deletes", set(m.context_deletes) <= {"threat", "sexual", "scam", "insult", "hostile"},
-             "entries must be of threat, sexual, scam, insult, hostile"),
+            ("moderation.context_deletes", set(m.context_deletes) <= set(CONTEXT_CATEGORIES),
+             "entries must be of " + ", ".join(CONTEXT_CATEGORIES)),
             ("moderation.repeat_offender_at", m.repeat_offender_at > 0, "must be > 0"),
             ("moderation.offence_half_life_s", m.offence_half_life_s > 0, "must be > 0"),
             ("moderation.shadow_ban_s", m.shadow_ban_s >= 1, "must be >= 1"),

@@ -9,8 +9,11 @@ track``) or are praise (``you killed it``). :func:`read_context` finds, per comm
 
 - ``category``: what the words show without the model, or "":
 
-  - ``threat``: harm promised or wished to a person (``i will find you``, ``i hope you die``,
-    ``someone should shoot the ref``, ``i know where you live``, doxing, swatting);
+  - ``threat``: harm the speaker promises or wishes the reader (``i will find you``, ``i hope
+    you die``, ``i know where you live``, doxing, swatting, incitement to self-harm), unless a
+    game's context says it is play (``I'll kill you in the next round``);
+  - ``menace``: harm promised to someone else (``someone should shoot the ref``), and
+    menacing phrases chat also uses harmlessly (``watch your back``, ``you'll regret this``);
   - ``sexual``: sexual harassment (``send nudes``, ``take your top off``, ``go back to the
     kitchen``);
   - ``scam``: a link or a handle next to money, free items, followers or logins
@@ -27,7 +30,7 @@ track``) or are praise (``you killed it``). :func:`read_context` finds, per comm
   so the model's score says nothing about this comment.
 
 The moderator (ingest/moderator.py) decides with it: threats, sexual harassment and scams
-are deleted on their own; an insult is deleted only when the model agrees at
+are deleted on their own; a menace or an insult is deleted only when the model agrees at
 ``moderation.delete_at``, else flagged; the model's score flags a comment aimed at a person at
 ``flag_at``, and one that nothing corroborates only at ``model_alone_flag_at``.
 
@@ -50,6 +53,7 @@ CONTEXT_MEMO = 50_000  # texts whose context is remembered (a Context is immutab
 # What each category means to the author of a removed comment (the delete event's reason).
 CATEGORIES = {
     "threat": "threat aimed at a person",
+    "menace": "threat aimed at a person",
     "sexual": "sexual harassment",
     "scam": "spam or scam link",
     "insult": "insult aimed at a person",
@@ -97,7 +101,6 @@ LEXICON: dict[str, tuple[str, ...]] = {
         "fat", "disgusting", "gross", "vile", "talentless", "no talent", "trash", "garbage", "a joke",
         "mentally slow", "retarded", "pathetic", "braindead", "clueless idiot", "corrupt", "hopeless", "ashamed",
     ),
-    # harm, promised or asked for
     # harm done to a body; "beat", "destroy", "find" and "end" are also what players promise
     # each other in a game, so they are threats only in the fixed phrases below
     "harm_verb": (
@@ -109,18 +112,20 @@ LEXICON: dict[str, tuple[str, ...]] = {
         "smash (?:your|his|her) face in", "break (?:your|his|her) (?:legs?|neck|arms?|face|bones|teeth)",
     ),
     "wished": (
-        "die", "dies", "get cancer", "crash", "get hurt", "burns?(?: down)?", "suffer", "rot",
+        "die(?! on| for| laughing| of| hard)", "dies", "get cancer", "crash(?: your car| and burn| and die)?(?! \\w)",
+        "get hurt", "burns?(?: down)?", "suffer", "rot",
         "break (?:your|a) (?:leg|neck|arm)", "lose everything", "cry", "get hit", "drown", "beats? you",
         "hurts? you", "kills? you",
     ),
     "sexual": (
         "send (?:me |us )?(?:nudes|pics|nude pics|feet pics)", "nudes",
         "(?:get|be|go|you|you're|your|better|look) naked",
-        "naked (?:pics|photos|body|on stream)", "strip(?: for)?", "boobs", "tits",
+        "naked (?:pics|photos|body|on stream)", "strip for (?:me|us|the chat)", "strip (?:on stream|naked)",
+        "boobs", "tits",
         "take (?:your |ur )(?:top |shirt |clothes |bra |pants )?off",
         "take off (?:your|ur) (?:top|shirt|clothes|bra|pants)",
         "take (?:it|that|them|everything) off for (?:me|us|the chat)",
-        "show (?:us |me )?(?:your |ur |some |more )?(?:body|boobs|feet|skin|chest|ass)", "feet pics",
+        "show (?:us |me )?(?:your |ur |some |more )(?:body|boobs|feet|skin|chest|ass)", "feet pics",
         "sit on my face", "what are you wearing", "wearing anything under", "touch you", "lick you",
         "in my bed", "hotel room", "bend over", "piece of meat", "because of your body", "back to the kitchen",
         "make (?:me |us )?a sandwich", "(?:women|girls) (?:can'?t|cannot|shouldn'?t|should not) (?:be allowed to )?"
@@ -135,7 +140,8 @@ LEXICON: dict[str, tuple[str, ...]] = {
     ),
     # money for nothing: a scam with or without a link
     "scam_phrase": (
-        "dm me for", "make \\d+ a day", "send (?:\\d|eth|btc|bitcoin|crypto)", "double (?:it|your)", "hot singles",
+        "dm me for (?:free|money|cash|a prize|crypto|followers|a deal|\\d)", "make \\d+ a day",
+        "send (?:\\d|eth|btc|bitcoin|crypto)", "double (?:it|your)", "hot singles",
         "make money (?:fast|quick|quickly|online|from home)",
     ),
     # self-promotion: a scam next to a link or a scam word (alone, the spam rules judge repeats)
@@ -230,34 +236,46 @@ _BARE_INSULT = re.compile(rf"^(?:hey |what a |what an |you |such a |such an |you
                           rf"(?: (?:streamer|player|lol|lmao|haha|behaviour|behavior))?$")
 _MODAL = (r"(?: (?:will|would|should|could|can|must|going to|want to|am going to|need to|got to|really|just|"
           r"literally|actually|definitely|come and|gonna|go and|to))*")
-_TARGET = (r"(?:you|your|him|her|yourself|the ref|the referee|the streamer|this guy|that guy|this clown|"
-           r"his family|her family|your family)")
-_THREAT_VERB = re.compile(
-    rf"(?:^| )(?:i|i'll|i'm|i'd|we|we'll|we're|someone|somebody|let's|lets|i'll make sure|i want to|"
-    rf"i'm going to|i'm gonna){_MODAL} (?:{_any(LEXICON['harm_verb'])}(?:s|es)? {_TARGET}|"
-    rf"{_any(LEXICON['harm_phrase'])})(?= |$)"
-    rf"|^(?:kill|hurt|stab|shoot|punch|rape) (?:you|the ref|the referee|the streamer|this guy|him|her)(?= |$)"
+_YOU = r"(?:you|your|yourself|your family|you and your family)"
+_THIRD = r"(?:him|her|the ref|the referee|the streamer|this guy|that guy|this clown|his family|her family)"
+_SPEAKER = (r"(?:^| )(?:i|i'll|i'm|i'd|we|we'll|we're|someone|somebody|let's|lets|i'll make sure|i want to|"
+            r"i'm going to|i'm gonna)")
+# Harm the speaker promises the reader: deleted on its own (category "threat")
+_THREAT_YOU = re.compile(
+    rf"{_SPEAKER}{_MODAL} (?:{_any(LEXICON['harm_verb'])}(?:s|es)? {_YOU}|{_any(LEXICON['harm_phrase'])})(?= |$)"
+    rf"|^(?:kill|hurt|stab|shoot|punch|rape) you(?= |$)"
     rf"|(?:^| )(?:i|i'll|i'm|we|we'll){_MODAL} (?:find|end) you$")
+# Harm promised to someone else (fans say "if he misses I'll kill him"): a menace, deleted only when
+# the model agrees (category "menace")
+_THREAT_THIRD = re.compile(rf"{_SPEAKER}{_MODAL} {_any(LEXICON['harm_verb'])}(?:s|es)? {_THIRD}(?= |$)"
+                           rf"|^(?:kill|hurt|stab|shoot|punch) {_THIRD}(?= |$)")
 # Where a promise of harm is a game's: "I will kill you in the next round", "end you in 1v1"
 _IN_GAME = re.compile(r"(?:^| )(?:in|next|this|the|a|our|that|another|every) (?:round|game|match|rematch|ranked|"
                       r"lobby|scrim|tournament|final|finals|level|map|server|pvp|duel|season|league|run|raid|"
                       r"fight|arena|zone)(?= |$)|(?:^| )(?:ingame|1v1|next time|rematch|gg)(?= |$)")
 _THREAT_FIXED = re.compile(  # each phrase starts a word: anchored so, most positions fail at once
-    r"(?:^| )(?:(?:know|find out|found out) where you (?:live|work|sleep|go to school)|"
-    r"know your (?:school|address|house|workplace|job)|your address|watch your back|"
+    r"(?:^| )(?:(?:know|find out|found out) where you (?:live|work|sleep|go to school)(?!,? in my)|"
+    r"know your (?:school|address|house|workplace|job)|(?:find|leak|post|got|have) your address|"
     r"(?:i|we)(?: will|'ll| am going to|'m going to|'m gonna| gonna) find you(?: and| after| outside| irl|"
     r"(?= in real life)|$)|find (?:your|his|her) (?:address|house|family)|"
     r"beat (?:you|him|her|this guy|that guy|this clown|that clown) (?:up|until|to death|senseless)|"
-    r"(?:you're going to|you will|you'll|going to make you) regret|make sure you never|"
-    r"jump off (?:a|the) (?:bridge|cliff|building|roof)|drink bleach|unalive|"
-    r"(?:disappear|vanish|stop existing|not exist) forever|nobody would miss you|"
+    r"jump off (?:a|the) (?:bridge|cliff|building|roof)|drink bleach|unalive (?:yourself|urself)|"
+    r"(?:disappear|vanish|stop existing|not exist) forever|nobody would miss you(?= |$)|"
     r"(?:world|everyone) would be better (?:off )?without you|"
-    r"you(?:'re| are) dead(?= when| if| after| meat|$)|dead meat|won't be safe|"
-    r"not safe|isn't safe|meet me outside|wait for you outside|regret this|coming for you(?= |$)|dox|doxx|swat|"
-    r"jump (?:him|her|this guy|that guy) (?:after|outside)|teach this clown|deserve to be hurt)")
+    r"(?:dox|doxx|swat)(?:ed|ing)? (?:you|him|her|this guy|this clown|the streamer)(?= |$)|"
+    r"get (?:you|him|her) (?:doxx?ed|swatted))")
+# Menacing phrases sports and music chat also use harmlessly ("watch your back, the defender is
+# coming", "you'll regret missing this set"): a menace, deleted only when the model agrees
+_MENACE = re.compile(
+    r"(?:^| )(?:watch your back|you(?:'re| are) dead(?= when| if| after| meat|$)|dead meat|won't be safe|"
+    r"not safe|isn't safe|meet me outside(?! the)|wait for you outside|regret this|"
+    r"(?:you're going to|you will|you'll|going to make you) regret(?! missing| not)|make sure you never|"
+    r"coming for you(?= |$)|jump (?:him|her|this guy|that guy) (?:after|outside)|teach this clown|"
+    r"deserve to be hurt)")
 _WISH = re.compile(rf"(?:hope|wish|should|go|just go|please|deserve to)(?: \w+){{0,5}} "
                    rf"{_any(LEXICON['wished'])}(?= |$)|^(?:die|die already|just die|go die)(?: \w+)?$"
-                   rf"|(?:you|your \w+) (?:should|deserve to|will|going to) (?:\w+ )?{_any(LEXICON['wished'])}")
+                   rf"|(?:you|your \w+) (?:should|deserve to|will|going to) (?:\w+ )?{_any(LEXICON['wished'])}"
+                   rf"(?= |$)")
 _SEXUAL = re.compile(rf"(?:^| ){_any(LEXICON['sexual'])}(?= |$)")
 _SCAM_WORD = re.compile(rf"(?:^| ){_any(LEXICON['scam_word'])}(?= |$)")
 _SCAM_PHRASE = re.compile(rf"(?:^| ){_any(LEXICON['scam_phrase'])}")
@@ -284,8 +302,8 @@ def _has_link(text: str) -> bool:
 
 
 def _category(words: str, text: str, aimed: bool) -> str:
-    if _THREAT_FIXED.search(words) or _WISH.search(words) \
-            or (_THREAT_VERB.search(words) and not _IN_GAME.search(words)):
+    in_game = _IN_GAME.search(words) is not None
+    if _THREAT_FIXED.search(words) or _WISH.search(words) or (not in_game and _THREAT_YOU.search(words)):
         return "threat"
     if _SEXUAL.search(words):
         return "sexual"
@@ -293,6 +311,8 @@ def _category(words: str, text: str, aimed: bool) -> str:
     if _SCAM_PHRASE.search(words) or ((link or _PROMOTION.search(words)) and _SCAM_WORD.search(words)) \
             or (link and _PROMOTION.search(words)):
         return "scam"
+    if _MENACE.search(words) or (not in_game and _THREAT_THIRD.search(words)):
+        return "menace"
     if _insulting(words, aimed):
         return "insult"
     if aimed and _HOSTILE.search(words):

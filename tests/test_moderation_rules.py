@@ -251,6 +251,9 @@ def test_moderation_config_is_validated(tmp_path: Path) -> None:
     f.write_text('[moderation]\nblocklist = ["ok", "*"]\n')
     with pytest.raises(ConfigError, match=r"moderation\.blocklist"):
         load_config(f, env={})
+    f.write_text('[moderation]\ncontext_deletes = ["threat", "rudeness"]\n')
+    with pytest.raises(ConfigError, match=r"moderation\.context_deletes: entries must be of threat, sexual"):
+        load_config(f, env={})
 
 
 # -- the pipeline -----------------------------------------------------------------------------
@@ -455,4 +458,4 @@ def test_the_eval_command_prints_the_tables() -> None:
                          capture_output=True, text=True, timeout=240, cwd=LIVECHAT.parents[2])
     assert out.returncode == 0, out.stderr[-2000:]
     assert "**defaults** (targets met)" in out.stdout and "targets NOT met" in out.stdout
-    assert "| held-out | 184 / 76 |" in out.stdout
+    assert "| held-out | 192 / 76 |" in out.stdout
