@@ -102,7 +102,7 @@ class Recovery:
         self.from_history = 0
         self.unrecovered = 0
         self.welcomes_from_history = 0
-        self._welcome_fills: dict[tuple[str, str | None, int], tuple[float, asyncio.Future[Any]]] = {}
+        self._welcome_fills: dict[tuple[str, str | None, int, bool], tuple[float, asyncio.Future[Any]]] = {}
 
     async def missed(self, stream: str, epoch: str, offset: int) -> Recovered:
         """Every comment of ``stream`` after (``epoch``, ``offset``), or recovered=False."""
@@ -163,7 +163,7 @@ class Recovery:
                             position: bool) -> tuple[list[Event], tuple[str, int] | None]:
         """Older comments (oldest first) and, if asked, the store's newest position; one read
         per stream and ``before`` within WELCOME_MEMO_S, however many viewers join."""
-        key = (stream, before, need if position else -need)
+        key = (stream, before, need, position)
         now = time.monotonic()
         memo = self._welcome_fills.get(key)
         if memo is None or memo[0] < now:
