@@ -44,10 +44,10 @@ _HEAD_END = b"\r\n\r\n"
 # Header fields a request may carry (picows, which reads the upgrades next, takes 128).
 MAX_HEADER_FIELDS = 100
 # RFC 9110 5.6.2: a token (methods, header names).
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # \Z: "$" would let a trailing LF through
 # The request target in origin-form (RFC 9112 3.2.1): visible ASCII starting with "/".
-_TARGET = re.compile(rb"^/[\x21-\x7e]*$")
-_VERSION = re.compile(rb"^HTTP/(\d)\.(\d)$")
+_TARGET = re.compile(rb"^/[\x21-\x7e]*\Z")
+_VERSION = re.compile(rb"^HTTP/(\d)\.(\d)\Z")
 # RFC 9110 5.5: field values are visible characters, spaces, tabs and obs-text; no CR, LF or NUL.
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 

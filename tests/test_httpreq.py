@@ -122,6 +122,11 @@ def test_expect_100_continue_is_offered_once_while_the_body_is_missing() -> None
         (post(BODY, "no colon"), 400, "bad_request", "malformed header"),
         (post(BODY, "X-Ctl: a\x01b"), 400, "bad_request", "control character"),
         (post(BODY, "X-Cr: a\rb"), 400, "bad_request", "control character"),
+        # A bare LF where "$" would have matched before it: in a method, a version, a name, a target.
+        (b"POST\n /x HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 400, "bad_request", "request line"),
+        (b"POST /x HTTP/1.1\n\r\nContent-Length: 0\r\n\r\n", 400, "bad_request", "HTTP/1.1"),
+        (post(BODY, "X-Name\n: v"), 400, "bad_request", "malformed header"),
+        (b"POST /x\n HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 400, "bad_request", "target"),
     ],
 )
 def test_bad_requests_name_their_status(feed, raw: bytes, status: int, code: str, words: str) -> None:
