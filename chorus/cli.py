@@ -138,17 +138,26 @@ async def _set_ban(config: Config, stream: str, user: str, banned: bool, seconds
 
 def _record_sanction(config: Config, stream: str, user: str, banned: bool, seconds: float | None) -> None:
     """The ban in the history store too, from which gateways re-seed a Redis that restarted empty."""
+    import sqlite3
     import time
 
-    from chorus.ingest.store import SqliteStore
+    from chorus.ingest.store import SqliteStore, StoreUnavailable
 
-    store = SqliteStore(config.history_path)
+    try:
+        store = SqliteStore(config.history_path)
+    except (OSError, sqlite3.Error) as exc:
+        print(f"chorus: warning: the history store {config.history_path} cannot be opened ({exc}); the ban is "
+              "in Redis only and will not survive Redis restarting empty", file=sys.stderr)
+        return
     try:
         if banned:
             store.record_sanction(stream, user, None if seconds is None else time.time_ns() // 1_000_000
                                   + int(seconds * 1000), "chorus ban")
         else:
             store.lift_sanction(stream, user)
+    except StoreUnavailable as exc:
+        print(f"chorus: warning: the history store did not take the ban ({exc}); it is in Redis only",
+              file=sys.stderr)
     finally:
         store.close()
 
