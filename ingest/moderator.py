@@ -9,10 +9,10 @@ Per batch (``moderation.batch_size`` records, ``linger_ms`` to fill it):
 
 1. **Rules** (ingest/rules.py): the blocklist through its normalisation, and the spam rules.
    A hit is deleted (stage ``rules`` or ``spam``, score 1).
-1b. **Context** (ingest/context.py, ``context_rules``): what the comment is aimed at. A threat,
+   **Context** (ingest/context.py, ``context_rules``): what the comment is aimed at. A threat,
    sexual harassment or a scam (``context_deletes``) is deleted (stage ``context``).
-2. **Model** (ingest/model.py), one call for the batch, read with the context: an insult or
-   hostility aimed at a person is deleted at ``delete_at`` (the model and the words agree),
+2. **Model** (ingest/model.py), one call for the batch, read with the context: a menace, an
+   insult or hostility aimed at a person is deleted at ``delete_at`` (the model and the words agree),
    else borderline; another comment aimed at a person is borderline at ``flag_at``; one that
    nothing corroborates only at ``model_alone_flag_at``, and never when its hot words are all
    harmless idioms ("kill the boss", "I hate mondays"). The model alone never deletes.
@@ -38,7 +38,8 @@ them, and each is idempotent):
   turns it into a tombstone in history;
 - the authors' confident offences are added (each delete 1), shadow-bans set;
 - every decision but accept (and accepts too with ``record_accepts``) is written to
-  ``moderation_actions`` with its stage, score and reason; flags enter the review queue.
+  ``moderation_actions`` with its stage, score and reason; flags enter the review queue, and
+  so do deletes, as resolved items a moderator may restore.
 
 Stages 1 and 2 are CPU work: where a gateway shares the event loop (``chorus run``) they run
 in a worker thread; a moderator process of its own (``chorus moderator``) runs them on the
@@ -174,7 +175,7 @@ class Pipeline:
             if score >= cfg.flag_at:
                 return Decision(c, "borderline", "model", rounded, f"{name}: score {rounded:.2f} >= {cfg.flag_at}")
             return Decision(c, "accept", "model", rounded, "")
-        if context.category:  # an insult or hostility aimed at a person (threats and the like are deleted)
+        if context.category:  # a menace, an insult or hostility (threats and the like were deleted)
             if score >= cfg.delete_at:
                 return Decision(c, "delete", "model", rounded,
                                 f"{name}: score {rounded:.2f} >= {cfg.delete_at}; context: {context.reason}",
