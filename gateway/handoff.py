@@ -96,7 +96,7 @@ class RecordingProtocol(asyncio.BufferedProtocol):
     """Reads each request's head; forwards an upgrade to picows' protocol, keeping a copy of the
     bytes read so far, or answers anything else itself through the HTTP handler."""
 
-    __slots__ = ("_answered", "_deadline", "_handler", "_inner", "_last_buffer", "_make_inner", "_mode",
+    __slots__ = ("_answered", "_client_done", "_deadline", "_handler", "_inner", "_last_buffer", "_make_inner", "_mode",
                  "_own_buffer", "_parser", "_recorded", "_registry", "_timeout_s", "transport")
 
     def __init__(self, make_inner: Callable[[], Any], registry: dict[Any, RecordingProtocol],
@@ -114,6 +114,7 @@ class RecordingProtocol(asyncio.BufferedProtocol):
         self._own_buffer: bytearray | None = bytearray(READ_BUFFER)
         self._deadline: asyncio.TimerHandle | None = None
         self._answered = False
+        self._client_done = False  # the client half-closed: it sends nothing more
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -151,6 +152,7 @@ class RecordingProtocol(asyncio.BufferedProtocol):
         if self._answered or (self._mode == _READING and not self._recorded):
             return False  # the client read the answer (or sent nothing) and closed: close too
         # A half-closed client still reads its answer: keep the socket open for it.
+        self._client_done = True
         if self._mode == _READING:
             self._answer(error_response(400, HttpErrorCode.BAD_REQUEST,
                                         "the connection ended before the whole request arrived"))
@@ -260,8 +262,8 @@ class RecordingProtocol(asyncio.BufferedProtocol):
             return
         self._answered = True
         transport.write(response)
-        if not transport.can_write_eof():
-            transport.close()
+        if self._client_done or not transport.can_write_eof():
+            transport.close()  # nothing unread can follow: close once the answer is written
             return
         transport.write_eof()
         transport.resume_reading()

@@ -150,6 +150,22 @@ async def test_head_answers_like_get_without_the_body(env: Env, target: str) -> 
         assert got.headers.get("content-length") == str(len(got.body))
 
 
+async def test_a_get_that_never_completes_is_answered_408(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    app = await started_app(make_config(tmp_path, "embedded", request, gateway__handshake_timeout_s=0.5))
+    try:
+        env = Env(app)
+        slow = await exchange(env, b"GET /ws?stream=s1 HTTP/1.1\r\nUpgrade: websocket\r\n")  # no end of head
+        assert slow.error() == (408, "request_timeout")
+        reader, writer = await asyncio.open_connection("127.0.0.1", env.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        writer.write_eof()  # half-closed: it still reads the answer
+        cut = Answer(await asyncio.wait_for(reader.read(), 10))
+        writer.close()
+        assert cut.error() == (400, "bad_request") and "ended" in cut.json()["reason"]
+    finally:
+        await app.stop()
+
+
 async def test_http_1_0_get_is_served(env: Env) -> None:
     answer = await exchange(env, b"GET /healthz HTTP/1.0\r\n\r\n")
     assert (answer.status, answer.body) == (200, b"ok")
