@@ -82,17 +82,19 @@ class RedisLease:
 
     async def acquire(self) -> None:
         poll_s = self.lease_ms / 10000
-        waiting_logged = False
+        said = ""  # what was logged last: each state once, not every poll
         while True:
             asked_at = time.monotonic()
             try:
                 if await self._redis.set(self.key, self.token, nx=True, px=self.lease_ms):
                     break
-                if not waiting_logged:
+                if said != "held":
                     log.info("lease %s is held by another coordinator: standing by", self.key)
-                    waiting_logged = True
+                    said = "held"
             except Exception as exc:  # Redis down: nobody can take it; keep trying
-                log.warning("lease %s: redis unreachable (%s); retrying", self.key, type(exc).__name__)
+                if said != "down":
+                    log.warning("lease %s: redis unreachable (%s); retrying", self.key, type(exc).__name__)
+                    said = "down"
             await asyncio.sleep(poll_s)
         self._renewed_at = asked_at
         self._lost.clear()

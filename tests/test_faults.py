@@ -607,3 +607,44 @@ async def test_a_stalled_coordinator_steps_down_for_the_standby_that_took_over(
         await traffic.close()
         codes = await asyncio.to_thread(dep.stop)
     assert codes == [0] * len(codes), codes
+
+
+# -- the lease alone --
+
+
+@pytest.mark.services
+async def test_the_coordinator_lease_goes_to_one_holder_at_a_time(tmp_path: Path) -> None:
+    """Real Redis: a standby gets the lease at once when the holder releases it, within lease_ms
+    when the holder vanishes, and a holder that cannot reach Redis steps down after lease_ms."""
+    from chorus.ingest.lease import RedisLease
+
+    redis = await asyncio.to_thread(start_redis, tmp_path / "redis")
+    key = f"t{uuid.uuid4().hex[:6]}:coordinator-lease:x"
+    a, b = RedisLease(redis.url, key, lease_ms=400), RedisLease(redis.url, key, lease_ms=400)
+    try:
+        await a.acquire()
+        standby = asyncio.ensure_future(b.acquire())
+        await asyncio.sleep(1.0)  # a renews every 100 ms: b keeps waiting
+        assert not standby.done()
+        released = time.monotonic()
+        await a.release()
+        await asyncio.wait_for(standby, 2)
+        assert time.monotonic() - released < 0.3, "the standby took a released lease late"
+
+        # b vanishes without a word (its renewals stop): a gets the lease once it lapses
+        assert b._renewer is not None
+        b._renewer.cancel()
+        vanished = time.monotonic()
+        await asyncio.wait_for(a.acquire(), 3)
+        assert 0.2 < time.monotonic() - vanished < 1.5
+
+        # Redis goes away under the holder: it counts the lease lost after lease_ms
+        redis.kill()
+        cut = time.monotonic()
+        await asyncio.wait_for(a.lost(), 3)
+        assert 0.3 < time.monotonic() - cut < 1.5
+    finally:
+        for lease in (a, b):
+            with contextlib.suppress(Exception):
+                await lease.close()
+        await asyncio.to_thread(redis.stop)
