@@ -4,7 +4,9 @@ Each ``--retention`` setting is one ``chorus run`` process (a real process on CP
 port and data dir), all started together and driven at once with the same load from this
 process: ``--posters`` WebSocket connections posting ``--rate`` comments/s in total to one
 stream (rate limits off, so the rate is what is posted, acks counted) and ``--viewers``
-connections reading every batch. Every ``--sample-s`` seconds each server's RSS is read from
+connections reading every batch. Texts cycle through ``--distinct-texts`` phrases (chat repeats
+itself; with every text unique the moderator's score cache, bounded at 50,000 texts, grows for
+the first ~17 minutes at 50/s and hides the log's slope). Every ``--sample-s`` seconds each server's RSS is read from
 /proc (VmRSS). ``default`` is the configured retention (``kafka.log_retention_*``);
 ``0`` keeps every record (the log as it was before it had a bound); a number N keeps N records
 per partition (age bound off).
@@ -51,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--posters", type=int, default=5, help="posting connections per server (default 5)")
     p.add_argument("--viewers", type=int, default=3, help="reading connections per server (default 3)")
     p.add_argument("--sample-s", type=float, default=10.0, help="seconds between RSS samples (default 10)")
+    p.add_argument("--distinct-texts", type=int, default=500, help="phrases the texts cycle through (0: every "
+                   "text unique; default 500)")
     p.add_argument("--retention", type=_settings, default=["default", "0"],
                    help="comma list of log retentions, one server each: 'default' (the config's), 0 (keep "
                         "everything), or N records per partition (default: default,0)")
@@ -104,13 +108,17 @@ class Load:
             i = 0
             while time.monotonic() < until:
                 i += 1
-                await ws.send(json.dumps({"t": "comment", "text": f"soak comment {n}-{i} " + "x" * 60,
-                                          "nonce": f"s{n}-{i}"}))
+                await ws.send(json.dumps({"t": "comment", "text": self._text(n, i), "nonce": f"s{n}-{i}"}))
                 self.sent += 1
                 next_at += interval
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             await asyncio.sleep(2)  # the last acks
             reader.cancel()
+
+    def _text(self, n: int, i: int) -> str:
+        distinct = self.args.distinct_texts
+        k = (n * 7919 + i) % distinct if distinct else f"{n}-{i}"
+        return f"soak comment {k} " + "x" * 60
 
     async def _count_answers(self, ws: Any) -> None:
         async for raw in ws:
@@ -163,15 +171,18 @@ async def _soak(servers: dict[str, Proc], ports: dict[str, int], args: argparse.
 
 
 def summarise(samples: list[tuple[float, int]], window_s: float = 60.0) -> dict[str, float]:
-    """First- and last-minute mean RSS (MB), their change (%), and the slope after the first minute (MB/min)."""
+    """First- and last-minute mean RSS (MB), their change (%), and the slope (MB/min) after the first
+    minute and over the second half (once every bounded part is full)."""
     end = samples[-1][0]
     first = [v for t, v in samples if t <= window_s]
     last = [v for t, v in samples if t >= end - window_s]
     after = [(t, v) for t, v in samples if t >= window_s] or samples
+    second_half = [(t, v) for t, v in samples if t >= end / 2] or samples
     first_mb, last_mb = sum(first) / len(first) / MB, sum(last) / len(last) / MB
     return {"first_min_mb": round(first_mb, 1), "last_min_mb": round(last_mb, 1),
             "change_pct": round(100 * (last_mb - first_mb) / first_mb, 1),
-            "slope_mb_per_min": round(slope([(t / 60, v / MB) for t, v in after]), 2)}
+            "slope_mb_per_min": round(slope([(t / 60, v / MB) for t, v in after]), 2),
+            "second_half_slope_mb_per_min": round(slope([(t / 60, v / MB) for t, v in second_half]), 2)}
 
 
 def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
@@ -189,11 +200,11 @@ def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
                      "seen_per_viewer": load.seen / max(1, args.viewers), **summarise(samples[s]),
                      "samples": [(round(t, 1), v) for t, v in samples[s]]})
     return {"minutes": args.minutes, "rate": args.rate, "posters": args.posters, "viewers": args.viewers,
-            "sample_s": args.sample_s, "exited_early": dead, "servers": rows}
+            "sample_s": args.sample_s, "distinct_texts": args.distinct_texts, "exited_early": dead, "servers": rows}
 
 
 HEADERS = ["log retention", "posted / acked", "errors", "comments seen per viewer", "RSS first minute",
-           "RSS last minute", "change", "slope after the first minute", "flat (±5%)"]
+           "RSS last minute", "change", "slope after the first minute", "slope, second half", "flat (±5%)"]
 
 
 def _label(setting: str) -> str:
@@ -205,11 +216,12 @@ def _label(setting: str) -> str:
 def report(data: dict[str, Any]) -> str:
     rows = [[_label(r["retention"]), f"{r['sent']:,} / {r['acked']:,}", r["errors"], f"{r['seen_per_viewer']:,.0f}",
              f"{r['first_min_mb']:.1f} MB", f"{r['last_min_mb']:.1f} MB", f"{r['change_pct']:+.1f}%",
-             f"{r['slope_mb_per_min']:+.2f} MB/min", "yes" if abs(r["change_pct"]) <= 5 else "NO"]
+             f"{r['slope_mb_per_min']:+.2f} MB/min", f"{r.get('second_half_slope_mb_per_min', 0):+.2f} MB/min",
+             "yes" if abs(r["change_pct"]) <= 5 else "NO"]
             for r in data["servers"]]
     out = [f"### Soak: `chorus run` (embedded default) for {data['minutes']:g} min at {data['rate']:g} comments/s, "
-           f"{data['posters']} posting and {data['viewers']} reading connections each; "
-           f"RSS every {data['sample_s']:g} s",
+           f"{data['posters']} posting and {data['viewers']} reading connections each, "
+           f"{data.get('distinct_texts') or 'all'} distinct texts; RSS every {data['sample_s']:g} s",
            "", md_table(HEADERS, rows), "",
            "Every server ran at the same time on CPU 0 with the same load; RSS is VmRSS of the `chorus run` process."]
     if data["exited_early"]:
