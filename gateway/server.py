@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from picows import (
 
 from chorus import native
 from chorus.auth import Identity
-from chorus.broker import StreamState
+from chorus.broker import StreamMode, StreamState
 from chorus.codes import CloseCode, ErrorCode
 from chorus.config import Config
 from chorus.counters import Counters
@@ -51,6 +52,7 @@ from chorus.ingest.records import Comment, encode_record
 from chorus.ingest.store import HistoryStore
 from chorus.metrics import DeliveryClock
 from chorus.ops import DRAIN_REASON, drain_gateway
+from chorus.positions import NO_EPOCH
 from chorus.protocol import (
     JSON,
     MSGPACK,
@@ -135,6 +137,18 @@ class _Stream:
     controls: deque[tuple[int, ChannelMessage]] = field(default_factory=lambda: deque(maxlen=REPLAY_BATCHES))
 
 
+@dataclass(frozen=True, slots=True)
+class _Welcome:
+    """A welcome ready to send, and the cache's offset it was read at (what to replay after)."""
+
+    event: dict[str, Any]
+    cache_offset: int
+
+
+# A welcome's reads: position (epoch, offset), recent comments, mode, pin, keep ratios.
+_StreamState = tuple[str, int, list[dict[str, Any]], StreamMode, dict[str, Any] | None, list[tuple[int, float]]]
+
+
 @dataclass(slots=True)
 class _Post:
     """A comment a viewer sent, waiting for admission with the others of its drain."""
@@ -157,7 +171,8 @@ class _FailureLog:
         self._quiet: dict[tuple[str, str], int] = {}
         self.count = 0
 
-    def failed(self, where: str, exc: BaseException) -> None:
+    def failed(self, where: str, exc: BaseException, level: int = logging.ERROR) -> None:
+        """Log ``exc`` (with its traceback at ERROR: a bug) unless its kind was logged lately."""
         self.count += 1
         key = (where, type(exc).__name__)
         now = time.monotonic()
@@ -166,8 +181,8 @@ class _FailureLog:
             return
         self._last[key] = now
         also = self._quiet.pop(key, 0)
-        log.error("%s failed (%s; %d more like it since the last report)", where, type(exc).__name__, also,
-                  exc_info=exc)
+        log.log(level, "%s failed (%s: %s; %d more like it since the last report)", where, type(exc).__name__, exc,
+                also, exc_info=exc if level >= logging.ERROR else None)
 
 
 class Upgrader(WSListener):
@@ -418,11 +433,7 @@ class Gateway:
         self._arm_timer()
 
     def _viewer_left(self, handle: int, ip: str) -> None:
-        left = self._per_ip.get(ip, 0) - 1
-        if left > 0:
-            self._per_ip[ip] = left
-        else:
-            self._per_ip.pop(ip, None)
+        self._release_ip(ip)
         s = self._by_handle.get(handle)
         if s is None:
             return
@@ -431,6 +442,13 @@ class Gateway:
         if s.viewers <= 0:
             del self._streams[s.name]
             del self._by_handle[s.handle]
+
+    def _release_ip(self, ip: str) -> None:
+        left = self._per_ip.get(ip, 0) - 1
+        if left > 0:
+            self._per_ip[ip] = left
+        else:
+            self._per_ip.pop(ip, None)
 
     def _on_client_message(self, conn: int, handle: int, kind: int, data: bytes, variant: int,
                            who: Identity | None, ip: str = "", posts: list[_Post] | None = None) -> None:
@@ -539,8 +557,8 @@ class Gateway:
         try:
             await self.node.acquire(up.stream)
         except Exception as exc:
-            log.warning("subscribe to %s failed: %s", up.stream, exc)
-            self._per_ip[ip] -= 1
+            self.failures.failed("subscribing a stream's channel for a join", exc, logging.WARNING)
+            self._release_ip(ip)
             raw.write(native.encode_close(CloseCode.TRY_AGAIN_LATER, "stream unavailable, try again"))
             raw.close()
             return
@@ -552,48 +570,97 @@ class Gateway:
         s.viewers += 1
         controls_before = self._controls_seen  # a delete or pin arriving from here on is replayed below
         try:
-            # Concurrent reads (a reconnect storm joins thousands at once); the ratios need the epoch.
-            (epoch, offset), recent, mode, pin = await asyncio.gather(
-                self.state.position(up.stream), self.state.recent(up.stream, self.config.gateway.recent_on_welcome),
-                self.state.get_mode(up.stream), self.state.get_pin(up.stream))
-            ratios = await self.state.keep_ratios(up.stream, epoch) if epoch else []
-        except Exception as exc:  # Redis refused or timed out: undo the join, the client retries
-            log.warning("welcome for %s failed: %s", up.stream, exc)
+            prepared = await self._prepare_welcome(up, ip)
+        except Exception as exc:  # a bug: it costs this join only, and the counts stay right
+            self.failures.failed("preparing a welcome", exc)
+            prepared = (CloseCode.INTERNAL_ERROR, "internal error")
+        if isinstance(prepared, tuple) or raw.is_closing() or not await self._release_when_sent(raw):
             self._viewer_left(s.handle, ip)
-            raw.write(native.encode_close(CloseCode.TRY_AGAIN_LATER, "stream unavailable, try again"))
-            raw.close()
+            if isinstance(prepared, tuple) and not raw.is_closing():
+                raw.write(native.encode_close(*prepared))
+                raw.close()
             return
+        fd = detach_socket(raw)
+        try:
+            conn = self.hub.adopt(fd, s.handle, up.variant(), leftover, tag)
+        except (ValueError, OSError) as exc:  # ValueError leaves the fd with us; OSError: the hub closed it
+            self.failures.failed("handing a socket to the hub", exc)
+            if isinstance(exc, ValueError):
+                os.close(fd)
+            self._viewer_left(s.handle, ip)
+            return
+        try:
+            self._send_welcome(conn, up, s, prepared, controls_before)
+        except Exception as exc:  # the hub holds it now: its CLOSED event undoes the counts
+            self.failures.failed("sending a welcome", exc)
+            self.hub.close(conn, CloseCode.INTERNAL_ERROR, "internal error")
+        self.on_hub_ready()
+
+    async def _prepare_welcome(self, up: Upgrader, ip: str) -> _Welcome | tuple[int, str]:
+        """The welcome for a viewer joining ``up.stream``, or the close (code, reason) it gets
+        instead: "try again" without the stream's state, 4503 / 4504 when banned or timed out."""
+        got = await self._stream_state(up.stream)
+        if got is None:
+            return CloseCode.TRY_AGAIN_LATER, "stream unavailable, try again"
+        epoch, offset, recent, mode, pin, ratios = got
         # A cache holding less than the welcome shows (Redis restarted empty, the embedded
-        # default restarted) is filled from the history store (gateway/recovery.py).
+        # default restarted, Redis down) is filled from the history store (gateway/recovery.py).
         view = await self.recovery.welcome(up.stream, epoch, offset, recent, self.config.gateway.recent_on_welcome)
         refused = await self.moderation.refusal(up.who, up.stream) if self.moderation is not None else None
         if refused is not None:  # banned or timed out (gateway/modapi.py): 4503 / 4504, after the 101
-            self._viewer_left(s.handle, ip)
-            if not raw.is_closing():
-                raw.write(native.encode_close(*refused))
-                raw.close()
-            return
+            return refused
         self.engagement.joined(up.stream, up.who.user_id if up.who else None, ip)
         counts = await self.engagement.welcome(up.stream)
-        if raw.is_closing() or not await self._release_when_sent(raw):
-            self._viewer_left(s.handle, ip)
-            return
-        conn = self.hub.adopt(detach_socket(raw), s.handle, up.variant(), leftover, tag)
-        if self.moderation is not None:
-            self.moderation.on_join(up.who, conn, up.stream, up.wire == MSGPACK)
-        welcome = {
+        event = {
             "t": "welcome", "stream": up.stream, "epoch": view.epoch, "offset": view.offset, "recent": view.recent,
             "pin": pin, **counts, "mode": mode.to_wire(),
             "keep_ratio": ratios[-1][1] if ratios else 1.0,  # a sampled stream: as the last `throttle` said
             "user": {"id": up.who.user_id, "name": up.who.name} if up.who else None,
         }
-        self.hub.send(conn, encode_event(welcome, up.wire))
+        return _Welcome(event, offset)
+
+    async def _stream_state(self, stream: str) -> _StreamState | None:
+        """The stream's position, recent comments, mode, pin and keep ratios for a welcome.
+
+        If Redis does not answer and there is a history store, a welcome without the cache
+        (its comments and position from the store, mode off, the pin the store kept): a
+        viewer of a stream this gateway still serves joins during an outage (live comments
+        keep coming over Pub/Sub's Kafka fallback). Without a store: None ("try again").
+        """
+        try:
+            # Concurrent reads (a reconnect storm joins thousands at once); the ratios need the epoch.
+            (epoch, offset), recent, mode, pin = await asyncio.gather(
+                self.state.position(stream), self.state.recent(stream, self.config.gateway.recent_on_welcome),
+                self.state.get_mode(stream), self.state.get_pin(stream))
+            ratios = await self.state.keep_ratios(stream, epoch) if epoch else []
+        except Exception as exc:
+            self.failures.failed("reading a stream's state for a welcome", exc, logging.WARNING)
+            if self.store is None:
+                return None
+            return NO_EPOCH, -1, [], StreamMode(), await self._stored_pin(stream), []
+        return epoch, offset, recent, mode, pin, ratios
+
+    async def _stored_pin(self, stream: str) -> dict[str, Any] | None:
+        """The pin the history store keeps beside Redis's (SqliteStore.pin), if it can say."""
+        read = getattr(self.store, "pin", None)
+        if read is None:
+            return None
+        try:
+            pin: dict[str, Any] | None = await asyncio.to_thread(read, stream)
+        except Exception:
+            return None
+        return pin
+
+    def _send_welcome(self, conn: int, up: Upgrader, s: _Stream, prepared: _Welcome, controls_before: int) -> None:
+        """The welcome, then what the stream published while it was being read."""
+        if self.moderation is not None:
+            self.moderation.on_join(up.who, conn, up.stream, up.wire == MSGPACK)
+        self.hub.send(conn, encode_event(prepared.event, up.wire))
         # Batches after the cache's position (not the store's: another epoch's offsets, maybe).
-        missed = [m for m in s.replay if m.offset is not None and m.offset > offset]
+        missed = [m for m in s.replay if m.offset is not None and m.offset > prepared.cache_offset]
         missed += [m for n, m in s.controls if n > controls_before]  # after the batches they may name
         for m in missed:
             self.hub.send(conn, m.event_json if up.wire == JSON else msgpack.packb(json.loads(m.event_json)))
-        self.on_hub_ready()
 
     async def _release_when_sent(self, raw: asyncio.Transport) -> bool:
         """Wait (briefly) until uvloop has written the 101, so nothing is lost at the abort."""

@@ -9,9 +9,9 @@
   welcome comes from the history store with the same position, and a resume from inside it
   is filled from the store.
 - A private Redis is SIGKILLed while viewers join and restarted empty on the same port:
-  joins made while it is down are refused with "try again" (1013) or welcomed, and every
-  join after it is back gets a welcome with the recent comments from history, and live
-  comments again.
+  while it is down, joins to a stream the gateway serves are welcomed from history (a stream
+  new to the gateway needs Redis for its channel: close 1013, "try again"); every join after
+  it is back gets a welcome with the recent comments from history.
 """
 
 from __future__ import annotations
@@ -217,11 +217,17 @@ async def test_joins_through_a_redis_killed_and_restarted_empty(
             assert app.store is not None
             store = app.store
             await eventually(lambda: _now(store.count(stream) == 6), what="archived")
+            kind, cached = await join(env, stream)
+            assert kind == "welcome" and [c["id"] for c in cached["recent"]] == ids  # from the cache
 
             redis.kill()  # SIGKILL by its PID
-            during = [await join(env, stream) for _ in range(3)]
-            for kind, what in during:
-                assert (kind == "closed" and what == CloseCode.TRY_AGAIN_LATER) or kind == "welcome", (kind, what)
+            # A stream this gateway serves: welcomed from history while Redis is down.
+            for _ in range(3):
+                kind, what = await join(env, stream)
+                assert kind == "welcome" and [c["id"] for c in what["recent"]] == ids, (kind, what)
+            assert (what["epoch"], what["offset"]) == (cached["epoch"], cached["offset"])  # the store's newest
+            # A stream new to it needs its channel, which needs Redis: "try again".
+            assert await join(env, f"new-{uuid.uuid4().hex[:6]}") == ("closed", CloseCode.TRY_AGAIN_LATER)
             await asyncio.to_thread(redis.restart)  # the same port, empty (no persistence)
 
             async def welcomed() -> Any:
@@ -233,13 +239,8 @@ async def test_joins_through_a_redis_killed_and_restarted_empty(
             for _ in range(3):  # and every join from then on
                 kind, what = await join(env, stream)
                 assert kind == "welcome" and [c["id"] for c in what["recent"]] == ids
-            # Live comments flow again (Pub/Sub subscribed again) to old and new viewers.
-            late = await env.viewer(stream)
-            (new_id,) = await post_comments(posters, 1, "after redis")  # type: ignore[arg-type]
-            for v in (watcher, late):
-                await v.wait_for(lambda e: e["t"] == "batch" and any(c["id"] == new_id for c in e["comments"]),
-                                 timeout=30)
-            for c in (watcher, late, *posters):
+            # Live delivery once Redis is back is test_fallback.py's subject.
+            for c in (watcher, *posters):
                 await c.close()
         finally:
             await app.stop()
