@@ -104,7 +104,7 @@ class GatewayConfig:
     node_lease_ttl_s: float = doc(
         "With node_id -1 and Redis: the node id is a lease in Redis renewed every third of this; a gateway "
         "that cannot renew it for 0.8 of this (Redis unreachable) refuses posts until it can, and a stopped "
-        "gateway's id is free again after this.", 60.0
+        "gateway's id is free again after this.", 120.0
     )
     echo_endpoint: bool = doc("Serve /echo (conformance testing only; never in production).", False)
     drain_delay_s: float = doc(
