@@ -31,7 +31,7 @@ from chorus.ingest.moderator import Moderator
 from chorus.ingest.reputation import MemoryReputation, RedisReputation, Reputation
 from chorus.ingest.store import SqliteStore
 from chorus.localkey import needs_own_key
-from chorus.nodeid import FixedNode, NodeLease, lease_node_id
+from chorus.nodeid import FixedNode, NodeLease, fixed_node, lease_node_id
 from chorus.ops import Operations, drain_gateway
 
 __all__ = ["ALL_ROLES", "App", "run_app", "tune_gc", "warn_if_pure"]
@@ -44,8 +44,9 @@ ALL_ROLES = frozenset({"gateway", "coordinator", "archiver", "moderator"})
 async def _node_id(config: Config) -> FixedNode | NodeLease:
     """The id generator's node: from the config, else a lease in Redis renewed in the background
     (chorus/nodeid.py), else 0 on the embedded default."""
-    if config.gateway.node_id >= 0 or not config.redis.url:
-        return FixedNode(max(0, config.gateway.node_id))
+    if config.gateway.node_id >= 0 or not config.redis.url:  # embedded: the floor is kept beside the history
+        return fixed_node(max(0, config.gateway.node_id),
+                          config.history_path.with_name("ids.floor") if config.embedded else None)
     return await lease_node_id(config.redis.url, config.redis.channel_prefix, config.gateway.node_lease_ttl_s)
 
 

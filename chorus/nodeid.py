@@ -33,15 +33,17 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from chorus.config import ConfigError
 from chorus.ids import MAX_NODE, IdGenerator
 
-__all__ = ["FixedNode", "NodeIdUnavailable", "NodeLease", "lease_node_id"]
+__all__ = ["FixedNode", "NodeIdUnavailable", "NodeLease", "fixed_node", "lease_node_id"]
 
 log = logging.getLogger("chorus.nodeid")
 
+FLOOR_WRITE_S = 1.0  # how often a fixed node's floor file is brought up to date (if ids were made)
 LEASE_SAFETY = 0.8  # share of the ttl after a renewal was sent during which ids are made
 RETRY_AFTER_FAILURE_S = 1.0  # a renewal that failed (Redis down) is tried again this soon
 STOP_WAIT_S = 3.0  # how long stopping waits for a renewal in flight (its Redis timeout is 2 s)
@@ -88,10 +90,19 @@ class NodeIdUnavailable(ConfigError):
 
 @dataclass
 class FixedNode:
-    """A node id that needs no lease: set in the config, or 0 on the embedded default."""
+    """A node id that needs no lease: set in the config, or 0 on the embedded default.
+
+    With ``floor_file`` (the embedded default's data dir) it keeps how far its ids went there,
+    every ``FLOOR_WRITE_S`` and on stop, and starts past it: a restart whose clock stepped back
+    does not make ids the history already has (which ``INSERT OR IGNORE`` would drop).
+    """
 
     id: int
     floor_ms: int = 0
+    floor_file: Path | None = None
+    _ids: IdGenerator | None = None
+    _task: asyncio.Task[None] | None = None
+    _written: int = -1
 
     def held(self) -> bool:
         return True
@@ -100,10 +111,45 @@ class FixedNode:
         return ""
 
     def attach(self, ids: IdGenerator) -> None:
-        pass
+        self._ids = ids
+        if self.floor_file is not None and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._keep_writing(), name="ids-floor")
+
+    async def _keep_writing(self) -> None:
+        while True:
+            await asyncio.sleep(FLOOR_WRITE_S)
+            self._write_floor()
+
+    def _write_floor(self) -> None:
+        if self.floor_file is None or self._ids is None or self._ids.last_ms == self._written:
+            return
+        try:
+            tmp = self.floor_file.with_suffix(".tmp")
+            tmp.write_text(str(self._ids.last_ms))
+            os.replace(tmp, self.floor_file)
+            self._written = self._ids.last_ms
+        except OSError as exc:
+            log.warning("could not write %s (%s): a restart with the clock set back may repeat ids",
+                        self.floor_file, exc)
 
     async def release(self) -> None:
-        pass
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        self._write_floor()
+
+
+def fixed_node(node_id: int, floor_file: Path | None = None) -> FixedNode:
+    """A :class:`FixedNode` starting past the floor kept in ``floor_file`` (if there is one)."""
+    floor = 0
+    if floor_file is not None:
+        try:
+            floor = int(floor_file.read_text().strip() or 0)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring %s (%s)", floor_file, exc)
+    return FixedNode(node_id, floor, floor_file)
 
 
 def _wall_ms() -> int:

@@ -220,3 +220,35 @@ async def test_release_records_how_far_ids_went_for_the_next_holder(leases: Call
     assert await second.take() == first.id
     after = IdGenerator(second.id, floor_ms=second.floor_ms, hold=second).next_int()
     assert after > last
+
+
+async def test_an_embedded_restart_with_the_clock_set_back_does_not_repeat_ids(request: pytest.FixtureRequest,
+                                                                                tmp_path: Path) -> None:
+    """The worst clock step: the restarted process reads the very millisecond the last one did.
+    Without the floor kept beside the history, its first ids are the ones already stored, and
+    the history store drops them (INSERT OR IGNORE)."""
+    stepped = 1_764_037_000_000
+    config = make_config(tmp_path, "embedded", request, limits__user_per_minute=0)
+    who = Identity("dana", "Dana", frozenset({"read", "write:comments"}))
+    made: list[str] = []
+    for run in range(2):
+        app = await App.build(config)
+        await app.start()
+        try:
+            assert app.gateway is not None and app.store is not None
+            app.gateway.admission.ids._clock_ms = lambda: stepped
+            for n in range(3):
+                made.append((await app.gateway.admission.post(who, "s", f"run {run} comment {n}")).id)
+            store = app.store
+            deadline = time.monotonic() + 10
+            while store.count("s") < len(made) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        finally:
+            await app.stop()
+    assert len(set(made)) == 6 and made == sorted(made, key=int)
+    assert (tmp_path / "ids.floor").exists()
+    app = await App.build(config)
+    try:
+        assert app.store is not None and app.store.count("s") == 6  # every comment stored
+    finally:
+        await app.stop()
