@@ -648,3 +648,33 @@ async def test_the_coordinator_lease_goes_to_one_holder_at_a_time(tmp_path: Path
             with contextlib.suppress(Exception):
                 await lease.close()
         await asyncio.to_thread(redis.stop)
+
+
+@pytest.mark.services
+async def test_a_static_member_stopped_cleanly_leaves_its_group(kafka_bootstrap: str) -> None:
+    """A coordinator stopped for good (SIGTERM) must not hold the group's next rebalance until
+    its session expires: the next member to join gets partitions at once."""
+    from chorus.ingest.log import KafkaLog
+
+    log = KafkaLog(kafka_bootstrap, await create_topic(kafka_bootstrap))
+    group = f"leave-{uuid.uuid4().hex[:6]}"
+    static = log.consumer(group, instance_id="slot-a")
+    await static.start()
+    try:
+        async with asyncio.timeout(30):
+            while not static._consumer.assignment():
+                await static.fetch(timeout_ms=100, max_records=1)
+    finally:
+        await static.stop()
+    newcomer = log.consumer(group)
+    joined = time.monotonic()
+    await newcomer.start()
+    try:
+        async with asyncio.timeout(30):
+            while not newcomer._consumer.assignment():
+                await newcomer.fetch(timeout_ms=100, max_records=1)
+        waited = time.monotonic() - joined
+    finally:
+        await newcomer.stop()
+    print(f"\nfaults: a member joining after a static one stopped got its partitions in {waited:.2f}s")
+    assert waited < 5.0, f"the newcomer waited {waited:.1f}s: the stopped static member stayed in the group"
