@@ -13,7 +13,14 @@ table in BENCHMARKS.md (fault, posts, acked, lost, duplicates, unanswered, outag
 - The partition leader of a busy stream (500 posts/s) on a three-broker cluster (the
   ``kafka_cluster`` fixture: marker ``cluster``); with ``CHORUS_TEST_ALL_FAULTS=1`` also a
   leader that is the active KRaft controller too.
-- With ``CHORUS_TEST_ALL_FAULTS=1``: a single broker killed and restarted (the single-node floor).
+- An active coordinator stalled past its lease (SIGSTOP, then SIGCONT): the standby takes
+  over and the stalled one steps down instead of taking the partitions back.
+- With ``CHORUS_TEST_ALL_FAULTS=1`` also: two active coordinators sharing the partitions (the
+  alternative to a standby: the survivor waits for the dead member's session), a single
+  broker killed and restarted (the single-node floor), Redis killed and restarted empty.
+
+Two small ones without traffic: the lease alone on real Redis, and a static member stopped
+cleanly leaving its group (else the group's next rebalance waits for its session).
 
 Outages are measured on a loaded 2-core machine, so the asserted bounds carry a margin over
 the targets; the printed figures are what BENCHMARKS.md records.
