@@ -311,9 +311,14 @@ class Coordinator:
         losing = asyncio.ensure_future(lease.lost())
         await asyncio.wait((consuming, losing), return_when=asyncio.FIRST_COMPLETED)
         losing.cancel()
-        if not consuming.done():
-            self.loop.stop()
-        await consuming  # a role that failed fails the process, as without a lease
+        if consuming.done():
+            await consuming  # stopped, or the role failed: that fails the process, as without a lease
+            return
+        self.loop.stop()
+        try:
+            await consuming
+        except Exception as exc:  # stopped while retrying a batch (Redis down): its next holder replays it
+            log.warning("coordinator stepped down with a batch not handled (%s)", exc)
         if not self._stopping.is_set():
             self.loop.renew(self._consumer())
 

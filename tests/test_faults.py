@@ -558,7 +558,7 @@ async def test_redis_killed_and_restarted_loses_no_acknowledged_comment(tmp_path
             def crash_and_restart() -> float:
                 at = time.monotonic()
                 redis.kill()
-                time.sleep(1.0)  # down for a moment, as a crashed server restarted by its supervisor
+                time.sleep(2.0)  # past the coordinator's lease (1 s): it steps down while retrying a batch
                 redis.restart()
                 return at
 
@@ -568,15 +568,18 @@ async def test_redis_killed_and_restarted_loses_no_acknowledged_comment(tmp_path
             outcome = await settle(dep, traffic)
             ack_outage = traffic.longest_ack_gap(began, ended)
             delivery = traffic.next_delivery_after(killed_at)
-            print(f"\nfaults: Redis SIGKILL and restart (1 s down): longest ack gap {ack_outage:.2f}s, delivery "
+            print(f"\nfaults: Redis SIGKILL and restart (2 s down): longest ack gap {ack_outage:.2f}s, delivery "
                   f"resumed {delivery:.2f}s after the kill; refused {dict(outcome.refused)}\n"
-                  + outcome.row("Redis SIGKILL, restarted empty 1 s later",
+                  + outcome.row("Redis SIGKILL, restarted empty 2 s later",
                                 f"{ack_outage:.1f} s acks, {delivery:.1f} s delivery"))
             assert_nothing_lost(outcome)
+            coordinator = dep.procs["c0"].output()
+            assert "stepping down" in coordinator and "taken (term 2)" in coordinator, coordinator[-3000:]
         finally:
             await traffic.close()
             codes = await asyncio.to_thread(dep.stop)
         assert all(c == 0 for c in codes), codes
+        assert all("Traceback" not in p.output() for p in dep.all)
     finally:
         await asyncio.to_thread(redis.stop)
 
