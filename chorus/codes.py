@@ -21,8 +21,9 @@ __all__ = [
 MAX_COMMENT_CHARS = 500
 # The client's correlation token echoed in ack/error.
 MAX_NONCE_CHARS = 64
-# POST /streams/{id}/comments: request line plus headers, and the JSON body.
-MAX_REQUEST_HEAD_BYTES = 8 * 1024
+# Any request's line plus headers (16 KiB: what picows allowed upgrades before the hand-off
+# read every head, so a browser with many cookies still connects), and a POST's JSON body.
+MAX_REQUEST_HEAD_BYTES = 16 * 1024
 MAX_REQUEST_BODY_BYTES = 16 * 1024
 # The longest slow mode an operator may set on a stream.
 MAX_SLOW_MODE_SECONDS = 3600

@@ -25,6 +25,7 @@ from chorus import cli
 from chorus.app import ALL_ROLES, App
 from chorus.auth import mint_token
 from chorus.broker import StreamMode, set_stream_mode
+from chorus.codes import MAX_REQUEST_HEAD_BYTES
 from chorus.ingest.limits import ALL_STREAMS
 from chorus.ingest.log import LogUnavailable
 
@@ -317,8 +318,8 @@ def too_long() -> bytes:
         (lambda t, s: request(f"/streams/{s}/comments", b"", t("u")).replace(b"Content-Length: 0\r\n", b""), 400,
          "bad_message"),  # no Content-Length, no Transfer-Encoding: an empty body (RFC 9112 6.3)
         (lambda t, s: request(f"/streams/{s}/comments", b"x" * 20000, t("u")), 413, "body_too_large"),
-        (lambda t, s: request(f"/streams/{s}/comments", b"{}", t("u"), "X-Pad: " + "p" * 9000), 431,
-         "headers_too_large"),
+        (lambda t, s: request(f"/streams/{s}/comments", b"{}", t("u"), "X-Pad: " + "p" * (MAX_REQUEST_HEAD_BYTES + 1)),
+         431, "headers_too_large"),
         (lambda t, s: b"POST /streams/x/comments HTTP/2.0\r\nContent-Length: 0\r\n\r\n", 505,
          "version_not_supported"),
         (lambda t, s: b"POST \x00\x01garbage\r\n\r\n", 400, "bad_request"),
