@@ -145,7 +145,8 @@ class Operations:
 
     async def _refresh_lag(self) -> None:
         """Kafka consumer lag of each consume loop in this process (the metrics read the cache)."""
-        for group, role in (("chorus-coordinator", self.app.coordinator), ("chorus-archiver", self.app.archiver),
+        coordinator_group = self.config.coordinator.group_id
+        for group, role in ((coordinator_group, self.app.coordinator), ("chorus-archiver", self.app.archiver),
                             ("chorus-moderator", getattr(self.app, "moderator", None))):
             loop = getattr(role, "loop", None)
             if loop is None or not hasattr(loop, "lag"):
