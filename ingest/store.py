@@ -188,16 +188,42 @@ class SqliteStore:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
         self._lock = threading.Lock()
         with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._use_wal()
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            self._add_missing_columns()
+            self._db.executescript(INDEXES)
+
+    def _use_wal(self) -> None:
+        """Switch a new file to WAL. The switch takes the file's lock without waiting on the busy
+        timeout, so a role opening the file while another switches it retries (WAL then sticks
+        to the file, and later opens need no lock)."""
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def _add_missing_columns(self) -> None:
+        """Migrate a file made by an older version. In one write transaction: roles started
+        together (gateway, archiver, moderator) open the same new file, and two that both saw
+        a column missing would both add it."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
             for table, columns in (("comments", POSITION_COLUMNS), ("moderation_actions", ACTION_COLUMNS),
                                    ("review_queue", REVIEW_COLUMNS)):
                 have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
                 for name, decl in columns.items():
                     if name not in have:
                         self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
-            self._db.executescript(INDEXES)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def write_comments(self, comments: Sequence[Comment]) -> int:
         """Insert those not stored yet; returns how many were new."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,3 +83,25 @@ def test_a_failing_read_is_store_unavailable(tmp_path: Path) -> None:
     store.close()
     with pytest.raises(StoreUnavailable):
         store.since("s", "e", 0, 10)
+
+
+def _open_store_at(path: str, barrier: Any) -> None:
+    barrier.wait()
+    SqliteStore(path).close()
+
+
+def test_roles_opening_a_new_file_together_migrate_it_once(tmp_path: Path) -> None:
+    """`chorus gateway` and `chorus archiver` started together open the same new file: each
+    saw the added columns missing and both added them ("duplicate column name")."""
+    ctx = multiprocessing.get_context("fork")
+    failed = 0
+    for i in range(8):
+        path = str(tmp_path / f"h{i}.sqlite3")
+        barrier = ctx.Barrier(4)
+        procs = [ctx.Process(target=_open_store_at, args=(path, barrier)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        failed += sum(p.exitcode != 0 for p in procs)
+    assert failed == 0
