@@ -8,6 +8,9 @@ so a broken build cannot silently test the fallback. Everyone else imports from 
 
 from __future__ import annotations
 
+if __name__ != "chorus.native":  # one import name: the folder is installed as chorus.native
+    raise ImportError(f"import chorus.native, not {__name__} (pip install -e . maps native/ to chorus.native)")
+
 import importlib
 import os
 from types import ModuleType

@@ -5,7 +5,8 @@
 #   - system packages, only when missing: redis-server, chromium (browser tests), a JDK 17
 #     and Maven (to fetch the Kafka jars), a C/C++ compiler and the Python headers (the native
 #     extensions are built with CHORUS_BUILD_NATIVE=always), python3-venv;
-#   - .venv with the project installed in editable mode with its `test` extra;
+#   - .venv with the project installed in editable mode with its `test` extra, and the view
+#     of the package that mypy reads (.venv/typecheck);
 #   - the Apache Kafka broker jars in .services/kafka/libs, resolved from services/kafka/pom.xml.
 # CHORUS_REINSTALL=1 forces the pip step even when nothing it depends on changed.
 # CHORUS_BUILD_NATIVE defaults to "always" here (a failed native build fails the install);
@@ -92,6 +93,14 @@ if [ "${CHORUS_REINSTALL:-0}" = 1 ] || [ "$(cat "$stamp_file" 2>/dev/null)" != "
 else
     log "python package up to date (CHORUS_REINSTALL=1 forces a reinstall)"
 fi
+# mypy cannot follow the package-dir mapping that makes gateway/ chorus.gateway (and so on), so
+# it reads the package through this view (pyproject.toml [tool.mypy] mypy_path). Python never
+# imports from it; it lives in .venv so editors and search tools do not see the files twice.
+view=.venv/typecheck/chorus
+mkdir -p "$view"
+for role in gateway ingest native; do
+    ln -sfn "$ROOT/$role" "$view/$role"
+done
 
 # ---- Kafka jars -------------------------------------------------------------------------
 libs=.services/kafka/libs
