@@ -22,6 +22,7 @@ from typing import Any
 import jwt
 
 from chorus.config import AuthConfig
+from chorus.errors import ChorusError
 from chorus.protocol import clean_text
 
 __all__ = ["MAX_NAME_CHARS", "MAX_USER_ID_CHARS", "MODERATE", "POST_SCOPES", "AuthError", "Identity", "TokenExpired",
@@ -39,7 +40,7 @@ MAX_NAME_CHARS = 64  # claim ``name``, after cleaning
 MAX_TIME_S = 2**53
 
 
-class AuthError(Exception):
+class AuthError(ChorusError):
     """The token is missing, malformed, expired or signed with another key."""
 
 

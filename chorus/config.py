@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 
+from chorus.errors import ChorusError
+
 __all__ = [
     "AuthConfig",
     "Config",
@@ -48,7 +50,7 @@ DEV_KEY = "chorus-development-key-change-me-0123456789"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-class ConfigError(ValueError):
+class ConfigError(ChorusError, ValueError):
     """Config values missing, of the wrong type or out of range; each problem names its key.
 
     ``problems`` lists them all (a file with three mistakes reports three, not the first).

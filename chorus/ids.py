@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from chorus.errors import Unavailable
+
 __all__ = ["EPOCH_MS", "IdGenerator", "IdsUnavailable", "NodeHold", "id_time_ms"]
 
 log = logging.getLogger("chorus.ids")
@@ -33,7 +35,7 @@ SEQ_MASK = (1 << SEQ_BITS) - 1
 STEP_BACK_WARN_MS = 1000  # a clock step back this large is logged (ids run ahead of the clock meanwhile)
 
 
-class IdsUnavailable(Exception):
+class IdsUnavailable(Unavailable):
     """This process may not mint ids now (its node id lease lapsed); the message says why."""
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from chorus.config import ConfigError
+from chorus.errors import Unavailable
 from chorus.ids import MAX_NODE, IdGenerator
 
 __all__ = ["FixedNode", "NodeIdUnavailable", "NodeLease", "fixed_node", "lease_node_id"]
@@ -84,8 +85,8 @@ return 1
 """
 
 
-class NodeIdUnavailable(ConfigError):
-    """No node id is free at start-up (or Redis did not answer the lease)."""
+class NodeIdUnavailable(ConfigError, Unavailable):
+    """No node id is free at start-up (or Redis did not answer the lease): the role does not start."""
 
 
 @dataclass

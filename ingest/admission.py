@@ -63,6 +63,7 @@ from typing import Any
 from chorus.auth import Identity
 from chorus.codes import ErrorCode
 from chorus.config import LimitsConfig
+from chorus.errors import ChorusError
 from chorus.ids import IdGenerator, IdsUnavailable, id_time_ms
 from chorus.ingest.limits import AdmissionLimits, BackendUnavailable, Decision, Poster, Refusal
 from chorus.ingest.log import CommentLog, LogUnavailable, LogUnconfirmed, append_many
@@ -82,7 +83,7 @@ JOIN_TIMEOUT_S = 30.0  # a repeat waits this long at most for the first post's a
 Post = tuple[Identity | None, str, str, str] | tuple[Identity | None, str, str, str, str | None]
 
 
-class Refused(Exception):
+class Refused(ChorusError):
     """The comment was not accepted; ``code`` and ``reason`` go back to the poster."""
 
     def __init__(self, code: ErrorCode, reason: str, retry_after_ms: int | None = None,

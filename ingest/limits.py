@@ -36,6 +36,7 @@ from typing import Any, Protocol
 from chorus.broker import StreamState
 from chorus.codes import ErrorCode
 from chorus.config import Config, LimitsConfig
+from chorus.errors import Unavailable
 
 __all__ = [
     "ADMIT_MANY_SCRIPT",
@@ -66,7 +67,7 @@ ALL_STREAMS = "*"  # the stream of a ban from every stream (not a valid stream i
 SANCTION_MEMO_S = 2.0  # with Redis: how long a gateway remembers a ban it was told about
 
 
-class BackendUnavailable(Exception):
+class BackendUnavailable(Unavailable):
     """The shared store (Redis) did not answer; admission lets the post through (fail open)."""
 
 

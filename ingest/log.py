@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from aiokafka.partitioner import DefaultPartitioner
 
+from chorus.errors import Unavailable
 from chorus.ingest.kafka_topic import partition_epoch, topic_id
 
 __all__ = ["CommentLog", "KafkaLog", "LogConsumer", "LogRecord", "LogUnavailable", "LogUnconfirmed", "MemoryLog",
@@ -37,7 +38,7 @@ __all__ = ["CommentLog", "KafkaLog", "LogConsumer", "LogRecord", "LogUnavailable
 log = logging.getLogger("chorus.log")
 
 
-class LogUnavailable(Exception):
+class LogUnavailable(Unavailable):
     """The log did not take the record; it was not stored and the caller must say so."""
 
 

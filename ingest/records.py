@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from chorus.codes import DeleteCode
+from chorus.errors import ChorusError
 from chorus.protocol import json_compact
 
 __all__ = ["CONTROL_OPS", "Comment", "Control", "RecordError", "decode_any", "decode_record", "encode_control",
@@ -40,7 +41,7 @@ CONTROL_OPS = frozenset({"delete", "shadow", "pin", "unpin", "restore"})
 AUTOMATIC_ACTOR = "moderator"  # the ``by`` of automatic moderation's records
 
 
-class RecordError(ValueError):
+class RecordError(ChorusError, ValueError):
     """A log record that is not a Chorus record; consumers skip it and count it."""
 
 

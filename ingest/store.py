@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from chorus.errors import Unavailable
 from chorus.ingest.records import Comment
 
 __all__ = ["HistoryStore", "ModerationAction", "ReviewItem", "SqliteStore", "StoreUnavailable", "StoredComment"]
@@ -108,7 +109,7 @@ ACTION_COLUMNS = {"actor": "TEXT NOT NULL DEFAULT ''"}
 REVIEW_COLUMNS = {"evidence": "TEXT NOT NULL DEFAULT '[]'"}
 
 
-class StoreUnavailable(Exception):
+class StoreUnavailable(Unavailable):
     """The store did not take the write; the archiver must not commit past it."""
 
 
