@@ -10,6 +10,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from chorus.config import Config, ConfigError, iter_defaults, load_config
+from chorus.errors import ChorusError
 
 __all__ = ["main"]
 
@@ -334,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"chorus: {exc}", file=sys.stderr)
         return 2
+    except ChorusError as exc:  # a refusal with its reason (a backend down, a dependency of another shape)
+        print(f"chorus: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

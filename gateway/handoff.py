@@ -33,14 +33,17 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import picows
 from picows import WSAutoPingStrategy
 from picows.picows import WSProtocol  # type: ignore[attr-defined]  # not in picows' stubs
 
 from chorus.codes import HttpErrorCode
+from chorus.errors import PrivateApiChanged
 from chorus.gateway.httpreq import CONTINUE, HttpError, HttpRequest, RequestParser, error_response
 
-__all__ = ["HANDSHAKE_END", "HttpHandler", "RecordingProtocol", "detach_socket", "head_for_picows",
-           "is_websocket_upgrade", "picows_protocol_factory", "upgrade_refusal"]
+__all__ = ["HANDSHAKE_END", "PICOWS_PROTOCOL_METHODS", "HttpHandler", "RecordingProtocol", "check_picows_protocol",
+           "detach_socket", "head_for_picows", "is_websocket_upgrade", "new_picows_protocol", "picows_protocol_factory",
+           "picows_version", "upgrade_refusal"]
 
 log = logging.getLogger("chorus.gateway")
 
@@ -270,27 +273,67 @@ class RecordingProtocol(asyncio.BufferedProtocol):
         self._deadline = asyncio.get_running_loop().call_later(LINGER_S, transport.close)
 
 
+# What RecordingProtocol calls on picows' protocol (asyncio.BufferedProtocol's methods).
+PICOWS_PROTOCOL_METHODS = ("connection_made", "connection_lost", "get_buffer", "buffer_updated", "eof_received",
+                           "pause_writing", "resume_writing")
+
+
+def picows_version() -> str:
+    return str(getattr(picows, "__version__", "unknown"))
+
+
+def new_picows_protocol(listener_factory: Callable[[Any], Any], logger: Any, handshake_timeout_s: float,
+                        max_frame_size: int) -> Any:
+    """A server-side ``WSProtocol`` as ``picows.ws_create_server`` builds one (api.py), by keyword:
+    a picows whose constructor renamed, added or dropped a parameter fails here with a TypeError
+    instead of taking our values in the wrong places. Needs a running event loop."""
+    return WSProtocol(
+        host_port=None, ws_path=None, is_client_side=False, ws_listener_factory=listener_factory, logger=logger,
+        disconnect_on_exception=True,
+        websocket_handshake_timeout=handshake_timeout_s,
+        # auto ping off: the hub pings after the hand-off
+        enable_auto_ping=False, auto_ping_idle_timeout=20.0, auto_ping_reply_timeout=20.0,
+        auto_ping_strategy=WSAutoPingStrategy.PING_WHEN_IDLE,
+        enable_auto_pong=True,  # while picows still owns the socket
+        max_frame_size=max_frame_size,
+        extra_headers=None,
+        read_buffer_init_size=2048,  # handshakes are small, and the buffer dies at the hand-off
+    )
+
+
+def check_picows_protocol(make_inner: Callable[[], Any]) -> None:
+    """Build one protocol as the recorder will and check it has what the recorder calls; raise
+    :class:`PrivateApiChanged` naming the picows version if not (at start, not at the first viewer)."""
+    try:
+        probe = make_inner()
+    except TypeError as exc:
+        raise _picows_changed(f"its WSProtocol constructor does not take the arguments of picows 2.3 ({exc})") from None
+    missing = [name for name in PICOWS_PROTOCOL_METHODS if not callable(getattr(probe, name, None))]
+    if missing:
+        raise _picows_changed(f"its WSProtocol has no {', '.join(missing)}")
+
+
+def _picows_changed(what: str) -> PrivateApiChanged:
+    return PrivateApiChanged(
+        f"picows {picows_version()}: {what}. gateway/handoff.py builds picows' private WSProtocol as picows 2.3's "
+        "ws_create_server does; install the picows version pyproject.toml pins, or update gateway/handoff.py")
+
+
 def picows_protocol_factory(listener_factory: Callable[[Any], Any], registry: dict[Any, RecordingProtocol], *,
                             handshake_timeout_s: float, max_frame_size: int, logger: Any,
                             http_handler: HttpHandler) -> Callable[[], Any]:
     """Recorders in front of protocols as ``picows.ws_create_server`` builds them.
 
-    The positional arguments mirror picows 2.3's ``ws_create_server`` (api.py); pyproject
-    pins picows to that minor version for this reason. Every request must be whole within
-    ``handshake_timeout_s``; all but upgrades are answered through ``http_handler``.
+    picows has no public way to put a protocol in front of its own, so this builds its private
+    ``WSProtocol`` (pyproject pins picows to 2.3 for this reason), checked here, at start, by
+    :func:`check_picows_protocol`. Every request must be whole within ``handshake_timeout_s``;
+    all but upgrades are answered through ``http_handler``. Call it in the running loop.
     """
 
     def make_inner() -> Any:
-        return WSProtocol(
-            None, None, False, listener_factory, logger,
-            True,  # disconnect_on_exception
-            handshake_timeout_s,
-            False, 20.0, 20.0, WSAutoPingStrategy.PING_WHEN_IDLE,  # auto ping off: the hub pings after the hand-off
-            True,  # auto pong while picows still owns the socket
-            max_frame_size,
-            None,  # extra headers
-            2048,  # read buffer: handshakes are small, and the buffer dies at the hand-off
-        )
+        return new_picows_protocol(listener_factory, logger, handshake_timeout_s, max_frame_size)
+
+    check_picows_protocol(make_inner)
 
     def factory() -> RecordingProtocol:
         return RecordingProtocol(make_inner, registry, http_handler, handshake_timeout_s)
