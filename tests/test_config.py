@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from chorus.cli import defaults_toml
+from chorus.cli import _config_from, build_parser, defaults_toml
 from chorus.config import ConfigError, load_config
 
 
@@ -25,6 +25,20 @@ def test_file_then_environment_then_command_line(tmp_path: Path) -> None:
     assert load_config(f, env={"CHORUS_GATEWAY__PORT": "9100"}).gateway.port == 9100  # env over the file
     cfg = load_config(f, env={"CHORUS_GATEWAY__PORT": "9100"}, gateway__port=9200)
     assert cfg.gateway.port == 9200  # the command line over both
+
+
+@pytest.mark.parametrize("role", ["gateway", "run"])
+def test_the_port_flag_wins_over_the_environment_and_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              role: str) -> None:
+    """`chorus gateway --port 9001` as the CLI parses it: file < CHORUS_* environment < command line."""
+    f = tmp_path / "chorus.toml"
+    f.write_text('[gateway]\nport = 9000\n')
+    base = [role, "--config", str(f), "--data-dir", str(tmp_path / "data")]
+    monkeypatch.delenv("CHORUS_GATEWAY__PORT", raising=False)
+    assert _config_from(build_parser().parse_args(base)).gateway.port == 9000  # the file over the default
+    monkeypatch.setenv("CHORUS_GATEWAY__PORT", "9100")
+    assert _config_from(build_parser().parse_args(base)).gateway.port == 9100  # the environment over the file
+    assert _config_from(build_parser().parse_args([*base, "--port", "9001"])).gateway.port == 9001  # the flag wins
 
 
 @pytest.mark.parametrize(
