@@ -1,6 +1,7 @@
 """Clients we did not write, wrapped for tests: the `websockets` library and picows.
 
-Each collects the server's events in a queue so a test can wait for one that matches.
+Each collects the server's events in a queue so a test can wait for one that matches. Every
+timeout here is scaled by CHORUS_TEST_TIMEOUT_SCALE (tests/waiting.py).
 """
 
 from __future__ import annotations
@@ -16,9 +17,15 @@ from typing import Any
 import msgpack
 import picows
 import websockets
+from waiting import scaled
 from websockets.asyncio.client import ClientConnection
 
 Event = dict[str, Any]
+
+
+def reply_to(nonce: str, kinds: tuple[str, ...] = ("ack", "error")) -> Callable[[Event], bool]:
+    """Matches the server's answer (by default an ack or an error) to the post with ``nonce``."""
+    return lambda e: e["t"] in kinds and e.get("nonce") == nonce
 
 
 class ViewerClient:
@@ -32,17 +39,18 @@ class ViewerClient:
         raise NotImplementedError
 
     async def next_event(self, timeout: float = 5.0) -> Event:
-        event = await asyncio.wait_for(self.events.get(), timeout)
+        event = await asyncio.wait_for(self.events.get(), scaled(timeout))
         self.seen.append(event)
         return event
 
     async def wait_for(self, match: Callable[[Event], bool], timeout: float = 5.0) -> Event:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"no matching event in {timeout}s; saw {self.seen[-5:]}")
-            event = await self.next_event(left)
+                raise TimeoutError(f"no matching event in {scaled(timeout):g}s; saw {self.seen[-5:]}")
+            event = await asyncio.wait_for(self.events.get(), left)
+            self.seen.append(event)
             if match(event):
                 return event
 
@@ -72,7 +80,7 @@ class WebsocketsClient(ViewerClient):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         conn = await websockets.connect(
             url, subprotocols=[f"chorus.{wire}.v1"], additional_headers=headers,  # type: ignore[list-item]
-            origin=origin, compression=compression, max_size=2**24, open_timeout=5,  # type: ignore[arg-type]
+            origin=origin, compression=compression, max_size=2**24, open_timeout=scaled(5),  # type: ignore[arg-type]
         )
         return cls(conn, wire)
 
@@ -98,7 +106,7 @@ class WebsocketsClient(ViewerClient):
         await self.conn.send(data)
 
     async def wait_closed(self, timeout: float = 5.0) -> int | None:
-        await asyncio.wait_for(asyncio.shield(self._reader), timeout)
+        await asyncio.wait_for(asyncio.shield(self._reader), scaled(timeout))
         return self.close_code
 
     async def close(self) -> None:
@@ -106,7 +114,7 @@ class WebsocketsClient(ViewerClient):
         await self._reader
 
 
-class _PicowsListener(picows.WSListener):  # type: ignore[misc]
+class _PicowsListener(picows.WSListener):
     def __init__(self, client: PicowsClient) -> None:
         super().__init__()
         self.client = client
@@ -156,7 +164,7 @@ def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, byte
     """A blocking GET (run it with asyncio.to_thread); returns status and body."""
     req = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with urllib.request.urlopen(req, timeout=scaled(10)) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()

@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from services import KafkaCluster, Service, start_kafka, start_kafka_cluster, start_redis
 
 SERVICE_FIXTURES = {"redis_service", "kafka_service", "redis_url", "kafka_bootstrap", "kafka_cluster"}
+# CHORUS_TEST_TIMEOUT_SCALE stretches pytest-timeout's limits too (tests/waiting.py).
+pytest_plugins = ["waiting"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
