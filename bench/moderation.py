@@ -201,10 +201,8 @@ def eval_report(data: dict[str, Any]) -> str:
 
 def run_eval(path: Path) -> dict[str, Any]:
     model = load_model("profanity-check")
-    data = {"defaults": evaluate(path, model=model),
-            "model_alone": evaluate(path, ModerationConfig(context_rules=False), model=model)}
-    data["eval"] = True
-    return data
+    return {"defaults": evaluate(path, model=model),
+            "model_alone": evaluate(path, ModerationConfig(context_rules=False), model=model), "eval": True}
 
 
 def _rate(n: int, seconds: float, cpu_s: float) -> dict[str, float]:
@@ -318,9 +316,9 @@ async def through_services(mix: list[Comment], batch: int, model: Any, tmp: Path
 def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     log_dir.mkdir(parents=True, exist_ok=True)
     if args.eval is not None:
-        data = run_eval(args.eval)
-        print(eval_report(data), flush=True)
-        return data
+        evaluation = run_eval(args.eval)
+        print(eval_report(evaluation), flush=True)
+        return evaluation
     os.sched_setaffinity(0, {LOAD_CPU})
     t = time.perf_counter()
     model = load_model("profanity-check")

@@ -24,6 +24,7 @@ import argparse
 import math
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,7 @@ def _settled_total(client: Any, key: str, quiet_s: float = 1.5, limit_s: float =
     return total
 
 
-def slope(samples: list[tuple[float, int]]) -> float:
+def slope(samples: Sequence[tuple[float, float]]) -> float:
     """Least-squares slope of (t, total): the steady rate, insensitive to the 500 ms flush steps."""
     n = len(samples)
     if n < 2:

@@ -26,7 +26,7 @@ from chorus.app import ALL_ROLES, App
 from chorus.auth import mint_token
 from chorus.broker import StreamMode, set_stream_mode
 from chorus.codes import MAX_REQUEST_HEAD_BYTES
-from chorus.ingest.limits import ALL_STREAMS
+from chorus.ingest.limits import ALL_STREAMS, RedisRateLimiter, RedisSanctions
 from chorus.ingest.log import LogUnavailable
 
 BACKENDS = ["embedded", pytest.param("services", marks=pytest.mark.services)]
@@ -154,7 +154,9 @@ async def test_stream_limit(launch: Launch, backend: str) -> None:
 @pytest.mark.services
 async def test_a_flood_from_one_user_stays_off_redis(launch: Launch, redis_url: str) -> None:
     env = await launch("services")
-    limits = env.app.gateway.admission.limits  # type: ignore[union-attr]
+    assert env.app.gateway is not None
+    limits = env.app.gateway.admission.limits
+    assert isinstance(limits.limiter, RedisRateLimiter) and isinstance(limits.sanctions, RedisSanctions)
     client = aioredis.from_url(redis_url)
     before = (await client.info("commandstats")).get("cmdstat_evalsha", {}).get("calls", 0)
     poster = await env.viewer(sid("flood"), token(env, f"f-{uuid.uuid4().hex[:6]}"))

@@ -116,6 +116,6 @@ def test_a_scenario_module_can_bring_its_own_plot(tmp_path: Path) -> None:
             return [path]
 
     pytest.importorskip("matplotlib")
-    [png] = plot("reactions", {"n": 3}, tmp_path / "reactions-x", Module)  # type: ignore[arg-type]
+    [png] = plot("reactions", {"n": 3}, tmp_path / "reactions-x", Module)
     assert png.read_bytes() == b"drawn from 3"
     assert plot("reactions", {"n": 3}, tmp_path / "reactions-y") == []  # no module plot: none

@@ -196,10 +196,10 @@ async def test_every_acknowledged_comment_is_delivered_and_stored_once_across_cr
             client = await WebsocketsClient.connect(url)
             await client.wait_for(lambda e: e["t"] == "welcome")
             viewers.append(Viewer(client))
-        for p in range(POSTERS):
-            client = await WebsocketsClient.connect(url, mint_token(auth, f"poster{p}", f"Poster {p}", ["write"]))
+        for n in range(POSTERS):
+            client = await WebsocketsClient.connect(url, mint_token(auth, f"poster{n}", f"Poster {n}", ["write"]))
             await client.wait_for(lambda e: e["t"] == "welcome")
-            posters.append(Poster(client, f"p{p}"))
+            posters.append(Poster(client, f"p{n}"))
 
         # The coordinator's group may still be joining: wait until a first comment goes round.
         await posters[0].client.send_json({"t": "comment", "text": "warm up", "nonce": "warm"})

@@ -187,6 +187,7 @@ async def test_deflate_viewers_get_compressed_batches(env: Env) -> None:
     stream = f"z-{uuid.uuid4().hex[:6]}"
     plain = await env.viewer(stream, env.token("pat"))
     packed = await WebsocketsClient.connect(env.ws_url(stream), compression="deflate")
+    assert packed.conn.response is not None  # set once the handshake is done
     extensions = packed.conn.response.headers["Sec-WebSocket-Extensions"]
     assert "permessage-deflate" in extensions and "server_no_context_takeover" in extensions
     await packed.wait_for(lambda e: e["t"] == "welcome")

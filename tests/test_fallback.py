@@ -13,12 +13,12 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_e2e import Env, make_config, started_app
+from waiting import eventually
 
 from chorus.broker import MemoryBroker, RedisBroker
 from chorus.config import FallbackConfig, SamplingConfig
@@ -95,14 +95,6 @@ class Probe:
             raise ConnectionError("redis is down")
 
 
-async def until(check: Callable[[], Any], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 async def test_the_fallback_delivers_from_the_log_while_the_breaker_is_open() -> None:
     log = MemoryLog(partitions=2)
     node = Node(MemoryBroker())
@@ -121,21 +113,21 @@ async def test_the_fallback_delivers_from_the_log_while_the_breaker_is_open() ->
     fallback = PubSubFallback(node, probe, open_tail, cfg, SamplingConfig(), wall_ms=lambda: 1_000_000)
     task = asyncio.create_task(fallback.run())
     try:
-        await asyncio.sleep(0.1)
-        assert not tails and probe.calls >= 3
+        await eventually(lambda: probe.calls >= 3, 2, "three good probes")
+        assert not tails
         probe.up = False
         for i in range(5):  # offsets 0-4 of stream s's partition, then another stream's
             await log.append(*encode_record(Comment(str(100 + i), "s", "u", "U", (), f"c{i}", 0)))
         for i in range(5):
             await log.append(*encode_record(Comment(str(200 + i), "other", "u", "U", (), f"o{i}", 0)))
-        await until(lambda: fallback.active, 2, "the fallback to start")
+        await eventually(lambda: fallback.active, 2, "the fallback to start")
         assert tails[0].since_ms == 1_000_000 - 3000  # rewound from the last good probe
-        await until(lambda: node.received["kafka"] >= 1, 2, "a batch from the log")
+        await eventually(lambda: node.received["kafka"] >= 1, 2, "a batch from the log")
         texts = [c["text"] for s, m in got if m.offset is not None and s == "s"
                  for c in decode_event(m.event_json).get("comments", [])]
         assert texts == ["c2", "c3", "c4"]  # offset 1 was delivered already; "other" has no viewers here
         probe.up = True
-        await until(lambda: tails[0].stopped, 2, "the tail to stop")
+        await eventually(lambda: tails[0].stopped, 2, "the tail to stop")
         assert fallback.breaker.state is CLOSED and not fallback.active and fallback.activations == 1
     finally:
         fallback.stop()
@@ -180,8 +172,8 @@ async def test_hot_stream_shards_reach_every_gateway_once(redis_url: str, sharde
         for stream in ("hot", "calm"):
             await publisher.publish(stream, batch)
             await publisher.publish(stream, control)
-        await until(lambda: all(len(c.got) >= 4 for c in seen), 5, "every message at every gateway")
-        await asyncio.sleep(0.1)
+        await eventually(lambda: all(len(c.got) >= 4 for c in seen), 5, "every message at every gateway")
+        await asyncio.sleep(0.1)  # time for a duplicate to arrive, if any would
         for c in seen:  # each exactly once, in order per stream
             assert sorted(c.got) == sorted([("hot", batch), ("hot", control), ("calm", batch), ("calm", control)])
     finally:
@@ -202,6 +194,7 @@ async def test_viewers_get_comments_from_kafka_while_redis_is_down(
                          fallback__probe_timeout_ms=300, fallback__retry_after_s=0.5, fallback__rewind_ms=2000)
     app = await started_app(config)
     assert app.fallback is not None and app.gateway is not None and app.coordinator is not None
+    fallback = app.fallback  # narrowed for the lambda below
     app.coordinator.loop.max_backoff_s = 0.3
     node = app.gateway.node
     env = Env(app)
@@ -233,7 +226,7 @@ async def test_viewers_get_comments_from_kafka_while_redis_is_down(
         assert fallback_used(app) and node.received["kafka"] >= 3
 
         await asyncio.to_thread(redis.restart)
-        await until(lambda: not app.fallback.active and app.fallback.breaker.state is CLOSED, 10, "back to Pub/Sub")
+        await eventually(lambda: not fallback.active and fallback.breaker.state is CLOSED, 10, "back to Pub/Sub")
         via_pubsub = node.received["pubsub"]
         await post_and_receive("after", 8)
         assert node.received["pubsub"] > via_pubsub  # delivered over Pub/Sub again

@@ -12,7 +12,6 @@ tested with the protocol.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -21,9 +20,11 @@ from typing import Any
 import pytest
 from clients import WebsocketsClient
 from test_e2e import Env, make_config, started_app
+from waiting import eventually
 
 import chorus.gateway.server as server
 import chorus.ingest.admission as admission
+from chorus import protocol
 from chorus.ingest.records import encode_record
 
 
@@ -32,14 +33,6 @@ async def env(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[E
     app = await started_app(make_config(tmp_path, "embedded", request))
     yield Env(app)
     await app.stop()
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
 
 
 async def posters(env: Env, stream: str, n: int) -> list[WebsocketsClient]:
@@ -89,7 +82,7 @@ async def test_a_failing_event_costs_only_its_connection(env: Env, monkeypatch: 
     leaving = await env.viewer(stream)
     assert gw._streams[stream].viewers == 4
     monkeypatch.setattr(server, "parse_client_message",
-                        raising_for(server.parse_client_message, b"boom", RecursionError("deep")))
+                        raising_for(protocol.parse_client_message, b"boom", RecursionError("deep")))
     async with OnePoll(env, [a, hostile, c]):
         await a.send_json({"t": "comment", "text": "from a", "nonce": "a"})
         await hostile.send_json({"t": "comment", "text": "boom", "nonce": "h"})
@@ -120,14 +113,14 @@ async def test_one_post_that_cannot_be_encoded_does_not_take_down_its_batch(
     stream = f"b-{uuid.uuid4().hex[:6]}"
     clients = await posters(env, stream, 6)
     # Post 1's ack, post 2's log record and post 3's admission raise; 0, 4 and 5 are fine.
-    monkeypatch.setattr(server, "encode_ack", raising_for(server.encode_ack, "bad-ack", UnicodeEncodeError(
+    monkeypatch.setattr(server, "encode_ack", raising_for(protocol.encode_ack, "bad-ack", UnicodeEncodeError(
         "utf-8", "\ud800", 0, 1, "surrogates not allowed"), pick=lambda cid, nonce, wire: nonce or ""))
     bad_record = raising_for(encode_record, "bad record", UnicodeEncodeError(
         "utf-8", "\ud800", 0, 1, "surrogates not allowed"), pick=lambda c: c.text)
     monkeypatch.setattr(server, "encode_record", bad_record, raising=False)  # raising: the code before had none
     monkeypatch.setattr(admission, "encode_record", bad_record)
     monkeypatch.setattr(admission, "validate_comment_text",
-                        raising_for(admission.validate_comment_text, "bad admission", RecursionError("deep")))
+                        raising_for(protocol.validate_comment_text, "bad admission", RecursionError("deep")))
     texts = ["ok 0", "ok 1", "bad record", "bad admission", "ok 4", "ok 5"]
     nonces = ["n0", "bad-ack", "n2", "n3", "n4", "n5"]
     admitted_before = gw.admission.accepted

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 
 import pytest
 
@@ -42,7 +43,8 @@ def feed_bytewise(data: bytes) -> tuple[HttpRequest | None, RequestParser]:
     return request, parser
 
 
-FEEDERS = [feed_whole, feed_bytewise]
+Feeder = Callable[[bytes], tuple[HttpRequest | None, RequestParser]]
+FEEDERS: list[Feeder] = [feed_whole, feed_bytewise]
 
 
 @pytest.mark.parametrize("feed", FEEDERS)
@@ -57,7 +59,7 @@ FEEDERS = [feed_whole, feed_bytewise]
         (post(b"\x00\xff" * 10), "/streams/s1/comments", {"content-length": "20"}, b"\x00\xff" * 10),
     ],
 )
-def test_valid_requests(feed, raw: bytes, target: str, headers: dict[str, str], body: bytes) -> None:
+def test_valid_requests(feed: Feeder, raw: bytes, target: str, headers: dict[str, str], body: bytes) -> None:
     request, parser = feed(raw)
     assert request is not None
     assert (request.method, request.target, request.body) == ("POST", target, body)
@@ -68,7 +70,7 @@ def test_valid_requests(feed, raw: bytes, target: str, headers: dict[str, str], 
 
 
 @pytest.mark.parametrize("feed", FEEDERS)
-def test_bytes_after_the_request_are_kept_apart(feed) -> None:
+def test_bytes_after_the_request_are_kept_apart(feed: Feeder) -> None:
     request, parser = feed(post() + b"GET / HTTP/1.1\r\n\r\n")
     assert request is not None and request.body == BODY
     assert parser.trailing == b"GET / HTTP/1.1\r\n\r\n"
@@ -129,7 +131,7 @@ def test_expect_100_continue_is_offered_once_while_the_body_is_missing() -> None
         (b"POST /x\n HTTP/1.1\r\nContent-Length: 0\r\n\r\n", 400, "bad_request", "target"),
     ],
 )
-def test_bad_requests_name_their_status(feed, raw: bytes, status: int, code: str, words: str) -> None:
+def test_bad_requests_name_their_status(feed: Feeder, raw: bytes, status: int, code: str, words: str) -> None:
     with pytest.raises(HttpError) as info:
         feed(raw)
     assert (info.value.status, str(info.value.code)) == (status, code)
@@ -137,7 +139,7 @@ def test_bad_requests_name_their_status(feed, raw: bytes, status: int, code: str
 
 
 @pytest.mark.parametrize("feed", FEEDERS)
-def test_a_request_without_length_or_transfer_coding_has_no_body(feed) -> None:
+def test_a_request_without_length_or_transfer_coding_has_no_body(feed: Feeder) -> None:
     """RFC 9112 6.3: neither header means an empty body; what follows is the next request's."""
     request, parser = feed(post(length=False))
     assert request is not None and request.body == b"" and request.header("content-length") is None
@@ -148,7 +150,7 @@ def test_a_request_without_length_or_transfer_coding_has_no_body(feed) -> None:
 
 
 @pytest.mark.parametrize("feed", FEEDERS)
-def test_header_fields_are_counted(feed) -> None:
+def test_header_fields_are_counted(feed: Feeder) -> None:
     fields = [f"X-F{i}: v" for i in range(MAX_HEADER_FIELDS - 1)]  # plus Host (no Content-Length)
     request, _ = feed(post(b"", *fields, length=False))
     assert request is not None and len(request.headers) == MAX_HEADER_FIELDS

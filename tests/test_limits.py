@@ -327,7 +327,7 @@ async def test_redis_sanctions(redis: Any, prefix: str) -> None:
 )
 def test_limits_config_is_checked(key: str, value: int, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        load_config(env={}, **{key: value})
+        load_config(None, {}, **{key: value})
 
 
 def test_operator_commands_need_redis(capsys: pytest.CaptureFixture[str]) -> None:

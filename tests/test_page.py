@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clients import WebsocketsClient, aget_json
+from clients import WebsocketsClient, aget_json, reply_to
 from test_browser import CHROMIUM, FLAGS
 from test_e2e import Env, make_config, started_app
 from test_moderation import http
@@ -464,7 +464,7 @@ async def test_unrecovered_gap_is_said_and_filled_from_history(small_recovery_en
     await ben.wait_for(lambda e: e["t"] == "welcome")
     for i in range(3):  # more than history.recover_max = 1
         await ben.send_json({"t": "comment", "text": f"missed {i}", "nonce": f"m{i}"})
-        await ben.wait_for(lambda e, i=i: e["t"] == "ack" and e["nonce"] == f"m{i}")
+        await ben.wait_for(reply_to(f"m{i}", ("ack",)))
     await ben.close()
     await back_online(ana)
     await expect(ana.locator("#notice")).to_have_text(

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clients import PicowsClient, WebsocketsClient, aget_json, http_get
+from clients import PicowsClient, ViewerClient, WebsocketsClient, aget_json, http_get
 
 from chorus import __version__
 from chorus.auth import mint_token
@@ -263,7 +263,8 @@ async def test_two_gateway_processes_share_redis_and_kafka(tmp_path: Path, procs
     config = load_config(cfg, env={})
     token = mint_token(config.auth, "7", "poster", ["read", "write"])
     stream = f"x-{uuid.uuid4().hex[:6]}"
-    viewers = [await WebsocketsClient.connect(f"ws://127.0.0.1:{p}/ws?stream={stream}") for p in ports]
+    viewers: list[ViewerClient] = [await WebsocketsClient.connect(f"ws://127.0.0.1:{p}/ws?stream={stream}")
+                                   for p in ports]
     viewers.append(await PicowsClient.connect(f"ws://127.0.0.1:{ports[1]}/ws?stream={stream}"))
     poster = await WebsocketsClient.connect(f"ws://127.0.0.1:{ports[0]}/ws?stream={stream}", token)
     for c in (*viewers, poster):

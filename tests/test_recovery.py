@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from clients import WebsocketsClient
+from clients import ViewerClient
 from test_e2e import Env, make_config, started_app
 
 from chorus.broker import MemoryStreamState
@@ -218,7 +218,7 @@ async def post_directly(env: Env, stream: str, count: int) -> set[str]:
     return {c.id for c in comments}
 
 
-async def collect_until(client: WebsocketsClient, want: set[str], timeout: float = 30) -> list[dict[str, Any]]:
+async def collect_until(client: ViewerClient, want: set[str], timeout: float = 30) -> list[dict[str, Any]]:
     """Comments from batches until every id in ``want`` arrived (in arrival order, duplicates kept)."""
     got_: list[dict[str, Any]] = []
     deadline = time.monotonic() + timeout
@@ -229,7 +229,7 @@ async def collect_until(client: WebsocketsClient, want: set[str], timeout: float
     return got_
 
 
-async def resume(client: WebsocketsClient, epoch: str, offset: int) -> tuple[list[dict[str, Any]], bool]:
+async def resume(client: ViewerClient, epoch: str, offset: int) -> tuple[list[dict[str, Any]], bool]:
     await client.send_json({"t": "resume", "epoch": epoch, "offset": offset})
     comments: list[dict[str, Any]] = []
     while True:

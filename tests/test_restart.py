@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from clients import WebsocketsClient, aget_json
+from clients import WebsocketsClient, aget_json, reply_to
 from test_e2e import Env, make_config, started_app
 from test_processes import Proc, wait_http
 from test_recovery import resume
@@ -53,8 +53,7 @@ async def post_comments(posters: list[WebsocketsClient], count: int, prefix: str
     for i in range(count):
         poster = posters[i % len(posters)]
         await poster.send_json({"t": "comment", "text": f"{prefix} {i}", "nonce": f"n{i}"})
-        ack = await poster.wait_for(lambda e, i=i: e["t"] in ("ack", "error") and e.get("nonce") == f"n{i}",
-                                    timeout=30)
+        ack = await poster.wait_for(reply_to(f"n{i}"), timeout=30)
         assert ack["t"] == "ack", ack
         ids.append(ack["id"])
     return ids
@@ -171,7 +170,7 @@ async def test_welcome_and_resume_from_history_when_the_redis_cache_is_gone(
         assert welcome["recent"] == cached["recent"]
         assert (welcome["epoch"], welcome["offset"]) == (cached["epoch"], cached["offset"])
         middle = cached["recent"][5]
-        replayed, recovered = await resume(viewer, cached["epoch"], middle["offset"])  # type: ignore[arg-type]
+        replayed, recovered = await resume(viewer, cached["epoch"], middle["offset"])
         assert recovered and [c["id"] for c in replayed] == [c["id"] for c in cached["recent"][6:]]
         assert app.gateway is not None and app.gateway.recovery.from_history == 1
         await viewer.close()

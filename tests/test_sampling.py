@@ -14,10 +14,12 @@ import json
 import uuid
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from clients import WebsocketsClient
 from test_e2e import Env, make_config, started_app
+from waiting import eventually
 
 from chorus.auth import mint_token
 from chorus.broker import MemoryBroker, MemoryStreamState, StreamMode
@@ -222,18 +224,12 @@ def test_sampling_config_is_validated() -> None:
 # -- the coordinator --
 
 
-async def _until(check: object, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not check():  # type: ignore[operator]
-            await asyncio.sleep(0.01)
-
-
 class RecordingBroker(MemoryBroker):
     """Keeps every channel message published, decoded, in order."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.events: list[dict[str, object]] = []
+        self.events: list[dict[str, Any]] = []
 
     async def publish(self, stream: str, payload: bytes) -> None:
         self.events.append(decode_event(unpack_channel_message(payload).event_json))
@@ -254,13 +250,13 @@ async def test_the_coordinator_throttles_caches_the_broadcast_and_records_ratios
             await log.append(*encode_record(c))
             if i % 2:
                 await asyncio.sleep(0.01)
-        await _until(lambda: {"t": "throttle", "keep_ratio": 1.0} in broker.events, 5)
+        await eventually(lambda: {"t": "throttle", "keep_ratio": 1.0} in broker.events, 5)
     finally:
         coordinator.stop()
         await asyncio.wait_for(task, 5)
     throttled = [e["keep_ratio"] for e in broker.events if e["t"] == "throttle"]
     assert throttled == [0.2, 1.0]
-    live = [c for e in broker.events if e["t"] == "batch" for c in e["comments"]]  # type: ignore[attr-defined]
+    live = [c for e in broker.events if e["t"] == "batch" for c in e["comments"]]
     assert 100 < len(live) < 250 and coordinator.sampled_out == 300 - len(live)
     assert {c["id"] for c in live} >= {c.id for c in sent if c.badges}  # the verified lane
     cached = await state.recent(stream, 10_000)
@@ -301,12 +297,12 @@ async def test_a_sampled_stream_gets_fewer_fuller_batches() -> None:
                 assert coordinator.loop.linger_ms == 200 and coordinator.loop.max_records == 80
                 mark = len(broker.events)
         batches_while_sampled = [e for e in broker.events[mark:] if e["t"] == "batch"]
-        await _until(lambda: {"t": "throttle", "keep_ratio": 1.0} in broker.events, 5)
+        await eventually(lambda: {"t": "throttle", "keep_ratio": 1.0} in broker.events, 5)
     finally:
         coordinator.stop()
         await asyncio.wait_for(task, 5)
     assert coordinator.loop.linger_ms == 10 and coordinator.loop.max_records == 40  # calm again
-    sizes = [len(e["comments"]) for e in batches_while_sampled]  # type: ignore[arg-type]
+    sizes = [len(e["comments"]) for e in batches_while_sampled]
     # ~0.75 s of sampled posting: a batch per 200 ms (or per 80 records gathered), not per 10 ms
     assert 2 <= len(sizes) <= 12 and max(sizes) <= 40, sizes
 
@@ -328,7 +324,7 @@ async def test_a_busy_coordinator_batches_longer_and_a_quiet_one_at_once() -> No
             if mark is None and coordinator.loop.linger_ms == 200:
                 mark, busy_from = len(broker.events), i
         assert mark is not None and busy_from < 400 and coordinator.loop.max_records == 100
-        await _until(lambda: sum(len(e["comments"]) for e in broker.events if e["t"] == "batch") == 600)  # type: ignore[arg-type]
+        await eventually(lambda: sum(len(e["comments"]) for e in broker.events if e["t"] == "batch") == 600)
         busy_batches = len(broker.events) - mark
         # (600 - busy_from) comments at ~400/s, a batch per 200 ms or 100 comments, not per 10 ms
         assert busy_batches <= (600 - busy_from) / 400 / 0.2 + 3, (busy_batches, busy_from)
@@ -336,7 +332,7 @@ async def test_a_busy_coordinator_batches_longer_and_a_quiet_one_at_once() -> No
         await asyncio.sleep(1.5)  # the rate window empties; the ticker re-paces
         assert coordinator.loop.linger_ms == 10
         await log.append(*encode_record(Comment("8300000", stream, "u", "U", (), "alone", 0)))
-        await _until(lambda: len(broker.events) > busy_batches, 0.5)
+        await eventually(lambda: len(broker.events) > busy_batches, 0.5)
     finally:
         coordinator.stop()
         await asyncio.wait_for(task, 5)
@@ -351,9 +347,9 @@ async def test_automatic_slow_mode_goes_through_the_mode_api() -> None:
         for i in range(200):
             await log.append(*encode_record(Comment(str(9_100_000 + i), "hot", "u", "U", (), "x", 0)))
             await asyncio.sleep(0.004)
-        await _until(lambda: {"t": "mode", "slow_mode_seconds": 7} in broker.events)
+        await eventually(lambda: {"t": "mode", "slow_mode_seconds": 7} in broker.events)
         assert await state.get_mode("hot") == StreamMode(slow_mode_seconds=7)
-        await _until(lambda: {"t": "mode", "slow_mode_seconds": 0} in broker.events, 5)  # calm again: lifted
+        await eventually(lambda: {"t": "mode", "slow_mode_seconds": 0} in broker.events, 5)  # calm again: lifted
         assert await state.get_mode("hot") == StreamMode(slow_mode_seconds=0)
     finally:
         coordinator.stop()
@@ -414,7 +410,7 @@ async def test_a_hot_stream_is_throttled_end_to_end(tmp_path: Path, request: pyt
         assert len(priority) == 2 * 10 + 5  # every broadcaster, moderator and verified comment
         assert app.store is not None
         store = app.store
-        await _until(lambda: store.count(stream) == total, 10)
+        await eventually(lambda: store.count(stream) == total, 10)
         late = await env.viewer(stream)
         clients.append(late)  # type: ignore[arg-type]
         await late.send_json({"t": "resume", "epoch": "", "offset": -1})
