@@ -7,7 +7,10 @@ product cost little more for 2,000 texts than for one). ``moderation.model`` cho
 - ``profanity-check`` (default): the linear SVM of the ``alt-profanity-check`` package,
   trained on ~200k labelled comments (Wikipedia talk-page and social media comments), a
   TF-IDF vectoriser and calibrated probabilities; its weights ship inside the package, so
-  nothing is downloaded at run time. About 7 µs a comment in batches on one core.
+  nothing is downloaded at run time. About 7 µs a comment in batches on one core. It comes
+  with the ``chorus-live[moderation]`` extra (scikit-learn, scipy and numpy: most of an
+  install, which gateways never import); without it the moderator refuses to start, naming
+  the extra.
 - ``none``: no model; rules and reputation only.
 - ``package.module:factory``: a deployment's own model; ``factory()`` returns an object with
   ``score_batch``. It is loaded at start-up and a missing module, factory or method stops the
@@ -30,8 +33,13 @@ from typing import Any, Protocol, runtime_checkable
 
 from chorus.config import ConfigError
 
-__all__ = ["MODELS", "ModelUnavailable", "ProfanityCheckModel", "ScoreCache", "ToxicityModel", "load_model",
-           "score_texts"]
+__all__ = ["MODELS", "MODERATION_EXTRA", "ModelUnavailable", "ProfanityCheckModel", "ScoreCache", "ToxicityModel",
+           "load_model", "score_texts"]
+
+
+# The extra that installs the default model (alt-profanity-check: scikit-learn, scipy, numpy);
+# gateways do without it.
+MODERATION_EXTRA = "chorus-live[moderation]"
 
 
 class ModelUnavailable(ConfigError):
@@ -58,8 +66,9 @@ class ProfanityCheckModel:
             from profanity_check import profanity_check as shipped
         except ImportError as exc:
             raise ModelUnavailable(
-                "config key moderation.model: 'profanity-check' needs the alt-profanity-check package "
-                f"(pip install alt-profanity-check), which cannot be imported: {exc}") from None
+                "config key moderation.model: 'profanity-check' needs the moderation extra, which is not "
+                f"installed here ({exc}): pip install '{MODERATION_EXTRA}' (or set moderation.model = \"none\" "
+                "for rules and reputation only)") from None
         self._vectorizer: Any = shipped.vectorizer
         self._model: Any = shipped.model
         self.version = getattr(shipped, "__version__", "")

@@ -244,6 +244,16 @@ def test_models_are_pluggable_and_bad_specs_refused_naming_the_key() -> None:
     assert sys.modules[__name__].keyword_model is keyword_model
 
 
+def test_the_default_model_without_the_extra_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host installed without chorus-live[moderation] (a gateway's): the moderator does not start."""
+    monkeypatch.setitem(sys.modules, "profanity_check", None)  # what Python does when it is not installed
+    with pytest.raises(ModelUnavailable) as caught:
+        load_model("profanity-check")
+    text = str(caught.value)
+    assert text.startswith("config key moderation.model: 'profanity-check' needs the moderation extra")
+    assert "pip install 'chorus-live[moderation]'" in text and 'moderation.model = "none"' in text
+
+
 def test_moderation_config_is_validated(tmp_path: Path) -> None:
     f = tmp_path / "c.toml"
     f.write_text("[moderation]\nflag_at = 0.95\ndelete_at = 0.9\n")
