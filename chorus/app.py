@@ -17,9 +17,9 @@ from typing import Any
 from chorus.broker import Broker, MemoryBroker, MemoryStreamState, RedisBroker, RedisStreamState, StreamState
 from chorus.config import Config, ConfigError
 from chorus.gateway.fallback import KafkaTail, PubSubFallback
-from chorus.gateway.modapi import GatewayModeration
+from chorus.gateway.modapi import ModerationSetup
 from chorus.gateway.node import Node
-from chorus.gateway.server import Gateway
+from chorus.gateway.server import Gateway, GatewayOps
 from chorus.ids import IdGenerator
 from chorus.ingest.admission import Admission
 from chorus.ingest.archiver import Archiver
@@ -31,8 +31,16 @@ from chorus.ingest.moderator import Moderator
 from chorus.ingest.reputation import MemoryReputation, RedisReputation, Reputation
 from chorus.ingest.store import SqliteStore
 from chorus.localkey import needs_own_key
+from chorus.metrics import (
+    Metrics,
+    archiver_families,
+    coordinator_families,
+    fallback_families,
+    gateway_families,
+    moderator_families,
+)
 from chorus.nodeid import FixedNode, NodeLease, fixed_node, lease_node_id
-from chorus.ops import Operations, drain_gateway
+from chorus.ops import LagReader, Operations
 
 __all__ = ["ALL_ROLES", "App", "run_app", "tune_gc", "warn_if_pure"]
 
@@ -102,38 +110,21 @@ class App:
             app.store = SqliteStore(config.history_path)
         if "moderator" in roles and config.moderation.enabled:
             app.moderator = await _moderator(config, comment_log, app.store, app.reputation, "gateway" in roles)
-        if "gateway" in roles:
-            g = config.gateway
-            node = Node(broker, g.unsubscribe_delay_ms)
-            ids = IdGenerator(node_id, floor_ms=node_hold.floor_ms, hold=node_hold)
-            node_hold.attach(ids)
-            app.node_hold = node_hold
-            admission = Admission(comment_log, ids, open_limits(config, state))
-            app.gateway = Gateway(config, admission, node, state, app.store)
-            app.gateway.moderation = _gateway_moderation(config, app.gateway, comment_log, broker, app.reputation,
-                                                         node_id)
-            admission.shadowed = app.reputation.shadowed_among
-            if isinstance(broker, RedisBroker) and config.fallback.enabled:
-                bootstrap, topic = config.kafka.bootstrap, config.kafka.topic
-                app.fallback = PubSubFallback(node, broker.ping, lambda: KafkaTail(bootstrap, topic), config.fallback,
-                                              config.sampling, max_batch=config.coordinator.max_batch)
         if "coordinator" in roles:
-            c = config.coordinator
-            app.coordinator = Coordinator(comment_log, broker, state, flush_interval_ms=c.flush_interval_ms,
-                                          max_batch=c.max_batch, recent_size=c.recent_size,
-                                          hot_flush_interval_ms=c.hot_flush_interval_ms,
-                                          busy_above_per_s=c.busy_above_per_s, sampling=config.sampling,
-                                          group=c.group_id, instance_id=c.instance_id,
-                                          lease=_coordinator_lease(config))
+            app.coordinator = _coordinator(config, comment_log, broker, state)
         if "archiver" in roles:
             assert app.store is not None
             app.archiver = Archiver(comment_log, app.store)
-        app.ops = Operations(app)
+        metrics = Metrics()
+        app.ops = Operations(config, metrics, app.failed_role, _lag_readers(app))
+        if "gateway" in roles:
+            app.gateway = _gateway(config, app, node_hold, GatewayOps(app.ops, metrics, config.metrics.on_gateway_port))
+        _watch_roles(metrics, app)
         return app
 
     async def start(self) -> None:
         if self.ops is not None:
-            await self.ops.start()
+            await self.ops.start(self.gateway)
         await self.log.start()
         if self.coordinator is not None:
             self._tasks.append(asyncio.create_task(self.coordinator.run(), name="coordinator"))
@@ -148,8 +139,8 @@ class App:
             self._tasks.append(self._fallback_task)
 
     async def stop(self) -> None:
-        if self.gateway is not None:  # first, while every part still works (chorus/ops.py)
-            await drain_gateway(self.gateway)
+        if self.gateway is not None:  # first, while every part still works (gateway/drain.py)
+            await self.gateway.drain()
         if self.fallback is not None and self._fallback_task is not None:  # first: it feeds the gateway's hub
             self.fallback.stop()
             await asyncio.wait([self._fallback_task], timeout=5)
@@ -187,17 +178,66 @@ class App:
         return None
 
 
-def _gateway_moderation(config: Config, gateway: Gateway, comment_log: CommentLog, broker: Broker,
-                        reputation: Reputation, node_id: int) -> GatewayModeration:
-    """The moderator API, the connection registry and the gateway's control channel."""
+def _gateway(config: Config, app: App, node_hold: FixedNode | NodeLease, ops: GatewayOps) -> Gateway:
+    """The gateway with its node, admission and moderation; the Redis-down fallback beside it."""
+    assert app.reputation is not None
+    node = Node(app.broker, config.gateway.unsubscribe_delay_ms)
+    ids = IdGenerator(node_hold.id, floor_ms=node_hold.floor_ms, hold=node_hold)
+    node_hold.attach(ids)
+    app.node_hold = node_hold
+    admission = Admission(app.log, ids, open_limits(config, app.state))
+    admission.shadowed = app.reputation.shadowed_among
+    gateway = Gateway(config, admission, node, app.state, app.store,
+                      moderation=_moderation_setup(config, app.log, app.broker, app.reputation, node_hold.id), ops=ops)
+    if isinstance(app.broker, RedisBroker) and config.fallback.enabled:
+        bootstrap, topic = config.kafka.bootstrap, config.kafka.topic
+        app.fallback = PubSubFallback(node, app.broker.ping, lambda: KafkaTail(bootstrap, topic), config.fallback,
+                                      config.sampling, max_batch=config.coordinator.max_batch)
+    return gateway
+
+
+def _moderation_setup(config: Config, comment_log: CommentLog, broker: Broker, reputation: Reputation,
+                      node_id: int) -> ModerationSetup:
+    """What the gateway's moderation needs from the app (the API, the connection registry, the
+    gateway's control channel): this gateway's instance id and its own Redis client."""
     redis = None
     if config.redis.url:
         from chorus.ingest.limits import redis_client
 
         redis = redis_client(config.redis.url, 2000)
-    return GatewayModeration(gateway, comment_log, broker, reputation, f"{node_id}-{uuid.uuid4().hex[:8]}", redis,
-                             config.redis.channel_prefix, config.moderation.shadow_ban_s,
-                             config.gateway.registry_ttl_s)
+    return ModerationSetup(comment_log, broker, reputation, f"{node_id}-{uuid.uuid4().hex[:8]}", redis,
+                           config.redis.channel_prefix, config.moderation.shadow_ban_s, config.gateway.registry_ttl_s)
+
+
+def _coordinator(config: Config, comment_log: CommentLog, broker: Broker, state: StreamState) -> Coordinator:
+    c = config.coordinator
+    return Coordinator(comment_log, broker, state, flush_interval_ms=c.flush_interval_ms, max_batch=c.max_batch,
+                       recent_size=c.recent_size, hot_flush_interval_ms=c.hot_flush_interval_ms,
+                       busy_above_per_s=c.busy_above_per_s, sampling=config.sampling, group=c.group_id,
+                       instance_id=c.instance_id, lease=_coordinator_lease(config))
+
+
+def _lag_readers(app: App) -> dict[str, LagReader]:
+    """The consume loops whose Kafka lag the metrics show, by consumer group."""
+    roles = ((app.config.coordinator.group_id, app.coordinator), ("chorus-archiver", app.archiver),
+             ("chorus-moderator", app.moderator))
+    return {group: role.loop for group, role in roles if role is not None}
+
+
+def _watch_roles(metrics: Metrics, app: App) -> None:
+    """What each role of this process shows on /metrics, read from the role at scrape time."""
+    gateway, fallback, coordinator, archiver, moderator = (app.gateway, app.fallback, app.coordinator, app.archiver,
+                                                           app.moderator)
+    if gateway is not None:
+        metrics.watch(lambda: gateway_families(gateway.figures()))
+    if fallback is not None:
+        metrics.watch(lambda: fallback_families(fallback))
+    if coordinator is not None:
+        metrics.watch(lambda: coordinator_families(coordinator))
+    if archiver is not None:
+        metrics.watch(lambda: archiver_families(archiver))
+    if moderator is not None:
+        metrics.watch(lambda: moderator_families(moderator))
 
 
 def _coordinator_lease(config: Config) -> RedisLease | None:

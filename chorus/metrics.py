@@ -27,8 +27,12 @@ falls back to them; chorus/app.py also warns at start).
 
 Moderation (the moderator role): ``chorus_moderation_queue_depth`` and
 ``chorus_moderation_lag_seconds`` read the moderator's ``queue_depth`` and ``lag_s``
-attributes when the app has a ``moderator``; its consume loop (a ``loop`` attribute) gets
+attributes when the process runs a moderator; its consume loop (a ``loop`` attribute) gets
 the same lag gauge as the others.
+
+Each role's families come from a source the app adds (:meth:`Metrics.watch`): the gateway's
+from its ``figures()``, the coordinator's, archiver's and moderator's from their counts.
+This module imports no role.
 """
 
 from __future__ import annotations
@@ -37,9 +41,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -47,10 +51,11 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
 if TYPE_CHECKING:
-    from chorus.app import App
     from chorus.native import Hub
 
-__all__ = ["CONTENT_TYPE", "DeliveryClock", "HttpListener", "Metrics"]
+__all__ = ["CONTENT_TYPE", "ArchiverFigures", "CoordinatorFigures", "DeliveryClock", "FallbackFigures", "FigureSource",
+           "GatewayFigures", "HttpListener", "Metrics", "archiver_families", "coordinator_families",
+           "fallback_families", "gateway_families", "moderator_families"]
 
 log = logging.getLogger("chorus.metrics")
 
@@ -71,13 +76,54 @@ HUB_COUNTERS = {
 CLOSE_REASONS = {"slow_viewer": "slow_closed", "heartbeat_timeout": "timeouts", "protocol_error": "protocol_errors"}
 
 
+@dataclass(frozen=True, slots=True)
+class GatewayFigures:
+    """What a gateway shows on ``/metrics``, read at scrape time (gateway/server.py ``figures``)."""
+
+    hub: Mapping[str, int]  # the hub's stats(): connections, streams, backlog, counters
+    posts_in_flight: int
+    draining: bool
+    bad_channel_messages: int  # channel messages that did not decode (the node's count)
+    failed_deliveries: int  # channel messages whose delivery raised
+    received: Mapping[str, int]  # channel messages by path: pubsub, or the Kafka fallback
+
+
+class CoordinatorFigures(Protocol):
+    """The coordinator's counts (ingest/coordinator.py) read at scrape time."""
+
+    published_batches: int
+    throttle_events: int
+    skipped_records: int
+    sampled_out: int
+
+    @property
+    def sampler(self) -> Any: ...
+
+
+class ArchiverFigures(Protocol):
+    written: int
+
+
+class FallbackFigures(Protocol):
+    """The Redis-down fallback (gateway/fallback.py)."""
+
+    active: bool
+
+
+FigureSource = Callable[[], Iterable[Metric]]  # the families of one role, read at scrape time
+
+
 @dataclass
 class Metrics:
-    """One process's registry: the live histograms and counters, and a collector over ``app``."""
+    """One process's registry: the live histograms and counters, and what the roles show.
 
-    app: App | None = None
+    Each role's figures are read at scrape time through a source the app adds with
+    :meth:`watch` (``gateway_families(gateway.figures())`` and the like): the registry reads
+    what each role exposes, never the app's attributes."""
+
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     lag: dict[str, dict[int, int]] = field(default_factory=dict)  # group -> partition -> records
+    sources: list[FigureSource] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -91,14 +137,18 @@ class Metrics:
             "chorus_posts_refused", "Posts refused by the gateway before admission, by reason.", ["reason"],
             registry=r)
         ProcessCollector(registry=r)  # CPU seconds, resident memory, open fds of this process
-        r.register(_AppCollector(self))
+        r.register(_RoleCollector(self))
+
+    def watch(self, source: FigureSource) -> None:
+        """Show ``source``'s families on every scrape from now on."""
+        self.sources.append(source)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-class _AppCollector:
-    """Reads the app's parts at scrape time (prometheus_client's custom-collector interface)."""
+class _RoleCollector:
+    """Reads the roles' figures at scrape time (prometheus_client's custom-collector interface)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -108,19 +158,8 @@ class _AppCollector:
 
     def collect(self) -> Iterator[Metric]:
         yield _build_info()
-        app = self.metrics.app
-        if app is None:
-            return
-        if app.gateway is not None:
-            yield from _gateway_metrics(app)
-        if app.coordinator is not None:
-            yield from _coordinator_metrics(app)
-        if app.archiver is not None:
-            yield _counter("chorus_archived_comments", "Comments written to the history store.",
-                           app.archiver.written)
-        moderator = getattr(app, "moderator", None)
-        if moderator is not None:
-            yield from _moderator_metrics(moderator)
+        for source in self.metrics.sources:
+            yield from source()
         yield from _lag_metrics(self.metrics.lag)
 
 
@@ -144,17 +183,15 @@ def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, text, value=value)
 
 
-def _gateway_metrics(app: App) -> Iterator[Metric]:
-    gw = app.gateway
-    assert gw is not None
-    stats = gw.hub.stats()
+def gateway_families(f: GatewayFigures) -> Iterator[Metric]:
+    stats = f.hub
     yield _gauge("chorus_connections", "Open viewer connections.", stats["connections"])
     yield _gauge("chorus_connections_closing", "Viewer connections closing.", stats["closing"])
     yield _gauge("chorus_streams", "Streams with viewers on this gateway.", stats["streams"])
     yield _gauge("chorus_backlog_bytes", "Bytes queued for viewers that could not take them yet.",
                  stats["backlog_bytes"])
-    yield _gauge("chorus_posts_inflight", "Posts between arrival and answer.", gw.posts_in_flight())
-    yield _gauge("chorus_draining", "1 while the gateway drains (SIGTERM).", 1.0 if gw.draining else 0.0)
+    yield _gauge("chorus_posts_inflight", "Posts between arrival and answer.", f.posts_in_flight)
+    yield _gauge("chorus_draining", "1 while the gateway drains (SIGTERM).", 1.0 if f.draining else 0.0)
     for name, text in HUB_COUNTERS.items():
         yield _counter(f"chorus_{name}", text, stats.get(name, 0))
     closed = CounterMetricFamily("chorus_connections_closed", "Viewer connections the gateway closed, by reason.",
@@ -162,17 +199,18 @@ def _gateway_metrics(app: App) -> Iterator[Metric]:
     for reason, key in CLOSE_REASONS.items():
         closed.add_metric([reason], stats[key])
     yield closed
-    node = gw.node
-    drops = {"slow_viewer": stats["skipped"], "bad_channel_message": node.bad_messages,
-             "delivery_failed": node.failed_deliveries}
+    drops = {"slow_viewer": stats["skipped"], "bad_channel_message": f.bad_channel_messages,
+             "delivery_failed": f.failed_deliveries}
     yield _drops(drops)
     received = CounterMetricFamily("chorus_channel_messages", "Channel messages received, by path.", labels=["via"])
-    for via, n in sorted(node.received.items()):
+    for via, n in sorted(f.received.items()):
         received.add_metric([via], n)
     yield received
-    if app.fallback is not None:
-        yield _gauge("chorus_pubsub_fallback_active", "1 while the gateway reads Kafka itself (Redis Pub/Sub down).",
-                     1.0 if app.fallback.active else 0.0)
+
+
+def fallback_families(fallback: FallbackFigures) -> Iterator[Metric]:
+    yield _gauge("chorus_pubsub_fallback_active", "1 while the gateway reads Kafka itself (Redis Pub/Sub down).",
+                 1.0 if fallback.active else 0.0)
 
 
 def _drops(by_reason: dict[str, int]) -> CounterMetricFamily:
@@ -183,9 +221,7 @@ def _drops(by_reason: dict[str, int]) -> CounterMetricFamily:
     return family
 
 
-def _coordinator_metrics(app: App) -> Iterator[Metric]:
-    c = app.coordinator
-    assert c is not None
+def coordinator_families(c: CoordinatorFigures) -> Iterator[Metric]:
     yield _counter("chorus_published_batches", "Batches published to stream channels.", c.published_batches)
     yield _counter("chorus_throttle_events", "Keep-ratio changes announced to viewers.", c.throttle_events)
     yield _counter("chorus_skipped_records", "Log records that were not comments (skipped).", c.skipped_records)
@@ -197,7 +233,11 @@ def _coordinator_metrics(app: App) -> Iterator[Metric]:
     yield ratio
 
 
-def _moderator_metrics(moderator: Any) -> Iterator[Metric]:
+def archiver_families(a: ArchiverFigures) -> Iterator[Metric]:
+    yield _counter("chorus_archived_comments", "Comments written to the history store.", a.written)
+
+
+def moderator_families(moderator: Any) -> Iterator[Metric]:
     depth = getattr(moderator, "queue_depth", None)
     if depth is not None:
         yield _gauge("chorus_moderation_queue_depth", "Flagged comments waiting in the review queue.", float(depth))

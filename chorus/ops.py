@@ -14,7 +14,7 @@ The embedded default has neither Redis nor Kafka: ready once started. ``/healthz
 whether the process is alive and none of its roles' tasks has failed (a failed role stops
 the process anyway).
 
-**Drain** (SIGTERM on a gateway, :func:`drain_gateway`): readiness goes 503 at once; after
+**Drain** (SIGTERM on a gateway, ``Gateway.drain``, gateway/drain.py): readiness goes 503 at once; after
 ``gateway.drain_delay_s`` (time for a load balancer polling /readyz to stop sending new
 viewers) the listener closes, so new connections go to the other gateways on the port
 (SO_REUSEPORT) or the host; posts that arrive from then on (not during the delay) are refused with
@@ -32,56 +32,68 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 from chorus.config import Config
-from chorus.metrics import DeliveryClock, HttpListener, Metrics
+from chorus.metrics import HttpListener, Metrics
 
-if TYPE_CHECKING:
-    from chorus.app import App
-    from chorus.gateway.server import Gateway
-
-__all__ = ["JsonFormatter", "Operations", "configure_logging", "drain_gateway"]
+__all__ = ["JsonFormatter", "LagReader", "Operations", "Serving", "configure_logging"]
 
 log = logging.getLogger("chorus.ops")
 
-DRAIN_REASON = "gateway restarting: reconnect and resume"
+
+class Serving(Protocol):
+    """A gateway as readiness sees it (gateway/server.py)."""
+
+    @property
+    def listening(self) -> bool: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+
+class LagReader(Protocol):
+    """A Kafka consume loop that can say how far it trails (ingest/)."""
+
+    async def lag(self) -> dict[int, int]: ...
 
 
 class Operations:
-    """Metrics, readiness probes and the metrics listener of one :class:`chorus.app.App`."""
+    """Metrics, readiness probes and the metrics listener of one process.
 
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.config: Config = app.config
-        self.metrics = Metrics(app)
+    Built before the roles it serves: the gateway gets it (its probes) in its constructor, and
+    readiness asks the gateway, passed in, whether it listens and drains."""
+
+    def __init__(self, config: Config, metrics: Metrics, failed_role: Callable[[], BaseException | None],
+                 lag_readers: Mapping[str, LagReader] | None = None) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.failed_role = failed_role
+        self.lag_readers = dict(lag_readers or {})  # consumer group -> its consume loop
         self.checks: dict[str, str] = {}  # name -> "ok" or what failed; empty until probed
         self.listener: HttpListener | None = None
         self._task: asyncio.Task[None] | None = None
         self._redis: Any = None
         self._kafka: Any = None
-        gw = app.gateway
-        if gw is not None:
-            gw.readiness = self.ready
-            gw.health = self.health
-            gw.metrics_page = self.metrics.render if self.config.metrics.on_gateway_port else None
-            gw.clock = DeliveryClock(gw.hub, self.metrics)
-            gw.posts_refused = self.metrics.posts_refused
 
     def _needs(self) -> list[str]:
         c = self.config
         return [name for name, on in (("redis", bool(c.redis.url)), ("kafka", bool(c.kafka.bootstrap))) if on]
 
     # -- the probes --
-    async def start(self) -> None:
+    async def start(self, serving: Serving | None = None) -> None:
+        """Probe in the background; serve the metrics listener if ``metrics.port`` is set
+        (its /readyz includes ``serving``, this process's gateway)."""
         m = self.config.metrics
         if m.port:
-            self.listener = HttpListener(self.metrics, self.health, self.ready)
+            self.listener = HttpListener(self.metrics, self.health, functools.partial(self.ready, serving))
             await self.listener.start(m.host, m.port)
         self._task = asyncio.create_task(self._probe_loop(), name="readiness-probes")
 
@@ -145,12 +157,7 @@ class Operations:
 
     async def _refresh_lag(self) -> None:
         """Kafka consumer lag of each consume loop in this process (the metrics read the cache)."""
-        coordinator_group = self.config.coordinator.group_id
-        for group, role in ((coordinator_group, self.app.coordinator), ("chorus-archiver", self.app.archiver),
-                            ("chorus-moderator", getattr(self.app, "moderator", None))):
-            loop = getattr(role, "loop", None)
-            if loop is None or not hasattr(loop, "lag"):
-                continue
+        for group, loop in self.lag_readers.items():
             try:
                 async with asyncio.timeout(self.config.metrics.probe_interval_s):
                     self.metrics.lag[group] = await loop.lag()
@@ -159,17 +166,17 @@ class Operations:
 
     # -- what the routes read --
     def health(self) -> tuple[bool, dict[str, str]]:
-        failed = self.app.failed_role()
+        failed = self.failed_role()
         if failed is not None:
             return False, {"status": "failed", "error": str(failed)[:200]}
         return True, {"status": "ok"}
 
-    def ready(self) -> tuple[bool, dict[str, str]]:
+    def ready(self, serving: Serving | None = None) -> tuple[bool, dict[str, str]]:
+        """Whether the process can do its job now, and why not; ``serving``: its gateway."""
         detail = dict(self.checks)
-        gw = self.app.gateway
-        if gw is not None and gw.draining:
+        if serving is not None and serving.draining:
             detail["draining"] = "yes"
-        if gw is not None and gw.server is None:
+        if serving is not None and not serving.listening:
             detail["listening"] = "not yet"
         missing = [name for name in self._needs() if name not in detail]
         for name in missing:
@@ -178,31 +185,6 @@ class Operations:
             and "draining" not in detail and "listening" not in detail
         detail["status"] = "ready" if ok else "not ready"
         return ok, detail
-
-
-async def drain_gateway(gw: Gateway) -> None:
-    """Readiness off, listener closed after the delay, posts in flight answered (see the docstring).
-
-    Idempotent: App.stop drains before stopping anything, Gateway.stop drains again (a no-op).
-    """
-    if gw.drained:
-        return
-    g = gw.config.gateway
-    gw.draining = True
-    log.info("draining: not ready; closing the listener in %.1f s", g.drain_delay_s)
-    if g.drain_delay_s > 0:
-        await asyncio.sleep(g.drain_delay_s)
-    gw.refusing_posts = True
-    if gw.server is not None:
-        gw.server.close()
-    deadline = time.monotonic() + g.drain_timeout_s
-    while gw.posts_in_flight() and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    left = gw.posts_in_flight()
-    if left:
-        log.warning("draining: %d posts still unanswered after %.1f s", left, g.drain_timeout_s)
-    gw.drained = True
-    gw.on_hub_ready()  # the last answers go out before the close frames
 
 
 class JsonFormatter(logging.Formatter):

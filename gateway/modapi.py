@@ -61,30 +61,31 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from picows import WSUpgradeRequest, WSUpgradeResponse
 
 from chorus.auth import AuthError, Identity, verify_token
-from chorus.broker import Broker, set_stream_mode
+from chorus.broker import Broker, StreamState, set_stream_mode
 from chorus.codes import MAX_SLOW_MODE_SECONDS, CloseCode, DeleteCode, ErrorCode, HttpErrorCode
+from chorus.config import Config
+from chorus.errors import ChorusError
 from chorus.gateway.http import STREAM_ID, Request, json_response
 from chorus.gateway.httpreq import HttpRequest, error_response, json_response_bytes
 from chorus.gateway.registry import ConnectionRegistry
-from chorus.ingest.limits import BackendUnavailable
+from chorus.ingest.limits import BackendUnavailable, Sanctions
 from chorus.ingest.log import CommentLog, append_many
 from chorus.ingest.moderator import OFFENCE_WEIGHT
 from chorus.ingest.records import Comment, Control, encode_control
 from chorus.ingest.reputation import Reputation
-from chorus.ingest.store import ModerationAction, SqliteStore
+from chorus.ingest.store import HistoryStore, ModerationAction, SqliteStore
 from chorus.protocol import JSON, MSGPACK, ChannelMessage, encode_event, pack_channel_message
 
-if TYPE_CHECKING:
-    from chorus.gateway.server import Gateway
-
-__all__ = ["CONTROL_PREFIX", "GatewayModeration", "publish_kick"]
+__all__ = ["CONTROL_PREFIX", "ApiError", "GatewayModeration", "ModerationSetup", "ViewerSockets", "publish_kick"]
 
 log = logging.getLogger("chorus.modapi")
 
@@ -118,7 +119,9 @@ _ROUTES = [
 Answer = dict[str, Any]  # the fields of a 200 answer beside "ok"
 
 
-class ApiError(Exception):
+class ApiError(ChorusError):
+    """A moderator request refused: its HTTP status, error code and reason."""
+
     def __init__(self, status: int, code: str, reason: str) -> None:
         super().__init__(reason)
         self.status = status
@@ -211,21 +214,49 @@ async def publish_kick(broker: Broker, gateways: list[str], user: str, stream: s
         await broker.publish(CONTROL_PREFIX + gateway, pack_channel_message(message.encode()))
 
 
+@dataclass(frozen=True, slots=True)
+class ModerationSetup:
+    """What the app gives a gateway for its moderation part (the gateway builds the part: it
+    needs the gateway's hub): the log, the broker, reputation, this gateway's instance id and
+    the Redis client of its connection registry (None: in this process only)."""
+
+    comment_log: CommentLog
+    broker: Broker
+    reputation: Reputation
+    instance: str
+    redis: Any = None
+    prefix: str = "chorus:"
+    shadow_ban_s: int = 86400
+    registry_ttl_s: float = 90.0
+
+
+class ViewerSockets(Protocol):
+    """The part of the hub moderation uses: close a viewer, send one an event."""
+
+    def close(self, conn: int, code: int, reason: str) -> Any: ...
+
+    def send(self, conn: int, data: bytes) -> Any: ...
+
+
 class GatewayModeration:
     """One per gateway: the API, the connection registry and this gateway's control channel."""
 
-    def __init__(self, gateway: Gateway, comment_log: CommentLog, broker: Broker, reputation: Reputation,
-                 instance: str, redis: Any = None, prefix: str = "chorus:", shadow_ban_s: int = 86400,
-                 registry_ttl_s: float = 90.0) -> None:
-        self.gateway = gateway
-        self.log = comment_log
-        self.broker = broker
-        self.reputation = reputation
-        self.registry = ConnectionRegistry(instance, redis, prefix, registry_ttl_s)
-        self.channel = CONTROL_PREFIX + instance
-        self.shadow_ban_s = shadow_ban_s
-        self._redis = redis
-        self._prefix = prefix
+    def __init__(self, setup: ModerationSetup, config: Config, hub: ViewerSockets, wake: Callable[[], None],
+                 sanctions: Sanctions, state: StreamState, store: HistoryStore | None) -> None:
+        self.config = config
+        self.hub = hub
+        self.wake = wake  # let the hub act on the closes just asked for
+        self.sanctions = sanctions
+        self.state = state
+        self._store = store
+        self.log = setup.comment_log
+        self.broker = setup.broker
+        self.reputation = setup.reputation
+        self.registry = ConnectionRegistry(setup.instance, setup.redis, setup.prefix, setup.registry_ttl_s)
+        self.channel = CONTROL_PREFIX + setup.instance
+        self.shadow_ban_s = setup.shadow_ban_s
+        self._redis = setup.redis
+        self._prefix = setup.prefix
         self._watch: asyncio.Task[None] | None = None
         self.reseeds = 0  # times this gateway put the bans back into a Redis that came back empty
         self.kicked = 0  # connections closed on a ban or time-out
@@ -276,7 +307,7 @@ class GatewayModeration:
         store = self.store
         assert store is not None
         now = _now_ms()
-        sanctions = self.gateway.admission.limits.sanctions
+        sanctions = self.sanctions
         in_force = await asyncio.to_thread(store.sanctions_in_force, now)
         for stream, user, until in in_force:
             await sanctions.ban(stream, user, None if until is None else max(1.0, (until - now) / 1000))
@@ -303,7 +334,7 @@ class GatewayModeration:
         if who is None:
             return None
         try:
-            refusal = await self.gateway.admission.limits.sanctions.check(stream, who.user_id)
+            refusal = await self.sanctions.check(stream, who.user_id)
         except BackendUnavailable:
             return None
         if refusal is None:
@@ -326,10 +357,10 @@ class GatewayModeration:
     def close_user(self, user: str, stream: str, code: int, reason: str) -> int:
         conns = self.registry.conns(user, stream)
         for conn in conns:
-            self.gateway.hub.close(conn, code, reason[:100])
+            self.hub.close(conn, code, reason[:100])
         if conns:
             self.kicked += len(conns)
-            self.gateway.on_hub_ready()
+            self.wake()
         return len(conns)
 
     def echo_shadow(self, comment: Comment) -> None:
@@ -337,7 +368,7 @@ class GatewayModeration:
         event = {"t": "batch", "stream": comment.stream, "comments": [comment.to_event()]}
         payloads = {False: encode_event(event, JSON), True: encode_event(event, MSGPACK)}
         for conn, binary in self.registry.conns_with_wire(comment.user_id, comment.stream):
-            self.gateway.hub.send(conn, payloads[binary])
+            self.hub.send(conn, payloads[binary])
             self.shadow_echoes += 1
 
     # -- HTTP ---------------------------------------------------------------------------------
@@ -346,7 +377,7 @@ class GatewayModeration:
         if not header.lower().startswith("bearer ") or not header[7:].strip():
             raise ApiError(401, ErrorCode.UNAUTHORIZED, "the moderator API needs a token: Authorization: Bearer ...")
         try:
-            who = verify_token(self.gateway.config.auth, header[7:].strip())
+            who = verify_token(self.config.auth, header[7:].strip())
         except AuthError as exc:
             raise ApiError(401, ErrorCode.UNAUTHORIZED, f"invalid token: {exc}") from None
         if not who.may_moderate(stream):
@@ -401,7 +432,7 @@ class GatewayModeration:
     @property
     def store(self) -> SqliteStore | None:
         """The history store, where moderation keeps its records (None: no store here)."""
-        store = self.gateway.store
+        store = self._store
         return store if isinstance(store, SqliteStore) else None
 
     async def _append(self, controls: list[Control]) -> None:
@@ -417,7 +448,7 @@ class GatewayModeration:
 
     async def _find(self, stream: str, comment_id: str) -> dict[str, Any] | None:
         """A live comment of the stream, from the recent cache, else the history store."""
-        cached = await self.gateway.state.recent(stream, self.gateway.config.coordinator.recent_size)
+        cached = await self.state.recent(stream, self.config.coordinator.recent_size)
         for c in cached:
             if c.get("id") == comment_id:
                 return c
@@ -480,7 +511,7 @@ class GatewayModeration:
 
     async def _sanction(self, who: Identity, stream: str, args: dict[str, str], body: dict[str, Any]) -> Answer:
         user, op = args["user"], args["op"]
-        sanctions = self.gateway.admission.limits.sanctions
+        sanctions = self.sanctions
         seconds = _int_field(body, "seconds", 1, MAX_TIMEOUT_S) if op == "timeout" else None
         reason = _reason(body)
         store = self.store
@@ -520,7 +551,7 @@ class GatewayModeration:
         seconds = _int_field(body, "seconds", 1, MAX_TIMEOUT_S, DEFAULT_CLEAR_S)
         since = _now_ms() - seconds * 1000
         ids: dict[str, None] = {}
-        for c in await self.gateway.state.recent(stream, self.gateway.config.coordinator.recent_size):
+        for c in await self.state.recent(stream, self.config.coordinator.recent_size):
             if c["user"]["id"] == user and c["ts"] >= since:
                 ids[c["id"]] = None
         store = self.store
@@ -549,7 +580,7 @@ class GatewayModeration:
 
     async def _slow_mode(self, who: Identity, stream: str, args: dict[str, str], body: dict[str, Any]) -> Answer:
         seconds = _int_field(body, "seconds", 0, MAX_SLOW_MODE_SECONDS)
-        state = self.gateway.state
+        state = self.state
         mode = dataclasses.replace(await state.get_mode(stream), slow_mode_seconds=seconds)
         await set_stream_mode(state, self.broker, stream, mode)
         await self._record(ModerationAction(stream, "slow_mode", "api", None, None, None, f"{seconds} s", who.user_id))

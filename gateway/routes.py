@@ -6,10 +6,11 @@ to :meth:`HttpRoutes.answer`: GET and HEAD through the same routing (HEAD: GET's
 headers, no body), POST to the comment and moderator endpoints, any other method 405 with
 ``Allow``. Errors are ``{"error": CODE, "reason": ...}`` throughout.
 
-The WebSocket upgrade itself (stream id, Origin, token, subprotocol, deflate) stays with the
-gateway (gateway/server.py), which owns what happens to the socket next; this module decides
-only which answer a request gets. It knows the gateway through :class:`RoutedGateway`, the
-few things it reads, so the two modules do not import each other.
+The WebSocket upgrade itself (stream id, Origin, token, subprotocol, deflate) is the join's
+(gateway/join.py), which owns what happens to the socket next; this module decides only which
+answer a request gets. Its collaborators come in its constructor, each typed by the small
+protocol of what the routes use (:class:`Upgrades`, :class:`Probes`, :class:`ModeratorApi`...),
+so no gateway module it serves imports it back.
 """
 
 from __future__ import annotations
@@ -43,17 +44,14 @@ from chorus.gateway.http import (
     text_response,
 )
 from chorus.gateway.httpreq import HttpRequest, error_response
-from chorus.gateway.modapi import GatewayModeration
 from chorus.ingest.admission import Admission
 from chorus.ingest.store import HistoryStore
 from chorus.metrics import CONTENT_TYPE
 
-__all__ = ["HttpRoutes", "RoutedGateway", "allowed_methods", "authenticate", "dev_user_id", "display_name",
-           "handshake_refusal", "origin_allowed"]
+__all__ = ["HttpRoutes", "ModeratorApi", "PostGate", "Probes", "Serving", "Upgrades", "allowed_methods",
+           "authenticate", "dev_user_id", "display_name", "handshake_refusal", "origin_allowed"]
 
 log = logging.getLogger("chorus.gateway")
-
-Check = Callable[[], tuple[bool, dict[str, str]]]
 
 MAX_COMMENT_ID = 2**63 - 1  # ids are positive signed 64-bit integers (chorus/ids.py)
 DEFAULT_PAGE = 50
@@ -182,22 +180,8 @@ def authenticate(config: Config, request: WSUpgradeRequest, req: Request) -> Ide
         return error_json(HTTPStatus.UNAUTHORIZED, HttpErrorCode.UNAUTHORIZED, f"invalid token: {exc}")
 
 
-class RoutedGateway(Protocol):
-    """What the routes read of the gateway (gateway/server.py)."""
-
-    config: Config
-    store: HistoryStore | None
-    admission: Admission
-    engagement: Engagement
-    moderation: GatewayModeration | None
-    readiness: Check | None
-    health: Check | None
-    metrics_page: Callable[[], bytes] | None
-    draining: bool
-    refusing_posts: bool
-
-    @property
-    def listening(self) -> bool: ...
+class Upgrades(Protocol):
+    """The WebSocket upgrades the routes accept (gateway/join.py)."""
 
     def upgrade(self, request: WSUpgradeRequest, req: Request) -> WSUpgradeResponse | WSUpgradeResponseWithListener:
         ...
@@ -205,12 +189,55 @@ class RoutedGateway(Protocol):
     def accept_echo(self, request: WSUpgradeRequest) -> WSUpgradeResponseWithListener: ...
 
 
+class Serving(Protocol):
+    """Whether the gateway listens and whether it drains (readiness reads both)."""
+
+    @property
+    def listening(self) -> bool: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+
+class PostGate(Protocol):
+    """Whether new posts are refused (a draining gateway past its delay: gateway/drain.py)."""
+
+    refusing_posts: bool
+
+
+class Probes(Protocol):
+    """Health and readiness (chorus/ops.py Operations); readiness includes the gateway's own."""
+
+    def health(self) -> tuple[bool, dict[str, str]]: ...
+
+    def ready(self, serving: Serving | None = None) -> tuple[bool, dict[str, str]]: ...
+
+
+class ModeratorApi(Protocol):
+    """The moderator HTTP API (gateway/modapi.py)."""
+
+    def get(self, request: WSUpgradeRequest, req: Request) -> WSUpgradeResponse: ...
+
+    async def post(self, request: HttpRequest) -> bytes: ...
+
+
 class HttpRoutes:
     """Routes picows's GETs and the hand-off's POSTs for one gateway."""
 
-    def __init__(self, gateway: RoutedGateway) -> None:
-        self.gateway = gateway
-        self.config = gateway.config
+    def __init__(self, config: Config, upgrades: Upgrades, engagement: Engagement, admission: Admission,
+                 store: HistoryStore | None, serving: Serving, posts: PostGate, *,
+                 moderation: ModeratorApi | None = None, probes: Probes | None = None,
+                 metrics_page: Callable[[], bytes] | None = None) -> None:
+        self.config = config
+        self.upgrades = upgrades
+        self.engagement = engagement
+        self.admission = admission
+        self.store = store
+        self.serving = serving
+        self.posts = posts
+        self.moderation = moderation
+        self.probes = probes
+        self.metrics_page = metrics_page
         self.http_inflight = 0  # HTTP posts between arrival and answer
 
     # -- every request but an upgrade (read by gateway/handoff.py) --
@@ -255,37 +282,36 @@ class HttpRoutes:
         return answer
 
     def _route(self, request: WSUpgradeRequest) -> WSUpgradeResponse | WSUpgradeResponseWithListener:
-        gw = self.gateway
         req = parse_request(request.path)
         if request.method != b"GET":  # the hand-off gives picows GETs only
             return error_json(HTTPStatus.METHOD_NOT_ALLOWED, HttpErrorCode.METHOD_NOT_ALLOWED,
                               "only GET is served here", {"Allow": "GET, HEAD"})
         if req.path == "/ws":
-            return gw.upgrade(request, req)
+            return self.upgrades.upgrade(request, req)
         if req.path in ("/", "/index.html"):
             return static_response("index.html")
         if req.path.startswith("/static/"):
             return static_response(req.path.removeprefix("/static/"))
         if req.path.startswith("/streams/") and req.path.endswith("/comments"):
             return self._history(req.path[len("/streams/") : -len("/comments")], req, request)
-        if req.path.startswith("/mod/") and gw.moderation is not None:
-            return gw.moderation.get(request, req)
+        if req.path.startswith("/mod/") and self.moderation is not None:
+            return self.moderation.get(request, req)
         if req.path.startswith("/streams/") and "/" not in req.path[len("/streams/") :].rstrip("/"):
             return static_response("index.html")  # the viewer page; it checks the id itself
         if req.path == "/streams":
-            return json_response({"streams": gw.engagement.live_streams()})
+            return json_response({"streams": self.engagement.live_streams()})
         if req.path in ("/healthz", "/readyz"):
             return self._probe(req.path)
-        if req.path == "/metrics" and gw.metrics_page is not None:
-            return WSUpgradeResponse.create_ok_response(gw.metrics_page(), {"Content-Type": CONTENT_TYPE})
+        if req.path == "/metrics" and self.metrics_page is not None:
+            return WSUpgradeResponse.create_ok_response(self.metrics_page(), {"Content-Type": CONTENT_TYPE})
         if req.path == "/dev/token":
             return self._dev_token(req)
         if req.path == "/echo" and self.config.gateway.echo_endpoint:
-            return gw.accept_echo(request)
+            return self.upgrades.accept_echo(request)
         return error_json(HTTPStatus.NOT_FOUND, HttpErrorCode.NOT_FOUND, f"nothing is served at {req.path[:80]}")
 
     def _history(self, stream: str, req: Request, request: WSUpgradeRequest) -> WSUpgradeResponse:
-        store = self.gateway.store
+        store = self.store
         if not STREAM_ID.match(stream):
             return error_json(HTTPStatus.BAD_REQUEST, HttpErrorCode.BAD_REQUEST,
                               "stream must be 1-64 characters of A-Z a-z 0-9 _ . : -, not . or ..")
@@ -313,13 +339,13 @@ class HttpRoutes:
         return json_response({"token": token, "user": {"id": user_id, "name": name}})
 
     def _probe(self, path: str) -> WSUpgradeResponse:
-        gw = self.gateway
-        check = gw.readiness if path == "/readyz" else gw.health
         detail: dict[str, str] = {}
-        if check is None:  # no Operations attached (a bare Gateway in tests): listening is all
-            ok = (gw.listening and not gw.draining) if path == "/readyz" else True
+        if self.probes is None:  # no Operations attached (a bare Gateway in tests): listening is all
+            ok = (self.serving.listening and not self.serving.draining) if path == "/readyz" else True
+        elif path == "/readyz":
+            ok, detail = self.probes.ready(self.serving)
         else:
-            ok, detail = check()
+            ok, detail = self.probes.health()
         if ok and path == "/healthz":
             return text_response(HTTPStatus.OK, "ok")
         detail.setdefault("status", "ready" if ok else "not ready")
@@ -328,16 +354,15 @@ class HttpRoutes:
     # -- POST (from answer) --
     async def post(self, request: HttpRequest, ip: str) -> bytes:
         """``POST /streams/{id}/comments`` (clients without a WebSocket) and the moderator API."""
-        gw = self.gateway
         if not origin_allowed(request.header("Origin"), request.header("Host"), self.config.gateway.allowed_origins):
             return error_response(HTTPStatus.FORBIDDEN, HttpErrorCode.FORBIDDEN, "origin not allowed")
-        if request.target.startswith("/mod/") and gw.moderation is not None:
-            return await gw.moderation.post(request)
-        if gw.refusing_posts:
+        if request.target.startswith("/mod/") and self.moderation is not None:
+            return await self.moderation.post(request)
+        if self.posts.refusing_posts:
             return error_response(HTTPStatus.SERVICE_UNAVAILABLE, ErrorCode.NOT_ACCEPTED,
                                   "this gateway is restarting; it was not posted: post again", 1000)
         self.http_inflight += 1
         try:
-            return await answer_comment_post(request, ip, self.config.auth, gw.admission)
+            return await answer_comment_post(request, ip, self.config.auth, self.admission)
         finally:
             self.http_inflight -= 1

@@ -22,7 +22,8 @@ from clients import WebsocketsClient
 from test_e2e import Env, make_config, started_app
 from waiting import eventually
 
-import chorus.gateway.server as server
+import chorus.gateway.events as events
+import chorus.gateway.posts as posts
 import chorus.ingest.admission as admission
 from chorus import protocol
 from chorus.ingest.records import encode_record
@@ -80,8 +81,8 @@ async def test_a_failing_event_costs_only_its_connection(env: Env, monkeypatch: 
     stream = f"f-{uuid.uuid4().hex[:6]}"
     a, hostile, c = await posters(env, stream, 3)
     leaving = await env.viewer(stream)
-    assert gw._streams[stream].viewers == 4
-    monkeypatch.setattr(server, "parse_client_message",
+    assert gw.viewers.counts()[stream] == 4
+    monkeypatch.setattr(events, "parse_client_message",
                         raising_for(protocol.parse_client_message, b"boom", RecursionError("deep")))
     async with OnePoll(env, [a, hostile, c]):
         await a.send_json({"t": "comment", "text": "from a", "nonce": "a"})
@@ -95,15 +96,15 @@ async def test_a_failing_event_costs_only_its_connection(env: Env, monkeypatch: 
     err = await hostile.wait_for(lambda e: e["t"] == "error", timeout=10)
     assert err["code"] == "internal_error" and "nonce" not in err
     # The CLOSED event of the same drain was handled: the counts dropped by one.
-    await eventually(lambda: gw._streams[stream].viewers == 3)
-    assert gw._per_ip.get("127.0.0.1") == gw.hub.connections() == 3
+    await eventually(lambda: gw.viewers.counts()[stream] == 3)
+    assert gw.viewers.from_ip("127.0.0.1") == gw.hub.connections() == 3
     assert gw.failures.count == 1
     # The hostile connection stays open and works.
     await hostile.send_json({"t": "comment", "text": "fine now", "nonce": "h2"})
     assert (await hostile.wait_for(lambda e: e["t"] == "ack", timeout=10))["nonce"] == "h2"
     for client in (a, hostile, c):
         await client.close()
-    await eventually(lambda: stream not in gw._streams and not gw._per_ip)
+    await eventually(lambda: stream not in gw.viewers.counts() and gw.viewers.addresses() == 0)
 
 
 async def test_one_post_that_cannot_be_encoded_does_not_take_down_its_batch(
@@ -113,11 +114,11 @@ async def test_one_post_that_cannot_be_encoded_does_not_take_down_its_batch(
     stream = f"b-{uuid.uuid4().hex[:6]}"
     clients = await posters(env, stream, 6)
     # Post 1's ack, post 2's log record and post 3's admission raise; 0, 4 and 5 are fine.
-    monkeypatch.setattr(server, "encode_ack", raising_for(protocol.encode_ack, "bad-ack", UnicodeEncodeError(
+    monkeypatch.setattr(posts, "encode_ack", raising_for(protocol.encode_ack, "bad-ack", UnicodeEncodeError(
         "utf-8", "\ud800", 0, 1, "surrogates not allowed"), pick=lambda cid, nonce, wire: nonce or ""))
     bad_record = raising_for(encode_record, "bad record", UnicodeEncodeError(
         "utf-8", "\ud800", 0, 1, "surrogates not allowed"), pick=lambda c: c.text)
-    monkeypatch.setattr(server, "encode_record", bad_record, raising=False)  # raising: the code before had none
+    monkeypatch.setattr(posts, "encode_record", bad_record)
     monkeypatch.setattr(admission, "encode_record", bad_record)
     monkeypatch.setattr(admission, "validate_comment_text",
                         raising_for(protocol.validate_comment_text, "bad admission", RecursionError("deep")))

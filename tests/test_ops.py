@@ -175,7 +175,7 @@ async def test_posts_during_drain_are_refused_not_accepted(embedded: App) -> Non
     assert gw is not None
     token = mint_token(embedded.config.auth, "u3", "Cy", ["read", "write"])
     poster = await Session.open(gw.port, "d2", token)
-    gw.draining = gw.refusing_posts = True  # as drain_gateway sets them, without closing anything yet
+    gw.drain_state.draining = gw.drain_state.refusing_posts = True  # as the drain sets them, closing nothing yet
     await poster.conn.send(json.dumps({"t": "comment", "text": "too late", "nonce": "b"}))
     refused = await poster.wait(lambda e: e.get("nonce") == "b")
     assert refused["t"] == "error" and refused["code"] == "not_accepted" and "restarting" in refused["reason"]
@@ -183,7 +183,7 @@ async def test_posts_during_drain_are_refused_not_accepted(embedded: App) -> Non
     assert metric(body.decode(), "chorus_posts_refused_total", reason="draining") == 1
     status, ready = await aget_json(f"http://127.0.0.1:{gw.port}/readyz")
     assert status == 503 and ready["draining"] == "yes"
-    gw.draining = gw.refusing_posts = False
+    gw.drain_state.draining = gw.drain_state.refusing_posts = False
     await poster.close()
 
 

@@ -331,7 +331,7 @@ async def test_a_resume_is_paced_by_its_own_viewer_not_the_gateways_backlog(
         for _ in range(100):
             if gw.hub.stats()["backlog_bytes"] > 4 * limit:
                 break
-            gw.deliver("stuck", ChannelMessage(big))
+            gw.delivery.deliver("stuck", ChannelMessage(big))
             await asyncio.sleep(0.01)
         assert gw.hub.stats()["backlog_bytes"] > 4 * limit
 
