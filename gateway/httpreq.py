@@ -28,6 +28,7 @@ from http import HTTPStatus
 from typing import Any
 
 from chorus.codes import MAX_REQUEST_BODY_BYTES, MAX_REQUEST_HEAD_BYTES, HttpErrorCode
+from chorus.errors import ChorusError
 
 __all__ = [
     "CONTINUE",
@@ -52,7 +53,7 @@ _VERSION = re.compile(rb"^HTTP/(\d)\.(\d)\Z")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-class HttpError(Exception):
+class HttpError(ChorusError):
     """The request cannot be served: answer ``status`` with ``code`` and ``reason``, then close."""
 
     def __init__(self, status: int, code: HttpErrorCode, reason: str) -> None:
