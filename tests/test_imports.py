@@ -12,6 +12,7 @@ fails the test with its modules in order. So does an import of the folders' own 
 from __future__ import annotations
 
 import ast
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def find_cycle(graph: dict[str, dict[str, int]]) -> list[str] | None:
 
 
 def describe(cycle: list[str], graph: dict[str, dict[str, int]], files: dict[str, Path]) -> str:
-    steps = [f"  {a} ({files[a].relative_to(ROOT)}:{graph[a][b]}) imports {b}" for a, b in zip(cycle, cycle[1:])]
+    steps = [f"  {a} ({files[a].relative_to(ROOT)}:{graph[a][b]}) imports {b}" for a, b in itertools.pairwise(cycle)]
     return "import cycle:\n" + "\n".join(steps)
 
 
