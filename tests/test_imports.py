@@ -108,8 +108,12 @@ def test_no_module_imports_a_folder_by_its_own_name() -> None:
         for path in sorted((ROOT / folder).rglob("*.py")):
             tree = ast.parse(path.read_text(), str(path))
             for node in ast.walk(tree):
-                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                    [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level:
+                    names = [node.module or ""]
+                else:
+                    continue
                 wrong += [f"{path.relative_to(ROOT)}:{node.lineno} imports {name}" for name in names
                           if name.split(".")[0] in FOLDER_NAMES]
     assert not wrong, "import these as chorus.gateway, chorus.ingest, chorus.native:\n" + "\n".join(wrong)
