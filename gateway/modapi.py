@@ -77,6 +77,7 @@ from chorus.errors import ChorusError
 from chorus.gateway.http import STREAM_ID, Request, json_response
 from chorus.gateway.httpreq import HttpRequest, error_response, json_response_bytes
 from chorus.gateway.registry import ConnectionRegistry
+from chorus.gateway.router import Router
 from chorus.ingest.limits import BackendUnavailable, Sanctions
 from chorus.ingest.log import CommentLog, append_many
 from chorus.ingest.moderator import OFFENCE_WEIGHT
@@ -101,19 +102,19 @@ DEFAULT_CLEAR_S = 3600
 CLEAR_MAX = 500  # comments one clear deletes at most
 STOP_TIMEOUT_S = 3.0
 RESOLUTIONS = ("keep", "delete", "restore", "lift")
-_PATH = re.compile(r"^/mod/streams/(?P<stream>[^/]+)/(?P<rest>.+)$")
-# (method, pattern of the rest of the path, handler name)
-_ROUTES = [
-    ("POST", re.compile(r"^comments/(?P<id>[^/]*)/(?P<op>delete|pin)$"), "_comment_op"),
-    ("POST", re.compile(r"^comments/(?P<id>[^/]*)/restore$"), "_restore"),
-    ("POST", re.compile(r"^unpin$"), "_unpin"),
-    ("POST", re.compile(r"^users/(?P<user>[^/]+)/(?P<op>ban|timeout|unban)$"), "_sanction"),
-    ("POST", re.compile(r"^users/(?P<user>[^/]+)/clear$"), "_clear"),
-    ("POST", re.compile(r"^users/(?P<user>[^/]+)/(?P<op>shadow_ban|unshadow)$"), "_shadow"),
-    ("POST", re.compile(r"^slow_mode$"), "_slow_mode"),
-    ("POST", re.compile(r"^queue/(?P<id>[^/]*)$"), "_resolve"),
-    ("GET", re.compile(r"^queue$"), "_queue"),
-]
+# The endpoints: (method, path, handler name); a comment id may be empty here, to be refused
+# with a 400 that says what an id is rather than a 404.
+_API: Router[str] = Router([
+    ("POST", "/mod/streams/{stream}/comments/{id:[^/]*}/{op:delete|pin}", "_comment_op"),
+    ("POST", "/mod/streams/{stream}/comments/{id:[^/]*}/restore", "_restore"),
+    ("POST", "/mod/streams/{stream}/unpin", "_unpin"),
+    ("POST", "/mod/streams/{stream}/users/{user}/{op:ban|timeout|unban}", "_sanction"),
+    ("POST", "/mod/streams/{stream}/users/{user}/clear", "_clear"),
+    ("POST", "/mod/streams/{stream}/users/{user}/{op:shadow_ban|unshadow}", "_shadow"),
+    ("POST", "/mod/streams/{stream}/slow_mode", "_slow_mode"),
+    ("POST", "/mod/streams/{stream}/queue/{id:[^/]*}", "_resolve"),
+    ("GET", "/mod/streams/{stream}/queue", "_queue"),
+])
 
 
 Answer = dict[str, Any]  # the fields of a 200 answer beside "ok"
@@ -385,20 +386,16 @@ class GatewayModeration:
         return who
 
     def _route(self, method: str, path: str) -> tuple[str, str, dict[str, str]]:
-        match = _PATH.match(path)
-        if match is None or not STREAM_ID.match(match.group("stream")):
+        """(handler name, stream, path arguments) of a request, or the ApiError to answer."""
+        found = _API.match(method, path)
+        if found is None or not STREAM_ID.match(found.args["stream"]):
             raise ApiError(404, HttpErrorCode.NOT_FOUND, "no such moderator endpoint")
-        for want, pattern, name in _ROUTES:
-            found = pattern.match(match.group("rest"))
-            if found is None:
-                continue
-            if want != method:
-                raise ApiError(405, HttpErrorCode.METHOD_NOT_ALLOWED, f"use {want} here")
-            user = found.groupdict().get("user")
-            if user is not None and not USER_ID.match(user):
-                raise ApiError(400, HttpErrorCode.BAD_REQUEST, "a user id is 1-128 characters of A-Z a-z 0-9 _ . : @ -")
-            return name, match.group("stream"), found.groupdict()
-        raise ApiError(404, HttpErrorCode.NOT_FOUND, "no such moderator endpoint")
+        if found.handler is None:
+            raise ApiError(405, HttpErrorCode.METHOD_NOT_ALLOWED, f"use {found.allow} here")
+        user = found.args.get("user")
+        if user is not None and not USER_ID.match(user):
+            raise ApiError(400, HttpErrorCode.BAD_REQUEST, "a user id is 1-128 characters of A-Z a-z 0-9 _ . : @ -")
+        return found.handler, found.args["stream"], found.args
 
     async def post(self, request: HttpRequest) -> bytes:
         """Answer a ``POST /mod/...`` (gateway/handoff.py reads it) with the whole response."""

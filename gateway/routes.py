@@ -44,6 +44,7 @@ from chorus.gateway.http import (
     text_response,
 )
 from chorus.gateway.httpreq import HttpRequest, error_response
+from chorus.gateway.router import Router
 from chorus.ingest.admission import Admission
 from chorus.ingest.store import HistoryStore
 from chorus.metrics import CONTENT_TYPE
@@ -180,6 +181,10 @@ def authenticate(config: Config, request: WSUpgradeRequest, req: Request) -> Ide
         return error_json(HTTPStatus.UNAUTHORIZED, HttpErrorCode.UNAUTHORIZED, f"invalid token: {exc}")
 
 
+Answer = WSUpgradeResponse | WSUpgradeResponseWithListener
+GetHandler = Callable[[WSUpgradeRequest, Request, dict[str, str]], Answer]  # (picows' request, parsed, path args)
+
+
 class Upgrades(Protocol):
     """The WebSocket upgrades the routes accept (gateway/join.py)."""
 
@@ -239,6 +244,7 @@ class HttpRoutes:
         self.probes = probes
         self.metrics_page = metrics_page
         self.http_inflight = 0  # HTTP posts between arrival and answer
+        self._get: Router[GetHandler] = Router(self._get_routes())
 
     # -- every request but an upgrade (read by gateway/handoff.py) --
     async def answer(self, request: HttpRequest, ip: str) -> bytes:
@@ -286,29 +292,47 @@ class HttpRoutes:
         if request.method != b"GET":  # the hand-off gives picows GETs only
             return error_json(HTTPStatus.METHOD_NOT_ALLOWED, HttpErrorCode.METHOD_NOT_ALLOWED,
                               "only GET is served here", {"Allow": "GET, HEAD"})
-        if req.path == "/ws":
-            return self.upgrades.upgrade(request, req)
-        if req.path in ("/", "/index.html"):
-            return static_response("index.html")
-        if req.path.startswith("/static/"):
-            return static_response(req.path.removeprefix("/static/"))
-        if req.path.startswith("/streams/") and req.path.endswith("/comments"):
-            return self._history(req.path[len("/streams/") : -len("/comments")], req, request)
-        if req.path.startswith("/mod/") and self.moderation is not None:
-            return self.moderation.get(request, req)
-        if req.path.startswith("/streams/") and "/" not in req.path[len("/streams/") :].rstrip("/"):
-            return static_response("index.html")  # the viewer page; it checks the id itself
-        if req.path == "/streams":
-            return json_response({"streams": self.engagement.live_streams()})
-        if req.path in ("/healthz", "/readyz"):
-            return self._probe(req.path)
-        if req.path == "/metrics" and self.metrics_page is not None:
-            return WSUpgradeResponse.create_ok_response(self.metrics_page(), {"Content-Type": CONTENT_TYPE})
-        if req.path == "/dev/token":
-            return self._dev_token(req)
-        if req.path == "/echo" and self.config.gateway.echo_endpoint:
-            return self.upgrades.accept_echo(request)
-        return error_json(HTTPStatus.NOT_FOUND, HttpErrorCode.NOT_FOUND, f"nothing is served at {req.path[:80]}")
+        found = self._get.match("GET", req.path)
+        if found is None or found.handler is None:
+            return error_json(HTTPStatus.NOT_FOUND, HttpErrorCode.NOT_FOUND, f"nothing is served at {req.path[:80]}")
+        return found.handler(request, req, found.args)
+
+    def _get_routes(self) -> list[tuple[str, str, GetHandler]]:
+        """The GET table, in order (the first template matching the whole path answers);
+        optional endpoints are in it only when they are on."""
+        routes: list[tuple[str, str, GetHandler]] = [
+            ("GET", "/ws", lambda request, req, args: self.upgrades.upgrade(request, req)),
+            ("GET", "/", self._page),
+            ("GET", "/index.html", self._page),
+            ("GET", "/static/{name:.*}", lambda request, req, args: static_response(args["name"])),
+            # History; "/streams/comments" too, where the id is empty (a 400 that says what an id is).
+            ("GET", "/streams/{stream:.*}/comments", self._history_route),
+            ("GET", "/streams/comments", self._history_route),
+        ]
+        moderation = self.moderation
+        if moderation is not None:
+            routes.append(("GET", "/mod/{rest:.*}", lambda request, req, args: moderation.get(request, req)))
+        routes += [
+            ("GET", "/streams/{stream:[^/]*/*}", self._page),  # the viewer page; it checks the id itself
+            ("GET", "/streams", lambda request, req, args: json_response({"streams": self.engagement.live_streams()})),
+            ("GET", "/healthz", lambda request, req, args: self._probe(req.path)),
+            ("GET", "/readyz", lambda request, req, args: self._probe(req.path)),
+        ]
+        metrics_page = self.metrics_page
+        if metrics_page is not None:
+            routes.append(("GET", "/metrics", lambda request, req, args: WSUpgradeResponse.create_ok_response(
+                metrics_page(), {"Content-Type": CONTENT_TYPE})))
+        routes.append(("GET", "/dev/token", lambda request, req, args: self._dev_token(req)))
+        if self.config.gateway.echo_endpoint:
+            routes.append(("GET", "/echo", lambda request, req, args: self.upgrades.accept_echo(request)))
+        return routes
+
+    @staticmethod
+    def _page(request: WSUpgradeRequest, req: Request, args: dict[str, str]) -> WSUpgradeResponse:
+        return static_response("index.html")
+
+    def _history_route(self, request: WSUpgradeRequest, req: Request, args: dict[str, str]) -> WSUpgradeResponse:
+        return self._history(args.get("stream", ""), req, request)
 
     def _history(self, stream: str, req: Request, request: WSUpgradeRequest) -> WSUpgradeResponse:
         store = self.store
