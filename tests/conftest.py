@@ -10,7 +10,9 @@ Environment:
 Tests that use a service fixture get the `services` marker automatically
 (`pytest -m "not services"` runs only the tests that need neither). Tests that use
 `kafka_cluster` (three brokers, started only when such a test is selected) also get the
-`cluster` marker (`-m "not cluster"` leaves them and the cluster out).
+`cluster` marker (`-m "not cluster"` leaves them and the cluster out). Tests marked
+`redis_cluster` use the `redis_cluster` fixture: a six-node Redis Cluster, started (~3 s, in the
+background) only when such a test is selected.
 """
 
 from __future__ import annotations
@@ -32,15 +34,24 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from services import KafkaCluster, Service, start_kafka, start_kafka_cluster, start_redis
+from services import (
+    KafkaCluster,
+    RedisClusterNodes,
+    Service,
+    start_kafka,
+    start_kafka_cluster,
+    start_redis,
+    start_redis_cluster,
+)
 
-SERVICE_FIXTURES = {"redis_service", "kafka_service", "redis_url", "kafka_bootstrap", "kafka_cluster"}
+SERVICE_FIXTURES = {"redis_service", "kafka_service", "redis_url", "kafka_bootstrap", "kafka_cluster", "redis_cluster"}
 # CHORUS_TEST_TIMEOUT_SCALE stretches pytest-timeout's limits too (tests/waiting.py).
 pytest_plugins = ["waiting"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "cluster: needs the three-broker Kafka cluster (tests/services.py)")
+    config.addinivalue_line("markers", "redis_cluster: needs the six-node Redis Cluster (services/redis-cluster/)")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -78,6 +89,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # background as soon as collection ends, so it boots while the tests before it run.
 _kafka_boot: Future[Service] | None = None
 _cluster_boot: Future[KafkaCluster] | None = None
+_redis_cluster_boot: Future[RedisClusterNodes] | None = None
 _services_dir: Path | None = None
 
 
@@ -103,8 +115,16 @@ def _boot_cluster() -> KafkaCluster:
     return cluster
 
 
+def _boot_redis_cluster() -> RedisClusterNodes:
+    started = time.monotonic()
+    cluster = start_redis_cluster(_scratch() / "redis-cluster")
+    atexit.register(cluster.stop)
+    print(f"\nsix-node Redis Cluster up in {time.monotonic() - started:.1f}s", file=sys.stderr)
+    return cluster
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    global _kafka_boot, _cluster_boot
+    global _kafka_boot, _cluster_boot, _redis_cluster_boot
     wants = {"kafka_service", "kafka_bootstrap"}
     if session.config.option.collectonly:
         return
@@ -115,6 +135,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if any("kafka_cluster" in getattr(i, "fixturenames", ()) for i in session.items):
         _scratch()
         _cluster_boot = ThreadPoolExecutor(1, thread_name_prefix="cluster-boot").submit(_boot_cluster)
+    if any(i.get_closest_marker("redis_cluster") is not None for i in session.items):
+        _scratch()
+        _redis_cluster_boot = ThreadPoolExecutor(1, thread_name_prefix="redis-cluster-boot").submit(
+            _boot_redis_cluster)
 
 
 @pytest.hookimpl(trylast=True)  # after the session fixtures' teardown
@@ -126,6 +150,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _cluster_boot is not None:
         with contextlib.suppress(Exception):
             _cluster_boot.result().stop()
+    if _redis_cluster_boot is not None:
+        with contextlib.suppress(Exception):
+            _redis_cluster_boot.result().stop()
     if _services_dir is not None:
         if exitstatus == 0:
             shutil.rmtree(_services_dir, ignore_errors=True)
@@ -181,6 +208,19 @@ def kafka_cluster(services_dir: Path) -> Iterator[KafkaCluster]:
     (each test leaves every node running again)."""
     cluster = _cluster_boot.result() if _cluster_boot is not None else _boot_cluster()
     atexit.register(cluster.stop)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        atexit.unregister(cluster.stop)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(services_dir: Path) -> Iterator[RedisClusterNodes]:
+    """Three masters and three replicas (services/redis-cluster/), started once per session in
+    the background when a test marked `redis_cluster` is selected. Tests may kill a node; each
+    leaves every node running again (a restarted master rejoins as a replica)."""
+    cluster = _redis_cluster_boot.result() if _redis_cluster_boot is not None else _boot_redis_cluster()
     try:
         yield cluster
     finally:

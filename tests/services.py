@@ -213,6 +213,103 @@ def start_redis(data_dir: Path, port: int | None = None, timeout: float = 15.0) 
     return svc
 
 
+REDIS_CLUSTER_DIR = ROOT / "services" / "redis-cluster"
+
+
+@dataclass
+class RedisClusterNodes:
+    """Three masters and three replicas from ``services/redis-cluster/start.sh``.
+
+    ``url`` is the config value that points Chorus at it (``redis+cluster://`` and the six
+    nodes as seeds). Each node is a :class:`Service` (killed and restarted by its own PID); a
+    node started again rejoins as a replica of the one that took over its slots.
+    """
+
+    data_dir: Path
+    base_port: int
+    nodes: list[Service]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"{HOST}:{n.port}" for n in self.nodes)
+
+    def node(self, port: int) -> Service:
+        return next(n for n in self.nodes if n.port == port)
+
+    def masters(self) -> dict[int, list[tuple[int, int]]]:
+        """port -> the slot ranges (first, last) of each live master, as the first live node sees it."""
+        for svc in self.nodes:
+            if not svc.alive():
+                continue
+            try:
+                out = subprocess.run(["redis-cli", "-h", HOST, "-p", str(svc.port), "cluster", "nodes"],
+                                     capture_output=True, text=True, timeout=5, check=True).stdout
+            except (subprocess.SubprocessError, OSError):
+                continue
+            found = {}
+            for line in out.splitlines():
+                parts = line.split()
+                if len(parts) > 8 and "master" in parts[2] and "fail" not in parts[2]:
+                    ranges = [r.partition("-") for r in parts[8:] if not r.startswith("[")]  # [..] a slot migrating
+                    found[int(parts[1].split("@")[0].rsplit(":", 1)[1])] = [(int(a), int(b or a)) for a, _, b in ranges]
+            return found
+        return {}
+
+    def restart(self, port: int) -> None:
+        """Start a stopped or killed node again on its port, with its cluster state."""
+        svc = self.node(port)
+        fresh = _start_cluster_node(self.data_dir, port)
+        svc.pid = fresh.pid
+
+    def stop(self) -> None:
+        subprocess.run(["bash", str(REDIS_CLUSTER_DIR / "stop.sh"), str(self.data_dir)], check=False,
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+
+
+def _cluster_node_service(data_dir: Path, port: int) -> Service:
+    pid = int((data_dir / str(port) / "redis.pid").read_text())
+    return Service("redis-cluster", pid, f"redis://{HOST}:{port}/0", data_dir / str(port), port, match="redis-server")
+
+
+def _start_cluster_node(data_dir: Path, port: int) -> Service:
+    env = {**os.environ, "CHORUS_REDIS_CLUSTER_PARENT_PID": str(os.getpid())}
+    subprocess.run(["bash", str(REDIS_CLUSTER_DIR / "node.sh"), str(data_dir), str(port)], check=True, env=env,
+                   stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
+    return _cluster_node_service(data_dir, port)
+
+
+def _free_port_run(count: int) -> int:
+    """A base port with ``count`` free ports from it and their cluster bus ports (+10000)."""
+    for _ in range(200):
+        base = 20000 + int.from_bytes(os.urandom(2), "big") % 30000
+        ports = [*range(base, base + count), *range(base + 10000, base + 10000 + count)]
+        if all(_port_free(p) for p in ports):
+            return base
+    raise RuntimeError(f"no run of {count} free ports on loopback")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def start_redis_cluster(data_dir: Path, timeout: float = 90.0) -> RedisClusterNodes:
+    """Start the six-node cluster on free loopback ports (``services/redis-cluster/start.sh``)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    base = _free_port_run(6)
+    env = {**os.environ, "CHORUS_REDIS_CLUSTER_PARENT_PID": str(os.getpid()),
+           "CHORUS_REDIS_CLUSTER_READY_TIMEOUT": str(int(timeout))}
+    proc = subprocess.run(["bash", str(REDIS_CLUSTER_DIR / "start.sh"), str(data_dir), str(base)], env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout + 30)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the redis cluster did not start:\n{proc.stderr[-3000:]}")
+    return RedisClusterNodes(data_dir, base, [_cluster_node_service(data_dir, base + i) for i in range(6)])
+
+
 def start_kafka(
     data_dir: Path, port: int | None = None, controller_port: int | None = None, env: dict[str, str] | None = None
 ) -> Service:
