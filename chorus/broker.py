@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from chorus.positions import MemoryPositions, RedisPositions, StreamPositions
 from chorus.protocol import pack_channel_message, unpack_channel_message
+from chorus.redisconn import is_cluster, is_cluster_url, open_redis, parse_cluster_url, tag
 
 __all__ = [
     "Broker",
@@ -61,9 +62,10 @@ class StreamMode:
         return cls(**values)
 
 
-def mode_key(prefix: str, stream: str) -> str:
-    """The Redis hash of a stream's mode; ingest/limits.py's admission script builds the same key."""
-    return f"{prefix}mode:{stream}"
+def mode_key(prefix: str, stream: str, cluster: bool = False) -> str:
+    """The Redis hash of a stream's mode; ingest/limits.py's admission script builds the same key
+    (on a cluster in the stream's slot, ``{<stream>}``, with its other per-stream keys)."""
+    return f"{prefix}mode:{tag(stream, cluster)}"
 
 
 class Broker(Protocol):
@@ -154,6 +156,12 @@ class RedisBroker:
     retry by itself, so a lost connection shows at once: :attr:`healthy` goes false, the reader
     reconnects with backoff and subscribes again to every channel it had, then it is true
     again. :meth:`ping` reports both (the Kafka fallback's probe, gateway/fallback.py).
+
+    **Redis Cluster** (a ``redis+cluster://`` URL): always sharded; publishing goes to the
+    master of the channel's slot (the cluster client follows MOVED and failovers), and the
+    subscriptions are a :class:`~chorus.clusterpubsub.ClusterShardSubscriber`: one connection
+    per master owning any of this gateway's channels, each channel moved to its slot's new
+    master when a failover or resharding takes it away, without a restart.
     """
 
     def __init__(self, url: str, prefix: str = "chorus:", *, shards: Mapping[str, int] | None = None,
@@ -162,8 +170,12 @@ class RedisBroker:
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
-        self._redis = aioredis.Redis.from_url(url)
-        self._sub_redis = aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0))
+        self._url = url
+        self.cluster = is_cluster_url(url)
+        self._redis = open_redis(url)
+        # one node: a connection of its own for the subscriptions; a cluster: one per master (start)
+        self._sub_redis = None if self.cluster else aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0))
+        self._shard_sub: Any = None
         self._prefix = f"{prefix}s:"
         self._shards = dict(shards or {})
         self._node = node
@@ -175,8 +187,17 @@ class RedisBroker:
         self._reader: asyncio.Task[None] | None = None
         self._handler: MessageHandler | None = None
         self._ready = asyncio.Event()
-        self.healthy = True
-        self.reconnects = 0
+        self._healthy = True
+        self._reconnects = 0
+
+    @property
+    def healthy(self) -> bool:
+        """False while a subscription is being made again (a lost connection, a moved slot)."""
+        return self._shard_sub.healthy if self._shard_sub is not None else self._healthy
+
+    @property
+    def reconnects(self) -> int:
+        return self._shard_sub.reconnects if self._shard_sub is not None else self._reconnects
 
     def channel(self, stream: str) -> str:
         return self._prefix + stream
@@ -198,6 +219,9 @@ class RedisBroker:
         return [self.shard_channel(stream, i) for i in range(k)]
 
     async def _use_sharded(self) -> bool:
+        if self.cluster:
+            self.sharded = True  # Redis Cluster has sharded Pub/Sub from 7.0, the oldest it supports here
+            return True
         if self.sharded is None:
             async with self._deciding:
                 if self.sharded is None:
@@ -220,8 +244,19 @@ class RedisBroker:
 
     async def start(self, on_message: MessageHandler) -> None:
         self._handler = on_message
+        if self.cluster:
+            from chorus.clusterpubsub import ClusterShardSubscriber
+
+            self._shard_sub = ClusterShardSubscriber(self._redis, parse_cluster_url(self._url), self._dispatch)
+            return
+        assert self._sub_redis is not None
         self._pubsub = self._sub_redis.pubsub(ignore_subscribe_messages=True)
         self._reader = asyncio.create_task(self._read_loop(), name="redis-pubsub-reader")
+
+    def _dispatch(self, channel: bytes, data: bytes) -> None:
+        stream = self._channels.get(channel)
+        if stream is not None and self._handler is not None:
+            self._handler(stream, data)
 
     async def stop(self) -> None:
         if self._reader is not None:
@@ -230,12 +265,19 @@ class RedisBroker:
                 await self._reader
         if self._pubsub is not None:
             await self._pubsub.aclose()
-        await self._sub_redis.aclose()
+        if self._shard_sub is not None:
+            await self._shard_sub.close()
+        if self._sub_redis is not None:
+            await self._sub_redis.aclose()
         await self._redis.aclose()
 
     async def ping(self) -> None:
-        """Raises unless Redis answers and this broker's subscriptions are live."""
-        await self._redis.ping()
+        """Raises unless Redis answers and this broker's subscriptions are live (on a cluster:
+        every master)."""
+        if self.cluster:
+            await self._redis.ping(target_nodes=self._redis.PRIMARIES)
+        else:
+            await self._redis.ping()
         if not self.healthy:
             raise ConnectionError("redis pub/sub is subscribing again")
 
@@ -245,12 +287,18 @@ class RedisBroker:
         if len(channels) == 1:
             await (self._redis.spublish if sharded else self._redis.publish)(channels[0], payload)
             return
+        if self.cluster:  # a hot stream's shard channels are on several masters: in parallel
+            await asyncio.gather(*(self._redis.spublish(ch, payload) for ch in channels))
+            return
         async with self._redis.pipeline(transaction=False) as pipe:
             for ch in channels:
                 (pipe.spublish if sharded else pipe.publish)(ch, payload)
             await pipe.execute()
 
     async def _subscribe(self, pubsub: Any, channels: list[str]) -> None:
+        if self._shard_sub is not None:
+            await self._shard_sub.subscribe(channels)
+            return
         if await self._use_sharded():
             for ch in channels:  # one by one: in a cluster each may live on another node
                 await pubsub.ssubscribe(ch)
@@ -273,7 +321,9 @@ class RedisBroker:
         channels = self.subscribe_channels(stream)
         for ch in channels:
             self._channels.pop(ch.encode(), None)
-        if await self._use_sharded():
+        if self._shard_sub is not None:
+            await self._shard_sub.unsubscribe(channels)
+        elif await self._use_sharded():
             await self._pubsub.sunsubscribe(*channels)
         else:
             await self._pubsub.unsubscribe(*channels)
@@ -284,7 +334,7 @@ class RedisBroker:
             try:
                 msg = await self._pubsub.get_message(timeout=1.0)
             except Exception as exc:  # redis raises its own ConnectionError; cancellation passes
-                self.healthy = False
+                self._healthy = False
                 log.warning("redis pub/sub connection lost (%s); subscribing again", exc)
                 await self._resubscribe()
                 continue
@@ -301,6 +351,7 @@ class RedisBroker:
             await asyncio.sleep(delay)
             with contextlib.suppress(Exception):
                 await self._pubsub.aclose()
+            assert self._sub_redis is not None
             self._pubsub = self._sub_redis.pubsub(ignore_subscribe_messages=True)
             channels = sorted({ch.decode() for ch in self._channels})
             try:
@@ -312,8 +363,8 @@ class RedisBroker:
                 log.debug("redis pub/sub: subscribing again failed (%s)", exc)
                 delay = min(delay * 2, 2.0)
                 continue
-            self.healthy = True
-            self.reconnects += 1
+            self._healthy = True
+            self._reconnects += 1
             log.info("redis pub/sub: subscribed again to %d channels", len(channels))
             return
 
@@ -322,19 +373,18 @@ class RedisStreamState(RedisPositions):
     """Position and recent comments (see ``chorus/positions.py``) and the mode in a hash, per stream."""
 
     def __init__(self, url: str, prefix: str = "chorus:") -> None:
-        import redis.asyncio as aioredis
-
         # A blocking pool: a burst of joins (each reads position, recent comments and mode)
         # waits for a connection instead of failing with "Too many connections" past 100.
-        self._redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(url, max_connections=100,
-                                                                                        timeout=5))
+        # On a cluster the pool is per master (1,000 each), and the keys carry the stream's tag.
+        self._redis = open_redis(url, max_connections=None if is_cluster_url(url) else 100, pool_timeout_s=5)
         self._prefix = prefix
+        self._cluster = is_cluster(self._redis)
 
     async def close(self) -> None:
         await self._redis.aclose()
 
     async def get_mode(self, stream: str) -> StreamMode:
-        return StreamMode.from_fields(await self._redis.hgetall(mode_key(self._prefix, stream)))
+        return StreamMode.from_fields(await self._redis.hgetall(mode_key(self._prefix, stream, self._cluster)))
 
     async def set_mode(self, stream: str, mode: StreamMode) -> None:
-        await self._redis.hset(mode_key(self._prefix, stream), mapping=mode.to_wire())
+        await self._redis.hset(mode_key(self._prefix, stream, self._cluster), mapping=mode.to_wire())

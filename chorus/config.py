@@ -168,7 +168,12 @@ class KafkaConfig:
 
 @dataclass(frozen=True)
 class RedisConfig:
-    url: str = doc("Redis URL for Pub/Sub and state; empty uses the in-process broker.", "")
+    url: str = doc(
+        "Redis URL for Pub/Sub and state; empty uses the in-process broker. redis://host:port/db (rediss:// for "
+        "TLS, unix:// for a socket) is one node; redis+cluster://host:port[,host:port...] (rediss+cluster:// for "
+        "TLS) is a Redis Cluster by its seed nodes: the client discovers the rest and follows slot moves and "
+        "failovers (keys then carry hash tags, the limits are split by slot: docs/design.md).", ""
+    )
     channel_prefix: str = doc("Prefix of per-stream channels and keys.", "chorus:")
     sharded_pubsub: bool = doc(
         "Use Redis 7 sharded Pub/Sub (SPUBLISH/SSUBSCRIBE) when the server has it (checked at start); "
@@ -180,6 +185,21 @@ class RedisConfig:
         "channel's fan-out is spread over K Redis Cluster slots. Add a stream on gateways before "
         "coordinators, remove it on coordinators first.", dict
     )
+
+
+def _redis_url_ok(url: str) -> bool:
+    """One node's URL, or a cluster's whose seeds parse (chorus/redisconn.py)."""
+    from chorus.redisconn import is_cluster_url, parse_cluster_url
+
+    if not url or url.partition("://")[0] in ("redis", "rediss", "unix"):
+        return True
+    if not is_cluster_url(url):
+        return False
+    try:
+        parse_cluster_url(url)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -558,8 +578,8 @@ class Config:
             ("kafka.bootstrap", not k.bootstrap or all(re.fullmatch(r"[^\s,]+:\d{1,5}", b.strip())
                                                        for b in k.bootstrap.split(",")),
              'must be "host:port", or several separated by commas'),
-            ("redis.url", not self.redis.url or self.redis.url.partition("://")[0] in ("redis", "rediss", "unix"),
-             "must be a redis://, rediss:// or unix:// URL"),
+            ("redis.url", _redis_url_ok(self.redis.url),
+             "must be a redis://, rediss:// or unix:// URL, or redis+cluster://host:port[,host:port...]"),
             ("data_dir", bool(self.data_dir.strip()), "must name a directory"),
             ("metrics.host", bool(self.metrics.host.strip()), "must name an address"),
         ]

@@ -352,10 +352,9 @@ class RedisCounters:
     def __init__(self, url: str, prefix: str = "chorus:", *, ttl_ms: int = 5000, exact_max: int = 1000,
                  retention_s: int = 7 * 86400, reactions_retention_s: int = 7 * 86400,
                  timeout_ms: int = 1000) -> None:
-        import redis.asyncio as aioredis
+        from chorus.redisconn import open_redis
 
-        t = timeout_ms / 1000
-        self._redis = aioredis.Redis.from_url(url, socket_timeout=t, socket_connect_timeout=t)
+        self._redis = open_redis(url, timeout_s=timeout_ms / 1000)  # one node or a cluster (chorus/redisconn.py)
         self._prefix = prefix
         self.ttl_ms = ttl_ms
         self.exact_max = exact_max

@@ -39,6 +39,7 @@ from typing import Any
 from chorus.config import ConfigError
 from chorus.errors import Unavailable
 from chorus.ids import MAX_NODE, IdGenerator
+from chorus.redisconn import is_cluster
 
 __all__ = ["FixedNode", "NodeIdUnavailable", "NodeLease", "fixed_node", "lease_node_id"]
 
@@ -163,7 +164,9 @@ class NodeLease:
     def __init__(self, redis: Any, prefix: str, ttl_s: float, *, owner: str | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._redis = redis
-        self._prefix = prefix
+        # On a cluster every node-id key shares one hash tag: the take script walks them all.
+        self._cluster = is_cluster(redis)
+        self._prefix = prefix + "{node-ids}" if self._cluster else prefix
         self.ttl_ms = max(1, int(ttl_s * 1000))
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._clock = clock
@@ -179,6 +182,10 @@ class NodeLease:
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
 
+    def _route(self, key: str) -> list[str]:
+        """The scripts build their keys from ARGV; a cluster client routes them by this one."""
+        return [key] if self._cluster else []
+
     @property
     def key(self) -> str:
         return f"{self._prefix}node:{self.id}"
@@ -191,7 +198,8 @@ class NodeLease:
         """Lease a free node id, or raise :class:`NodeIdUnavailable`."""
         sent = self._clock()
         try:
-            got_id, floor = await self._take(args=[self._prefix, self.owner, self.ttl_ms, MAX_NODE + 1])
+            got_id, floor = await self._take(keys=self._route(f"{self._prefix}node-seq"),
+                                             args=[self._prefix, self.owner, self.ttl_ms, MAX_NODE + 1])
         except Exception as exc:
             raise NodeIdUnavailable(f"could not lease a node id from Redis ({type(exc).__name__}: {exc}); "
                                     "set gateway.node_id to run without one") from exc
@@ -223,8 +231,8 @@ class NodeLease:
     async def renew(self) -> bool:
         """Renew once; False if the lease is gone for good (another gateway holds the id)."""
         sent = self._clock()
-        status, before = await self._renew(args=[self.key, self.floor_key, self.owner, self.ttl_ms,
-                                                 self._reach_ms(self.ttl_ms)])
+        status, before = await self._renew(keys=self._route(self.key), args=[self.key, self.floor_key, self.owner,
+                                                                             self.ttl_ms, self._reach_ms(self.ttl_ms)])
         status = int(status)
         if status == 0:
             self._lost = f"node id {self.id} was taken by another gateway after this one's lease lapsed"
@@ -283,7 +291,8 @@ class NodeLease:
         await self.stop_renewing()
         try:
             if self.id >= 0 and not self._lost:
-                await self._release(args=[self.key, self.floor_key, self.owner, self._reach_ms(0)])
+                await self._release(keys=self._route(self.key),
+                                    args=[self.key, self.floor_key, self.owner, self._reach_ms(0)])
         except Exception as exc:  # it expires on its own
             log.warning("node id %d: could not release the lease (%s); it expires in %d ms", self.id, exc,
                         self.ttl_ms)

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from chorus.protocol import json_compact
+from chorus.redisconn import tag
 
 __all__ = ["KEEP_RATIOS_KEPT", "NO_EPOCH", "MemoryPositions", "RedisPositions", "StreamPositions"]
 
@@ -252,23 +253,29 @@ def _text(value: Any) -> str:
 class RedisPositions:
     """The positions in Redis, shared by every coordinator and gateway (see the module docstring).
 
-    A mixin: the class using it sets ``_redis`` (a ``redis.asyncio.Redis``) and ``_prefix``.
+    A mixin: the class using it sets ``_redis`` (a ``redis.asyncio.Redis``) and ``_prefix``, and
+    ``_cluster`` for a ``RedisCluster``: a stream's keys then share its hash tag, ``{<stream>}``,
+    so each script and transaction here stays in the stream's slot.
     """
 
     _redis: Any
     _prefix: str
+    _cluster: bool = False
     _advance_script: Any = None
     _remove_script: Any = None
     _restore_script: Any = None
 
     def _meta(self, stream: str) -> str:
-        return f"{self._prefix}meta:{stream}"
+        return f"{self._prefix}meta:{tag(stream, self._cluster)}"
 
     def _recent_key(self, stream: str) -> str:
-        return f"{self._prefix}recent:{stream}"
+        return f"{self._prefix}recent:{tag(stream, self._cluster)}"
 
     def _ratios_key(self, stream: str) -> str:
-        return f"{self._prefix}sampling:{stream}"
+        return f"{self._prefix}sampling:{tag(stream, self._cluster)}"
+
+    def _pin_key(self, stream: str) -> str:
+        return f"{self._prefix}pin:{tag(stream, self._cluster)}"
 
     async def advance(self, stream: str, epoch: str, comments: list[Event], keep: int) -> None:
         if not comments:
@@ -331,11 +338,11 @@ class RedisPositions:
         return bool(await self._restore_script(keys=keys, args=[comment.get("offset", -1), json_compact(comment)]))
 
     async def get_pin(self, stream: str) -> Event | None:
-        raw = await self._redis.get(f"{self._prefix}pin:{stream}")
+        raw = await self._redis.get(self._pin_key(stream))
         return json.loads(raw) if raw else None
 
     async def set_pin(self, stream: str, comment: Event | None) -> None:
-        key = f"{self._prefix}pin:{stream}"
+        key = self._pin_key(stream)
         if comment is None:
             await self._redis.delete(key)
         else:

@@ -34,6 +34,8 @@ import logging
 import time
 from typing import Any
 
+from chorus.redisconn import SlotScript, group_by_slot, is_cluster, tag
+
 __all__ = ["FLUSH_INTERVAL_S", "READ_SCRIPT", "TTL_S", "WRITE_SCRIPT", "ConnectionRegistry"]
 
 log = logging.getLogger("chorus.registry")
@@ -90,6 +92,9 @@ class ConnectionRegistry:
         self.ttl_s = ttl_s
         self._write = redis.register_script(WRITE_SCRIPT) if redis is not None else None
         self._read = redis.register_script(READ_SCRIPT) if redis is not None else None
+        # On a cluster a user's hash is in its slot, {<user>}: a chunk is written per slot, all in one pipeline.
+        self._cluster = redis is not None and is_cluster(redis)
+        self._write_per_slot = SlotScript(WRITE_SCRIPT)
         self._by_user: dict[str, dict[int, tuple[str, bool]]] = {}  # user -> {conn: (stream, msgpack?)}
         self._dirty: set[str] = set()
         self._task: asyncio.Task[None] | None = None
@@ -97,7 +102,7 @@ class ConnectionRegistry:
         self.failures = 0
 
     def key(self, user: str) -> str:
-        return f"{self._prefix}conn:user:{user}"
+        return f"{self._prefix}conn:user:{tag(user, self._cluster)}"
 
     # -- this gateway's connections ----------------------------------------------------------
     def add(self, user: str, conn: int, stream: str, msgpack: bool = False) -> None:
@@ -147,14 +152,24 @@ class ConnectionRegistry:
         for i in range(0, len(todo), CHUNK):
             chunk = todo[i : i + CHUNK]
             try:
-                counts = [len(self._by_user.get(user, ())) for user in chunk]
-                await self._write(keys=[self.key(user) for user in chunk],
-                                  args=[self.instance, max(1, int(self.ttl_s * 1000)), *counts])
+                await self._write_chunk(chunk)
                 self.writes += 1
             except Exception as exc:  # written again on the next flush
                 self.failures += 1
                 self._dirty.update(chunk)
                 log.warning("connection registry: writing %d users failed: %s", len(chunk), exc)
+
+    async def _write_chunk(self, users: list[str]) -> None:
+        assert self._write is not None
+        counts = [len(self._by_user.get(user, ())) for user in users]
+        keys = [self.key(user) for user in users]
+        head = [self.instance, max(1, int(self.ttl_s * 1000))]
+        if not self._cluster:
+            await self._write(keys=keys, args=[*head, *counts])
+            return
+        groups = group_by_slot(self._redis, keys).values()
+        await self._write_per_slot.run_many(self._redis, [([keys[i] for i in g], [*head, *(counts[i] for i in g)])
+                                                          for g in groups])
 
     async def _run(self) -> None:
         refreshed = time.monotonic()

@@ -68,10 +68,12 @@ class Lease(Protocol):
 
 class RedisLease:
     def __init__(self, url: str, key: str, lease_ms: int = 1000) -> None:
-        import redis.asyncio as aioredis
+        from chorus.redisconn import is_cluster_url, open_redis
 
         timeout_s = max(0.05, lease_ms / 4000)  # one renewal must not outlast its own period
-        self._redis: Any = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        # one key: on a cluster it lives on its slot's master, and moves to the replica promoted;
+        # no retries of the client's own, a renewal must not outlast its period either
+        self._redis: Any = open_redis(url, timeout_s=timeout_s, retries=0 if is_cluster_url(url) else None)
         self.key = key
         self.lease_ms = lease_ms
         self.token = uuid.uuid4().hex

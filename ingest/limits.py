@@ -26,6 +26,7 @@ a ban and with one for a time-out.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -37,13 +38,17 @@ from chorus.broker import StreamState
 from chorus.codes import ErrorCode
 from chorus.config import Config, LimitsConfig
 from chorus.errors import Unavailable
+from chorus.redisconn import SlotScript, group_by_slot, is_cluster, is_cluster_url, open_redis
 
 __all__ = [
     "ADMIT_MANY_SCRIPT",
+    "ADMIT_PART_SCRIPT",
     "ALL_STREAMS",
     "AdmissionLimits",
     "BackendUnavailable",
+    "ClusterRateLimiter",
     "Decision",
+    "GlobalBudget",
     "Limit",
     "MemoryRateLimiter",
     "MemorySanctions",
@@ -458,6 +463,9 @@ return 0
 """
 
 
+_OUTCOMES_PER_SLOT = SlotScript(NONCE_OUTCOMES_SCRIPT)  # a cluster's retry keys, per user slot
+
+
 class _Script:
     """A Lua script run by its hash (EVALSHA): loaded (SCRIPT LOAD) on first use, and again
     after a Redis restart or SCRIPT FLUSH (the server answers NOSCRIPT). Counts its calls."""
@@ -467,7 +475,9 @@ class _Script:
         self.sha: str | None = None
         self.round_trips = 0
 
-    async def run(self, redis: Any, args: list[Any]) -> Any:
+    async def run(self, redis: Any, args: list[Any], keys: Sequence[str] = ()) -> Any:
+        """``keys``: on a cluster the call goes to their slot's master (the scripts build the
+        rest of their keys, all in that slot, from ``args``)."""
         from redis.exceptions import NoScriptError
 
         try:
@@ -475,11 +485,11 @@ class _Script:
                 await self._load(redis)
             try:
                 self.round_trips += 1
-                return await redis.evalsha(self.sha, 0, *args)
+                return await redis.evalsha(self.sha, len(keys), *keys, *args)
             except NoScriptError:
                 await self._load(redis)
                 self.round_trips += 1
-                return await redis.evalsha(self.sha, 0, *args)
+                return await redis.evalsha(self.sha, len(keys), *keys, *args)
         except _redis_errors() as exc:
             raise BackendUnavailable(f"redis did not answer ({type(exc).__name__}: {exc})") from exc
 
@@ -586,6 +596,7 @@ class RedisSanctions:
     def __init__(self, redis: Any, prefix: str) -> None:
         self._redis = redis
         self._prefix = prefix
+        self._cluster = is_cluster(redis)
         self.round_trips = 0
 
     @property
@@ -594,7 +605,13 @@ class RedisSanctions:
         return f"{self._prefix}ban:"
 
     def key(self, stream: str, user: str) -> str:
-        return f"{self.key_prefix}{stream}:{user}"
+        """On a cluster a stream's ban is in the stream's slot and a ban from every stream in
+        the user's: where admission checks that stream's and that user's limits."""
+        if not self._cluster:
+            return f"{self.key_prefix}{stream}:{user}"
+        if stream == ALL_STREAMS:
+            return f"{self.key_prefix}{ALL_STREAMS}:{{{user}}}"
+        return f"{self.key_prefix}{{{stream}}}:{user}"
 
     async def check(self, stream: str, user: str) -> Refusal | None:
         try:
@@ -619,14 +636,378 @@ class RedisSanctions:
 
 
 def redis_client(url: str, timeout_ms: int) -> Any:
-    """A client for admission: every wait (pool, connect, reply) bounded by ``timeout_ms``."""
+    """A client for admission: every wait (pool, connect, reply) bounded by ``timeout_ms``.
+
+    A ``redis+cluster://`` URL gives a cluster client (chorus/redisconn.py): a pool per master,
+    each command sent to its key's slot's master."""
     import redis.asyncio as aioredis
 
     t = timeout_ms / 1000
+    if is_cluster_url(url):
+        return open_redis(url, timeout_s=t)
     pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=64, timeout=t, socket_timeout=t,
                                                     socket_connect_timeout=t)
     return aioredis.Redis.from_pool(pool)
 
+
+# -- Redis Cluster ---------------------------------------------------------------------------
+#
+# On a cluster a post's keys live in three slots: its stream's ({<stream>}: the stream limit,
+# slow mode and its slot, the stream's bans), its author's ({<user>}: the user limit, the ban
+# from every stream, the shadow-ban, the retry key) and its address's ({<ip>}: the address
+# limit). :data:`ADMIT_PART_SCRIPT` does one slot's part of every post of a batch that has a
+# part there, in order, on that node's clock; the parts of a batch go in one pipeline, which
+# the client sends as one round trip per master, in parallel. The global limit has no slot of
+# its own to hit per post: each gateway leases cells of it in chunks (:class:`GlobalBudget`).
+#
+# All or nothing holds within each slot's part. Across slots a post is taken then given back:
+# a post refused, sanctioned or repeated in one part has what its other parts took returned
+# by :data:`REFUND_SCRIPT` (a second round trip, only for a batch with such a post). Until
+# then another post may see those cells taken: the cluster can refuse a little early, never
+# admit past a limit.
+#
+# ARGV[1]: the retry keys' window (ms); ARGV[2]: m posts; then per post: "1" to take ("0" only
+# reads: the post was refused already), its ban key ("" none), shadow-ban key ("" none),
+# retry key ("" none), the id it gets, slow-mode slot key and mode key ("" none), n limits,
+# then per limit its key, emission interval and window (µs) and its index in the configured
+# limits. Returns 7 values per post: the ban key's PTTL (-2 none), the limit verdict
+# {i, wait_us} (0 taken; -1 slow mode), the stream's slow mode (s), 1 if shadow-banned, what
+# the retry key held ("" new), and 1 if this part took its cells.
+ADMIT_PART_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local nonce_ms = ARGV[1]
+local tats, dirty = {}, {}
+local function tat_of(key)
+  local v = tats[key]
+  if v == nil then
+    v = tonumber(redis.call('GET', key) or 0) or 0
+    tats[key] = v
+  end
+  return v
+end
+local a = 3
+local out = {}
+for _ = 1, tonumber(ARGV[2]) do
+  local take, bkey, skey, nkey, cid = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local slot, mkey, n = ARGV[a + 5], ARGV[a + 6], tonumber(ARGV[a + 7])
+  a = a + 8
+  local ban, shadow, seen, worst, worst_wait, slow_s, taken = -2, 0, '', 0, 0, 0, 0
+  if bkey ~= '' and redis.call('EXISTS', bkey) == 1 then ban = redis.call('PTTL', bkey) end
+  if skey ~= '' and redis.call('EXISTS', skey) == 1 then shadow = 1 end
+  if ban == -2 and nkey ~= '' then seen = redis.call('GET', nkey) or '' end
+  local keys, new = {}, {}
+  for j = 1, n do
+    local key, emission, window, idx = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+    a = a + 4
+    local tat = tat_of(key)
+    if tat < now then tat = now end
+    tat = tat + emission
+    local wait = tat - window - now
+    if wait > worst_wait then worst, worst_wait = idx, wait end
+    keys[j] = key
+    new[j] = tat
+  end
+  if ban == -2 and seen == '' and mkey ~= '' then
+    slow_s = math.floor(tonumber(redis.call('HGET', mkey, 'slow_mode_seconds') or 0) or 0)
+    if slow_s > 0 then
+      local left_us = redis.call('PTTL', slot) * 1000
+      if left_us > 0 and left_us >= worst_wait then worst, worst_wait = -1, left_us end
+    end
+  end
+  if take == '1' and ban == -2 and seen == '' and worst == 0 then
+    for j = 1, #keys do
+      tats[keys[j]] = new[j]
+      dirty[keys[j]] = true
+    end
+    if slow_s > 0 then redis.call('SET', slot, '1', 'NX', 'PX', slow_s * 1000) end
+    if nkey ~= '' then redis.call('SET', nkey, cid .. ' p', 'PX', nonce_ms) end
+    taken = 1
+  end
+  out[#out + 1] = ban
+  out[#out + 1] = worst
+  out[#out + 1] = worst_wait
+  out[#out + 1] = slow_s
+  out[#out + 1] = shadow
+  out[#out + 1] = seen
+  out[#out + 1] = taken
+end
+for key in pairs(dirty) do
+  redis.call('SET', key, string.format('%.0f', tats[key]), 'PX', math.ceil((tats[key] - now) / 1000))
+end
+return out
+"""
+
+# Give back what a post's part took (one slot): ARGV per item: "t" and a GCRA key and its
+# emission interval (the TAT goes back by it; a TAT now past means no key), "s" and a slow-mode
+# slot key (deleted: the post had set it), "n", a retry key and the id (deleted if still that
+# post's, in flight).
+REFUND_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+for i = 1, #ARGV, 3 do
+  local kind, key, value = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if kind == 't' then
+    local tat = (tonumber(redis.call('GET', key) or 0) or 0) - tonumber(value)
+    if tat <= now then redis.call('DEL', key)
+    else redis.call('SET', key, string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000)) end
+  elseif kind == 's' then
+    redis.call('DEL', key)
+  elseif redis.call('GET', key) == value .. ' p' then
+    redis.call('DEL', key)
+  end
+end
+return 0
+"""
+
+# Lease up to ARGV[1] cells of one GCRA key (KEYS[1]) at once: as many as fit in its window
+# now. ARGV[2], ARGV[3]: emission interval and window (µs). Returns {cells, wait_us}: the
+# cells leased (0: none fit) and, for 0, how long until one does.
+LEASE_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local want, emission, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1]) or 0) or 0
+if tat < now then tat = now end
+local fit = math.floor((window - (tat - now)) / emission)
+if fit < 1 then return {0, tat + emission - window - now} end
+local n = math.min(want, fit)
+tat = tat + n * emission
+redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000))
+return {n, 0}
+"""
+
+GLOBAL_LEASE_S = 1.0  # leased global cells unused after this long are dropped (they were counted)
+GLOBAL_LEASE_SHARE = 200  # a lease takes 1/200 of the global limit per second (100,000/s: 500 cells)
+
+
+class GlobalBudget:
+    """A gateway's cells of the global limit, leased from Redis in chunks (:data:`LEASE_SCRIPT`).
+
+    The global limit's key would take every post of the deployment on one master; leased in
+    chunks of ``count / GLOBAL_LEASE_SHARE`` it costs one call per chunk per gateway. Cells not
+    used within ``GLOBAL_LEASE_S`` are dropped: the deployment then takes somewhat fewer than the
+    limit, never more. A post refused later gives its cell back to this gateway.
+    """
+
+    def __init__(self, redis: Any, key: str, limit: Limit, clock: Callable[[], float] = time.monotonic) -> None:
+        self._redis = redis
+        self.key = key
+        self.limit = limit
+        self.chunk = max(1, limit.count // GLOBAL_LEASE_SHARE)
+        self._clock = clock
+        self._cells = 0
+        self._until = 0.0
+        self._lock = asyncio.Lock()
+        self._script = _Script(LEASE_SCRIPT)
+        self.leases = 0
+
+    async def take(self, n: int) -> tuple[int, int]:
+        """Up to ``n`` cells: (how many, wait in µs before another is free when fewer than ``n``)."""
+        async with self._lock:
+            if self._clock() >= self._until:
+                self._cells = 0
+            wait = 0
+            if self._cells < n:
+                got, wait = await self._lease(max(self.chunk, n - self._cells))
+                self._cells += got
+                self._until = self._clock() + GLOBAL_LEASE_S
+            given = min(n, self._cells)
+            self._cells -= given
+            return given, wait
+
+    def give_back(self, n: int) -> None:
+        if n > 0 and self._clock() < self._until:
+            self._cells += n
+
+    async def _lease(self, want: int) -> tuple[int, int]:
+        self.leases += 1
+        got, wait = await self._script.run(self._redis, [want, self.limit.emission_us, self.limit.window_us],
+                                           keys=[self.key])
+        return int(got), int(wait)
+
+
+@dataclass
+class _Part:
+    """One post's part in one slot: what the script reads and takes there."""
+
+    post: int
+    slot_key: str  # any key of the part: the cluster client routes the call by it
+    ban: str = ""
+    ban_where: str = ""  # the stream the ban key is about (ALL_STREAMS: every stream)
+    shadow: str = ""
+    nonce: str = ""
+    slow: str = ""
+    mode: str = ""
+    limits: list[tuple[str, Limit, int]] = field(default_factory=list)  # (key, limit, index 1..L)
+
+
+class ClusterRateLimiter(RedisRateLimiter):
+    """:class:`RedisRateLimiter` on a Redis Cluster: each post split into its stream's, user's
+    and address's parts (see the comment above :data:`ADMIT_PART_SCRIPT`), the global limit
+    from a :class:`GlobalBudget`."""
+
+    def __init__(self, redis: Any, prefix: str, limits: Sequence[Limit]) -> None:
+        super().__init__(redis, prefix, limits)
+        self._parts = SlotScript(ADMIT_PART_SCRIPT)
+        self._refunds = SlotScript(REFUND_SCRIPT)
+        glob = next((lim for lim in self.limits if lim.scope == "global"), None)
+        self.budget = GlobalBudget(redis, f"{prefix}rl:global", glob) if glob is not None else None
+        self._nonce_users: dict[str, str] = {}  # retry key -> its user, for record_outcomes' slots
+        self.refunded = 0  # posts whose other parts were given back
+
+    @property
+    def round_trips(self) -> int:
+        return self._parts.round_trips + self._refunds.round_trips + (self.budget.leases if self.budget else 0)
+
+    def limit_key(self, scope: str, ident: str) -> str:
+        return f"{self._prefix}rl:{scope}:{{{ident}}}"
+
+    def nonce_key(self, nonces: NonceKeys, user: str, key: str) -> str:
+        return f"{nonces.prefix}{{{user}}}:{key}"
+
+    def nonce_key_of(self, nonces: NonceKeys, key: str) -> str | None:
+        """The retry key's name in Redis, from the user remembered when it was set."""
+        user = self._nonce_users.pop(key, None)
+        return None if user is None else self.nonce_key(nonces, user, key)
+
+    def _remember_nonce(self, key: str, user: str) -> None:
+        self._nonce_users[key] = user
+        while len(self._nonce_users) > 100_000:  # outcomes come within seconds; a lost one expires
+            del self._nonce_users[next(iter(self._nonce_users))]
+
+    def _parts_of(self, n: int, p: Poster, ban_prefix: str, shadow_prefix: str,
+                  nonces: NonceKeys | None) -> list[_Part]:
+        p_ = self._prefix
+        stream = _Part(n, f"{p_}mode:{{{p.stream}}}")
+        user = _Part(n, self.limit_key("user", p.user))
+        ip = _Part(n, self.limit_key("ip", p.ip)) if p.ip else None
+        if ban_prefix:
+            stream.ban, user.ban = f"{ban_prefix}{{{p.stream}}}:{p.user}", f"{ban_prefix}*:{{{p.user}}}"
+            stream.ban_where, user.ban_where = p.stream, ALL_STREAMS
+        if shadow_prefix:
+            user.shadow = f"{shadow_prefix}{{{p.user}}}"
+        if nonces is not None and p.nonce:
+            user.nonce = self.nonce_key(nonces, p.user, p.nonce)
+        if not p.slow_mode_exempt:
+            stream.slow, stream.mode = f"{p_}slow:{{{p.stream}}}:{p.user}", f"{p_}mode:{{{p.stream}}}"
+        for i, lim in enumerate(self.limits, 1):
+            if lim.scope == "stream":
+                stream.limits.append((self.limit_key("stream", p.stream), lim, i))
+            elif lim.scope == "user":
+                user.limits.append((self.limit_key("user", p.user), lim, i))
+            elif lim.scope == "ip" and ip is not None:
+                ip.limits.append((self.limit_key("ip", p.ip), lim, i))
+        return [stream, user] + ([ip] if ip is not None and ip.limits else [])
+
+    @staticmethod
+    def _args(part: _Part, take: bool, cid: str) -> list[Any]:
+        args: list[Any] = ["1" if take else "0", part.ban, part.shadow, part.nonce, cid, part.slow, part.mode,
+                           len(part.limits)]
+        for key, lim, i in part.limits:
+            args += (key, lim.emission_us, lim.window_us, i)
+        return args
+
+    async def decide_many(self, posters: Sequence[Poster], ban_prefix: str = "", shadow_prefix: str = "",
+                          nonces: NonceKeys | None = None, ids: Sequence[str] = ()) -> list[Decision]:
+        if not posters:
+            return []
+        granted, global_wait = len(posters), 0
+        if self.budget is not None:
+            granted, global_wait = await self._take_global(len(posters))
+        parts = [part for n, p in enumerate(posters)
+                 for part in self._parts_of(n, p, ban_prefix, shadow_prefix, nonces)]
+        by_slot = group_by_slot(self._redis, [part.slot_key for part in parts])
+        window = nonces.window_ms if nonces else 0
+        calls: list[tuple[list[str], list[Any]]] = []
+        for indexes in by_slot.values():
+            args: list[Any] = [window, len(indexes)]
+            for i in indexes:
+                args += self._args(parts[i], parts[i].post < granted, ids[parts[i].post] if ids else "")
+            calls.append(([parts[indexes[0]].slot_key], args))
+        try:
+            replies = await self._parts.run_many(self._redis, calls)
+        except _redis_errors() as exc:
+            if self.budget is not None:
+                self.budget.give_back(granted)
+            raise BackendUnavailable(f"redis did not answer ({type(exc).__name__}: {exc})") from exc
+        answers: dict[int, list[Any]] = {}
+        for indexes, flat in zip(by_slot.values(), replies, strict=True):
+            for k, i in enumerate(indexes):
+                answers[i] = flat[7 * k : 7 * k + 7]
+        decisions = self._combine(posters, parts, answers, granted, global_wait)
+        await self._give_back(posters, parts, answers, decisions, granted, ids)
+        return decisions
+
+    async def _take_global(self, n: int) -> tuple[int, int]:
+        assert self.budget is not None
+        try:
+            return await self.budget.take(n)
+        except BackendUnavailable:
+            raise
+        except _redis_errors() as exc:
+            raise BackendUnavailable(f"redis did not answer ({type(exc).__name__}: {exc})") from exc
+
+    def _combine(self, posters: Sequence[Poster], parts: list[_Part], answers: dict[int, list[Any]],
+                 granted: int, global_wait: int) -> list[Decision]:
+        found: list[list[tuple[str, int | None]]] = [[] for _ in posters]
+        worst: list[tuple[int, int, int]] = [(0, 0, 0)] * len(posters)  # (wait, which, slow_s)
+        shadowed = [False] * len(posters)
+        seen: list[tuple[str, str] | None] = [None] * len(posters)
+        glob = next((i for i, lim in enumerate(self.limits, 1) if lim.scope == "global"), 0)
+        for n in range(granted, len(posters)):
+            worst[n] = (max(1, global_wait), glob, 0)
+        for i, part in enumerate(parts):
+            ban, which, wait, slow_s, shadow, held, _taken = answers[i]
+            n, ban, which, wait = part.post, int(ban), int(which), int(wait)
+            if ban != -2:
+                found[n].append((part.ban_where, None if ban == -1 else ban))
+            if which != 0 and (wait > worst[n][0] or (which == -1 and wait >= worst[n][0])):
+                worst[n] = (wait, which, int(slow_s))
+            shadowed[n] = shadowed[n] or int(shadow) == 1
+            if held:
+                first = held.decode().split(" ")
+                seen[n] = (first[0], first[1]) if len(first) == 2 else None
+        out = []
+        for n in range(len(posters)):
+            wait, which, slow_s = worst[n]
+            if found[n] or seen[n] is not None:
+                which = 0  # as on one node: a sanctioned post or a repeat has no limit verdict
+            verdict = None if which == 0 else (slow_mode_refusal(slow_s, wait) if which == -1
+                                              else rate_refusal(self.limits[which - 1], wait))
+            out.append(Decision(_strongest(found[n]), verdict, shadowed[n], seen[n]))
+        return out
+
+    async def _give_back(self, posters: Sequence[Poster], parts: list[_Part], answers: dict[int, list[Any]],
+                         decisions: list[Decision], granted: int, ids: Sequence[str]) -> None:
+        """Return what the parts of a post that did not pass took, and its global cell."""
+        passed = [d.sanction is None and d.limit is None and d.seen is None for d in decisions]
+        if self.budget is not None:
+            self.budget.give_back(sum(1 for n in range(granted) if not passed[n]))
+        refunds: dict[int, list[Any]] = {}
+        by_key: dict[int, str] = {}
+        for i, part in enumerate(parts):
+            if passed[part.post] or not int(answers[i][6]):
+                if passed[part.post] and part.nonce:
+                    self._remember_nonce(posters[part.post].nonce, posters[part.post].user)
+                continue
+            items = refunds.setdefault(i, [])
+            items += [x for key, lim, _ in part.limits for x in ("t", key, lim.emission_us)]
+            if part.slow and int(answers[i][3]) > 0:
+                items += ["s", part.slow, ""]
+            if part.nonce:
+                items += ["n", part.nonce, ids[part.post] if ids else ""]
+            by_key[i] = part.slot_key
+        if not refunds:
+            return
+        self.refunded += len({parts[i].post for i in refunds})
+        groups = group_by_slot(self._redis, [by_key[i] for i in refunds])
+        order = list(refunds)
+        calls = [([by_key[order[g[0]]]], [x for k in g for x in refunds[order[k]]]) for g in groups.values()]
+        try:
+            await self._refunds.run_many(self._redis, calls)
+        except _redis_errors() as exc:  # what was taken expires with its window
+            log.warning("could not give back the limits of %d refused posts: %s", len(refunds), exc)
 
 # -- what a gateway uses ----------------------------------------------------------------------
 
@@ -662,12 +1043,29 @@ class AdmissionLimits:
         (:data:`NONCE_OUTCOMES_SCRIPT`); one call for the lot. Raises :class:`BackendUnavailable`."""
         if not outcomes or self.nonces is None or self.redis is None:
             return
+        if isinstance(self.limiter, ClusterRateLimiter):
+            await self._record_outcomes_per_slot(self.limiter, self.nonces, outcomes)
+            return
         if self._outcomes is None:
             self._outcomes = _Script(NONCE_OUTCOMES_SCRIPT)
         args: list[Any] = [self.nonces.window_ms]
         for key, cid, outcome in outcomes:
             args += (self.nonces.prefix + key, cid, outcome)
         await self._outcomes.run(self.redis, args)
+
+    async def _record_outcomes_per_slot(self, limiter: ClusterRateLimiter, nonces: NonceKeys,
+                                        outcomes: Sequence[tuple[str, str, str]]) -> None:
+        """On a cluster each retry key is in its user's slot: one call per slot, one pipeline."""
+        items = [(name, cid, outcome) for key, cid, outcome in outcomes
+                 if (name := limiter.nonce_key_of(nonces, key)) is not None]
+        if not items:
+            return
+        groups = group_by_slot(self.redis, [name for name, _, _ in items]).values()
+        calls = [([items[g[0]][0]], [nonces.window_ms, *(x for i in g for x in items[i])]) for g in groups]
+        try:
+            await _OUTCOMES_PER_SLOT.run_many(self.redis, calls)
+        except _redis_errors() as exc:
+            raise BackendUnavailable(f"redis did not answer ({type(exc).__name__}: {exc})") from exc
 
     @classmethod
     def in_memory(cls, cfg: LimitsConfig, modes: StreamState | None,
@@ -693,5 +1091,6 @@ def open_limits(config: Config, modes: StreamState) -> AdmissionLimits:
     from chorus.ingest.reputation import shadow_key
 
     nonces = NonceKeys(f"{prefix}nonce:", int(cfg.nonce_window_s * 1000)) if cfg.nonce_window_s > 0 else None
-    return AdmissionLimits(RedisRateLimiter(client, prefix, limits), RedisSanctions(client, prefix), local,
+    limiter = (ClusterRateLimiter if is_cluster(client) else RedisRateLimiter)(client, prefix, limits)
+    return AdmissionLimits(limiter, RedisSanctions(client, prefix), local,
                            SANCTION_MEMO_S, client, shadow_key(prefix, ""), nonces, cfg.nonce_window_s)

@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from chorus.redisconn import SlotScript, group_by_slot, is_cluster, tag
+
 __all__ = ["MemoryReputation", "RedisReputation", "Reputation", "decayed", "shadow_key"]
 
 FORGET_AFTER_HALF_LIVES = 16  # 2**-16 of a score is nothing: the key may go
@@ -39,9 +41,9 @@ def decayed(score: float, elapsed_s: float, half_life_s: float) -> float:
     return score * math.pow(2.0, -max(0.0, elapsed_s) / half_life_s)
 
 
-def shadow_key(prefix: str, user: str) -> str:
-    """The Redis key of a user's shadow-ban, which admission checks."""
-    return f"{prefix}shadow:{user}"
+def shadow_key(prefix: str, user: str, cluster: bool = False) -> str:
+    """The Redis key of a user's shadow-ban, which admission checks (on a cluster in the user's slot)."""
+    return f"{prefix}shadow:{tag(user, cluster)}"
 
 
 class Reputation(Protocol):
@@ -141,9 +143,11 @@ class RedisReputation:
         self._prefix = prefix
         self.half_life_ms = max(1, int(half_life_s * 1000))
         self._script: Any = None
+        self._cluster = is_cluster(redis)  # keys in each user's slot; the script runs once per slot
+        self._per_slot = SlotScript(_UPDATE)
 
     def key(self, user: str) -> str:
-        return f"{self._prefix}rep:{user}"
+        return f"{self._prefix}rep:{tag(user, self._cluster)}"
 
     async def _update(self, pairs: Sequence[tuple[str, float]]) -> dict[str, float]:
         if not pairs:
@@ -151,12 +155,26 @@ class RedisReputation:
         if self._script is None:
             self._script = self._redis.register_script(_UPDATE)
         ttl_ms = self.half_life_ms * FORGET_AFTER_HALF_LIVES
-        got = await self._script(keys=[self.key(u) for u, _ in pairs],
-                                 args=[self.half_life_ms, ttl_ms, *(repr(float(w)) for _, w in pairs)])
+        if self._cluster:
+            got = await self._update_per_slot(pairs, ttl_ms)
+        else:
+            got = await self._script(keys=[self.key(u) for u, _ in pairs],
+                                     args=[self.half_life_ms, ttl_ms, *(repr(float(w)) for _, w in pairs)])
         out: dict[str, float] = {}
         for (user, _), value in zip(pairs, got, strict=True):
             out[user] = float(value)
         return out
+
+    async def _update_per_slot(self, pairs: Sequence[tuple[str, float]], ttl_ms: int) -> list[Any]:
+        keys = [self.key(u) for u, _ in pairs]
+        groups = list(group_by_slot(self._redis, keys).values())
+        calls = [([keys[i] for i in g], [self.half_life_ms, ttl_ms, *(repr(float(pairs[i][1])) for i in g)])
+                 for g in groups]
+        got: list[Any] = [None] * len(pairs)
+        for g, values in zip(groups, await self._per_slot.run_many(self._redis, calls), strict=True):
+            for i, value in zip(g, values, strict=True):
+                got[i] = value
+        return got
 
     async def scores(self, users: Sequence[str]) -> dict[str, float]:
         return await self._update([(u, 0.0) for u in dict.fromkeys(users)])
@@ -172,14 +190,14 @@ class RedisReputation:
             return
         async with self._redis.pipeline(transaction=False) as pipe:
             for user in users:
-                pipe.set(shadow_key(self._prefix, user), b"1", ex=seconds)
+                pipe.set(shadow_key(self._prefix, user, self._cluster), b"1", ex=seconds)
             await pipe.execute()
 
     async def lift_shadow_ban(self, user: str) -> None:
-        await self._redis.delete(shadow_key(self._prefix, user))
+        await self._redis.delete(shadow_key(self._prefix, user, self._cluster))
 
     async def shadow_banned(self, user: str) -> bool:
-        return bool(await self._redis.exists(shadow_key(self._prefix, user)))
+        return bool(await self._redis.exists(shadow_key(self._prefix, user, self._cluster)))
 
     async def shadowed_among(self, users: Sequence[str]) -> set[str]:
         unique = list(dict.fromkeys(users))
@@ -187,7 +205,8 @@ class RedisReputation:
             return set()
         # One MGET (the keys hold "1"), not a pipeline of EXISTS: redis-py's per-command cost
         # was a visible share of a busy gateway's admission.
-        found = await self._redis.mget([shadow_key(self._prefix, user) for user in unique])
+        keys = [shadow_key(self._prefix, user, self._cluster) for user in unique]
+        found = await (self._redis.mget_nonatomic(keys) if self._cluster else self._redis.mget(keys))
         return {u for u, value in zip(unique, found, strict=True) if value is not None}
 
     async def close(self) -> None:
