@@ -133,10 +133,9 @@ class Operations:
 
     async def _probe_redis(self) -> None:
         if self._redis is None:
-            import redis.asyncio as aioredis
+            from chorus.redisconn import open_redis  # one node or a cluster
 
-            self._redis = aioredis.Redis.from_url(self.config.redis.url,
-                                                  socket_timeout=self.config.metrics.probe_interval_s)
+            self._redis = open_redis(self.config.redis.url, timeout_s=self.config.metrics.probe_interval_s)
         await self._redis.ping()
 
     async def _probe_kafka(self) -> None:
