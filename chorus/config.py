@@ -48,6 +48,7 @@ __all__ = [
 # must set its own (checked in ``Config.validate``).
 DEV_KEY = "chorus-development-key-change-me-0123456789"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+CASSANDRA_CONSISTENCY = ("ONE", "LOCAL_ONE", "QUORUM", "LOCAL_QUORUM", "EACH_QUORUM", "ALL")
 
 
 class ConfigError(ChorusError, ValueError):
@@ -210,6 +211,35 @@ class HistoryConfig:
         "Most comments a reconnecting viewer's resume replays (from the recent cache or this store); "
         "more missed answers recovered:false.", 10000
     )
+    backend: str = doc(
+        '"sqlite" (one file: the embedded default and a single host) or "cassandra" (Apache Cassandra: '
+        "no shared volume, every role reads and writes over the network; the cassandra_* keys).", "sqlite"
+    )
+    cassandra_contact_points: tuple[str, ...] = doc(
+        'Cassandra nodes the driver first connects to ("host" or "host:port"); it finds the rest itself.',
+        ("127.0.0.1",)
+    )
+    cassandra_port: int = doc("CQL port of contact points given without one.", 9042)
+    cassandra_keyspace: str = doc("Keyspace of the history (created with its tables when missing).", "chorus")
+    cassandra_replication: str = doc(
+        "Replication of the keyspace when it is created, a CQL map, e.g. "
+        "\"{'class': 'NetworkTopologyStrategy', 'dc1': 3}\".", "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+    )
+    cassandra_consistency: str = doc(
+        "Consistency level of reads and writes: ONE, LOCAL_ONE, QUORUM, LOCAL_QUORUM, EACH_QUORUM or ALL.",
+        "LOCAL_QUORUM"
+    )
+    cassandra_ttl_s: int = doc(
+        "Retention: comments (and their positions) expire this long after they were written, as the "
+        "tables' default TTL (0: kept forever). Expired data is dropped whole by TimeWindowCompactionStrategy.",
+        0
+    )
+    cassandra_bucket_s: int = doc(
+        "Width of a comments partition (stream, time bucket): 30 s holds ~60 MB at 10k comments/s. Fixed "
+        "once the keyspace has data (rows are found by it).", 30
+    )
+    cassandra_timeout_ms: int = doc("A store request not answered in this long fails (the archiver retries).",
+                                    10000)
 
 
 @dataclass(frozen=True)
@@ -491,6 +521,19 @@ class Config:
              "must be 0 or >= log_retention_records"),
             ("history.page_max", self.history.page_max >= 1, "must be >= 1"),
             ("history.recover_max", self.history.recover_max >= 0, "must be >= 0"),
+            ("history.backend", self.history.backend in ("sqlite", "cassandra"), 'must be "sqlite" or "cassandra"'),
+            ("history.cassandra_consistency", self.history.cassandra_consistency in CASSANDRA_CONSISTENCY,
+             f"must be one of {', '.join(CASSANDRA_CONSISTENCY)}"),
+            ("history.cassandra_keyspace", re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,47}", self.history.cassandra_keyspace)
+             is not None, "must be a CQL name: a letter, then letters, digits or _ (48 at most)"),
+            ("history.cassandra_replication", self.history.cassandra_replication.strip().startswith("{")
+             and self.history.cassandra_replication.strip().endswith("}"), "must be a CQL map {...}"),
+            ("history.cassandra_contact_points", bool(self.history.cassandra_contact_points), "must not be empty"),
+            ("history.cassandra_port", 1 <= self.history.cassandra_port <= 65535, "must be 1-65535"),
+            ("history.cassandra_ttl_s", 0 <= self.history.cassandra_ttl_s <= 630_720_000, "must be 0-630720000"),
+            ("history.cassandra_bucket_s", 1 <= self.history.cassandra_bucket_s <= 86_400, "must be 1-86400"),
+            ("history.cassandra_timeout_ms", 100 <= self.history.cassandra_timeout_ms <= 120_000,
+             "must be 100-120000"),
             ("coordinator.recent_size", self.coordinator.recent_size >= 1, "must be >= 1"),
             ("coordinator.flush_interval_ms", 1 <= self.coordinator.flush_interval_ms <= 1000, "must be 1-1000"),
             ("coordinator.max_batch", self.coordinator.max_batch >= 1, "must be >= 1"),

@@ -32,12 +32,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from chorus.errors import Unavailable
 from chorus.ingest.records import Comment
 
-__all__ = ["HistoryStore", "ModerationAction", "ReviewItem", "SqliteStore", "StoreUnavailable", "StoredComment"]
+if TYPE_CHECKING:
+    from chorus.config import Config
+
+__all__ = ["HistoryStore", "ModerationAction", "ReviewItem", "SqliteStore", "StoreUnavailable", "StoredComment",
+           "deleted_shape", "event_shape", "open_store"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS comments (
@@ -161,6 +165,10 @@ class ReviewItem:
 
 
 class HistoryStore(Protocol):
+    """What the archiver, gateways, moderator and CLI use: SqliteStore and CassandraStore
+    (ingest/store_cassandra.py). Every method blocks; a caller on an event loop runs it in a
+    thread (``asyncio.to_thread``). Failures raise StoreUnavailable."""
+
     def write_comments(self, comments: Sequence[Comment]) -> int: ...
 
     def page(self, stream: str, before: int | None, limit: int, viewer: str | None = None) -> list[dict[str, Any]]:
@@ -176,8 +184,46 @@ class HistoryStore(Protocol):
         """(epoch, offset) of the newest stored comment with a position, or None."""
         ...
 
+    def delete_comments(self, stream: str, ids: Sequence[str], code: str = "", reason: str = "") -> int: ...
+    def restore_comments(self, stream: str, ids: Sequence[str]) -> int: ...
+    def shadow_comments(self, stream: str, ids: Sequence[str]) -> int: ...
+    def deleted_comment(self, stream: str, comment_id: str) -> dict[str, Any] | None: ...
+    def comment(self, stream: str, comment_id: str) -> tuple[dict[str, Any], bool] | None: ...
+    def deleted_automatically(self, stream: str, comment_id: str) -> bool: ...
+    def recent_of_user(self, stream: str, user: str, since_ms: int, limit: int) -> list[str]: ...
+    def record_actions(self, actions: Sequence[ModerationAction]) -> int: ...
+    def actions(self, stream: str, limit: int = 100) -> list[ModerationAction]: ...
+    def offences_of(self, user: str, since_ms: int, limit: int) -> list[dict[str, Any]]: ...
+    def queue_for_review(self, items: Sequence[ReviewItem]) -> int: ...
+    def review_queue(self, stream: str, limit: int, resolved: bool = False) -> list[ReviewItem]: ...
+    def review_item(self, stream: str, comment_id: str) -> ReviewItem | None: ...
+    def open_reviews(self, stream: str | None = None) -> int: ...
+
+    def resolve_review(self, stream: str, comment_id: str, resolution: str, by: str,
+                       resolved_too: bool = False) -> bool: ...
+
+    def record_sanction(self, stream: str, user: str, until_ms: int | None, reason: str = "") -> None: ...
+    def lift_sanction(self, stream: str, user: str) -> None: ...
+    def sanctions_in_force(self, now_ms: int) -> list[tuple[str, str, int | None]]: ...
+    def set_pin(self, stream: str, comment: dict[str, Any] | None) -> None: ...
+    def pin(self, stream: str) -> dict[str, Any] | None: ...
+    def count(self, stream: str) -> int: ...
     def close(self) -> None: ...
 
+
+def open_store(config: Config) -> HistoryStore:
+    """The history store ``[history] backend`` names: SQLite at ``config.history_path``, or the
+    Cassandra keyspace of the ``cassandra_*`` keys (its schema created when missing)."""
+    h = config.history
+    if h.backend != "cassandra":
+        return SqliteStore(config.history_path)
+    from chorus.ingest.store_cassandra import CassandraSettings, CassandraStore
+
+    return CassandraStore(CassandraSettings(
+        contact_points=tuple(h.cassandra_contact_points), port=h.cassandra_port, keyspace=h.cassandra_keyspace,
+        replication=h.cassandra_replication, consistency=h.cassandra_consistency, ttl_s=h.cassandra_ttl_s,
+        bucket_s=h.cassandra_bucket_s, timeout_ms=h.cassandra_timeout_ms,
+    ))
 
 
 class SqliteStore:
@@ -273,7 +319,7 @@ class SqliteStore:
         with self._lock:
             rows = self._db.execute(sql, (stream, before if before is not None else 2**63 - 1,
                                           viewer if viewer is not None else "", limit)).fetchall()
-        return [_event(stream, *row[:7]) | (_deleted(row[8], row[9]) if row[7] else {}) for row in rows]
+        return [event_shape(stream, *row[:7]) | (deleted_shape(row[8], row[9]) if row[7] else {}) for row in rows]
 
     def since(self, stream: str, epoch: str, offset: int, limit: int) -> list[StoredComment]:
         """Tombstones and shadowed comments both count as deleted: recovery never sends them."""
@@ -286,7 +332,7 @@ class SqliteStore:
                 rows = self._db.execute(sql, (stream, epoch, offset, limit)).fetchall()
         except sqlite3.Error as exc:
             raise StoreUnavailable(str(exc)) from exc
-        return [StoredComment(row[6], bool(row[7]), _event(stream, *row[:7])) for row in rows]
+        return [StoredComment(row[6], bool(row[7]), event_shape(stream, *row[:7])) for row in rows]
 
     def last_position(self, stream: str) -> tuple[str, int] | None:
         """(epoch, offset) of the stream's newest stored comment that has a position (tombstones
@@ -316,7 +362,7 @@ class SqliteStore:
         rows = self._read("SELECT comment_id, user_id, user_name, badges, message, created_at, offset FROM comments"
                           " WHERE stream_id = ? AND comment_id = ? AND is_deleted = 1 AND is_shadow = 0",
                           (stream, int(comment_id)))
-        return _event(stream, *rows[0]) if rows else None
+        return event_shape(stream, *rows[0]) if rows else None
 
     def shadow_comments(self, stream: str, ids: Sequence[str]) -> int:
         """Hide the comments ``ids`` from everyone but their authors."""
@@ -329,7 +375,7 @@ class SqliteStore:
         rows = self._read("SELECT comment_id, user_id, user_name, badges, message, created_at, offset,"
                           " is_deleted OR is_shadow FROM comments WHERE stream_id = ? AND comment_id = ?",
                           (stream, int(comment_id)))
-        return (_event(stream, *rows[0][:7]), bool(rows[0][7])) if rows else None
+        return (event_shape(stream, *rows[0][:7]), bool(rows[0][7])) if rows else None
 
     def recent_of_user(self, stream: str, user: str, since_ms: int, limit: int) -> list[str]:
         """Ids of ``user``'s live comments on ``stream`` since ``since_ms``, newest first."""
@@ -452,12 +498,12 @@ def _review_item(r: Sequence[Any]) -> ReviewItem:
                       tuple(json.loads(r[11])))
 
 
-def _deleted(code: str, reason: str) -> dict[str, Any]:
+def deleted_shape(code: str, reason: str) -> dict[str, Any]:
     """What a deleted comment shows its author: who removed it and why."""
     return {"deleted": True, "code": code or "moderated", "reason": reason or "removed"}
 
 
-def _event(stream: str, cid: int, uid: str, name: str, badges: str, text: str, ts: int,
+def event_shape(stream: str, cid: int, uid: str, name: str, badges: str, text: str, ts: int,
            offset: int) -> dict[str, Any]:
     """A stored row in wire shape C (with its offset when it has one)."""
     c: dict[str, Any] = {

@@ -7,7 +7,8 @@
 #     extensions are built with CHORUS_BUILD_NATIVE=always), python3-venv;
 #   - .venv with the project installed in editable mode with its `test` extra, and the view
 #     of the package that mypy reads (.venv/typecheck);
-#   - the Apache Kafka broker jars in .services/kafka/libs, resolved from services/kafka/pom.xml.
+#   - the Apache Kafka broker jars in .services/kafka/libs, resolved from services/kafka/pom.xml;
+#   - the Apache Cassandra node jars in .services/cassandra/libs, from services/cassandra/pom.xml.
 # CHORUS_REINSTALL=1 forces the pip step even when nothing it depends on changed.
 # CHORUS_BUILD_NATIVE defaults to "always" here (a failed native build fails the install);
 # a developer may set "never" together with CHORUS_EXPECT_IMPL=pure for the pytest run.
@@ -120,4 +121,25 @@ if [ "$(cat "$libs/.pom.sha256" 2>/dev/null)" != "$pom_sum" ]; then
     mv "$libs.tmp" "$libs"
 else
     log "Kafka jars up to date in $libs"
+fi
+
+# ---- Cassandra jars ---------------------------------------------------------------------
+# One Apache Cassandra node for the history store's tests (services/cassandra/start.sh), from
+# org.apache.cassandra:cassandra-all and its runtime dependencies: the jars of the distribution's
+# lib/, about 70 MB. Resolved like Kafka's, into a temporary folder swapped in when complete.
+clibs=.services/cassandra/libs
+cpom_sum=$(sha256sum services/cassandra/pom.xml | cut -d' ' -f1)
+if [ "$(cat "$clibs/.pom.sha256" 2>/dev/null)" != "$cpom_sum" ]; then
+    log "resolving the Cassandra jars into $clibs"
+    rm -rf "$clibs.tmp"
+    mkdir -p "$(dirname "$clibs")"
+    (cd services/cassandra && mvn -q -B -Dstyle.color=never \
+        org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies \
+        -DoutputDirectory="$ROOT/$clibs.tmp" -DincludeScope=runtime)
+    ls "$clibs.tmp"/cassandra-all-*.jar >/dev/null
+    echo "$cpom_sum" >"$clibs.tmp/.pom.sha256"
+    rm -rf "$clibs"
+    mv "$clibs.tmp" "$clibs"
+else
+    log "Cassandra jars up to date in $clibs"
 fi

@@ -2,6 +2,7 @@
 
 Environment:
   CHORUS_TEST_REDIS_URL  use this Redis (e.g. redis://127.0.0.1:6379/0) instead of starting one
+  CHORUS_TEST_CASSANDRA  use this Cassandra node (host:port of CQL) instead of starting one
   CHORUS_TEST_KAFKA      use this Kafka bootstrap (e.g. 127.0.0.1:9092) instead of starting one
                          (it must already have the topics the tests use, e.g. `comments`)
   CHORUS_EXPECT_IMPL     implementation chorus.native must report (default "native"), so a
@@ -38,6 +39,7 @@ from services import (
     KafkaCluster,
     RedisClusterNodes,
     Service,
+    start_cassandra,
     start_kafka,
     start_kafka_cluster,
     start_redis,
@@ -83,6 +85,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.services)
         if "kafka_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.cluster)
+        if "cassandra_service" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cassandra)
+            item.add_marker(pytest.mark.services)
 
 
 # Kafka takes a few seconds to start: when a selected test needs it, start it in the
@@ -91,6 +96,7 @@ _kafka_boot: Future[Service] | None = None
 _cluster_boot: Future[KafkaCluster] | None = None
 _redis_cluster_boot: Future[RedisClusterNodes] | None = None
 _services_dir: Path | None = None
+_cassandra_boot: Future[Service] | None = None
 
 
 def _scratch() -> Path:
@@ -128,6 +134,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     wants = {"kafka_service", "kafka_bootstrap"}
     if session.config.option.collectonly:
         return
+    _start_cassandra_boot(session)
     if not os.environ.get("CHORUS_TEST_KAFKA") and any(
             wants.intersection(getattr(i, "fixturenames", ())) for i in session.items):
         _scratch()  # create it here, in the main thread: no race with the fixtures
@@ -153,6 +160,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _redis_cluster_boot is not None:
         with contextlib.suppress(Exception):
             _redis_cluster_boot.result().stop()
+    if _cassandra_boot is not None:
+        with contextlib.suppress(Exception):
+            _cassandra_boot.result().stop(timeout=30.0)
     if _services_dir is not None:
         if exitstatus == 0:
             shutil.rmtree(_services_dir, ignore_errors=True)
@@ -200,6 +210,41 @@ def kafka_service(services_dir: Path) -> Iterator[Service]:
         return
     svc = _kafka_boot.result() if _kafka_boot is not None else _boot_kafka()
     yield from _stopped_at_end(svc)
+
+
+def _boot_cassandra() -> Service:
+    started = time.monotonic()
+    svc = start_cassandra(_scratch() / "cassandra")
+    atexit.register(svc.stop)
+    print(f"\nCassandra node up in {time.monotonic() - started:.1f}s", file=sys.stderr)
+    return svc
+
+
+def _start_cassandra_boot(session: pytest.Session) -> None:
+    """Boot the Cassandra node (~12 s) in the background when a selected test needs it."""
+    global _cassandra_boot
+    if not os.environ.get("CHORUS_TEST_CASSANDRA") and any(
+            "cassandra_service" in getattr(i, "fixturenames", ()) for i in session.items):
+        _scratch()
+        _cassandra_boot = ThreadPoolExecutor(1, thread_name_prefix="cassandra-boot").submit(_boot_cassandra)
+
+
+@pytest.fixture(scope="session")
+def cassandra_service(services_dir: Path) -> Iterator[Service]:
+    """The session's Cassandra node (CQL at ``address``). Tests may kill and restart it
+    (``kill()``, ``restart()``) but must leave it running; CHORUS_TEST_CASSANDRA=host:port uses
+    a node that runs already (never signalled)."""
+    address = os.environ.get("CHORUS_TEST_CASSANDRA")
+    if address:
+        yield _external("cassandra", address)
+        return
+    svc = _cassandra_boot.result() if _cassandra_boot is not None else _boot_cassandra()
+    atexit.register(svc.stop)
+    try:
+        yield svc
+    finally:
+        svc.stop(timeout=30.0)
+        atexit.unregister(svc.stop)
 
 
 @pytest.fixture(scope="session")

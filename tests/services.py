@@ -38,6 +38,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA_START = ROOT / "services" / "kafka" / "start.sh"
+CASSANDRA_START = ROOT / "services" / "cassandra" / "start.sh"
 HOST = "127.0.0.1"
 
 
@@ -159,6 +160,8 @@ class Service:
         self.stop()
         if self.name == "kafka":
             fresh = start_kafka(self.data_dir, self.port, *self.ports, env=self.env)
+        elif self.name == "cassandra":
+            fresh = start_cassandra(self.data_dir, self.port, *self.ports)
         else:
             fresh = start_redis(self.data_dir, self.port)
         self.pid, self._proc = fresh.pid, fresh._proc
@@ -354,6 +357,40 @@ def start_kafka(
         "kafka", int(pid_file.read_text()), f"{HOST}:{port}", data_dir, port,
         match="kafka.Kafka", ports=(controller_port,), env=dict(env or {}),
     )  # fmt: skip
+
+
+def start_cassandra(data_dir: Path, port: int | None = None, storage_port: int | None = None) -> Service:
+    """Start one Cassandra node with ``services/cassandra/start.sh`` on free loopback ports.
+
+    Returns once CQL answers. Restarting with the same ``data_dir`` and ports keeps the
+    keyspaces. Log: ``data_dir/cassandra.log``; ``address`` is "127.0.0.1:PORT" (CQL).
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    storage_port = storage_port or free_port()
+    while storage_port == port:
+        storage_port = free_port()
+    pid_file = data_dir / "cassandra.pid"
+    old_pid = pid_file.read_text() if pid_file.exists() else None
+
+    def kill_half_started() -> None:
+        pid = pid_file.read_text() if pid_file.exists() else None
+        if pid and pid != old_pid:
+            Service("cassandra", int(pid), "", data_dir, port, match="CassandraDaemon").kill()
+
+    env = {**os.environ, "CHORUS_CASSANDRA_STORAGE_PORT": str(storage_port),
+           "CHORUS_CASSANDRA_PARENT_PID": str(os.getpid())}
+    try:
+        res = subprocess.run(["bash", str(CASSANDRA_START), str(data_dir), str(port)], env=env,
+                             stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+    except BaseException:
+        kill_half_started()
+        raise
+    if res.returncode != 0:
+        kill_half_started()
+        raise RuntimeError(f"Cassandra did not start (exit {res.returncode}):\n{res.stdout + res.stderr}")
+    return Service("cassandra", int(pid_file.read_text()), f"{HOST}:{port}", data_dir, port,
+                   match="CassandraDaemon", ports=(storage_port,))
 
 
 # A cluster node killed with SIGKILL is fenced, and its partitions get new leaders, once the
