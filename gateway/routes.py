@@ -48,8 +48,9 @@ from chorus.gateway.router import Router
 from chorus.ingest.admission import Admission
 from chorus.ingest.store import HistoryStore
 from chorus.metrics import CONTENT_TYPE
+from chorus.ops import Serving
 
-__all__ = ["HttpRoutes", "ModeratorApi", "PostGate", "Probes", "Serving", "Upgrades", "allowed_methods",
+__all__ = ["HttpRoutes", "ModeratorApi", "PostGate", "Probes", "Upgrades", "allowed_methods",
            "authenticate", "dev_user_id", "display_name", "handshake_refusal", "origin_allowed"]
 
 log = logging.getLogger("chorus.gateway")
@@ -192,16 +193,6 @@ class Upgrades(Protocol):
         ...
 
     def accept_echo(self, request: WSUpgradeRequest) -> WSUpgradeResponseWithListener: ...
-
-
-class Serving(Protocol):
-    """Whether the gateway listens and whether it drains (readiness reads both)."""
-
-    @property
-    def listening(self) -> bool: ...
-
-    @property
-    def draining(self) -> bool: ...
 
 
 class PostGate(Protocol):
