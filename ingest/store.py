@@ -32,16 +32,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from chorus.errors import Unavailable
 from chorus.ingest.records import Comment
 
-if TYPE_CHECKING:
-    from chorus.config import Config
-
 __all__ = ["HistoryStore", "ModerationAction", "ReviewItem", "SqliteStore", "StoreUnavailable", "StoredComment",
-           "deleted_shape", "event_shape", "open_store"]
+           "deleted_shape", "event_shape"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS comments (
@@ -209,21 +206,6 @@ class HistoryStore(Protocol):
     def pin(self, stream: str) -> dict[str, Any] | None: ...
     def count(self, stream: str) -> int: ...
     def close(self) -> None: ...
-
-
-def open_store(config: Config) -> HistoryStore:
-    """The history store ``[history] backend`` names: SQLite at ``config.history_path``, or the
-    Cassandra keyspace of the ``cassandra_*`` keys (its schema created when missing)."""
-    h = config.history
-    if h.backend != "cassandra":
-        return SqliteStore(config.history_path)
-    from chorus.ingest.store_cassandra import CassandraSettings, CassandraStore
-
-    return CassandraStore(CassandraSettings(
-        contact_points=tuple(h.cassandra_contact_points), port=h.cassandra_port, keyspace=h.cassandra_keyspace,
-        replication=h.cassandra_replication, consistency=h.cassandra_consistency, ttl_s=h.cassandra_ttl_s,
-        bucket_s=h.cassandra_bucket_s, timeout_ms=h.cassandra_timeout_ms,
-    ))
 
 
 class SqliteStore:
