@@ -159,7 +159,7 @@ class Service:
             raise RuntimeError(f"{self.name} at {self.address} is external; cannot restart it")
         self.stop()
         if self.name == "kafka":
-            fresh = start_kafka(self.data_dir, self.port, *self.ports, env=self.env)
+            fresh = start_kafka(self.data_dir, self.port, self.ports[0] if self.ports else None, env=self.env)
         elif self.name == "cassandra":
             fresh = start_cassandra(self.data_dir, self.port, *self.ports)
         else:
