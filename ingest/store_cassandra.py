@@ -42,6 +42,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections import OrderedDict, defaultdict
@@ -190,6 +191,16 @@ NOT_IDEMPOTENT = {"insert_review", "resolve_open", "resolve_any"}
 PAGE_ROWS = 500  # rows per page of a query read in full (review queues, sanctions)
 
 
+TABLES = ("comments", "comment_buckets", "comment_positions", "position_blocks", "moderation_actions", "offences",
+          "review_queue", "reviews_open", "sanctions", "pins")
+_TABLE_REF = re.compile(r"\b(FROM|INTO|UPDATE|EXISTS|ON) (" + "|".join(TABLES) + r")\b")
+
+
+def _qualified(cql: str, keyspace: str) -> str:
+    """``cql`` with its table names prefixed by ``keyspace``."""
+    return _TABLE_REF.sub(lambda m: f"{m.group(1)} {keyspace}.{m.group(2)}", cql)
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -264,10 +275,12 @@ class CassandraStore:
         session = await cluster.create_session()
         await session.execute(acsylla.create_statement(
             f"CREATE KEYSPACE IF NOT EXISTS {s.keyspace} WITH replication = {s.replication}", timeout=60.0))
-        await session.use_keyspace(s.keyspace)
+        # table names qualified with the keyspace: a session on a keyspace (USE) with prepared
+        # statements is ambiguous, and Cassandra 5 warns about every such statement
         for ddl in _tables(s.ttl_s):
-            await session.execute(acsylla.create_statement(ddl, timeout=60.0))
-        prepared = {name: await session.create_prepared(cql) for name, cql in STATEMENTS.items()}
+            await session.execute(acsylla.create_statement(_qualified(ddl, s.keyspace), timeout=60.0))
+        prepared = {name: await session.create_prepared(_qualified(cql, s.keyspace))
+                    for name, cql in STATEMENTS.items()}
         return session, prepared
 
     def _bind(self, name: str, values: Sequence[Any], page_size: int | None = None) -> Any:
