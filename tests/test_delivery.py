@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 from clients import WebsocketsClient
 from test_processes import KEY, Proc, wait_http
+from waiting import eventually
 
 from chorus.auth import mint_token
 from chorus.broker import MemoryBroker, MemoryStreamState, RedisBroker, RedisStreamState
@@ -107,6 +108,9 @@ class Poster:
                 self.acked_at[event["id"]] = time.monotonic()
             elif event["t"] == "error":
                 self.refused.append(event)
+
+    def answered(self) -> int:
+        return len(self.acked) + len(self.refused)
 
     async def post(self, rate: float, duration_s: float) -> None:
         start = time.monotonic()
@@ -203,9 +207,7 @@ async def test_every_acknowledged_comment_is_delivered_and_stored_once_across_cr
 
         # The coordinator's group may still be joining: wait until a first comment goes round.
         await posters[0].client.send_json({"t": "comment", "text": "warm up", "nonce": "warm"})
-        async with asyncio.timeout(30):
-            while not viewers[0].ids:
-                await asyncio.sleep(0.05)
+        await eventually(lambda: viewers[0].ids, 30, "the warm-up comment at a viewer")
         ready = time.monotonic()
 
         async def crash(role: str, at_s: float) -> None:
@@ -215,17 +217,17 @@ async def test_every_acknowledged_comment_is_delivered_and_stored_once_across_cr
         await asyncio.gather(*(p.post(RATE / POSTERS, POST_FOR_S) for p in posters),
                              crash("coordinator", KILL_COORDINATOR_AT_S), crash("archiver", KILL_ARCHIVER_AT_S))
         posted = time.monotonic()
-        await asyncio.sleep(1.0)  # the last acks
+        with contextlib.suppress(AssertionError):  # a post left unanswered shows in the count below
+            await eventually(lambda: all(p.answered() == p.sent for p in posters), 10, "the last acks")
         acked = {i for p in posters for i in p.acked}
         sent = sum(p.sent for p in posters) + 1  # and the warm-up
         assert len(acked) >= 0.9 * sent, f"only {len(acked)} of {sent} acknowledged: {posters[0].refused[:3]}"
 
-        deadline = time.monotonic() + 40
-        while time.monotonic() < deadline:
-            stored = history_of(history, stream)
-            if all(acked <= set(v.ids) for v in viewers) and acked <= set(stored):
-                break
-            await asyncio.sleep(0.25)
+        def everywhere() -> bool:
+            return all(acked <= set(v.ids) for v in viewers) and acked <= set(history_of(history, stream))
+
+        with contextlib.suppress(AssertionError):  # the checks below say what is missing where
+            await eventually(everywhere, 40, "every acknowledged comment everywhere", interval=0.25)
         delivered = time.monotonic()
 
         stored = history_of(history, stream)
@@ -301,14 +303,6 @@ async def append_comments(log: CommentLog, ids: IdGenerator, stream: str, count:
     return [c.id for c in comments]
 
 
-async def wait_until(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 @pytest.mark.parametrize("backend", ["embedded", pytest.param("services", marks=pytest.mark.services)])
 async def test_archiver_pauses_while_the_store_is_down_and_catches_up(
         tmp_path: Path, request: pytest.FixtureRequest, backend: str) -> None:
@@ -320,18 +314,18 @@ async def test_archiver_pauses_while_the_store_is_down_and_catches_up(
     ids = IdGenerator(77)
     try:
         before = await append_comments(log, ids, "s", 50)
-        await wait_until(lambda: store.count("s") == 50, 30, "the first comments in history")
+        await eventually(lambda: store.count("s") == 50, 30, "the first comments in history")
 
         store.down = True
         during = await append_comments(log, ids, "s", 300)
-        await wait_until(lambda: store.failed_writes >= 3, 30, "the archiver to retry")
+        await eventually(lambda: store.failed_writes >= 3, 30, "the archiver to retry")
         assert archiver.loop.paused and store.count("s") == 50
         await asyncio.sleep(0.5)  # it keeps polling while paused (a Kafka member stays in its group)
         assert archiver.loop.paused and store.count("s") == 50
 
         store.down = False
         after = await append_comments(log, ids, "s", 50)
-        await wait_until(lambda: store.count("s") == 400, 30, "the archiver to catch up")
+        await eventually(lambda: store.count("s") == 400, 30, "the archiver to catch up")
         assert not archiver.loop.paused and archiver.loop.pauses == 1
         (unplaced,) = store._db.execute("SELECT COUNT(*) FROM comments WHERE epoch = '' OR offset < 0").fetchone()
         assert unplaced == 0  # every row has its log position
@@ -363,14 +357,14 @@ async def test_coordinator_pauses_while_publishing_fails_and_catches_up() -> Non
     ids = IdGenerator(78)
     try:
         await append_comments(log, ids, "s", 20)
-        await wait_until(lambda: broker.published >= 1 and coordinator.loop.handled == 20, 5, "first batch")
+        await eventually(lambda: broker.published >= 1 and coordinator.loop.handled == 20, 5, "first batch")
         broker.down = True
         await append_comments(log, ids, "s", 100)
-        await wait_until(lambda: coordinator.loop.paused, 5, "the coordinator to pause")
-        await asyncio.sleep(0.3)
+        await eventually(lambda: coordinator.loop.paused, 5, "the coordinator to pause")
+        await asyncio.sleep(0.3)  # retries while paused: none may get through
         assert coordinator.loop.handled == 20
         broker.down = False
-        await wait_until(lambda: coordinator.loop.handled == 120, 5, "the coordinator to catch up")
+        await eventually(lambda: coordinator.loop.handled == 120, 5, "the coordinator to catch up")
         cached = await state.recent("s", 1000)
         assert len(cached) == 120 == len({c["id"] for c in cached})  # retried batches cached once
         assert [c["offset"] for c in cached] == sorted(c["offset"] for c in cached)
@@ -393,12 +387,12 @@ async def test_coordinator_rides_out_a_redis_restart(tmp_path: Path, kafka_boots
     ids = IdGenerator(79)
     try:
         await append_comments(log, ids, "s", 10)
-        await wait_until(lambda: coordinator.loop.handled == 10, 30, "the first comments")
+        await eventually(lambda: coordinator.loop.handled == 10, 30, "the first comments")
         redis.kill()
         during = await append_comments(log, ids, "s", 40)
-        await wait_until(lambda: coordinator.loop.paused, 10, "the coordinator to pause")
+        await eventually(lambda: coordinator.loop.paused, 10, "the coordinator to pause")
         redis.restart()
-        await wait_until(lambda: coordinator.loop.handled == 50, 30, "the coordinator to catch up")
+        await eventually(lambda: coordinator.loop.handled == 50, 30, "the coordinator to catch up")
         cached = await state.recent("s", 1000)
         assert {c["id"] for c in cached} >= set(during)  # the new Redis got everything since
         epoch, offset = await state.position("s")

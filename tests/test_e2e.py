@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from clients import PicowsClient, ViewerClient, WebsocketsClient, aget_json
+from waiting import scaled
 
 from chorus.app import App
 from chorus.auth import mint_token
@@ -99,7 +100,7 @@ async def test_comment_reaches_every_viewer_of_its_stream_only(env: Env) -> None
         (c,) = batch["comments"]
         assert (c["id"], c["text"], c["user"]["name"], c["stream"]) == (ack["id"], "hello A", "Alice", a)
         assert isinstance(c["offset"], int) and batch["offset"] == c["offset"]
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # what stream B's viewers would get by now, had A's comment leaked
     for v in viewers_b:  # counts of their own stream's viewers may come; comments of A must not
         got = [v.events.get_nowait() for _ in range(v.events.qsize())]
         assert not [e for e in got if e["t"] == "batch"], f"a viewer of stream B got a comment of stream A: {got}"
@@ -112,7 +113,7 @@ async def test_comment_reaches_every_viewer_of_its_stream_only(env: Env) -> None
 
 
 async def _wait_history(env: Env, stream: str, n: int, timeout: float = 10) -> tuple[int, Any]:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while True:
         status, page = await aget_json(f"{env.base}/streams/{stream}/comments")
         if status != 200 or len(page["comments"]) >= n or time.monotonic() > deadline:

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 from clients import PicowsClient, ViewerClient, WebsocketsClient, aget_json, http_get
+from waiting import eventually, scaled
 
 from chorus import __version__
 from chorus.auth import mint_token
@@ -50,7 +51,7 @@ class Proc:
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
             try:
-                self.popen.wait(10)
+                self.popen.wait(scaled(10))
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(5)
@@ -62,6 +63,7 @@ class Proc:
 
 
 def wait_http(url: str, proc: Proc, timeout: float = 20) -> None:
+    timeout = scaled(timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.popen.poll() is not None:
@@ -90,9 +92,16 @@ async def http(port: int, method: str, path: str, token: str, body: dict[str, An
     return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2] or b"null")
 
 
+async def history_page(base: str, stream: str, at_least: int = 1) -> dict[str, Any] | None:
+    """The stream's history page once it holds ``at_least`` comments, else None."""
+    status, page = await aget_json(f"{base}/streams/{stream}/comments")
+    assert status == 200, page
+    return page if len(page["comments"]) >= at_least else None
+
+
 def chorus(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "chorus.cli", *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run([sys.executable, "-m", "chorus.cli", *args], capture_output=True, text=True,
+                          timeout=scaled(60), env={**os.environ, **(env or {})})
 
 
 async def test_chorus_run_embedded_default(tmp_path: Path, procs: list[Proc]) -> None:
@@ -117,8 +126,7 @@ async def test_chorus_run_embedded_default(tmp_path: Path, procs: list[Proc]) ->
     ack = await poster.wait_for(lambda e: e["t"] == "ack")
     batch = await viewer.wait_for(lambda e: e["t"] == "batch", timeout=2)
     assert batch["comments"][0]["id"] == ack["id"]
-    await asyncio.sleep(0.2)
-    status, history = await aget_json(f"{base}/streams/lobby/comments")
+    history = await eventually(lambda: history_page(base, "lobby"), what="the comment in history")
     assert [c["text"] for c in history["comments"]] == ["hello from the embedded default"]
     status, metrics = await asyncio.to_thread(http_get, f"{base}/metrics")
     assert status == 200
@@ -228,14 +236,14 @@ def test_bad_config_is_refused_naming_the_key(tmp_path: Path) -> None:
     cfg = tmp_path / "chorus.toml"
     cfg.write_text("[gateway]\nport = -5\n")
     out = subprocess.run([sys.executable, "-m", "chorus.cli", "run", "--config", str(cfg)],
-                         capture_output=True, text=True, timeout=30)
+                         capture_output=True, text=True, timeout=scaled(30))
     assert out.returncode == 2 and "gateway.port" in out.stderr
 
 
 def test_token_command_mints_a_token_the_gateway_accepts(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "chorus.cli", "token", "--user", "42", "--name", "alice",
                           "--scope", "read", "--scope", "write", "--role", "moderator", "--data-dir", str(tmp_path)],
-                         capture_output=True, text=True, timeout=30, check=True)
+                         capture_output=True, text=True, timeout=scaled(30), check=True)
     from chorus.auth import verify_token
 
     who = verify_token(load_config(env={}).auth, out.stdout.strip())
@@ -282,12 +290,8 @@ async def test_two_gateway_processes_share_redis_and_kafka(tmp_path: Path, procs
         assert batch["comments"][0]["id"] == ack["id"]
     assert time.monotonic() - sent < 0.5
 
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        _status, page = await aget_json(f"http://127.0.0.1:{ports[1]}/streams/{stream}/comments")
-        if len(page["comments"]) == 2:
-            break
-        await asyncio.sleep(0.1)
+    page = await eventually(lambda: history_page(f"http://127.0.0.1:{ports[1]}", stream, 2),
+                            what="both comments in history")
     assert [c["text"] for c in page["comments"]] == ["across gateways", "warm up"]
     for c in (*viewers, poster):
         await c.close()
