@@ -16,7 +16,7 @@ if MODE not in ("auto", "always", "never"):
     raise SystemExit(f"CHORUS_BUILD_NATIVE must be auto, always or never, not {MODE!r}")
 
 
-class OptionalBuildExt(build_ext):
+class OptionalBuildExt(build_ext):  # type: ignore[misc]  # setuptools derives build_ext from an untyped base
     """Skip a failing extension in "auto" mode so the pure twins still install."""
 
     def build_extension(self, ext: Extension) -> None:
@@ -28,48 +28,27 @@ class OptionalBuildExt(build_ext):
             print(f"warning: native extension {ext.name} not built ({exc}); pure Python is used")
 
 
-def cython_extensions() -> list[Extension]:
-    from Cython.Build import cythonize
-
-    exts = [
-        Extension(
-            # Cython finds a module's .pxd by its dotted name and knows nothing of package-dir,
-            # so compile under the source-tree name and rename to chorus.native._codec below.
-            "native._codec",
-            ["native/_codec.pyx"],
-            extra_compile_args=["-O3"],
-        ),
-    ]
-    built = cythonize(
-        exts,
-        language_level=3,
-        compiler_directives={
-            "boundscheck": False,
-            "wraparound": False,
-            "initializedcheck": False,
-            "cdivision": True,
-            "embedsignature": True,
-        },
-    )
-    for ext in built:
-        ext.name = "chorus." + ext.name
-    return built
-
-
 def cpp_extensions() -> list[Extension]:
     from pybind11.setup_helpers import Pybind11Extension
 
+    # wsframe.cpp is the one frame codec: the hub parses with it, and _wsframe puts the same
+    # code behind codec_pure's API (tests and the gateway's refusals). Same flags, same objects.
+    flags = {"include_dirs": ["native/src"], "cxx_std": 17, "extra_compile_args": ["-O2", "-fvisibility=hidden"]}
     return [
         Pybind11Extension(
             "chorus.native._hub",
             ["native/src/hub_module.cpp", "native/src/hub.cpp", "native/src/hub_flush.cpp", "native/src/wsframe.cpp"],
-            include_dirs=["native/src"],
-            cxx_std=17,
-            extra_compile_args=["-O2", "-fvisibility=hidden"],
             libraries=["z"],
+            **flags,
+        ),
+        Pybind11Extension(
+            "chorus.native._wsframe",
+            ["native/src/wsframe_module.cpp", "native/src/wsframe.cpp"],
+            libraries=["z"],  # wsframe.cpp holds the deflate helpers too
+            **flags,
         ),
     ]
 
 
-ext_modules = [] if MODE == "never" else cython_extensions() + cpp_extensions()
+ext_modules = [] if MODE == "never" else cpp_extensions()
 setup(ext_modules=ext_modules, cmdclass={"build_ext": OptionalBuildExt})

@@ -1,6 +1,8 @@
-"""The RFC 6455 frame codec: chooses the Cython ``_codec`` module or its pure-Python twin.
+"""The RFC 6455 frame codec and the hub: chooses the C++ modules or their pure-Python twins.
 
-This is the one place that chooses. It loads ``chorus.native._codec`` unless ``CHORUS_PURE`` is
+The codec is ``chorus.native._wsframe``, the hub's own C++ parser and encoder (native/src/
+wsframe.cpp) behind ``codec_pure``'s API, so there is one native frame parser: the one that
+serves traffic. This is the one place that chooses. It loads ``_wsframe`` unless ``CHORUS_PURE`` is
 set to a non-empty value other than "0", or the extension is not built (then the import error is
 kept in ``NATIVE_IMPORT_ERROR``). ``IMPLEMENTATION`` says which one is in use; tests assert it
 so a broken build cannot silently test the fallback. Everyone else imports from here.
@@ -52,10 +54,10 @@ def _choose(native: str, pure: str) -> tuple[ModuleType, str]:
         return importlib.import_module(f"chorus.native.{pure}"), "pure"
 
 
-_impl, IMPLEMENTATION = _choose("_codec", "codec_pure")
+_impl, IMPLEMENTATION = _choose("_wsframe", "codec_pure")
 
 if TYPE_CHECKING:
-    # The pure twin is the typing reference; _codec.pyi declares the same names.
+    # The pure twin is the typing reference; _wsframe.pyi declares the same names.
     from chorus.native.codec_pure import (
         CLOSE_INVALID_DATA,
         CLOSE_PROTOCOL_ERROR,

@@ -1,18 +1,21 @@
-"""RFC 6455 frame codec in pure Python: the reference twin of the Cython ``_codec`` module.
+"""RFC 6455 frame codec in pure Python: the reference twin of the C++ ``_wsframe`` module.
 
 Server side only: frames we send are unmasked (RFC 6455 5.1), frames we parse come from clients
-and are masked. ``chorus.native`` chooses between this module and ``_codec``; import it from
-there. permessage-deflate (RFC 7692) is framing only here: with ``allow_rsv1`` the parser accepts
-RSV1 on a message's first frame and returns the message, still compressed, with ``COMPRESSED``
-OR-ed into its opcode; the caller inflates it and validates inflated text. Both modules must
-behave identically, down to the close code and reason of every error (``tests/test_codec.py``
-checks it with vectors and seeded random input).
+and are masked. ``chorus.native`` chooses between this module and ``_wsframe`` (the hub's own
+parser, native/src/wsframe.cpp, which raises this module's ``ProtocolError``: one exception
+class for both); import it from there. permessage-deflate (RFC 7692) is framing only here: with
+``allow_rsv1`` the parser accepts RSV1 on a message's first frame and returns the message, still
+compressed, with ``COMPRESSED`` OR-ed into its opcode; the caller inflates it and validates
+inflated text. Both modules must behave identically, down to the close code and reason of every
+error (``tests/test_codec.py`` checks it with vectors, chunkings and seeded random input).
 """
 
 from __future__ import annotations
 
 import codecs
 import struct
+
+from chorus.errors import ChorusError
 
 __all__ = [
     "CLOSE_INVALID_DATA",
@@ -60,7 +63,7 @@ _HEADER_16 = struct.Struct("!BBH").pack
 _HEADER_64 = struct.Struct("!BBQ").pack
 
 
-class ProtocolError(Exception):
+class ProtocolError(ChorusError):
     """The client broke RFC 6455; send a close frame with ``close_code`` and drop the peer."""
 
     def __init__(self, close_code: int, reason: str) -> None:
@@ -190,6 +193,8 @@ class FrameParser:
         require_mask: bool = True,
         allow_rsv1: bool = False,
     ) -> None:
+        if max_message_size < 0 or max_fragments < 0:
+            raise ValueError("max_message_size and max_fragments must be >= 0")
         self.max_message_size = max_message_size  # bytes, after reassembly (compressed if so)
         self.max_fragments = max_fragments  # frames per message
         self.require_mask = require_mask

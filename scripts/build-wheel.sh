@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build this machine's wheel into dist/ and check it holds both compiled extensions
-# (chorus/native/_codec and chorus/native/_hub). For the manylinux/musllinux set run
+# (chorus/native/_hub and chorus/native/_wsframe, both C++). For the manylinux/musllinux set run
 # `cibuildwheel --platform linux` ([tool.cibuildwheel] in pyproject.toml).
 #   bash scripts/build-wheel.sh            # dist/chorus_live-<version>-cp3XX-...whl
 set -euo pipefail
@@ -12,7 +12,7 @@ CHORUS_BUILD_NATIVE=always "$PY" -m pip wheel . --no-deps -w dist/ -q
 wheel=$(ls -t dist/chorus_live-*.whl | head -n1)
 echo "built $wheel"
 "$PY" -m zipfile -l "$wheel" | awk '/\.so /{print "  " $1}'
-for ext in _codec _hub; do
+for ext in _hub _wsframe; do
     if ! "$PY" -m zipfile -l "$wheel" | grep -q "chorus/native/${ext}\..*\.so "; then
         echo "build-wheel: $wheel has no compiled chorus/native/$ext" >&2
         exit 1

@@ -1,8 +1,10 @@
 """Unit and parity tests for the RFC 6455 frame codec, run against both twins.
 
-Parsers are tested with bytes: each vector is fed whole, one byte at a time, and followed by
-the start of another frame. Seeded random streams check that the native and pure modules give
-identical messages and identical errors.
+The native twin is ``chorus.native._wsframe``: the hub's own C++ parser and encoder
+(native/src/wsframe.cpp), the code that parses every viewer's frames, here behind codec_pure's
+API. Parsers are tested with bytes: each vector is fed whole, one byte at a time, and followed
+by the start of another frame. Seeded random streams check that the native and pure modules
+give identical messages and identical errors, byte for byte.
 """
 
 from __future__ import annotations
@@ -22,13 +24,17 @@ from frames import MASK, client_frame
 
 import chorus.native
 import chorus.native.codec_pure as pure
+from chorus.errors import ChorusError
 
+native: ModuleType | None
 try:
-    import chorus.native._codec as native
+    import chorus.native._wsframe as native
 except ImportError:
     if os.environ.get("CHORUS_EXPECT_IMPL") == "native":
         raise
     native = None
+
+__all__ = ["native", "run_parser"]  # tests/test_fuzz.py drives the same twins
 
 needs_native = pytest.mark.skipif(native is None, reason="native codec not built")
 IMPLS = [pytest.param(pure, id="pure"), pytest.param(native, id="native", marks=needs_native)]
@@ -592,6 +598,24 @@ def test_parser_refuses(codec: ModuleType, data: bytes, kwargs: dict[str, Any], 
         assert (again.value.close_code, again.value.reason) == (code, caught.value.reason)
 
 
+def splits(data: bytes) -> Iterator[tuple[str, list[bytes]]]:
+    """The chunkings, and for short vectors every cut into two feeds."""
+    yield from chunkings(data)
+    if len(data) <= 300:
+        for cut in range(1, len(data)):
+            yield f"cut-{cut}", [data[:cut], data[cut:]]
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("data", "kwargs"), [v[1:3] for v in OK + ERR], ids=[v[0] for v in OK + ERR]
+)
+def test_vectors_parity(data: bytes, kwargs: dict[str, Any]) -> None:
+    # The same messages from every feed and the same close code and reason, byte for byte.
+    for mode, chunks in splits(data):
+        assert run_parser(native, chunks, kwargs) == run_parser(pure, chunks, kwargs), mode
+
+
 def test_parser_accepts_buffer_types(codec: ModuleType) -> None:
     frame = client_frame(OP_TEXT, b"hello")
     for kind in (bytes, bytearray, memoryview):
@@ -639,6 +663,44 @@ def test_error_str(codec: ModuleType) -> None:
         "reserved bits set",
         "1002 reserved bits set",
     )
+
+
+def test_one_protocol_error_class_for_both_twins() -> None:
+    assert issubclass(pure.ProtocolError, ChorusError)
+    if native is not None:  # `except chorus.native.ProtocolError` catches either twin's
+        assert native.ProtocolError is pure.ProtocolError
+
+
+def test_parser_limits(codec: ModuleType) -> None:
+    parser = codec.FrameParser(1000, 3, False, True)
+    assert (parser.max_message_size, parser.max_fragments, parser.require_mask, parser.allow_rsv1) == (
+        1000, 3, False, True,
+    )
+    for kwargs in ({"max_message_size": -1}, {"max_fragments": -1}):
+        with pytest.raises(ValueError, match=">= 0"):
+            codec.FrameParser(**kwargs)
+
+
+def test_parser_leaves_the_callers_buffer_alone(codec: ModuleType) -> None:
+    # The C++ parser unmasks in place (the hub's read buffer is its own): never in the caller's.
+    stream = client_frame(OP_TEXT, b"hello", fin=False) + client_frame(OP_PING, b"p") + client_frame(OP_CONT, b"!")
+    data = bytearray(stream)
+    view = memoryview(data)
+    parser = codec.FrameParser()
+    assert parser.feed(view[:9]) + parser.feed(view[9:]) == [(OP_PING, b"p"), (OP_TEXT, b"hello!")]
+    assert data == stream
+
+
+def test_parser_after_a_large_feed(codec: ModuleType) -> None:
+    big = bytes(range(256)) * 1000  # 256 KB in one feed, then the parser carries on as before
+    parser = codec.FrameParser(max_message_size=1 << 20)
+    assert parser.feed(client_frame(OP_BINARY, big) + TRAILER[:3]) == [(OP_BINARY, big)]
+    assert parser.feed(TRAILER[3:] + client_frame(OP_TEXT, b"ok")) == [(OP_PING, b"next"), (OP_TEXT, b"ok")]
+
+
+def test_encode_close_refuses_a_reason_that_is_not_utf8(codec: ModuleType) -> None:
+    with pytest.raises(UnicodeEncodeError):
+        codec.encode_close(1000, "lone \ud800")
 
 
 def test_deflate_vectors_are_what_they_claim() -> None:
@@ -767,8 +829,9 @@ def random_chunks(rng: random.Random, data: bytes) -> list[bytes]:
 Outcome = tuple[list[list[tuple[int, bytes]]], tuple[int, str] | None]
 
 
-def run_parser(codec: ModuleType, chunks: list[bytes], kwargs: dict[str, Any]) -> Outcome:
+def run_parser(codec: ModuleType | None, chunks: list[bytes], kwargs: dict[str, Any]) -> Outcome:
     """Per-feed results and the error, if any; only ProtocolError may escape a feed."""
+    assert codec is not None, "the native twin is not built (needs_native skips such tests)"
     parser = codec.FrameParser(**kwargs)
     results = []
     for chunk in chunks:

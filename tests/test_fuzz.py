@@ -9,8 +9,9 @@ Targets, and what each must do whatever it is given:
   ``encode_record``/``encode_event``/``encode_ack`` and comes back equal.
 - ``RequestParser.feed`` (gateway/httpreq.py; random and near-valid requests, whole, byte by
   byte and in random pieces): a request, None, or its own HttpError.
-- The two frame parser twins (codec_pure and the Cython ``_codec``): the same messages and the
-  same error, chunk for chunk, on random and mutated streams.
+- The two frame parser twins (codec_pure and the C++ ``_wsframe``, the hub's own parser from
+  native/src/wsframe.cpp): the same messages and the same error, chunk for chunk, on random
+  and mutated streams.
 - The hub's own parser (the C++ ``_hub`` and ``hub_pure``): random and mutated frame streams
   on real socketpairs, plain and permessage-deflate; on plain connections the hub delivers
   the messages and closes with the code the reference parser (codec_pure) expects, or 1006 at
@@ -169,9 +170,9 @@ def deep(draw: st.DrawFn, wire: Wire) -> bytes:
     if wire == "msgpack":
         opener = draw(st.sampled_from([b"\x91", b"\x81\xa1k", b"\xdc\x00\x01"]))
         return b"\x83\xa1t\xa7comment\xa4text\xa1x\xa4deep" + opener * depth + b"\xc0"
-    opener = draw(st.sampled_from(["[", '{"a":', '[1,{"b":']))
-    closer = "]" if opener == "[" else "}" if opener.startswith("{") else "}]"
-    inner = opener * depth + "0" + (closer * depth if draw(st.booleans()) else "")
+    text_opener = draw(st.sampled_from(["[", '{"a":', '[1,{"b":']))
+    closer = "]" if text_opener == "[" else "}" if text_opener.startswith("{") else "}]"
+    inner = text_opener * depth + "0" + (closer * depth if draw(st.booleans()) else "")
     return (inner if draw(st.booleans()) else '{"t":"comment","text":"x","deep":' + inner + "}").encode()
 
 
@@ -254,9 +255,9 @@ def test_fuzz_text_is_refused_or_survives_every_encoder(text: str, name: str, no
     msg = parse_client_message(as_json({"t": "comment", "text": text, "nonce": nonce}), "json")
     assert not isinstance(msg, PostComment) or msg.text == clean  # the same rules on both paths
     for wire in ("json", "msgpack"):
-        assert decode_event(encode_event(event, wire), wire) == event  # type: ignore[arg-type]
+        assert decode_event(encode_event(event, wire), wire) == event
         if isinstance(msg, PostComment):
-            ack = decode_event(encode_ack("7261", msg.nonce, wire), wire)  # type: ignore[arg-type]
+            ack = decode_event(encode_ack("7261", msg.nonce, wire), wire)
             assert ack.get("nonce") == msg.nonce
 
 

@@ -1002,14 +1002,16 @@ def reference(stream: bytes) -> tuple[list[tuple[int, bytes]], int | None]:
     After an error the stream is fed again one byte at a time, so every message completed
     before the error is counted: the hub delivers those too, wherever the TCP chunks split.
     """
-    limits = {"max_message_size": MAX_SIZE, "max_fragments": MAX_FRAGMENTS, "require_mask": True}
+    def parser() -> pure.FrameParser:
+        return pure.FrameParser(max_message_size=MAX_SIZE, max_fragments=MAX_FRAGMENTS, require_mask=True)
+
     try:
         chunks = [stream]
-        outputs = [pure.FrameParser(**limits).feed(stream)]
+        outputs = [parser().feed(stream)]
     except pure.ProtocolError:
-        parser = pure.FrameParser(**limits)
+        bytewise = parser()
         chunks = [stream[i : i + 1] for i in range(len(stream))]
-        outputs = (parser.feed(chunk) for chunk in chunks)  # type: ignore[assignment]
+        outputs = (bytewise.feed(chunk) for chunk in chunks)  # type: ignore[assignment]
     messages: list[tuple[int, bytes]] = []
     try:
         for out in outputs:
@@ -1090,6 +1092,11 @@ def test_ping_flood_closes_1008(harness: Callable[..., Harness]) -> None:
     flood.send(b"".join(client_frame(OP_PING, b"%d" % i) for i in range(11)))
     assert_closed_with(h, flood, 1008)
     pongs: list[tuple[int, bytes]] = []
-    h.pump(lambda: bool(pongs.extend(calm.read()) or len(pongs) >= 10))
+
+    def ten_pongs_read() -> bool:
+        pongs.extend(calm.read())
+        return len(pongs) >= 10
+
+    h.pump(ten_pongs_read)
     assert [op for op, _p in pongs] == [OP_PONG] * 10
     assert h.closed(calm) is None

@@ -1,5 +1,9 @@
 """Microbenchmarks of the RFC 6455 frame codec, native against pure (pytest-benchmark).
 
+The native twin is ``chorus.native._wsframe``: the hub's C++ parser and encoder
+(native/src/wsframe.cpp) behind codec_pure's API. The hub calls that code directly; these
+numbers are what Python callers of ``chorus.native`` pay (pybind11 calls, a copy of each feed).
+
 Not collected by the default run (testpaths is tests/). Run with
 `pytest bench/micro -q --benchmark-only`; each group holds one operation for both twins.
 """
@@ -14,8 +18,9 @@ import pytest
 
 import chorus.native.codec_pure as pure
 
+native: ModuleType | None
 try:
-    import chorus.native._codec as native
+    import chorus.native._wsframe as native
 except ImportError:
     if os.environ.get("CHORUS_EXPECT_IMPL") == "native":
         raise
@@ -62,3 +67,9 @@ def test_parse_1000_masked_120b(benchmark: Any, codec: ModuleType) -> None:
 
     messages = benchmark(parse)
     assert len(messages) == 1000 and messages[-1] == (codec.OP_TEXT, COMMENT)
+
+
+def test_validate_utf8_4kib(benchmark: Any, codec: ModuleType) -> None:
+    benchmark.group = "validate_utf8 4 KiB of mixed text"
+    text = (COMMENT * 35)[:4096].decode("utf-8", "ignore").encode()
+    assert benchmark(codec.validate_utf8, text) is True

@@ -1,6 +1,12 @@
-"""Type stubs for the compiled ``chorus.native._codec``; it mirrors ``codec_pure``."""
+"""Type stubs for the compiled ``chorus.native._wsframe`` (C++, pybind11); it mirrors ``codec_pure``.
+
+The parser and encoder are the hub's own (native/src/wsframe.cpp). ``ProtocolError`` is
+``codec_pure.ProtocolError`` itself, whichever module parses.
+"""
 
 from typing import Final
+
+from chorus.native.codec_pure import ProtocolError as ProtocolError
 
 __all__ = [
     "CLOSE_INVALID_DATA",
@@ -31,11 +37,6 @@ COMPRESSED: Final[int]
 CLOSE_PROTOCOL_ERROR: Final[int]
 CLOSE_INVALID_DATA: Final[int]
 CLOSE_TOO_BIG: Final[int]
-
-class ProtocolError(Exception):
-    close_code: int
-    reason: str
-    def __init__(self, close_code: int, reason: str) -> None: ...
 
 def validate_utf8(data: bytes | bytearray | memoryview) -> bool: ...
 def encode_frame(
