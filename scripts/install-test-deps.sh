@@ -103,43 +103,33 @@ for role in gateway ingest native; do
     ln -sfn "$ROOT/$role" "$view/$role"
 done
 
-# ---- Kafka jars -------------------------------------------------------------------------
-libs=.services/kafka/libs
-pom_sum=$(sha256sum services/kafka/pom.xml | cut -d' ' -f1)
-if [ "$(cat "$libs/.pom.sha256" 2>/dev/null)" != "$pom_sum" ]; then
-    log "resolving the Kafka jars into $libs"
+# ---- broker and store jars --------------------------------------------------------------
+# resolve_jars NAME LABEL JAR_GLOB: the jars services/NAME/pom.xml names, with their runtime
+# dependencies, into .services/NAME/libs, again only when the pom changed. copy-dependencies
+# writes nothing but the jars; they are resolved into a temporary folder and swapped in, so an
+# interrupted download never looks complete.
+resolve_jars() {
+    local name=$1 label=$2 jar_glob=$3
+    local libs=.services/$name/libs
+    local pom_sum
+    pom_sum=$(sha256sum "services/$name/pom.xml" | cut -d' ' -f1)
+    if [ "$(cat "$libs/.pom.sha256" 2>/dev/null)" = "$pom_sum" ]; then
+        log "$label jars up to date in $libs"
+        return
+    fi
+    log "resolving the $label jars into $libs"
     rm -rf "$libs.tmp"
     mkdir -p "$(dirname "$libs")"
-    # copy-dependencies writes nothing but the jars; resolve into a temporary folder and
-    # swap, so an interrupted download never looks complete.
-    (cd services/kafka && mvn -q -B -Dstyle.color=never \
+    (cd "services/$name" && mvn -q -B -Dstyle.color=never \
         org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies \
         -DoutputDirectory="$ROOT/$libs.tmp" -DincludeScope=runtime)
-    ls "$libs.tmp"/kafka_2.13-*.jar >/dev/null
+    # shellcheck disable=SC2086  # the glob names the jar that proves the resolve worked
+    ls "$libs.tmp"/$jar_glob >/dev/null
     echo "$pom_sum" >"$libs.tmp/.pom.sha256"
     rm -rf "$libs"
     mv "$libs.tmp" "$libs"
-else
-    log "Kafka jars up to date in $libs"
-fi
-
-# ---- Cassandra jars ---------------------------------------------------------------------
+}
+resolve_jars kafka Kafka 'kafka_2.13-*.jar'
 # One Apache Cassandra node for the history store's tests (services/cassandra/start.sh), from
-# org.apache.cassandra:cassandra-all and its runtime dependencies: the jars of the distribution's
-# lib/, about 70 MB. Resolved like Kafka's, into a temporary folder swapped in when complete.
-clibs=.services/cassandra/libs
-cpom_sum=$(sha256sum services/cassandra/pom.xml | cut -d' ' -f1)
-if [ "$(cat "$clibs/.pom.sha256" 2>/dev/null)" != "$cpom_sum" ]; then
-    log "resolving the Cassandra jars into $clibs"
-    rm -rf "$clibs.tmp"
-    mkdir -p "$(dirname "$clibs")"
-    (cd services/cassandra && mvn -q -B -Dstyle.color=never \
-        org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies \
-        -DoutputDirectory="$ROOT/$clibs.tmp" -DincludeScope=runtime)
-    ls "$clibs.tmp"/cassandra-all-*.jar >/dev/null
-    echo "$cpom_sum" >"$clibs.tmp/.pom.sha256"
-    rm -rf "$clibs"
-    mv "$clibs.tmp" "$clibs"
-else
-    log "Cassandra jars up to date in $clibs"
-fi
+# org.apache.cassandra:cassandra-all and its runtime dependencies (about 70 MB).
+resolve_jars cassandra Cassandra 'cassandra-all-*.jar'
