@@ -53,7 +53,7 @@ class RouteMatch(Generic[H]):
 
     handler: H | None
     args: dict[str, str]
-    allow: str  # every method the path takes, comma-separated, in table order
+    allow: str  # on a refusal, every method the path takes (comma-separated, table order); else the method
 
     @property
     def allowed(self) -> bool:
