@@ -38,6 +38,7 @@ import pytest
 from clients import WebsocketsClient
 from test_e2e import TEST_KEY, make_config
 from test_processes import Proc
+from waiting import eventually
 
 from chorus.app import ALL_ROLES, App
 from chorus.auth import mint_token
@@ -94,6 +95,15 @@ class Cluster:
         await client.wait_for(lambda e: e["t"] == "welcome")
         return client
 
+    async def registered(self, user: str, gateways: int) -> None:
+        """Wait until the connection registry in Redis lists ``user`` on ``gateways`` gateways."""
+        registry = self.gateways[0].gateway.moderation.registry  # type: ignore[union-attr]
+
+        async def listed() -> bool:
+            return len(await registry.gateways(user)) >= gateways
+
+        await eventually(listed, timeout=15, what=f"{user} on {gateways} gateway(s) in the connection registry")
+
     async def api(self, path: str, body: dict[str, Any] | None = None, token: str | None = None,
                   gateway: int = 0, method: str = "POST") -> tuple[int, Any]:
         return await http(self.ports[gateway], method, path, token or self.mod_token(),
@@ -125,17 +135,6 @@ def has_comment(cid: str) -> Any:
 
 def is_delete(cid: str) -> Any:
     return lambda e: e["t"] == "delete" and e["id"] == cid
-
-
-async def eventually(check: Any, timeout: float = 15.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await check() if asyncio.iscoroutinefunction(check) else check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached in {timeout}s")
-        await asyncio.sleep(0.05)
 
 
 async def start_roles(config: Config, roles: set[str]) -> App:
@@ -196,7 +195,7 @@ async def test_an_offensive_comment_is_deleted_for_every_viewer_within_2s(cluste
     async def tombstoned() -> bool:
         return [c["id"] for c in await cluster.history(stream)] == [fine]
 
-    await eventually(tombstoned, what="the tombstone in history")
+    await eventually(tombstoned, timeout=15, what="the tombstone in history")
     late = await cluster.viewer(stream, 1)
     assert [c["id"] for c in late.seen[0]["recent"]] == [fine]  # the recent cache dropped it
     await late.send_json({"t": "resume", "epoch": late.seen[0]["epoch"], "offset": -1})
@@ -223,7 +222,7 @@ async def test_leetspeak_and_spacing_variants_are_caught(cluster: Cluster) -> No
     clean = await post(await cluster.viewer(stream, 0, cluster.token("leet-ok")), "nice shot, respect")
     for cid in ids:
         await viewer.wait_for(is_delete(cid), timeout=10)
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # nothing more comes: the clean comment is never deleted
     assert not any(e["t"] == "delete" and e["id"] == clean for e in viewer.seen)
     await viewer.close()
 
@@ -245,7 +244,7 @@ async def test_a_shadow_banned_user_reaches_only_themselves(cluster: Cluster) ->
     async def stored() -> bool:
         return hidden in [c["id"] for c in await cluster.history(stream, as_user=user)]
 
-    await eventually(stored, what="the shadowed comment in its author's history")
+    await eventually(stored, timeout=15, what="the shadowed comment in its author's history")
     assert hidden not in [c["id"] for c in await cluster.history(stream)]
     assert hidden not in [c["id"] for c in await cluster.history(stream, as_user="someone-else")]
     status, _ = await cluster.api(f"/mod/streams/{stream}/users/{user}/unshadow")
@@ -270,7 +269,7 @@ async def test_a_repeat_offenders_borderline_comment_shadow_bans_them(cluster: C
     def shadowed() -> bool:
         return any(a.comment_id == borderline and a.action == "shadow" for a in cluster.store.actions(stream))
 
-    await eventually(shadowed, what="the shadow decision")
+    await eventually(shadowed, timeout=15, what="the shadow decision")
     (action,) = [a for a in cluster.store.actions(stream) if a.comment_id == borderline]
     assert action.stage == "reputation" and "repeat offender" in action.reason and 0.6 <= (action.score or 0) < 0.9
     later = await post(author, "hello again")
@@ -353,7 +352,7 @@ async def test_a_deleted_comment_says_why_and_a_moderator_restores_it(cluster: C
         rows = {c["id"]: c for c in await cluster.history(stream, as_user=user)}
         return rows.get(bad, {}).get("deleted") and rows[bad]
 
-    row = await eventually(own_history_says_why, what="the tombstone in its author's history")
+    row = await eventually(own_history_says_why, timeout=15, what="the tombstone in its author's history")
     assert (row["code"], row["reason"], row["text"]) == ("moderated", why, "i will find you")
     assert [c["id"] for c in await cluster.history(stream)] == [first]  # nobody else sees it
     status, page = await cluster.api(f"/mod/streams/{stream}/queue?resolved=1", method="GET")
@@ -369,7 +368,7 @@ async def test_a_deleted_comment_says_why_and_a_moderator_restores_it(cluster: C
     async def live_again() -> bool:
         return [c["id"] for c in await cluster.history(stream)] == [bad, first]
 
-    await eventually(live_again, what="the lifted tombstone in history")
+    await eventually(live_again, timeout=15, what="the lifted tombstone in history")
     late = await cluster.viewer(stream, 0)
     assert [c["id"] for c in late.seen[0]["recent"]] == [first, bad]  # back in the recent cache, in place
     assert cluster.moderator is not None and cluster.moderator.moderator is not None
@@ -385,7 +384,7 @@ async def test_a_deleted_comment_says_why_and_a_moderator_restores_it(cluster: C
     async def restored_by_endpoint() -> bool:  # 404 until the archiver has the tombstone
         return (await cluster.api(f"/mod/streams/{stream}/comments/{first}/restore"))[0] == 200
 
-    await eventually(restored_by_endpoint, what="the restore endpoint")
+    await eventually(restored_by_endpoint, timeout=15, what="the restore endpoint")
     await viewer.wait_for(lambda e: e["t"] == "restore" and e["comment"]["id"] == first, timeout=5)
     status, answer = await cluster.api(f"/mod/streams/{stream}/comments/{bad}/restore")
     assert status == 404 and answer["error"] == "not_found"  # it is live
@@ -431,7 +430,7 @@ async def test_a_ban_closes_the_user_on_both_gateways_and_refuses_new_connection
     stream, user = sid("ban"), f"ban-{uuid.uuid4().hex[:6]}"
     conns = [await cluster.viewer(stream, 0, cluster.token(user)), await cluster.viewer(stream, 1, cluster.token(user))]
     bystander = await cluster.viewer(stream, 1, cluster.token("bystander"))
-    await asyncio.sleep(0.5)  # the connection registry is written every 100 ms
+    await cluster.registered(user, gateways=2)
     assert (await cluster.api(f"/mod/streams/{stream}/users/{user}/ban", token=cluster.token("nobody")))[0] == 403
     owner = cluster.token("owner", role="broadcaster", streams=["another-stream"])
     assert (await cluster.api(f"/mod/streams/{stream}/users/{user}/ban", token=owner))[0] == 403
@@ -457,7 +456,7 @@ async def test_a_ban_closes_the_user_on_both_gateways_and_refuses_new_connection
     # The operator's `chorus ban` closes open connections through the registry too.
     other = f"cli-{uuid.uuid4().hex[:6]}"
     victim = await cluster.viewer(stream, 1, cluster.token(other))
-    await asyncio.sleep(0.5)
+    await cluster.registered(other, gateways=1)
     out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "chorus.cli", "ban", stream, other,
                                                    "--config", str(cluster.toml)],
                                   capture_output=True, text=True, timeout=60)
@@ -477,7 +476,7 @@ async def test_the_review_queue_round_trips(cluster: Cluster) -> None:
         assert status == 200
         return page if len(page["items"]) == 2 else None
 
-    page = await eventually(queued, what="two flagged comments in the queue")
+    page = await eventually(queued, timeout=15, what="two flagged comments in the queue")
     assert [i["id"] for i in page["items"]] == [kept, dropped] and page["open"] == 2
     item = page["items"][0]
     assert (item["text"], item["stage"], item["resolution"]) == (BORDERLINE, "model", None)
@@ -533,7 +532,7 @@ async def test_pin_unpin_slow_mode_delete_and_clear_through_the_api(cluster: Clu
     async def archived() -> bool:  # the archiver's tombstone (the clear reads history too)
         return [c["id"] for c in await cluster.history(stream)] == [second]
 
-    await eventually(archived, what="the tombstone of the deleted comment")
+    await eventually(archived, timeout=15, what="the tombstone of the deleted comment")
     status, answer = await cluster.api(f"/mod/streams/{stream}/users/{user}/clear")
     assert status == 200 and answer["deleted"] == [second]
     await viewer.wait_for(is_delete(second), timeout=5)
@@ -560,7 +559,7 @@ async def test_moderator_down_then_up_loses_nothing(cluster: Cluster, tmp_path: 
         ids.append(await post(poster, f"sh1t number {i}"))
         await viewer.wait_for(has_comment(ids[-1]), timeout=5)  # fail open: comments keep flowing
         await poster.close()
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)  # with the moderator down, nothing is deleted meanwhile
     assert not any(e["t"] == "delete" for e in viewer.seen)
     process = Proc(["moderator", "--config", str(cluster.toml)], tmp_path / "moderator.log")
     try:
@@ -573,7 +572,7 @@ async def test_moderator_down_then_up_loses_nothing(cluster: Cluster, tmp_path: 
     async def tombstoned() -> bool:  # the archiver applies the deletes a moment later
         return not set(ids) & {c["id"] for c in await cluster.history(stream)}
 
-    await eventually(tombstoned, what="the tombstones in history")
+    await eventually(tombstoned, timeout=15, what="the tombstones in history")
     await viewer.close()
 
 
@@ -652,7 +651,7 @@ async def test_bans_hold_after_redis_is_killed_and_restarts_empty(tmp_path: Path
         async def registered() -> bool:
             return await moderation.registry.gateways(present) == here
 
-        await eventually(registered, what="the viewer in the registry")
+        await eventually(registered, timeout=15, what="the viewer in the registry")
         seeded = moderation.reseeds
         redis.kill()  # SIGKILL by its PID: no save (and it runs without persistence)
         assert not redis.alive()

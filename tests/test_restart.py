@@ -28,23 +28,12 @@ from clients import WebsocketsClient, aget_json, reply_to
 from test_e2e import Env, make_config, started_app
 from test_processes import Proc, wait_http
 from test_recovery import resume
+from waiting import eventually
 
 from chorus.codes import CloseCode
 from services import Service, free_port, start_redis
 
 COMMENTS = 12
-
-
-async def eventually(check: Any, timeout: float = 20.0, what: str = "condition") -> Any:
-    """Await ``check()`` until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = await check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met in {timeout}s")
-        await asyncio.sleep(0.1)
 
 
 async def post_comments(posters: list[WebsocketsClient], count: int, prefix: str = "comment") -> list[str]:
@@ -87,7 +76,8 @@ async def test_chorus_run_killed_keeps_its_page(tmp_path: Path, procs: list[Proc
     # A `reactions` event is sent after the flush that stored these counts.
     await posters[0].wait_for(lambda e: e["t"] == "reactions" and e["totals"]["fire"] == 3
                               and e["totals"]["heart"] == 2, timeout=10)
-    stored = await eventually(lambda: _when(history(base, stream), lambda h: len(h) == COMMENTS), what="archived")
+    stored = await eventually(lambda: _when(history(base, stream), lambda h: len(h) == COMMENTS), timeout=20,
+                              what="archived")
     first.popen.kill()  # SIGKILL by its own PID: no drain, no final flush
     first.popen.wait(10)
     for p in posters:
@@ -152,7 +142,7 @@ async def test_welcome_and_resume_from_history_when_the_redis_cache_is_gone(
         await post_comments(posters, COMMENTS)  # type: ignore[arg-type]
         assert app.store is not None
         store = app.store
-        await eventually(lambda: _now(store.count(stream) == COMMENTS), what="archived")
+        await eventually(lambda: store.count(stream) == COMMENTS, timeout=20, what="archived")
         before = await env.viewer(stream)
         cached = next(e for e in before.seen if e["t"] == "welcome")
         assert len(cached["recent"]) == COMMENTS
@@ -176,10 +166,6 @@ async def test_welcome_and_resume_from_history_when_the_redis_cache_is_gone(
         await viewer.close()
     finally:
         await app.stop()
-
-
-async def _now(value: Any) -> Any:
-    return value
 
 
 async def join(env: Env, stream: str) -> tuple[str, Any]:
@@ -215,7 +201,7 @@ async def test_joins_through_a_redis_killed_and_restarted_empty(
             ids = await post_comments(posters, 6)  # type: ignore[arg-type]
             assert app.store is not None
             store = app.store
-            await eventually(lambda: _now(store.count(stream) == 6), what="archived")
+            await eventually(lambda: store.count(stream) == 6, timeout=20, what="archived")
             kind, cached = await join(env, stream)
             assert kind == "welcome" and [c["id"] for c in cached["recent"]] == ids  # from the cache
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from chorus.config import load_config
+from chorus.ingest.history import open_store
 from chorus.ingest.records import Comment
 from chorus.ingest.store import HistoryStore, ModerationAction, ReviewItem, SqliteStore, StoreUnavailable
 
@@ -24,17 +26,15 @@ _keyspaces = itertools.count()
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[HistoryStore]:
     """Each backend, empty."""
     if request.param == "sqlite":
-        sqlite = SqliteStore(tmp_path / "h.sqlite3")
-        yield sqlite
-        sqlite.close()
-        return
-    from chorus.ingest.store_cassandra import CassandraSettings, CassandraStore
-
-    node = request.getfixturevalue("cassandra_service")
-    keyspace = f"test_store_{os.getpid()}_{next(_keyspaces)}"
-    cassandra = CassandraStore(CassandraSettings(contact_points=(node.address,), keyspace=keyspace))
-    yield cassandra
-    cassandra.close()
+        config = load_config(env={}, history__path=str(tmp_path / "h.sqlite3"))
+    else:
+        node = request.getfixturevalue("cassandra_service")
+        config = load_config(env={}, history__backend="cassandra", history__cassandra_contact_points=[node.address],
+                             history__cassandra_keyspace=f"test_store_{os.getpid()}_{next(_keyspaces)}")
+    opened = open_store(config)  # the backend the config names, as the roles open it
+    assert type(opened).__name__ == {"sqlite": "SqliteStore", "cassandra": "CassandraStore"}[request.param]
+    yield opened
+    opened.close()
 
 
 def comment(i: int, offset: int, epoch: str = "e", stream: str = "s") -> Comment:
