@@ -303,6 +303,12 @@ def warn_if_pure(roles: frozenset[str]) -> str | None:
 async def run_app(config: Config, roles: frozenset[str], announce: Any = print) -> None:
     """Run until SIGINT/SIGTERM, then stop every part."""
     warn_if_pure(roles)
+    # Handlers first: a SIGTERM during start-up or right after the announcement stops gracefully
+    # once the app is started, instead of killing the process.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     app = await App.build(config, roles)
     await app.start()
     tune_gc()
@@ -313,10 +319,6 @@ async def run_app(config: Config, roles: frozenset[str], announce: Any = print) 
                  f"({where}; history {config.history_path})")
     else:
         announce(f"Chorus {', '.join(sorted(roles))} running")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), 1.0)

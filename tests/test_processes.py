@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 from clients import PicowsClient, ViewerClient, WebsocketsClient, aget_json, http_get
-from waiting import eventually, scaled
+from waiting import eventually, eventually_sync, scaled
 
 from chorus import __version__
 from chorus.auth import mint_token
@@ -297,3 +297,18 @@ async def test_two_gateway_processes_share_redis_and_kafka(tmp_path: Path, procs
         await c.close()
     for p in procs:
         assert p.stop() == 0, p.output()
+
+
+def test_sigterm_during_start_up_stops_gracefully(tmp_path: Path) -> None:
+    """A SIGTERM while `chorus run` is still starting (its roles built, not yet announced) is
+    handled like one later: the app finishes starting, drains and exits 0, never killed by it."""
+    proc = Proc(["run", "--port", "0", "--data-dir", str(tmp_path / "data")], tmp_path / "run.log")
+    try:
+        eventually_sync(lambda: "moderator: model" in proc.output() or proc.popen.poll() is not None,
+                        timeout=30, what="the roles being built")
+        proc.popen.send_signal(signal.SIGTERM)
+        proc.popen.wait(scaled(20))
+    finally:
+        code = proc.stop()
+    assert code == 0, proc.output()
+    assert "draining" in proc.output(), proc.output()
